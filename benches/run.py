@@ -1,0 +1,78 @@
+"""Run every benchmark (benches/bench_*.py, each with ``run(quick) -> list[row]``) and write
+benches/RESULTS.md: benchmark, ours, anchor, ratio, machine. Never part of the test suite.
+
+Usage: python -m benches.run [--quick] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import time
+import traceback
+from pathlib import Path
+
+from common.io import atomic_write_text
+
+HERE = Path(__file__).parent
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU'}"
+
+
+def fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--only", nargs="*", default=None, help="module names (e.g. bench_retrieval)")
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args()
+    names = sorted(p.stem for p in HERE.glob("bench_*.py"))
+    if args.only:
+        names = [n for n in names if n in args.only]
+    rows, failed = [], []
+    for name in names:
+        t0 = time.time()
+        print(f"== {name}", flush=True)
+        try:
+            got = importlib.import_module(f"benches.{name}").run(quick=args.quick)
+        except Exception:  # one broken benchmark must not lose the others' figures
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        for r in got:
+            print("  ", {k: fmt(v) for k, v in r.items()}, flush=True)
+        rows += got
+        print(f"   ({time.time() - t0:.0f} s)", flush=True)
+    m = machine()
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `bash scripts/bench.sh`{' --quick' if args.quick else ''} on {time.strftime('%Y-%m-%d')}. "
+        "Ratios are ours against the anchor measured in the same run (see each row's note for the direction).",
+        "",
+        "| benchmark | ours | anchor | ratio | unit | machine | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['benchmark']} | {fmt(r.get('ours'))} | {fmt(r.get('anchor'))} | {fmt(r.get('ratio'))} "
+            f"| {r.get('unit', '')} | {m} | {r.get('note', '')} |"
+        )
+    if failed:
+        lines += ["", f"Failed: {', '.join(failed)} (see the run's output)."]
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
