@@ -1,0 +1,61 @@
+"""DPO losses as plain functions of summed answer log-probs (policy and reference).
+
+Matches TRL's DPOTrainer (sigmoid, hinge, IPO; IPO on per-token-averaged log-ratios as TRL does,
+which keeps beta comparable across answer lengths) and is tested against it to 1e-6. Written out
+here because TRL keeps the loss inside its trainer's forward, which we replace: our forward puts
+a different image on the rejected side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+@dataclass
+class DpoOutput:
+    losses: torch.Tensor  # [B] per-pair loss
+    chosen_rewards: torch.Tensor  # [B] beta * (log pi - log ref) on the chosen answer, detached
+    rejected_rewards: torch.Tensor  # [B] same on the rejected answer, detached
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """The per-step numbers TRL logs: rewards/chosen|rejected|accuracies|margins."""
+        c, r = self.chosen_rewards, self.rejected_rewards
+        return {
+            f"{prefix}rewards/chosen": c.mean().item(),
+            f"{prefix}rewards/rejected": r.mean().item(),
+            f"{prefix}rewards/accuracies": (c > r).float().mean().item(),
+            f"{prefix}rewards/margins": (c - r).mean().item(),
+        }
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> DpoOutput:
+    """Per-pair DPO loss. ``*_lengths`` (answer token counts) are needed for IPO only."""
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * delta)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("ipo needs chosen_lengths and rejected_lengths")
+        ipo_delta = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(min=1)
+        losses = (ipo_delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+    return DpoOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
