@@ -1,0 +1,76 @@
+"""Run a chain of stages, skipping those whose output is there and whose inputs are unchanged.
+
+A stage is a command with an output folder. When it succeeds, a stamp file is written in that
+folder holding its fingerprint: a hash of its command, the text of the config files it reads,
+and the fingerprints of the stages before it. A rerun skips a stage whose stamp matches, so a
+changed config (or a redone upstream stage) redoes it and everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.io import atomic_write_json
+
+STAMP = ".stage.json"
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list[str]  # run as `python -m argv[0] argv[1:]`
+    output: Path  # folder the stage writes; holds the stamp
+    configs: list[Path] = field(default_factory=list)  # files whose content is part of the fingerprint
+
+
+def fingerprint(stage: Stage, upstream: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([stage.name, stage.argv, upstream]).encode())
+    for cfg in stage.configs:
+        h.update(str(cfg).encode())
+        h.update(Path(cfg).read_bytes() if Path(cfg).is_file() else b"<missing>")
+    return h.hexdigest()
+
+
+def is_done(stage: Stage, fp: str) -> bool:
+    stamp = stage.output / STAMP
+    try:
+        return json.loads(stamp.read_text())["fingerprint"] == fp
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def plan(stages: list[Stage], force: bool = False, start: str | None = None) -> list[tuple[Stage, str, bool]]:
+    """(stage, fingerprint, run?) for each stage. Once one stage runs, all after it run too."""
+    if start is not None and start not in [s.name for s in stages]:
+        raise ValueError(f"--from {start!r}: no such stage; stages are {[s.name for s in stages]}")
+    out, upstream, rerun = [], "", force
+    for s in stages:
+        fp = fingerprint(s, upstream)
+        rerun = rerun or s.name == start or not is_done(s, fp)
+        out.append((s, fp, rerun))
+        upstream = fp
+    return out
+
+
+def run(stages: list[Stage], force: bool = False, start: str | None = None, python: str = sys.executable) -> None:
+    for stage, fp, todo in plan(stages, force, start):
+        if not todo:
+            print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
+            continue
+        print(f"[{stage.name}] running: python -m {' '.join(stage.argv)}", flush=True)
+        t0 = time.time()
+        (stage.output / STAMP).unlink(missing_ok=True)
+        result = subprocess.run([python, "-m", *stage.argv])
+        if result.returncode != 0:
+            print(f"[{stage.name}] failed (exit {result.returncode})", file=sys.stderr)
+            raise SystemExit(result.returncode)
+        stage.output.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stage.output / STAMP, {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
+        print(f"[{stage.name}] done in {time.time() - t0:.0f} s", flush=True)
