@@ -1,0 +1,91 @@
+"""Evaluation metrics: yes/no VQA accuracy and F1, report-generation text metrics, and the
+misalignment diagnostics (copy rate, over-reliance rate).
+
+Report metrics are pycocoevalcap's, the suite the report-generation literature reports:
+BLEU-1..4 (coco-caption BLEU: corpus-level, closest-reference brevity penalty; ``bleu`` is
+BLEU-4), METEOR 1.5 (runs the jar shipped in the wheel: needs Java), ROUGE-L, CIDEr-D. Texts are
+lower-cased and split into words and punctuation with a regex instead of the suite's PTB
+tokenizer (which also needs Java and a CoreNLP jar).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from typing import Sequence
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*|[^\sa-z0-9]")
+
+
+def tokenize(text: str) -> str:
+    return " ".join(_TOKEN.findall(text.lower()))
+
+
+def vqa_metrics(pred: Sequence[str], gold: Sequence[str]) -> dict[str, float | int]:
+    """``pred``/``gold`` are normalised labels ("yes" | "no" | "other").
+
+    Rows whose gold answer is not yes/no are counted (``n_not_yes_no``) and left out; a
+    prediction that is neither yes nor no counts as wrong (``n_pred_other``). F1 takes yes as
+    the positive class.
+    """
+    if len(pred) != len(gold):
+        raise ValueError(f"{len(pred)} predictions for {len(gold)} answers")
+    rows = [(p, g) for p, g in zip(pred, gold) if g in ("yes", "no")]
+    tp = sum(p == "yes" and g == "yes" for p, g in rows)
+    fp = sum(p == "yes" and g == "no" for p, g in rows)
+    fn = sum(p != "yes" and g == "yes" for p, g in rows)
+    correct = sum(p == g for p, g in rows)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "n": len(rows),
+        "n_not_yes_no": len(gold) - len(rows),
+        "n_pred_other": sum(p == "other" for p, _ in rows),
+        "accuracy": correct / len(rows) if rows else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    }
+
+
+def report_metrics(pred: Sequence[str], ref: Sequence[str], meteor: bool = True) -> dict[str, float | int]:
+    """Corpus-level BLEU-1..4, ROUGE-L, CIDEr-D and (with Java) METEOR of ``pred`` against ``ref``."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if len(pred) != len(ref):
+        raise ValueError(f"{len(pred)} predictions for {len(ref)} references")
+    if not pred:
+        return {"n": 0}
+    # an empty prediction would make the scorers fail; score it as a lone full stop instead
+    res = {i: [tokenize(p) or "."] for i, p in enumerate(pred)}
+    gts = {i: [tokenize(r) or "."] for i, r in enumerate(ref)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out: dict[str, float | int] = {"n": len(pred), **{f"bleu_{i + 1}": float(b) for i, b in enumerate(bleu)}}
+    out["bleu"] = out["bleu_4"]
+    out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    out["cider"] = float(Cider().compute_score(gts, res)[0])
+    if meteor:
+        if shutil.which("java") is None:
+            raise RuntimeError(
+                "METEOR runs pycocoevalcap's Java jar and no `java` is on PATH: install a JRE "
+                "(e.g. apt-get install default-jre-headless) or turn METEOR off (meteor: false)"
+            )
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        out["meteor"] = float(Meteor().compute_score(gts, res)[0])  # the jar exits with the scorer
+    return out
+
+
+def copy_rate(noised_correct: Sequence[bool]) -> float:
+    """Accuracy with a noised image plus retrieval: how often the answer survives losing the image."""
+    return sum(noised_correct) / len(noised_correct) if noised_correct else 0.0
+
+
+def over_reliance_rate(correct_without: Sequence[bool], correct_with: Sequence[bool]) -> float:
+    """Share of questions right without retrieval and wrong with it."""
+    n = len(correct_without)
+    if n != len(correct_with):
+        raise ValueError("condition answers differ in length")
+    return sum(c and not a for c, a in zip(correct_without, correct_with)) / n if n else 0.0
