@@ -24,14 +24,14 @@ STAMP = ".stage.json"
 @dataclass
 class Stage:
     name: str
-    argv: list[str]  # run as `python -m argv[0] argv[1:]`
+    cmd: list[str]  # the command, run from the repository root
     output: Path  # folder the stage writes; holds the stamp
     configs: list[Path] = field(default_factory=list)  # files whose content is part of the fingerprint
 
 
 def fingerprint(stage: Stage, upstream: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([stage.name, stage.argv, upstream]).encode())
+    h.update(json.dumps([stage.name, stage.cmd, upstream]).encode())
     for cfg in stage.configs:
         h.update(str(cfg).encode())
         h.update(Path(cfg).read_bytes() if Path(cfg).is_file() else b"<missing>")
@@ -59,15 +59,15 @@ def plan(stages: list[Stage], force: bool = False, start: str | None = None) -> 
     return out
 
 
-def run(stages: list[Stage], force: bool = False, start: str | None = None, python: str = sys.executable) -> None:
+def run(stages: list[Stage], force: bool = False, start: str | None = None) -> None:
     for stage, fp, todo in plan(stages, force, start):
         if not todo:
             print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
             continue
-        print(f"[{stage.name}] running: python -m {' '.join(stage.argv)}", flush=True)
+        print(f"[{stage.name}] running: {' '.join(stage.cmd)}", flush=True)
         t0 = time.time()
         (stage.output / STAMP).unlink(missing_ok=True)
-        result = subprocess.run([python, "-m", *stage.argv])
+        result = subprocess.run(stage.cmd)
         if result.returncode != 0:
             print(f"[{stage.name}] failed (exit {result.returncode})", file=sys.stderr)
             raise SystemExit(result.returncode)

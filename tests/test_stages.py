@@ -8,7 +8,7 @@ from common.stages import Stage, plan, run
 def _stages(tmp_path):
     cfg = tmp_path / "a.yaml"
     cfg.write_text("x: 1\n")
-    mk = lambda n: ["common.io"]  # noqa: E731  any importable module that exits 0
+    mk = lambda n: [sys.executable, "-c", "pass"]  # noqa: E731
     return cfg, [
         Stage("a", mk("a"), tmp_path / "a", [cfg]),
         Stage("b", mk("b"), tmp_path / "b"),
@@ -23,13 +23,13 @@ def todo(stages, **kw):
 def test_skip_force_from_and_config_change(tmp_path):
     cfg, stages = _stages(tmp_path)
     assert todo(stages) == ["a", "b", "c"]
-    run(stages, python=sys.executable)
+    run(stages)
     assert todo(stages) == []
     assert todo(stages, force=True) == ["a", "b", "c"]
     assert todo(stages, start="b") == ["b", "c"]
     cfg.write_text("x: 2\n")  # a changed input redoes its stage and everything after it
     assert todo(stages) == ["a", "b", "c"]
-    run(stages, python=sys.executable)
+    run(stages)
     (tmp_path / "b" / ".stage.json").unlink()  # output gone -> redo from there
     assert todo(stages) == ["b", "c"]
     with pytest.raises(ValueError, match="no such stage"):
@@ -37,7 +37,7 @@ def test_skip_force_from_and_config_change(tmp_path):
 
 
 def test_failed_stage_stops_and_leaves_no_stamp(tmp_path):
-    bad = [Stage("bad", ["nonexistent_module_xyz"], tmp_path / "bad")]
+    bad = [Stage("bad", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad")]
     with pytest.raises(SystemExit):
-        run(bad, python=sys.executable)
+        run(bad)
     assert not (tmp_path / "bad" / ".stage.json").exists()
