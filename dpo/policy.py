@@ -1,0 +1,276 @@
+"""The policy M: any Hugging Face image-text-to-text model + its processor, optionally with a LoRA.
+
+One small interface serves the pair builder (batched greedy generation), SFT and DPO (training
+batches with prompt tokens masked out, per-sequence answer log-probabilities). Everything model
+specific -- image preprocessing, the number of image tokens, the chat layout -- is left to the
+checkpoint's own processor, so a LLaVA-Med v1.5 folder in HF format and the toy policy go
+through the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+from common.io import InputError
+from dpo.prompts import Message, plain_text
+
+IGNORE = -100  # label value the loss skips (prompt and padding)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Prompt = list[Message] | str
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Policy:
+    """A loaded model + processor; ``model`` may be a PeftModel.
+
+    ``Policy(model=None, processor=p)`` only encodes (CPU float32 tensors), e.g. in DataLoader
+    workers; the training loop moves batches to the device.
+    """
+
+    model: Any
+    processor: Any
+    path: str = ""
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if self.model is None else next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if self.model is None else next(self.model.parameters()).dtype
+
+    @property
+    def image_token(self) -> str:
+        return getattr(self.processor, "image_token", None) or "<image>"
+
+    def render(self, prompt: Prompt) -> str:
+        """Prompt text ending where the answer starts.
+
+        Messages go through the processor's chat template (``plain_text`` if it has none). A
+        string is taken as already rendered; an image token is put in front if it has none.
+        A leading BOS written by the template is dropped because the tokenizer adds its own.
+        """
+        if isinstance(prompt, str):
+            text = prompt if self.image_token in prompt else f"{self.image_token}\n{prompt}"
+        else:
+            prompt = [self._without_image_token(m) for m in prompt]
+            if getattr(self.processor, "chat_template", None):
+                text = self.processor.apply_chat_template(
+                    prompt, add_generation_prompt=True, tokenize=False
+                )
+            else:
+                text = plain_text(prompt, self.image_token)
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos) and self._tokenizer_adds_bos:
+            text = text[len(bos):]
+        return text
+
+    def _without_image_token(self, message: Message) -> Message:
+        """A copy whose texts hold no literal image token (a stray one in a retrieved report
+        would ask the model for an image feature that does not exist)."""
+        content = message["content"]
+        if isinstance(content, str):
+            return {**message, "content": content.replace(self.image_token, " ")}
+        token = self.image_token
+        clean = [
+            {**c, "text": c["text"].replace(token, " ")} if c.get("type") == "text" else c
+            for c in content
+        ]
+        return {**message, "content": clean}
+
+    @cached_property
+    def _tokenizer_adds_bos(self) -> bool:
+        ids = self.tokenizer("a").input_ids
+        return bool(ids) and ids[0] == self.tokenizer.bos_token_id
+
+    def _process(self, images: Sequence[Image.Image], texts: list[str], padding_side: str) -> Any:
+        """Processor call: pixel values + prompt ids with the image tokens expanded."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images for {len(texts)} prompts")
+        rgb = [im.convert("RGB") for im in images]
+        enc = self.processor(
+            images=rgb, text=texts, return_tensors="pt", padding=True, padding_side=padding_side
+        )
+        return enc.to(self.device).to(self.dtype)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[Prompt],
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> list[str]:
+        """Greedy answers, one per (image, prompt), in input order.
+
+        Batches are formed from prompts of similar length (less padding) and left-padded, so
+        every row's answer starts at the same column; the attention mask hides the padding and
+        ``generate`` derives position ids from it, so a batched answer equals the one-at-a-time
+        answer (tests/test_policy.py checks this).
+        """
+        texts = [self.render(p) for p in prompts]
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images for {len(texts)} prompts")
+        tok = self.tokenizer
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+        )
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        answers: list[str] = [""] * len(texts)
+        was_training = self.model.training
+        self.model.eval()
+        starts = range(0, len(order), batch_size)
+        for s in tqdm(starts, desc="generate", disable=not progress or len(starts) < 2):
+            idx = order[s : s + batch_size]
+            enc = self._process([images[i] for i in idx], [texts[i] for i in idx], "left")
+            out = self.model.generate(**enc, generation_config=config)
+            new = out[:, enc["input_ids"].shape[1] :]
+            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+                answers[i] = text.strip()
+        self.model.train(was_training)
+        return answers
+
+    def encode_for_training(
+        self,
+        prompts: Sequence[Prompt],
+        answers: Sequence[str],
+        images: Sequence[Image.Image],
+        max_length: int | None = None,
+    ) -> Batch:
+        """Right-padded batch: input_ids, attention_mask, labels, and the processor's image keys.
+
+        ``labels`` are the answer tokens + EOS; prompt and padding are IGNORE (-100). Prompt and
+        answer are tokenized apart and joined, exactly the split generation sees. With
+        ``max_length`` only the answer is cut: cutting the prompt could drop image tokens.
+        """
+        if not (len(prompts) == len(answers) == len(images)):
+            raise ValueError(
+                f"{len(prompts)} prompts, {len(answers)} answers, {len(images)} images"
+            )
+        tok = self.tokenizer
+        enc = self._process(images, [self.render(p) for p in prompts], "right")
+        answer_ids = tok(
+            [a.replace(self.image_token, " ").strip() for a in answers], add_special_tokens=False
+        )["input_ids"]
+        ids, labels = [], []
+        for row, mask, ans in zip(enc["input_ids"], enc["attention_mask"], answer_ids):
+            prompt = row[mask.bool()].tolist()
+            ans = list(ans) + [tok.eos_token_id]
+            if max_length is not None:
+                ans = ans[: max(1, max_length - len(prompt))]
+            ids.append(prompt + ans)
+            labels.append([IGNORE] * len(prompt) + ans)
+        width = max(len(x) for x in ids)
+        batch = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        batch["input_ids"] = _pad(ids, width, tok.pad_token_id)
+        batch["attention_mask"] = _pad([[1] * len(x) for x in ids], width, 0)
+        batch["labels"] = _pad(labels, width, IGNORE)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def encode_preference(
+        self,
+        prompts: Sequence[Prompt],
+        chosen: Sequence[str],
+        rejected: Sequence[str],
+        images: Sequence[Image.Image],
+        rejected_images: Sequence[Image.Image] | None = None,
+        max_length: int | None = None,
+    ) -> Batch:
+        """One batch of 2B rows for a single DPO forward: rows [0, B) chosen, [B, 2B) rejected.
+
+        Each side has its own image (``rejected_images`` default to ``images``), e.g. the noised
+        image on the rejected side of a cross-modality pair.
+        """
+        rejected_images = images if rejected_images is None else rejected_images
+        return self.encode_for_training(
+            list(prompts) * 2,
+            list(chosen) + list(rejected),
+            list(images) + list(rejected_images),
+            max_length,
+        )
+
+
+def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def concat_batches(batches: Sequence[Batch], pad_token_id: int) -> Batch:
+    """Right-pad ``encode_for_training`` batches to a common length and stack them along dim 0."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE}
+    out: Batch = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if key in fill:
+            parts = [F.pad(p, (0, width - p.shape[1]), value=fill[key]) for p in parts]
+        out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def sequence_logps(model: Any, batch: Batch, average: bool = False) -> torch.Tensor:
+    """Sum (or mean, ``average``) of log p(token) over answer tokens (labels != -100): Tensor[B].
+
+    The DPO loss compares these between chosen and rejected, policy and reference.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    token_logps = logits.log_softmax(-1).gather(2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    total = (token_logps * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def load_policy(
+    path: str | Path,
+    adapter: str | Path | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    merge_adapter: bool = False,
+) -> Policy:
+    """Load a checkpoint folder (model + processor) and an optional PEFT adapter, in eval mode.
+
+    ``merge_adapter`` folds the LoRA into the weights (faster inference, no PEFT wrapper).
+    """
+    for p, what in ((path, "policy checkpoint"), (adapter, "adapter")):
+        if p is not None and not Path(p).is_dir():
+            raise InputError(f"{p}: {what} folder does not exist")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.pad_token is None:  # Llama-family tokenizers ship without one
+        tok.pad_token = tok.unk_token or tok.eos_token
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if merge_adapter:
+            model = model.merge_and_unload()
+    model.to(device).eval()
+    return Policy(model=model, processor=processor, path=str(path))

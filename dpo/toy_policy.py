@@ -1,0 +1,251 @@
+"""Build the toy base policy: a tiny, untrained LLaVA-architecture model with its own tokenizer.
+
+No weights can be downloaded on the build machines, so the GPU-free default policy is made here
+from a config (CLIP vision tower + Llama text model, as LLaVA-1.5 / LLaVA-Med v1.5) and saved as
+an ordinary Hugging Face checkpoint folder that ``AutoModelForImageTextToText.from_pretrained``
+and ``AutoProcessor.from_pretrained`` load (safetensors), exactly as a real LLaVA-Med folder.
+
+Tokenizer: byte-level BPE trained on the world's text with the ``tokenizers`` library. Chosen
+over WordLevel because decoding is lossless ("No, there is no effusion." comes back byte for
+byte, which answer matching and BLEU/ROUGE depend on) and any text -- a user's own prompt
+template, an unseen word in a reference -- still encodes without <unk>. On the toy world's
+closed vocabulary nearly every word ends up a single token, so sequences stay short.
+
+Run: ``python -m dpo.toy_policy --world outputs/toy/world --out outputs/toy/policy_init``
+(or ``--texts FILE`` with one text per line instead of / besides a world folder).
+The world's files are found through its manifest (``data.toy.manifest_files``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from common.config import ConfigError, cli_main, doc, load_config, save_config
+from common.io import InputError, atomic_dir
+from data.readers import read_records
+from data.records import Record, ReportRecord, VqaRecord
+from data.toy import manifest_files
+from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
+
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+
+# LLaVA-1.5 conversation layout ("USER: <image>\n... ASSISTANT:"), written as a Jinja chat
+# template so the processor renders role/content messages the way real LLaVA checkpoints do.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}{{ '\n' }}"
+    "{% else %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@dataclass
+class ToyPolicyConfig:
+    world: str = doc("", "toy world folder (with manifest.json); its non-test texts train the BPE")
+    texts: str = doc("", "text file, one training text per line (with or instead of --world)")
+    out: str = doc("outputs/toy/policy_init", "output checkpoint folder")
+    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates whose words join the vocabulary")
+    vocab_size: int = doc(2048, "BPE vocabulary size, an upper bound (the small world fills ~1200)")
+    image_size: int = doc(32, "vision tower input size (images are resized to this)")
+    patch_size: int = doc(8, "vision patch size; (image_size/patch_size)^2 image tokens per image")
+    vision_width: int = doc(128, "vision tower hidden size")
+    vision_layers: int = doc(3, "vision tower layers")
+    vision_heads: int = doc(4, "vision tower attention heads")
+    text_width: int = doc(192, "language model hidden size")
+    text_layers: int = doc(3, "language model layers")
+    text_heads: int = doc(4, "language model attention heads")
+    max_positions: int = doc(1024, "language model context length")
+    seed: int = doc(0, "seed for the random initial weights")
+
+
+def record_texts(record: Record) -> list[str]:
+    """The natural-language fields of one annotation record."""
+    if isinstance(record, ReportRecord):
+        return [record.text]
+    if isinstance(record, VqaRecord):
+        return [record.question, record.answer, record.report]
+    return [record.prompt, record.chosen, record.rejected]
+
+
+def world_texts(world: str | Path) -> list[str]:
+    """Report/question/answer texts of the world's annotation files, test files left out.
+
+    The tokenizer is part of the model, so it learns from what the model may learn from; test
+    words it never saw still encode (byte-level BPE), only in more pieces.
+    """
+    texts: list[str] = []
+    for entry in manifest_files(world):
+        if not entry["role"].startswith("test"):
+            for record in read_records(entry["path"], kind=entry["kind"]):
+                texts += [t for t in record_texts(record) if t]
+    return texts
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, max_length: int
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over ``texts`` with pad/bos/eos/unk and an ``<image>`` special token."""
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, UNK, IMAGE],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        image_token=IMAGE,
+        padding_side="left",
+        model_max_length=max_length,
+    )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, cfg: ToyPolicyConfig) -> LlavaProcessor:
+    """CLIP image processor resizing to ``image_size`` + tokenizer + chat template."""
+    size = cfg.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        do_center_crop=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE,
+    )
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, cfg: ToyPolicyConfig
+) -> LlavaForConditionalGeneration:
+    """An untrained LLaVA: CLIP vision tower + 2-layer projector + Llama text model."""
+    if cfg.image_size % cfg.patch_size:
+        raise ConfigError(f"image_size {cfg.image_size} is no multiple of patch {cfg.patch_size}")
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_width,
+        intermediate_size=4 * cfg.vision_width,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_width,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_width,
+        intermediate_size=(8 * cfg.text_width) // 3 // 16 * 16,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_seq_length=(cfg.image_size // cfg.patch_size) ** 2,
+        # "default" drops CLS so the feature count matches the processor's image tokens;
+        # the last layer is used because a 3-layer tower has no spare penultimate layer.
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=64,
+    )
+    return model
+
+
+def template_texts(prompts_yaml: str | Path) -> list[str]:
+    """Words of the prompt and chat templates (placeholders removed): prompts tokenize compactly."""
+    templates = load_prompt_templates(prompts_yaml)
+    chat_words = "USER: ASSISTANT: SYSTEM:"  # the roles CHAT_TEMPLATE writes
+    return [chat_words] + [t.replace("{", " ").replace("}", " ") for t in templates.all_texts()]
+
+
+def build_toy_policy(texts: list[str], out: str | Path, cfg: ToyPolicyConfig) -> Path:
+    """Train the tokenizer on ``texts`` and save model + processor to ``out`` (atomically)."""
+    if not texts:
+        raise InputError(f"{cfg.world or cfg.texts}: no text found to train the tokenizer on")
+    texts = texts + template_texts(cfg.prompts)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.max_positions)
+    processor = build_processor(tokenizer, cfg)
+    model = build_model(tokenizer, cfg)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        save_config(cfg, Path(tmp) / "run_config.yaml")
+    return Path(out)
+
+
+def main() -> None:
+    cfg = load_config(ToyPolicyConfig, description=__doc__)
+    texts: list[str] = []
+    if cfg.world:
+        texts += world_texts(cfg.world)
+    if cfg.texts:
+        if not Path(cfg.texts).is_file():
+            raise InputError(f"{cfg.texts}: text file does not exist")
+        lines = Path(cfg.texts).read_text(encoding="utf-8").splitlines()
+        texts += [line for line in lines if line.strip()]
+    if not (cfg.world or cfg.texts):
+        raise InputError("give --world FOLDER and/or --texts FILE to train the tokenizer on")
+    out = build_toy_policy(texts, cfg.out, cfg)
+    n = sum(p.numel() for p in LlavaForConditionalGeneration.from_pretrained(out).parameters())
+    print(f"toy policy: {out} ({n / 1e6:.2f}M parameters, vocabulary from {len(texts)} texts)")
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,228 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from common.io import InputError
+from dpo.policy import IGNORE, concat_batches, load_policy, sequence_logps
+from dpo.prompts import build_prompt, plain_text
+from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+
+FINDINGS = ["pleural effusion", "cardiomegaly", "pneumothorax", "nodule", "edema"]
+
+
+def _texts() -> list[str]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(200):
+        a, b = rng.choice(FINDINGS, 2, replace=False)
+        out += [
+            f"Is there {a} in this image?",
+            "Yes.",
+            f"No, there is no {a}.",
+            f"The heart size is normal. There is {a} in the left lower lobe. No {b}.",
+        ]
+    return out
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    cfg = ToyPolicyConfig(vocab_size=400, vision_width=64, vision_layers=2, text_width=64, text_layers=2)
+    return build_toy_policy(_texts(), tmp_path_factory.mktemp("toy") / "policy", cfg)
+
+
+@pytest.fixture(scope="module")
+def policy(toy_dir):
+    torch.manual_seed(0)
+    return load_policy(toy_dir)
+
+
+def _prompts(n: int) -> list:
+    """Prompts of different lengths: with 0, 1 or 2 references, different questions."""
+    refs = [None, ["The heart size is normal."], ["No edema.", "There is nodule in the left lower lobe."]]
+    return [build_prompt("radiology", "vqa", f"Is there {FINDINGS[i % 5]} in this image?", refs[i % 3]) for i in range(n)]
+
+
+def test_toy_policy_loads_through_auto_classes(toy_dir):
+    model = AutoModelForImageTextToText.from_pretrained(toy_dir)
+    processor = AutoProcessor.from_pretrained(toy_dir)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert (toy_dir / "model.safetensors").is_file()
+    tok = processor.tokenizer
+    assert None not in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id)
+    assert processor.image_token_id == model.config.image_token_id
+    text = "No, there is no pleural effusion."
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text  # lossless
+    assert len(tok.tokenize(" pleural effusion")) == 2  # world words are whole tokens
+    # one processor call gives exactly as many image tokens as the vision tower gives features
+    enc = processor(images=_images(1), text=["<image>\nIs there edema?"], return_tensors="pt")
+    assert int((enc.input_ids == model.config.image_token_id).sum()) == model.config.image_seq_length
+    assert model(**enc).logits.shape[-1] == len(tok)
+
+
+def test_chat_template_matches_plain_fallback(policy):
+    messages = _prompts(1)[0]
+    assert policy.render(messages) == plain_text(messages, "<image>")
+    assert policy.render("Is there edema?") == "<image>\nIs there edema?"
+
+
+def test_batched_generation_equals_one_at_a_time(toy_dir):
+    policy = load_policy(toy_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: answers then depend strongly on the input
+        for p in policy.model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.1)
+    images, prompts = _images(6), _prompts(6)
+    assert len({len(policy.render(p)) for p in prompts}) >= 3  # mixed prompt lengths: padding in play
+    batched = policy.generate(images, prompts, max_new_tokens=8, batch_size=4)
+    single = [policy.generate([im], [p], max_new_tokens=8)[0] for im, p in zip(images, prompts)]
+    assert batched == single
+    assert len(set(batched)) >= 4 and all(batched)  # varied, non-empty answers
+    other_images = policy.generate(_images(6, seed=9), prompts, max_new_tokens=8, batch_size=4)
+    assert other_images != batched  # the image reaches the answer
+
+
+def test_encode_for_training_masks_prompt_and_padding(policy):
+    images, prompts = _images(3), _prompts(3)
+    answers = ["Yes.", "No, there is no pleural effusion.", "No"]
+    batch = policy.encode_for_training(prompts, answers, images)
+    tok = policy.tokenizer
+    assert batch["pixel_values"].shape[0] == 3
+    for i in range(3):
+        alone = policy.processor(images=[images[i]], text=[policy.render(prompts[i])], return_tensors="pt")
+        prompt_ids = alone.input_ids[0].tolist()
+        answer_ids = tok(answers[i], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        n = len(prompt_ids) + len(answer_ids)
+        row, mask, labels = batch["input_ids"][i], batch["attention_mask"][i], batch["labels"][i]
+        assert row[:n].tolist() == prompt_ids + answer_ids
+        assert labels[: len(prompt_ids)].eq(IGNORE).all()
+        assert labels[len(prompt_ids) : n].tolist() == answer_ids
+        assert mask[:n].eq(1).all() and mask[n:].eq(0).all()  # right padding
+        assert labels[n:].eq(IGNORE).all() and row[n:].eq(tok.pad_token_id).all()
+    assert batch["attention_mask"].sum(1).max() == batch["input_ids"].shape[1]  # no wasted columns
+
+
+def test_stray_image_tokens_in_texts_are_neutralised(policy):
+    prompts = [build_prompt("radiology", "vqa", "Is there edema?", ["Report quoting <image> by mistake."])]
+    assert policy.render(prompts[0]).count("<image>") == 1
+    batch = policy.encode_for_training(prompts, ["No <image>"], _images(1))
+    image_id = policy.model.config.image_token_id
+    assert int(batch["input_ids"].eq(image_id).sum()) == policy.model.config.image_seq_length
+    assert sequence_logps(policy.model, batch).isfinite().all()
+
+
+def test_encode_for_training_truncates_only_the_answer(policy):
+    images, prompts = _images(1), _prompts(1)
+    full = policy.encode_for_training(prompts, ["No, there is no pleural effusion."], images)
+    prompt_len = int(full["labels"][0].eq(IGNORE).sum())
+    cut = policy.encode_for_training(prompts, ["No, there is no pleural effusion."], images, max_length=prompt_len + 2)
+    assert cut["input_ids"].shape[1] == prompt_len + 2
+    assert cut["input_ids"][0].tolist() == full["input_ids"][0, : prompt_len + 2].tolist()
+
+
+def test_model_free_encoder_matches(policy):
+    from dpo.policy import Policy
+
+    images, prompts = _images(2), _prompts(2)
+    want = policy.encode_for_training(prompts, ["Yes.", "No"], images)
+    got = Policy(model=None, processor=policy.processor).encode_for_training(prompts, ["Yes.", "No"], images)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k].cpu()), k
+
+
+def _manual_logp(model, batch, i):
+    """log p(answer | prompt) of row i, run alone without padding."""
+    keep = batch["attention_mask"][i].bool()
+    ids, labels = batch["input_ids"][i][keep][None], batch["labels"][i][keep]
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=batch["pixel_values"][i : i + 1]).logits[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    return sum(float(logp[t - 1, labels[t]]) for t in range(1, len(labels)) if labels[t] != IGNORE)
+
+
+def test_sequence_logps_equals_manual_computation(policy):
+    images, prompts = _images(3), _prompts(3)
+    batch = policy.encode_for_training(prompts, ["Yes.", "No, there is no edema.", "Nodule."], images)
+    with torch.no_grad():
+        got = sequence_logps(policy.model, batch)
+        mean = sequence_logps(policy.model, batch, average=True)
+    want = torch.tensor([_manual_logp(policy.model, batch, i) for i in range(3)], dtype=torch.float64)
+    assert got.shape == (3,)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    n_answer = batch["labels"][:, 1:].ne(IGNORE).sum(1)
+    torch.testing.assert_close(mean, got / n_answer)
+
+
+def test_preference_batch_has_own_images_and_common_length(policy):
+    images, noised = _images(2, seed=1), _images(2, seed=2)
+    prompts = _prompts(2)
+    chosen, rejected = ["Yes.", "No, there is no edema."], ["No", "Yes, there is edema in the left lower lobe."]
+    pair = policy.encode_preference(prompts, chosen, rejected, images, rejected_images=noised)
+    assert pair["input_ids"].shape[0] == 4
+    assert not torch.equal(pair["pixel_values"][:2], pair["pixel_values"][2:])
+    with torch.no_grad():
+        joint = sequence_logps(policy.model, pair)
+        parts = [policy.encode_for_training(prompts, chosen, images), policy.encode_for_training(prompts, rejected, noised)]
+        stacked = concat_batches(parts, policy.tokenizer.pad_token_id)
+        alone = torch.cat([sequence_logps(policy.model, b) for b in parts])
+    assert stacked["input_ids"].shape == pair["input_ids"].shape
+    torch.testing.assert_close(sequence_logps(policy.model, stacked), joint, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(joint, alone, atol=1e-4, rtol=1e-5)
+
+
+def test_load_policy_with_lora_adapter(toy_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_policy(toy_dir)
+    torch.manual_seed(1)
+    lora = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a non-trivial adapter
+    lora.save_pretrained(tmp_path / "adapter")
+    batch = base.encode_for_training(_prompts(2), ["Yes.", "No"], _images(2))
+    with torch.no_grad():
+        want = sequence_logps(lora, batch)
+        plain = sequence_logps(load_policy(toy_dir).model, batch)
+        got = sequence_logps(load_policy(toy_dir, adapter=tmp_path / "adapter").model, batch)
+        merged = sequence_logps(load_policy(toy_dir, adapter=tmp_path / "adapter", merge_adapter=True).model, batch)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(merged, want, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(plain, want)
+
+
+def test_load_policy_refuses_missing_folders(toy_dir, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_policy(tmp_path / "nope")
+    with pytest.raises(InputError, match="adapter"):
+        load_policy(toy_dir, adapter=tmp_path / "nope")
+
+
+def test_world_texts_reads_training_text_through_the_manifest(tmp_path):
+    (tmp_path / "rad").mkdir()
+    (tmp_path / "rad" / "train.json").write_text(
+        json.dumps([{"id": "1", "report": "Small nodule.", "image_path": ["img/1.png"]}])
+    )
+    vqa = {"question_id": 3, "question": "Is there edema?\n<image>", "answer": "No", "image": "x.png", "report": ""}
+    (tmp_path / "rad" / "vqa.jsonl").write_text(json.dumps(vqa) + "\n")
+    (tmp_path / "rad" / "test.jsonl").write_text(json.dumps({**vqa, "question": "Secret test words?"}) + "\n")
+    entry = {"domain": "radiology", "image_root": "rad", "records": 1}
+    files = [
+        {**entry, "path": "rad/train.json", "role": "policy_train", "kind": "report"},
+        {**entry, "path": "rad/vqa.jsonl", "role": "alignment_vqa", "kind": "vqa"},
+        {**entry, "path": "rad/test.jsonl", "role": "test_vqa", "kind": "vqa"},
+    ]
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files}))
+    assert sorted(world_texts(tmp_path)) == ["Is there edema?", "No", "Small nodule."]
+    with pytest.raises(InputError, match="manifest.json"):
+        world_texts(tmp_path / "rad")

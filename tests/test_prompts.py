@@ -1,0 +1,90 @@
+import pytest
+
+from common.io import InputError
+from dpo.prompts import (
+    build_prompt,
+    enumerate_references,
+    load_prompt_templates,
+    plain_text,
+)
+
+Q = "Is there pleural effusion in this image?"
+REFS = ["The heart size is normal.\nNo   effusion.", "Small left pleural effusion."]
+
+
+def _text(messages):
+    (msg,) = messages
+    assert msg["role"] == "user"
+    assert msg["content"][0] == {"type": "image"}
+    return msg["content"][1]["text"]
+
+
+def test_with_references_enumerates_them_in_order():
+    text = _text(build_prompt("radiology", "vqa", Q, REFS))
+    first = text.index("1. The heart size is normal. No effusion.")
+    second = text.index("2. Small left pleural effusion.")
+    assert first < second < text.index(Q)
+    assert "reference only" in text
+
+
+def test_without_references_has_no_reference_block():
+    for refs in (None, []):
+        text = _text(build_prompt("radiology", "vqa", Q, refs))
+        assert Q in text
+        assert "1. " not in text and "reference" not in text
+
+
+def test_domains_and_tasks_fill_in():
+    rad = _text(build_prompt("radiology", "report", None, None))
+    eye = _text(build_prompt("ophthalmology", "report", None, None))
+    unknown = _text(build_prompt("dermatology", "report", None, None))
+    templates = load_prompt_templates()
+    assert templates.tasks["report"].default_question in rad
+    assert rad != eye and templates.domains["ophthalmology"]["expert"] in eye
+    assert templates.domains["default"]["expert"] in unknown
+    with pytest.raises(ValueError):
+        build_prompt("radiology", "caption", Q, None)
+
+
+def test_enumerate_references():
+    assert enumerate_references(["a  b", "c"]) == "1. a b\n2. c"
+    assert enumerate_references([]) == ""
+
+
+def test_user_templates_replace_the_wording(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "domains:\n  default: {expert: doctor, image: picture}\n"
+        "tasks:\n"
+        "  vqa: {with_references: 'R {references} Q {question}', without_references: 'Q {question} ({expert})'}\n"
+        "  report: {with_references: '{references}', without_references: 'describe the {image}'}\n"
+    )
+    assert _text(build_prompt("radiology", "vqa", "q?", ["x"], templates=path)) == "R 1. x Q q?"
+    assert _text(build_prompt("radiology", "vqa", "q?", None, templates=path)) == "Q q? (doctor)"
+    assert _text(build_prompt("pathology", "report", "", None, templates=path)) == "describe the picture"
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("domains: {default: {expert: a, image: b}}\ntasks: {vqa: {with_references: '{nope}', "
+         "without_references: x}, report: {with_references: x, without_references: x}}\n", "nope"),
+        ("domains: {default: {expert: a, image: b}}\ntasks: {vqa: {with_references: x, "
+         "without_references: x}}\n", "report"),
+        ("domains: {radiology: {expert: a, image: b}}\ntasks: {}\n", "default"),
+        ("domains: [\n", "YAML"),
+    ],
+)
+def test_bad_template_files_name_the_file(tmp_path, body, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    with pytest.raises(InputError) as e:
+        load_prompt_templates(path)
+    assert str(path) in str(e.value) and needle in str(e.value)
+
+
+def test_plain_text_fallback():
+    messages = build_prompt("radiology", "vqa", Q, None)
+    text = plain_text(messages, "<img>")
+    assert text.startswith("USER: <img>\n") and text.endswith("\nASSISTANT:")
+    assert Q in text
