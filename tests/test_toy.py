@@ -1,0 +1,218 @@
+"""The toy world generator: determinism, splits, balance, every annotation format, visibility."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.config import cli_main
+from common.io import InputError
+from data import toy
+from data.toy import FINDINGS, ROLES, make_world, manifest_files
+from data.toy_render import render_study
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("toy") / "world", seed=0, size="tiny", progress=False)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _records(entry: dict) -> list[dict]:
+    text = Path(entry["path"]).read_text(encoding="utf-8")
+    return (
+        [json.loads(line) for line in text.splitlines()]
+        if entry["kind"] == "vqa"
+        else json.loads(text)
+    )
+
+
+def test_same_seed_gives_identical_files(world, tmp_path):
+    again = make_world(tmp_path / "again", seed=0, size="tiny", progress=False)
+    other = make_world(tmp_path / "other", seed=1, size="tiny", progress=False)
+    first = _hashes(world)
+    assert any(k.endswith(".npz") for k in first) and any(k.endswith(".jpg") for k in first)
+    assert _hashes(again) == first
+    assert _hashes(other) != first
+    assert not list(tmp_path.glob(".*.tmp")), "temporary folders left behind"
+
+
+def test_studies_disjoint_across_splits(world):
+    by_split: dict[str, set[str]] = {}
+    for e in manifest_files(world):
+        split = ROLES[e["role"]][0]
+        by_split.setdefault(f"{e['domain']}/{split}", set()).update(r["study"] for r in _records(e))
+    keys = sorted(by_split)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not by_split[a] & by_split[b], (a, b)
+    counts = {k.split("/")[1]: len(v) for k, v in by_split.items()}
+    assert counts == toy.SIZES["tiny"]
+
+
+def test_yes_no_balanced_and_answers_match_truth(world):
+    yes = no = 0
+    for e in manifest_files(world, kind="vqa"):
+        rows = _records(e)
+        for r in rows:
+            assert set(r) >= {
+                "question_id",
+                "question",
+                "answer",
+                "image",
+                "report",
+                "findings",
+                "finding",
+                "study",
+            }
+            assert r["question"].endswith("\n<image>") == (e["domain"] != "pathology")
+            if r["finding"] is None:
+                assert e["role"] == "test_vqa" and r["answer"].rstrip(".").lower() in r["findings"]
+                continue
+            said_yes = r["answer"].lower().startswith("yes")
+            assert said_yes or r["answer"].lower().startswith("no")
+            assert said_yes == (r["finding"] in r["findings"]), r
+            yes, no = yes + said_yes, no + (not said_yes)
+        assert len({r["question_id"] for r in rows}) == len(rows)
+    assert 0.42 < yes / (yes + no) < 0.58, (yes, no)
+    open_rows = [
+        r
+        for e in manifest_files(world, role="test_vqa")
+        for r in _records(e)
+        if r["finding"] is None
+    ]
+    assert open_rows, "test files should hold some non-yes/no questions"
+
+
+def test_every_format_variant(world):
+    fmts = {(e["domain"], e["format"]) for e in manifest_files(world)}
+    assert fmts == {
+        ("radiology", "iu_xray"),
+        ("radiology", "mimic"),
+        ("pathology", "pmc_oa+quilt"),
+        ("ophthalmology", "fairvlmed"),
+    } | {(d, "vqa_jsonl") for d in FINDINGS}
+    for e in manifest_files(world, kind="report"):
+        root = Path(e["image_root"])
+        rows = _records(e)
+        for r in rows:
+            assert {"id", "findings", "study"} <= set(r)
+        if e["format"] == "iu_xray":
+            for r in rows:
+                assert set(r) >= {"report", "image_path", "split"} and len(r["image_path"]) == 2
+                a, b = (np.asarray(Image.open(root / p)) for p in r["image_path"])
+                assert a.shape == b.shape == (64, 64, 3) and not np.array_equal(a, b)
+        elif e["format"] == "mimic":
+            for r in rows:
+                assert isinstance(r["study_id"], int) and isinstance(r["subject_id"], int)
+                assert len(r["image_path"]) == 1 and (root / r["image_path"][0]).is_file()
+                assert Path(r["image_root"]).is_absolute() and not Path(r["image_root"]).exists()
+        elif e["format"] == "pmc_oa+quilt":
+            pmc = [r for r in rows if "image" in r]
+            quilt = [r for r in rows if "caption" in r]
+            assert pmc and quilt and len(pmc) + len(quilt) == len(rows)
+            assert all(r["report"] and (root / r["image"]).is_file() for r in pmc)
+            for r in quilt:
+                assert (
+                    r["gpt4_summary"] == "" and isinstance(r["metadata"], dict) and r["pathology"]
+                )
+                assert (root / r["image_path"]).is_file() and not Path(r["image_root"]).exists()
+        else:
+            for r in rows:
+                assert r["image_path"].endswith(".jpg") and (
+                    r.get("report") or r.get("gpt4_summary")
+                )
+                with np.load(root / r["filename"]) as npz:
+                    assert npz["fundus"].shape == (64, 64, 3) and npz["fundus"].dtype == np.uint8
+                    present = [
+                        n for n, v in zip(npz["label_names"], npz["labels"], strict=True) if v
+                    ]
+                assert present == r["findings"]
+
+
+def test_manifest_counts_and_images(world):
+    manifest = toy.load_manifest(world)
+    assert manifest["seed"] == 0 and manifest["size"] == "tiny"
+    assert {d: v["findings"] for d, v in manifest["domains"].items()} == FINDINGS
+    for d in FINDINGS:
+        assert {e["role"] for e in manifest_files(world, domain=d)} == set(ROLES)
+    for e in manifest_files(world):
+        rows = _records(e)
+        assert e["records"] == len(rows) > 0
+        for r in rows:
+            image = r.get("image") or r.get("image_path")
+            for p in [image] if isinstance(image, str) else image:
+                assert (Path(e["image_root"]) / p).is_file(), p
+            text = r.get("report") or r.get("caption") or r.get("gpt4_summary")
+            assert text and ("findings" in r)
+    assert len(manifest_files(world, role="policy_train", domain="pathology")) == 2
+    assert len(manifest_files(world, role="test_report", domain="radiology")) == 2
+
+
+def test_reports_mention_every_present_finding(world):
+    def said(domain: str, name: str, text: str) -> bool:
+        finding = next(f for f in toy.VOCAB[domain] if f.name == name)
+        patterns = (
+            re.escape(t).replace(r"\{sev\}", ".+").replace(r"\{Sev\}", ".+") for t in finding.says
+        )
+        return any(re.search(p, text, re.IGNORECASE) for p in patterns)
+
+    for e in manifest_files(world, kind="report"):
+        for r in _records(e):
+            text = r.get("report") or r.get("caption") or r.get("gpt4_summary")
+            assert all(said(e["domain"], n, text) for n in r["findings"]), (r["findings"], text)
+            if not r["findings"]:
+                assert any(s in text for s in toy.NORMAL[e["domain"]]), text
+
+
+@pytest.mark.parametrize("domain", sorted(FINDINGS))
+def test_findings_visible_at_32px(domain):
+    def small(a):
+        return np.asarray(Image.fromarray(a).resize((32, 32), Image.BILINEAR), np.float32)
+
+    for name in FINDINGS[domain]:
+        diffs = {}
+        for sev in (0.25, 0.8):
+            a = small(render_study(domain, [], [], np.random.default_rng(7)))
+            b = small(render_study(domain, [name], [sev], np.random.default_rng(7)))
+            diffs[sev] = np.abs(a - b).mean(-1)
+        assert diffs[0.8].max() > 20 and diffs[0.8].mean() > 0.3, name
+        assert diffs[0.8].mean() > diffs[0.25].mean(), (
+            f"{name}: subtle should change the image less"
+        )
+
+
+def test_failed_run_leaves_nothing(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def broken(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise RuntimeError("killed")
+        return render_study(*args, **kwargs)
+
+    monkeypatch.setattr(toy, "render_study", broken)
+    with pytest.raises(RuntimeError):
+        make_world(tmp_path / "world", size="tiny", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_errors_exit_2(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli_main(lambda: toy.main(["--out", str(tmp_path / "w"), "--size", "huge"]))
+    assert e.value.code == 2
+    with pytest.raises(InputError, match="manifest.json"):
+        toy.load_manifest(tmp_path)
