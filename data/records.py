@@ -15,7 +15,7 @@ Kind = Literal["report", "vqa", "preference"]
 DOMAINS = ("radiology", "pathology", "ophthalmology")
 
 
-@dataclass
+@dataclass(slots=True)
 class ReportRecord:
     """An image-report pair (retriever train/val files, test report files)."""
 
@@ -29,7 +29,7 @@ class ReportRecord:
     source: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class VqaRecord:
     """A yes/no (or free-text) question on one image (test / alignment VQA JSONL)."""
 
@@ -44,7 +44,7 @@ class VqaRecord:
     source: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class PreferenceRecord:
     """A preference pair in LLaVA conversation format (+ our additions, DESIGN.md contract 3)."""
 
