@@ -1,0 +1,92 @@
+"""Pair-builder generation: batches of 16 records against one record at a time (records/s).
+
+Each record is answered under the builder's three conditions (a, b, c) through
+``dpo.pairs.answer_batch``, the builder's own path (image loading, x_v*, prompts, generation).
+Policy: ``outputs/toy/policy`` if present, else an untrained policy of the same architecture
+(``configs/toy/toy_policy.yaml``), which costs the same per token. Records are toy VQA
+alignment questions with three retrieved reports of their domain each. Target: >= 4x.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data.readers import read_records
+from data.toy import make_world, manifest_files
+from dpo.pairs import Item, PairsConfig, answer_batch, batches, other_candidates
+from dpo.policy import load_policy
+from dpo.prompts import load_prompt_templates
+
+TOY_POLICY = Path("outputs/toy/policy")
+TOY_POLICY_CONFIG = Path("configs/toy/toy_policy.yaml")
+BATCH = 16
+
+
+def _policy_dir(tmp: Path, world: Path) -> tuple[Path, str]:
+    if (TOY_POLICY / "config.json").is_file():
+        return TOY_POLICY, "toy policy"
+    from common.config import load_config
+    from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+
+    argv = [str(TOY_POLICY_CONFIG)] if TOY_POLICY_CONFIG.is_file() else []
+    cfg = load_config(ToyPolicyConfig, argv)
+    return build_toy_policy(world_texts(world), tmp / "policy", cfg), "untrained policy of the toy architecture"
+
+
+def _items(world: Path, n: int) -> list[Item]:
+    """VQA alignment records with 3 reports of their domain as references (not their own)."""
+    items = []
+    for e in manifest_files(world, role="alignment_vqa"):
+        corpus = [r.text for f in manifest_files(world, role="retriever_train", domain=e["domain"])
+                  for r in read_records(f["path"])]
+        for i, r in enumerate(read_records(e["path"])):
+            refs = [corpus[(i + j) % len(corpus)] for j in range(3)]
+            items.append(Item(key=f"{e['domain']}/{r.id}", id=r.id, task="vqa", domain=e["domain"],
+                              question=r.question, truth=r.answer, references=refs, image=r.images[0],
+                              record_root=None, default_root=e["image_root"], source=r.source, file=0))
+    return items[:: max(1, len(items) // n)][:n]
+
+
+def run(quick: bool = False) -> list[dict]:
+    n = 16 if quick else 48
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        world = make_world(tmp / "world", size="tiny", progress=False)
+        path, what = _policy_dir(tmp, world)
+        policy = load_policy(path)
+        items = _items(world, n)
+        cfg = PairsConfig(out=str(tmp / "out"), max_new_tokens_vqa=32)
+        templates = load_prompt_templates(cfg.prompts)
+        pool = other_candidates(items)
+
+        def timed(size: int) -> tuple[float, list[dict]]:
+            c = PairsConfig(**{**cfg.__dict__, "batch_size": size})
+            rows: list[dict] = []
+            start = time.perf_counter()
+            for b in batches(items, size):
+                rows += answer_batch(policy, b, c, templates, pool, tmp / "out")
+            return len(items) / (time.perf_counter() - start), rows
+
+        with torch.inference_mode():
+            answer_batch(policy, items[:2], cfg, templates, pool, tmp / "out")  # warm-up
+            single, one_rows = timed(1)
+            batched, batch_rows = timed(BATCH)
+    same = sum(a == b for a, b in zip(one_rows, batch_rows))
+    return [{
+        "benchmark": f"pair builder generation (3 conditions/record), batch {BATCH} vs 1",
+        "ours": batched,
+        "anchor": single,
+        "ratio": batched / single,
+        "unit": "records/s",
+        "note": f"higher is better; {what}, {n} toy VQA records, 3 references, max 32 new tokens, "
+                f"{torch.get_num_threads()} threads; {same}/{n} records with identical answers; target >= 4x",
+    }]
+
+
+if __name__ == "__main__":
+    for row in run(quick=True):
+        print(row)

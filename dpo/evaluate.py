@@ -1,0 +1,604 @@
+"""Evaluate policies (the base, and the base + DPO adapter) on the test VQA and report files.
+
+    bash scripts/evaluate.sh [CONFIG.yaml] [--key value ...]     # = python -m dpo.evaluate
+
+Every query record of the test retrieval JSONL files (listed by ``<retrieval_dir>/index.json``,
+or given as ``files``) is answered under four conditions:
+
+- ``no_rag``: the image and the question, no retrieved reports (condition c of the pair builder);
+- ``rag_fixed``: plus the top ``fixed_k`` retrieved reports (condition a);
+- ``rag_adaptive``: plus the reports an adaptive k rule keeps (``adaptive``, applied here to the
+  stored ``reference_scores``: it cuts among the reports the retrieval stage kept, so retrieve
+  with a fixed k_max and one retrieval serves every rule);
+- ``noised_rag``: the ``rag_fixed`` prompt with the noised image x_v* (condition b; by default a
+  different image of the same domain plus Gaussian noise, seeded by the image: deterministic).
+
+Prompts name the routed domain (the record's ``domain``), as the deployed system would. Metrics
+per (policy, condition, file): VQA accuracy and F1 (yes positive) over the rows whose
+gold answer is yes/no (the others are counted, ``n_not_yes_no``, and left out); reports: BLEU
+(coco-caption corpus BLEU-4, and BLEU-1..3), ROUGE-L, CIDEr-D and METEOR 1.5 (pycocoevalcap;
+METEOR runs a Java jar: without ``java`` the run stops before generating, or set
+``meteor: false``). Per policy, the misalignment diagnostics over all yes/no questions: copy rate
+(accuracy of ``noised_rag``) and over-reliance rate (right in ``no_rag``, wrong in ``rag_fixed``;
+``over_reliance_rate_adaptive`` against ``rag_adaptive``). Retrieval recall is copied from the
+retrieval stage's ``retrieval_metrics.json``.
+
+Writes into ``out`` (replaced atomically): ``results.json``, ``results.md``, ``predictions.jsonl``
+(every record x condition x policy), PNG plots (dpo.plots) and ``run_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shlex
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from common.config import ConfigError, cli_main, doc, load_config, save_config
+from common.io import InputError, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from data.datasets import first_image
+from data.images import BadImageError, BadImageLog, load_image, resolve_image
+from data.readers import read_records
+from data.records import ReportRecord, VqaRecord
+from dpo.answers import yes_no
+from dpo.pairs import NoiseConfig, make_x_v_star
+from dpo.metrics import copy_rate, over_reliance_rate, report_metrics, tokenize, vqa_metrics
+from dpo.prompts import DEFAULT_PROMPTS, build_prompt, load_prompt_templates
+from retriever.select_k import KRule, select_k
+
+CONDITIONS = ("no_rag", "rag_fixed", "rag_adaptive", "noised_rag")
+POLICIES = ("base", "dpo")
+METRIC_KEYS = ("accuracy", "f1", "bleu", "rouge_l", "meteor")
+TEST_ROLES = ("test_vqa", "test_report")
+DEFAULT_ADAPTER_DIRS = ("outputs/toy/dpo/adapter", "outputs/toy/dpo")  # first holding a PEFT adapter
+ADAPTER_FILE = "adapter_config.json"
+
+
+@dataclass
+class EvalConfig:
+    retrieval_dir: str = doc("outputs/toy/retrieval", "retrieval stage output: index.json lists the query JSONL files, retrieval_metrics.json the recall")
+    roles: list[str] = doc(list(TEST_ROLES), "which index.json roles to evaluate")
+    files: list[str] = doc([], "retrieval JSONL files to evaluate instead of the index (task told by the records' keys)")
+    image_root: str = doc("", "image folder for records without a usable image_root (when index.json gives none)")
+    policy: str = doc("outputs/toy/policy", "base policy checkpoint folder (HF model + processor)")
+    adapter: str = doc("", "PEFT adapter of the `dpo` policy; empty = the DPO stage's output if present (else `dpo` is skipped with a note)")
+    init_adapter: str = doc("", "adapter merged into the policy first, as train_dpo's init_adapter (e.g. SFT): `base` is then policy + this")
+    policies: list[str] = doc(list(POLICIES), "policies to evaluate: [base], [dpo] or [base, dpo]")
+    conditions: list[str] = doc(list(CONDITIONS), f"conditions to run, from {list(CONDITIONS)}")
+    fixed_k: int = doc(5, "reports in the prompt for rag_fixed and noised_rag (at most as many as retrieved)")
+    adaptive: KRule = doc(KRule(rule="gap", k=10, gamma=0.1), "k rule of rag_adaptive, applied to the stored reference_scores")
+    noise: NoiseConfig = doc(NoiseConfig(), "x_v* of noised_rag, made as the pair builder makes it (dpo.pairs)")
+    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML (dpo.prompts)")
+    max_new_tokens_vqa: int = doc(16, "answer length cap for VQA")
+    max_new_tokens_report: int = doc(96, "answer length cap for reports")
+    batch_size: int = doc(16, "generation batch size")
+    chunk: int = doc(64, "records whose images are held in memory at once")
+    limit: int = doc(0, "evaluate only the first N records of each file (0 = all): quick runs")
+    meteor: bool = doc(True, "compute METEOR (needs Java)")
+    bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the record (counted) or stop")
+    dtype: str = doc("float32", "policy dtype: float32 | bfloat16 | float16")
+    device: str = doc("cpu", "device for the policy")
+    clip_dir: str = doc("outputs/toy/clip", "CLIP fine-tuning output (its <domain>/metrics.jsonl are plotted)")
+    dpo_dir: str = doc("outputs/toy/dpo", "DPO run output (its metrics.jsonl is plotted)")
+    plots: bool = doc(True, "write PNG plots")
+    out: str = doc("outputs/toy/eval", "output folder (replaced atomically)")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class EvalFile:
+    """One query file: its retrieval JSONL, display name, task, domain and default image root."""
+
+    path: Path
+    name: str
+    task: str  # "vqa" | "report"
+    domain: str | None
+    image_root: str | None
+    records: list[VqaRecord | ReportRecord] = field(default_factory=list)
+
+
+def index_entries(retrieval_dir: Path) -> list[dict[str, Any]]:
+    """The entries of ``index.json`` (a list, or a mapping with ``files``) with absolute paths."""
+    path = retrieval_dir / "index.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no retrieval index; run `bash scripts/retrieve.sh` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    entries = data.get("files") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: expected a list of files (or {{'files': [...]}})")
+    out = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+            raise InputError(f"{path}: entry [{i}] needs a `path` (the retrieval JSONL)")
+        p = Path(e["path"])
+        out.append({**e, "path": p if p.is_absolute() else retrieval_dir / p})
+    return out
+
+
+def eval_files(cfg: EvalConfig) -> list[EvalFile]:
+    """The query files to evaluate, records read (every record: x_v* candidates come from all)."""
+    default_root = cfg.image_root or None
+    if cfg.files:
+        specs = [{"path": Path(f)} for f in cfg.files]
+    else:
+        specs = [e for e in index_entries(Path(cfg.retrieval_dir)) if e.get("role") in cfg.roles]
+        if not specs:
+            raise InputError(f"{cfg.retrieval_dir}/index.json: no files with role in {cfg.roles}")
+    files = []
+    for spec in specs:
+        path = Path(spec["path"])
+        records = read_records(path, kind=spec.get("kind"), default_image_root=spec.get("image_root") or default_root)
+        if not records:
+            raise InputError(f"{path}: no records")
+        if "reference_reports" not in records[0].meta:
+            raise InputError(f"{records[0].source}: not a retrieval JSONL (no `reference_reports`); run `bash scripts/retrieve.sh`")
+        if not isinstance(records[0], (VqaRecord, ReportRecord)):
+            raise InputError(f"{path}: not a VQA or report file")
+        task = "vqa" if isinstance(records[0], VqaRecord) else "report"
+        domain = spec.get("domain") or _majority(r.meta.get("domain") for r in records)
+        files.append(EvalFile(path, path.stem, task, domain, spec.get("image_root") or default_root, records))
+    return files
+
+
+def _majority(values: Iterable[Any]) -> Any:
+    counts: dict[Any, int] = defaultdict(int)
+    for v in values:
+        if v is not None:
+            counts[v] += 1
+    return max(counts, key=counts.get) if counts else None
+
+
+def references(record: VqaRecord | ReportRecord) -> tuple[list[str], list[str], list[float]]:
+    """(reports, ids, scores) of a retrieval record, best first, equal length."""
+    reports = list(record.meta.get("reference_reports") or [])
+    ids = list(record.meta.get("reference_ids") or [""] * len(reports))
+    scores = list(record.meta.get("reference_scores") or [])
+    if scores and len(scores) != len(reports):
+        raise InputError(f"{record.source}: {len(scores)} reference_scores for {len(reports)} reference_reports")
+    return reports, ids, scores
+
+
+def condition_k(condition: str, scores: list[float], n_refs: int, cfg: EvalConfig) -> int:
+    """How many retrieved reports a condition puts in the prompt."""
+    if condition == "no_rag":
+        return 0
+    if condition == "rag_adaptive" and n_refs:
+        if not scores:
+            raise InputError("rag_adaptive needs `reference_scores` in the retrieval JSONL")
+        return select_k(scores, cfg.adaptive)
+    return min(cfg.fixed_k, n_refs)
+
+
+# ---------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """What dpo.pairs.make_x_v_star reads of a record: its image as written and its domain."""
+
+    image: str
+    domain: str
+
+
+class ImageSource:
+    """Loads the records' images and makes x_v* exactly as the pair builder does
+    (dpo.pairs.make_x_v_star: same other-image pool per domain, same seeds).
+
+    A record whose image (or every other image for its x_v*) is bad is skipped under every
+    policy and condition: logged once (``bad``) and counted per file (``skipped``); with
+    ``bad_image: error`` it stops the run.
+    """
+
+    def __init__(self, files: list[EvalFile], cfg: EvalConfig):
+        self.cfg = cfg
+        self.bad = BadImageLog()
+        self.skipped: dict[str, set[int]] = defaultdict(set)
+        self._bad: dict[str, BadImageError] = {}
+        # domain -> image as written -> (image, record root, default root): the pool x_v* draws from
+        self.pool: dict[str, dict[str, tuple[str, str | None, str | None]]] = defaultdict(dict)
+        for f in files:
+            for r in f.records:
+                rel = first_image(r)
+                if rel:
+                    self.pool[f.domain or ""].setdefault(rel, (rel, r.image_root, f.image_root))
+
+    def _load(self, rel: str, record_root: str | None, default_root: str | None) -> Image.Image:
+        """Decode an image; BadImageError (remembered, so a bad file is tried once) if it is bad."""
+        path = str(resolve_image(rel, record_root, default_root))
+        if path in self._bad:
+            raise self._bad[path]
+        try:
+            return load_image(path)
+        except BadImageError as e:
+            self._bad[path] = e
+            raise
+
+    def load(self, f: EvalFile, index: int) -> tuple[str, Image.Image, Image.Image | None] | None:
+        """(image as written, x_v, x_v* if noised_rag is run) of record ``index``; None if skipped."""
+        record = f.records[index]
+        rel = first_image(record) or ""
+        try:
+            if not rel:
+                raise BadImageError(record.source, "missing", "the record names no image")
+            img = self._load(rel, record.image_root, f.image_root)
+            noised = None
+            if "noised_rag" in self.cfg.conditions:
+                noised = make_x_v_star(_Shown(rel, f.domain or ""), img, self.cfg.noise, self.pool[f.domain or ""],
+                                       lambda other: self._load(*other))
+            return rel, img, noised
+        except BadImageError as e:
+            if self.cfg.bad_image == "error":
+                raise InputError(f"{record.source}: {e}") from None
+            if index not in self.skipped[f.name]:
+                self.skipped[f.name].add(index)
+                self.bad.record(e.path, e.reason, e.detail)
+            return None
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _question(record: VqaRecord | ReportRecord) -> str | None:
+    return record.question if isinstance(record, VqaRecord) else None
+
+
+def _gold(record: VqaRecord | ReportRecord) -> str:
+    return record.answer if isinstance(record, VqaRecord) else record.text
+
+
+def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: EvalConfig) -> Iterable[dict[str, Any]]:
+    """Prediction rows of one policy on one file, every condition; records with a bad image skipped."""
+    templates = load_prompt_templates(cfg.prompts)
+    records = f.records[: cfg.limit] if cfg.limit > 0 else f.records
+    max_new = cfg.max_new_tokens_vqa if f.task == "vqa" else cfg.max_new_tokens_report
+    bar = tqdm(total=len(records), desc=f"{name} {f.name}", unit="rec")
+    for start in range(0, len(records), cfg.chunk):
+        jobs: list[tuple[Image.Image, Any, dict[str, Any]]] = []
+        for index in range(start, min(start + cfg.chunk, len(records))):
+            r = records[index]
+            loaded = images.load(f, index)
+            if loaded is None:
+                continue
+            image, real, noised = loaded
+            reports, ids, scores = references(r)
+            domain = r.meta.get("domain") or f.domain or "default"
+            base = {"policy": name, "file": f.name, "task": f.task, "index": index, "id": r.id,
+                    "domain": domain, "image": image, "question": _question(r), "answer": _gold(r)}
+            for cond in cfg.conditions:
+                k = condition_k(cond, scores, len(reports), cfg)
+                prompt = build_prompt(domain, f.task, _question(r), reports[:k] or None, templates)
+                row = {**base, "condition": cond, "k": k, "reference_ids": ids[:k]}
+                jobs.append((noised if cond == "noised_rag" else real, prompt, row))
+        answers = policy.generate([j[0] for j in jobs], [j[1] for j in jobs], max_new_tokens=max_new,
+                                  batch_size=cfg.batch_size) if jobs else []
+        for (_, _, row), pred in zip(jobs, answers):
+            row["prediction"] = pred
+            if f.task == "vqa":
+                gold = yes_no(row["answer"])
+                row["gold_label"], row["pred_label"] = gold, yes_no(pred)
+                row["correct"] = row["pred_label"] == gold if gold != "other" else None
+            yield row
+        bar.update(min(cfg.chunk, len(records) - start))
+    bar.close()
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class MeteorSession:
+    """One METEOR jar for the whole run: pycocoevalcap's Meteor() starts Java and loads its
+    paraphrase tables (~10 s) on construction, and dpo.metrics.report_metrics builds one per
+    call, so a 32-group evaluation would spend minutes starting Java. Scores are computed on
+    the same tokenisation as report_metrics."""
+
+    def __init__(self) -> None:
+        self._scorer = None
+
+    def score(self, pred: list[str], ref: list[str]) -> float:
+        if self._scorer is None:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            self._scorer = Meteor()
+        res = {i: [tokenize(p) or "."] for i, p in enumerate(pred)}
+        gts = {i: [tokenize(r) or "."] for i, r in enumerate(ref)}
+        return float(self._scorer.compute_score(gts, res)[0])
+
+
+def check_java(cfg: EvalConfig, files: list[EvalFile]) -> None:
+    """Fail before any generation when METEOR is asked for and cannot run."""
+    if cfg.meteor and any(f.task == "report" for f in files) and shutil.which("java") is None:
+        raise ConfigError(
+            "METEOR runs pycocoevalcap's Java jar and no `java` is on PATH: install a JRE "
+            "(e.g. apt-get install default-jre-headless) or pass --meteor false"
+        )
+
+
+def score_group(rows: list[dict[str, Any]], task: str, meteor: MeteorSession | None) -> dict[str, Any]:
+    """The metrics of one (policy, condition, file) group of prediction rows."""
+    out: dict[str, Any] = dict.fromkeys(METRIC_KEYS)
+    if task == "vqa":
+        out.update(vqa_metrics([r["pred_label"] for r in rows], [r["gold_label"] for r in rows]))
+    else:
+        pred, ref = [r["prediction"] for r in rows], [r["answer"] for r in rows]
+        out.update(report_metrics(pred, ref, meteor=False))
+        if meteor is not None and rows:
+            out["meteor"] = meteor.score(pred, ref)
+    out["n_records"] = len(rows)
+    out["mean_k"] = sum(r["k"] for r in rows) / len(rows) if rows else 0.0
+    return out
+
+
+def score_rows(predictions: list[dict[str, Any]], meteor: MeteorSession | None = None) -> list[dict[str, Any]]:
+    """results.json rows: one per (policy, condition, file), in first-seen order."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for p in predictions:
+        groups.setdefault((p["policy"], p["condition"], p["file"]), []).append(p)
+    rows = []
+    for (policy, condition, file), group in groups.items():
+        task = group[0]["task"]
+        rows.append({"policy": policy, "condition": condition, "file": file, "task": task,
+                     **score_group(group, task, meteor)})
+    return rows
+
+
+def diagnostics(predictions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per policy, over every VQA record with a yes/no gold answer (all files pooled).
+
+    copy_rate: accuracy with x_v* + retrieval; over_reliance_rate: right in no_rag and wrong in
+    rag_fixed (``_adaptive``: in rag_adaptive). A rate is None when a condition it needs was not run.
+    """
+    correct: dict[str, dict[str, dict[tuple[str, int], bool]]] = defaultdict(lambda: defaultdict(dict))
+    for p in predictions:
+        if p["task"] == "vqa" and p.get("correct") is not None:
+            correct[p["policy"]][p["condition"]][(p["file"], p["index"])] = p["correct"]
+    out = {}
+    for policy, by_cond in correct.items():
+        d: dict[str, Any] = {"n": max(len(v) for v in by_cond.values())}
+        noised = by_cond.get("noised_rag")
+        d["copy_rate"] = copy_rate(list(noised.values())) if noised else None
+        for key, cond in (("over_reliance_rate", "rag_fixed"), ("over_reliance_rate_adaptive", "rag_adaptive")):
+            without, with_ = by_cond.get("no_rag"), by_cond.get(cond)
+            if without and with_:
+                keys = [k for k in without if k in with_]
+                d[key] = over_reliance_rate([without[k] for k in keys], [with_[k] for k in keys])
+            else:
+                d[key] = None
+        for cond, values in by_cond.items():
+            d[f"accuracy_{cond}"] = sum(values.values()) / len(values)
+        out[policy] = d
+    return out
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def _task_table(rows: list[dict[str, Any]], task: str, cells: tuple[str, ...]) -> str:
+    rows = [r for r in rows if r["task"] == task]
+    files = list(dict.fromkeys(r["file"] for r in rows))
+    keys = list(dict.fromkeys((r["policy"], r["condition"]) for r in rows))
+    by = {(r["policy"], r["condition"], r["file"]): r for r in rows}
+    header = ["policy", "condition"] + [f"{f} (n={next(r['n'] for r in rows if r['file'] == f)})" for f in files]
+    body = [[p, c] + [" / ".join(_fmt(by[(p, c, f)].get(m)) if (p, c, f) in by else "–" for m in cells)
+                      for f in files] for p, c in keys]
+    return _table(header, body)
+
+
+RETRIEVAL_COLUMNS = ("routing_accuracy", "own_R@1", "own_R@5", "own_R@10", "findings_R@1", "findings_R@5",
+                     "findings_R@10", "mean_k")
+
+
+def retrieval_table(metrics: dict[str, Any], files: Iterable[str]) -> str:
+    """The retrieval stage's per-file numbers (retrieval_metrics.json ``files``) of the evaluated files."""
+    wanted = set(files)
+    per_file = {Path(k).stem: v for k, v in (metrics.get("files") or {}).items()
+                if isinstance(v, dict) and Path(k).stem in wanted}
+    cols = [c for c in RETRIEVAL_COLUMNS if any(c in v for v in per_file.values())]
+    if not per_file or not cols:
+        return ""
+    return _table(["file"] + cols, [[name] + [_fmt(v.get(c)) for c in cols] for name, v in per_file.items()])
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    parts = ["# Evaluation results", ""]
+    if any(r["task"] == "vqa" for r in rows):
+        parts += ["## VQA: accuracy / F1", "",
+                  "Yes/no questions only (F1: yes is the positive class); rows whose ground truth is "
+                  "not yes/no are left out (`n_not_yes_no` in results.json). n = questions scored.", "",
+                  _task_table(rows, "vqa", ("accuracy", "f1")), ""]
+    if any(r["task"] == "report" for r in rows):
+        parts += ["## Reports: BLEU-4 / ROUGE-L / METEOR", "",
+                  "pycocoevalcap: coco-caption corpus BLEU-4 (closest-reference brevity penalty), "
+                  "ROUGE-L (beta 1.2), METEOR 1.5 (Java); regex tokenisation, lower-cased.", "",
+                  _task_table(rows, "report", ("bleu", "rouge_l", "meteor")), ""]
+    if results.get("diagnostics"):
+        parts += ["## Misalignment diagnostics (VQA, all files)", "",
+                  "copy rate = accuracy with a noised image plus retrieval (lower: the model looks at "
+                  "the image); over-reliance = share right without retrieval and wrong with it.", ""]
+        header = ["policy", "n", "acc no_rag", "acc rag_fixed", "copy rate", "over-reliance (fixed)",
+                  "over-reliance (adaptive)"]
+        body = [[p, str(d["n"]), _fmt(d.get("accuracy_no_rag")), _fmt(d.get("accuracy_rag_fixed")),
+                 _fmt(d["copy_rate"]), _fmt(d["over_reliance_rate"]), _fmt(d["over_reliance_rate_adaptive"])]
+                for p, d in results["diagnostics"].items()]
+        parts += [_table(header, body), ""]
+    retrieval = results.get("retrieval")
+    if retrieval:
+        table = retrieval_table(retrieval, (r["file"] for r in rows))
+        acc = retrieval.get("domain_accuracy")
+        parts += ["## Retrieval (copied from the retrieval stage)", "",
+                  f"Routing: {retrieval.get('routing', '?')}, domain accuracy {_fmt(acc)} over all query files. "
+                  "R@k: own = the query's own report among the top k; findings = a report with the "
+                  "same ground-truth findings.", ""]
+        if table:
+            parts += [table, ""]
+    notes = results.get("notes") or []
+    if notes:
+        parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- run
+
+
+def load_with_adapters(path: str, init_adapter: str | None, adapter: str | None, dtype: str = "float32",
+                       device: str = "cpu") -> Any:
+    """The policy with ``init_adapter`` and then ``adapter`` merged in, as train_dpo stacks them."""
+    from dpo.policy import load_policy
+
+    if not init_adapter:
+        return load_policy(path, adapter=adapter, dtype=dtype, device=device, merge_adapter=True)
+    policy = load_policy(path, adapter=init_adapter, dtype=dtype, device=device, merge_adapter=True)
+    if adapter:
+        from peft import PeftModel
+
+        policy.model = PeftModel.from_pretrained(policy.model, adapter).merge_and_unload().eval()
+    return policy
+
+
+def check_adapter_base(adapter: str, init_adapter: str) -> None:
+    """Refuse a DPO adapter trained on another init_adapter than the one given (its run_config.yaml)."""
+    run_config = Path(adapter).parent / "run_config.yaml"
+    if not run_config.is_file():
+        return
+    trained_on = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("init_adapter") or ""
+    if trained_on != (init_adapter or ""):
+        raise ConfigError(f"{adapter} was trained on the policy + init_adapter {trained_on!r} ({run_config}); "
+                          f"pass --init_adapter {shlex.quote(trained_on)}")
+
+
+def has_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_FILE).is_file()
+
+
+def find_adapter(explicit: str, defaults: Iterable[str] = DEFAULT_ADAPTER_DIRS) -> str | None:
+    """The DPO adapter folder: ``explicit`` (must hold an adapter), else the first default that does."""
+    if explicit:
+        if not has_adapter(explicit):
+            raise InputError(f"{explicit}: no PEFT adapter here ({ADAPTER_FILE} missing); train one with `bash scripts/train_dpo.sh`")
+        return explicit
+    return next((d for d in defaults if has_adapter(d)), None)
+
+
+def policy_plan(cfg: EvalConfig) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """[(policy name, adapter or None)] to evaluate, and notes for what was left out."""
+    unknown = [p for p in cfg.policies if p not in POLICIES]
+    if unknown or not cfg.policies:
+        raise ConfigError(f"policies: {unknown or '[]'} not valid; choose from {list(POLICIES)}")
+    bad = [c for c in cfg.conditions if c not in CONDITIONS]
+    if bad or not cfg.conditions:
+        raise ConfigError(f"conditions: {bad or '[]'} not valid; choose from {list(CONDITIONS)}")
+    if not Path(cfg.policy).is_dir():
+        raise InputError(f"{cfg.policy}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
+    plan, notes = [], []
+    for name in cfg.policies:
+        if name == "base":
+            plan.append(("base", None))
+            continue
+        adapter = find_adapter(cfg.adapter, (str(Path(cfg.dpo_dir) / "adapter"), cfg.dpo_dir))
+        if adapter is None:
+            notes.append(f"policy `dpo` left out: no adapter under {cfg.dpo_dir} (run `bash scripts/train_dpo.sh`)")
+        else:
+            check_adapter_base(adapter, cfg.init_adapter)
+            plan.append(("dpo", adapter))
+    if not plan:
+        raise InputError("; ".join(notes))
+    return plan, notes
+
+
+def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
+    """Run every planned policy on every file; returns results (also written to ``cfg.out``).
+
+    ``load(path, adapter)`` returns a policy with ``.generate`` (default dpo.policy.load_policy).
+    """
+    if load is None:
+
+        def load(path: str, adapter: str | None) -> Any:
+            return load_with_adapters(path, cfg.init_adapter, adapter, cfg.dtype, cfg.device)
+
+    plan, notes = policy_plan(cfg)
+    for note in notes:
+        print(f"note: {note}")
+    files = eval_files(cfg)
+    check_java(cfg, files)
+    images = ImageSource(files, cfg)
+    predictions: list[dict[str, Any]] = []
+    for name, adapter in plan:
+        policy = load(cfg.policy, adapter)
+        for f in files:
+            predictions.extend(predict_file(policy, name, f, images, cfg))
+        del policy
+        gc.collect()
+    rows = score_rows(predictions, MeteorSession() if cfg.meteor else None)
+    for r in rows:
+        r["n_bad_images"] = len(images.skipped.get(r["file"], ()))
+    if not cfg.meteor and any(f.task == "report" for f in files):
+        notes.append("METEOR not computed (meteor: false)")
+    bad = images.bad.summary()
+    if bad["skipped"]:
+        notes.append(f"records skipped for bad images: {bad['skipped']} ({bad['by_reason']})")
+    results: dict[str, Any] = {
+        "rows": rows,
+        "diagnostics": diagnostics(predictions),
+        "retrieval": _retrieval_metrics(Path(cfg.retrieval_dir)),
+        "policies": {name: {"path": cfg.policy, "init_adapter": cfg.init_adapter or None, "adapter": adapter}
+                     for name, adapter in plan},
+        "bad_images": bad,
+        "notes": notes,
+    }
+    write_outputs(cfg, results, predictions)
+    return results
+
+
+def _retrieval_metrics(retrieval_dir: Path) -> dict[str, Any] | None:
+    path = retrieval_dir / "retrieval_metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+
+
+def write_outputs(cfg: EvalConfig, results: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+    with atomic_dir(cfg.out) as tmp:
+        atomic_write_json(tmp / "results.json", results)
+        atomic_write_text(tmp / "results.md", results_markdown(results))
+        atomic_write_jsonl(tmp / "predictions.jsonl", predictions)
+        save_config(cfg, tmp / "run_config.yaml")
+        if cfg.plots:
+            from dpo.plots import plot_all
+
+            plot_all(tmp, results, clip_dir=cfg.clip_dir, dpo_dir=cfg.dpo_dir)
+
+
+def main() -> None:
+    cfg = load_config(EvalConfig, description=__doc__)
+    results = evaluate(cfg)
+    print(results_markdown(results))
+    print(f"written: {cfg.out}/results.json, results.md, predictions.jsonl")
+
+
+if __name__ == "__main__":
+    cli_main(main)

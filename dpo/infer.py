@@ -1,0 +1,244 @@
+"""Answer a question about an image with the whole MMed-RAG path (the released code never shipped it).
+
+    bash scripts/infer.sh --image PATH [--question TEXT]          # one query, printed
+    bash scripts/infer.sh --queries FILE.jsonl [--out FILE]        # many, written as JSONL
+
+Steps: F(x_v) names the image's domain (or ``--domain`` fixes it); that domain's CLIP retrieves
+reports from its corpus; the k rule (``k``; by default the paper's adaptive gap rule, at most 5)
+keeps some; the prompt (dpo.prompts) joins question and reports; the policy with its DPO adapter
+answers. Without ``--question`` the policy writes a report. Printed per query: the domain, the
+kept reports with their scores, the answer.
+
+``--queries``: one JSON object per line with ``image`` (or ``image_path``) and optionally
+``question``, ``id`` (or ``question_id``), ``task`` (vqa | report), ``domain``; a MMed-RAG test
+VQA JSONL works as it is. Relative image paths are taken under ``image_root``. Output: every
+input field plus ``domain``, ``reference_reports``, ``reference_ids``, ``reference_scores``,
+``retrieve_k``, ``prediction`` (``error`` for a query whose image cannot be read).
+
+Defaults are the toy pipeline's outputs (outputs/toy/clip, outputs/toy/policy, the DPO adapter
+in outputs/toy/dpo/adapter when there is one); a missing one stops with exit code 2 naming the
+script that makes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from common.config import ConfigError, cli_main, doc, load_config
+from common.io import InputError, atomic_write_jsonl, read_jsonl
+from data.images import BadImageError, inside_root, load_image
+from dpo.evaluate import check_adapter_base, find_adapter, load_with_adapters
+from dpo.prompts import DEFAULT_PROMPTS, build_prompt, load_prompt_templates
+from retriever.select_k import KRule
+
+TASKS = ("vqa", "report")
+
+
+@dataclass
+class InferConfig:
+    image: str = doc("", "query image (with --question, or alone for a report)")
+    question: str = doc("", "question about --image; empty = write a report")
+    queries: str = doc("", "JSONL of queries (image, question, id, task, domain) instead of --image")
+    out: str = doc("", "answers JSONL for --queries; empty = outputs/toy/infer/<queries stem>.answers.jsonl")
+    image_root: str = doc("", "folder for relative image paths in --queries (empty: as written)")
+    task: str = doc("", "vqa | report for every query; empty = vqa when there is a question, else report")
+    domain: str = doc("", "skip F(x_v) and use this domain's retriever for every query")
+    rag: bool = doc(True, "retrieve reports (false: answer from the image and question alone)")
+    k: KRule = doc(KRule(rule="gap", k=5, gamma=0.1), "how many retrieved reports to keep (retriever.select_k)")
+    clip_dir: str = doc("outputs/toy/clip", "the retrievers and domain classifier (bash scripts/finetune_clip.sh)")
+    checkpoint: str = doc("best", "which checkpoint of each retriever: best | latest")
+    cache_dir: str = doc("outputs/toy/retrieval/cache", "corpus embedding cache (shared with the retrieval stage)")
+    policy: str = doc("outputs/toy/policy", "policy checkpoint folder (bash scripts/make_toy_policy.sh)")
+    adapter: str = doc("", "PEFT adapter; empty = outputs/toy/dpo/adapter if present; `none` = the base policy")
+    init_adapter: str = doc("", "adapter merged into the policy before `adapter` (train_dpo's init_adapter, e.g. SFT)")
+    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
+    max_new_tokens_vqa: int = doc(16, "answer length cap for questions")
+    max_new_tokens_report: int = doc(96, "answer length cap for reports")
+    batch_size: int = doc(8, "generation batch size")
+    dtype: str = doc("float32", "policy dtype: float32 | bfloat16 | float16")
+    device: str = doc("cpu", "device for the policy")
+
+
+@dataclass
+class Query:
+    row: dict[str, Any]  # the input fields, copied to the output
+    image_path: str
+    question: str | None
+    task: str
+    domain: str | None
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _task(explicit: str, question: str | None, where: str) -> str:
+    task = explicit or ("vqa" if question else "report")
+    if task not in TASKS:
+        raise InputError(f"{where}: task {task!r} is not one of {list(TASKS)}")
+    return task
+
+
+def read_queries(cfg: InferConfig) -> list[Query]:
+    """The queries of ``--image``/``--question`` or of the ``--queries`` JSONL."""
+    if bool(cfg.image) == bool(cfg.queries):
+        raise ConfigError("give --image PATH (with --question TEXT for a question) or --queries FILE.jsonl")
+    if cfg.image:
+        question = cfg.question.strip() or None
+        return [Query({"image": cfg.image, "question": question}, cfg.image, question,
+                      _task(cfg.task, question, "--task"), cfg.domain or None)]
+    path = Path(cfg.queries)
+    if not path.is_file():
+        raise InputError(f"{path}: queries file does not exist")
+    queries = []
+    for n, row in enumerate(read_jsonl(path), 1):
+        where = f"{path}:{n}"
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        image = row.get("image") or row.get("image_path")
+        if isinstance(image, list):
+            image = image[0] if image else None
+        if not isinstance(image, str) or not image:
+            raise InputError(f"{where}: no `image`")
+        question = row.get("question")
+        if question is not None and not isinstance(question, str):
+            raise InputError(f"{where}: `question` must be a string")
+        question = (question or "").replace("<image>", "").strip() or None
+        resolved = str(inside_root(image, cfg.image_root or None)) if not Path(image).is_absolute() else image
+        queries.append(Query(row, resolved, question, _task(cfg.task or row.get("task") or "", question, where),
+                             cfg.domain or row.get("domain") or None))
+    if not queries:
+        raise InputError(f"{path}: no queries")
+    return queries
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_retriever(cfg: InferConfig) -> Any:
+    """retriever.retrieve.Retriever of ``clip_dir``; InputError naming finetune_clip.sh if absent."""
+    from retriever.retrieve import Retriever
+
+    if not Path(cfg.clip_dir).is_dir():
+        raise InputError(f"{cfg.clip_dir}: no retrievers here; make them with `bash scripts/finetune_clip.sh`")
+    try:
+        return Retriever.load(cfg.clip_dir, cfg.checkpoint, cache_dir=cfg.cache_dir,
+                              require_router=not cfg.domain)
+    except FileNotFoundError as e:
+        raise InputError(f"{e} (`bash scripts/finetune_clip.sh` makes it)") from None
+
+
+def load_answerer(cfg: InferConfig) -> tuple[Any, str | None]:
+    """The policy (with its adapters, merged) and the DPO adapter used."""
+    if not Path(cfg.policy).is_dir():
+        raise InputError(f"{cfg.policy}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
+    adapter = None if cfg.adapter == "none" else find_adapter(cfg.adapter)
+    if adapter:
+        check_adapter_base(adapter, cfg.init_adapter)
+    policy = load_with_adapters(cfg.policy, cfg.init_adapter, adapter, cfg.dtype, cfg.device)
+    return policy, adapter
+
+
+# ---------------------------------------------------------------- the path
+
+
+def domains_of(retriever: Any, images: Sequence[Image.Image], fixed: Sequence[str | None]) -> list[str]:
+    """Each image's domain: the fixed one where given, else F(x_v)."""
+    todo = [i for i, d in enumerate(fixed) if d is None]
+    if todo and retriever is None:
+        raise InputError("no retriever loaded to route with: pass --domain")
+    routed = iter(retriever.route([images[i] for i in todo]) if todo else [])
+    domains = [d if d is not None else next(routed) for d in fixed]
+    if retriever is not None:
+        unknown = sorted({d for d in domains if d not in retriever.domains})
+        if unknown:
+            raise InputError(f"domain(s) {unknown} have no retriever in this clip_dir; known: {retriever.domains}")
+    return domains
+
+
+def retrieve(retriever: Any, images: Sequence[Image.Image], domains: Sequence[str], k_rule: KRule) -> list[list[Any]]:
+    """The kept hits (id, text, score) per image, from its domain's retriever."""
+    hits: list[list[Any]] = [[] for _ in images]
+    for d in dict.fromkeys(domains):
+        rows = [i for i, x in enumerate(domains) if x == d]
+        for i, h in zip(rows, retriever.search([images[i] for i in rows], domain=d, k_rule=k_rule)):
+            hits[i] = list(h)
+    return hits
+
+
+def answer_queries(queries: list[Query], retriever: Any, policy: Any, cfg: InferConfig) -> list[dict[str, Any]]:
+    """Output rows, one per query, in order; a query whose image is bad gets ``error`` instead."""
+    templates = load_prompt_templates(cfg.prompts)
+    out: list[dict[str, Any]] = [{} for _ in queries]
+    good: list[int] = []
+    images: list[Image.Image] = []
+    for i, q in enumerate(queries):
+        try:
+            images.append(load_image(q.image_path))
+            good.append(i)
+        except BadImageError as e:
+            out[i] = {**q.row, "error": str(e)}
+    if not good:
+        return out
+    domains = domains_of(retriever, images, [queries[i].domain for i in good])
+    hits = retrieve(retriever, images, domains, cfg.k) if cfg.rag else [[] for _ in good]
+    for task in TASKS:
+        idx = [j for j, i in enumerate(good) if queries[i].task == task]
+        if not idx:
+            continue
+        prompts = [build_prompt(domains[j], task, queries[good[j]].question, [h.text for h in hits[j]] or None,
+                                templates) for j in idx]
+        max_new = cfg.max_new_tokens_vqa if task == "vqa" else cfg.max_new_tokens_report
+        answers = policy.generate([images[j] for j in idx], prompts, max_new_tokens=max_new,
+                                  batch_size=cfg.batch_size, progress=True)
+        for j, answer in zip(idx, answers):
+            out[good[j]] = {
+                **queries[good[j]].row, "task": task, "domain": domains[j],
+                "reference_reports": [h.text for h in hits[j]], "reference_ids": [h.id for h in hits[j]],
+                "reference_scores": [round(h.score, 6) for h in hits[j]], "retrieve_k": len(hits[j]),
+                "prediction": answer,
+            }
+    return out
+
+
+def show(row: dict[str, Any]) -> str:
+    """The human-readable account of one answered query."""
+    if "error" in row:
+        return f"image: {row.get('image') or row.get('image_path')}\nerror: {row['error']}"
+    lines = [f"image: {row.get('image') or row.get('image_path')}", f"domain: {row['domain']}"]
+    if row.get("question"):
+        lines.append(f"question: {row['question']}")
+    refs = row["reference_reports"]
+    lines.append(f"retrieved reports (k={len(refs)}):" if refs else "retrieved reports: none")
+    for n, (text, rid, score) in enumerate(zip(refs, row["reference_ids"], row["reference_scores"]), 1):
+        lines.append(f"  {n}. [{score:.3f}] {rid}: {text}")
+    lines.append(f"answer: {row['prediction']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    cfg = load_config(InferConfig, description=__doc__)
+    queries = read_queries(cfg)
+    need_retriever = cfg.rag or any(q.domain is None for q in queries)
+    retriever = load_retriever(cfg) if need_retriever else None
+    policy, adapter = load_answerer(cfg)
+    print(f"policy: {cfg.policy}" + (f" + adapter {adapter}" if adapter else " (no DPO adapter: base policy)"))
+    rows = answer_queries(queries, retriever, policy, cfg)
+    if cfg.queries:
+        out = Path(cfg.out or f"outputs/toy/infer/{Path(cfg.queries).stem}.answers.jsonl")
+        atomic_write_jsonl(out, rows)
+        for row in rows[:3]:
+            print(show(row) + "\n")
+        failed = sum("error" in r for r in rows)
+        print(f"{len(rows)} answers ({failed} unreadable images) -> {out}")
+    else:
+        print(show(rows[0]))
+        if "error" in rows[0]:
+            raise InputError(rows[0]["error"])
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,242 @@
+"""Preference pairs for DPO: reading, the held-out split, stages, per-side images, the 2B batch.
+
+Both our pairs (with ``pair_type``, ``rejected_image``) and the released MMed-RAG alignment files
+(``rejected_noised`` = 1, no ``pair_type``) are read by data.readers. Each side of a pair has its
+own image: the chosen side sees x_v, the rejected side ``rejected_image`` when the record names
+one, else pure Gaussian noise when ``rejected_noised`` = 1 (made at load time, the same for a
+record in every run, worker and process: ``pure_noise(size, stable_seed(id, seed))``), else x_v.
+``chosen_noised`` = 1 puts noise on the chosen side the same way.
+
+A batch holds 2B rows for ONE forward pass: rows [0, B) are the chosen answers with their images,
+rows [B, 2B) the rejected answers with theirs (dpo.policy.Policy.encode_preference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Sampler
+
+from common.io import InputError
+from data.datasets import PreferenceDataset, StringColumn
+from data.images import SKIPPED_KEY, BadImagePolicy, SkippedSample
+from data.noise import pure_noise, stable_seed
+from data.readers import read_records
+from data.records import PreferenceRecord
+from dpo.policy import IGNORE, Policy, Prompt
+
+PAIR_TYPES = ("cm", "oa1", "oa2")
+
+
+def pair_type_of(record: PreferenceRecord) -> str:
+    """The record's ``pair_type``; for released files (which have none) ``cm`` when the rejected
+    side sees a noised image, else ``oa`` (those files do not tell D_oa1 from D_oa2)."""
+    if record.pair_type:
+        return record.pair_type
+    return "cm" if record.rejected_noised or record.rejected_image else "oa"
+
+
+def load_pairs(paths: Sequence[str | Path], image_root: str | Path | None = None) -> list[PreferenceRecord]:
+    """All pairs of the given preference files, in file order."""
+    if not paths:
+        raise InputError("no preference file given (pairs: [FILE.json, ...])")
+    records: list[PreferenceRecord] = []
+    for path in paths:
+        got = read_records(path, kind="preference", default_image_root=image_root)
+        if not got:
+            raise InputError(f"{path}: no preference pairs in the file")
+        records += got  # type: ignore[arg-type]
+    return records
+
+
+def is_heldout(record_id: str, fraction: float, seed: int) -> bool:
+    """Whether a pair is held out: decided by its id alone, so the split never depends on file
+    order and both pairs of one question (e.g. its cm and oa pair) fall on the same side."""
+    return stable_seed("heldout", record_id, seed) % 1_000_000 < round(fraction * 1_000_000)
+
+
+def split_heldout(
+    records: Sequence[PreferenceRecord], fraction: float, seed: int
+) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+    """(train, held-out) pairs; ``fraction`` of the ids (deterministically) are held out."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {fraction}")
+    train, heldout = [], []
+    for r in records:
+        (heldout if is_heldout(r.id, fraction, seed) else train).append(r)
+    if not train:
+        raise InputError(f"{records[0].source}: every pair was held out; lower heldout_fraction")
+    return train, heldout
+
+
+def stage_indices(records: Sequence[PreferenceRecord], stages: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Record positions per training stage: ``[]`` = one mixed stage of all pairs; else one list
+    per stage of the pair types it takes, e.g. ``[[cm], [oa1, oa2]]``. Every pair must fall in
+    exactly one stage (released files have types ``cm`` and ``oa``)."""
+    if not stages:
+        return [list(range(len(records)))]
+    stage_of: dict[str, int] = {}
+    for s, types in enumerate(stages):
+        for t in types:
+            if t in stage_of:
+                raise ValueError(f"stages: pair type {t!r} is in two stages")
+            stage_of[t] = s
+    out: list[list[int]] = [[] for _ in stages]
+    unplaced: set[str] = set()
+    for i, r in enumerate(records):
+        t = pair_type_of(r)
+        if t in stage_of:
+            out[stage_of[t]].append(i)
+        else:
+            unplaced.add(t)
+    if unplaced:
+        raise ValueError(f"stages {list(map(list, stages))}: no stage takes pair type(s) {sorted(unplaced)}")
+    return out
+
+
+class StagedSampler(Sampler[int]):
+    """Each epoch: the stages in order, each shuffled by (seed, epoch, stage).
+
+    The order depends only on those numbers, so every process agrees on it and a resumed run
+    (accelerate skips the batches already seen) continues exactly. ``set_epoch`` is called by
+    accelerate's prepared loader.
+    """
+
+    def __init__(self, stages: Sequence[Sequence[int]], seed: int, shuffle: bool = True):
+        self.stages = [np.asarray(s, dtype=np.int64) for s in stages]
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.stages)
+
+    def __iter__(self) -> Iterator[int]:
+        for k, stage in enumerate(self.stages):
+            if self.shuffle:
+                stage = stage[np.random.default_rng([self.seed, self.epoch, k]).permutation(len(stage))]
+            yield from stage.tolist()
+
+
+def _keep(img: Image.Image) -> Image.Image:
+    return img  # the processor resizes and normalises; module level so it pickles into workers
+
+
+class PairDataset(PreferenceDataset):
+    """PreferenceDataset (decoding, bad-image policy) with the noise images filled in."""
+
+    def __init__(
+        self,
+        records: Sequence[PreferenceRecord],
+        image_root: str | Path | None,
+        noise_seed: int = 0,
+        bad_image: BadImagePolicy = "skip",
+    ):
+        super().__init__(records, image_root, _keep, bad_image)
+        self.noise_seed = noise_seed
+
+    def _item(self, i: int) -> dict[str, Any]:
+        item = super()._item(i)
+        size = item["image"].size
+        if item["rejected_noised"] and not self._rejected[i]:  # a stored rejected_image wins
+            item["rejected_image"] = pure_noise(size, stable_seed(item["id"], self.noise_seed))
+        if item["chosen_noised"]:
+            item["image"] = pure_noise(size, stable_seed(item["id"], self.noise_seed, "chosen"))
+        return item
+
+
+def user_turn(text: str) -> Prompt:
+    """A record's prompt (the human turn without "<image>") as one user message with the image,
+    rendered by the processor's chat template as at generation time."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+class CpuEncoder(Policy):
+    """Policy's batch encoding without the model, for DataLoader workers: CPU float32 tensors
+    (accelerate moves them to the device; the vision tower casts pixels to its own dtype)."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, processor: Any):
+        super().__init__(model=None, processor=processor)
+
+
+class PairCollator:
+    """Items of a PairDataset -> ``{"inputs": 2B-row model batch, "index", "pair_type", "skipped"}``.
+
+    ``index`` is the pair's position in the dataset (the key of cached reference log-probs),
+    ``pair_type`` a code into ``types``. Texts are kept in packed columns (data.datasets) so
+    workers do not copy the records. When no sample could be read the batch holds only
+    ``skipped``: ``BadImageLog.take`` counts them and turns it into None.
+    """
+
+    def __init__(
+        self, records: Sequence[PreferenceRecord], processor: Any, types: Sequence[str], max_length: int | None = None
+    ):
+        self.encoder = CpuEncoder(processor)
+        self.max_length = max_length
+        self.types = list(types)
+        self.prompts = StringColumn(r.prompt for r in records)
+        self.chosen = StringColumn(r.chosen for r in records)
+        self.rejected = StringColumn(r.rejected for r in records)
+        code = {t: k for k, t in enumerate(self.types)}
+        self.type_codes = np.fromiter((code[pair_type_of(r)] for r in records), np.int64, len(records))
+
+    def __call__(self, samples: list[dict[str, Any] | SkippedSample | None]) -> dict[str, Any] | None:
+        good = [s for s in samples if isinstance(s, dict)]
+        skipped = [s for s in samples if isinstance(s, SkippedSample)]
+        if not good:
+            return {SKIPPED_KEY: skipped}
+        idx = [s["index"] for s in good]
+        inputs = self.encoder.encode_preference(
+            [user_turn(self.prompts[i]) for i in idx],
+            [self.chosen[i] for i in idx],
+            [self.rejected[i] for i in idx],
+            [s["image"] for s in good],
+            [s["rejected_image"] for s in good],
+            max_length=self.max_length,
+        )
+        return {
+            "inputs": inputs,
+            "index": torch.tensor(idx, dtype=torch.long),
+            "pair_type": torch.from_numpy(self.type_codes[idx]),
+            SKIPPED_KEY: skipped,
+        }
+
+
+def answer_lengths(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Answer tokens per row (labels that are not IGNORE): what IPO averages over."""
+    return (inputs["labels"] != IGNORE).sum(-1).float()
+
+
+def pair_loader(
+    dataset: PairDataset,
+    collator: PairCollator,
+    batch_size: int,
+    sampler: Sampler[int] | Sequence[int],
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A loader over ``dataset`` in ``sampler``'s order: a StagedSampler for training, a list of
+    positions for evaluation and reference caching. Options as data.loader.make_loader (which
+    takes no sampler)."""
+    workers: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collator,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+        **workers,
+    )

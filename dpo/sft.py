@@ -1,0 +1,378 @@
+"""Supervised fine-tuning of the policy, LoRA or full: ``bash scripts/train_sft.sh [CONFIG.yaml] [--key value ...]``.
+
+The loss is on the answer only (labels -100 on prompt and padding: ``Policy.encode_for_training``).
+Training records come from
+- retrieval JSONL (DESIGN.md contract 2: VQA or report records + ``reference_reports``), found by
+  role in an ``index.json`` (scripts/retrieve.sh, ``python -m data.toy_retrieval``) or given as
+  ``data.files``: the prompt lists the references, except for a ``no_reference_rate`` share of
+  records (fixed by seed and record id) trained without them, so the model answers both ways;
+- plain VQA JSONL / report JSON (prompts without references);
+- LLaVA conversation JSON (first human turn = prompt, the gpt turn after it = answer).
+
+Writes into ``train.output_dir`` the model as from_pretrained loads it (a PEFT adapter with
+LoRA, else a full model) with its processor, ``merged/`` with ``--merge`` (LoRA folded in), and
+run_config.yaml, metrics.jsonl, tensorboard/, checkpoints/. With ``measure.roles`` set, the
+trained model is then measured (``reliance.json``, see ``measure_reliance``); ``--eval_only``
+measures ``model`` (+ ``adapter``) without training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from common.config import ConfigError, cli_main, doc, load_config, save_config
+from common.engine import EngineConfig, LoraConfig, apply_lora, build_accelerator, save_model, train
+from common.io import InputError, atomic_dir, atomic_write_json
+from data.datasets import QueryDataset
+from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
+from data.loader import make_loader
+from data.noise import make_noised, pick_other, stable_seed
+from data.readers import detect_kind, read_records, strip_image_mark
+from data.records import ReportRecord, VqaRecord
+from dpo.answers import vqa_correct, yes_no
+from dpo.policy import Policy, load_policy
+from dpo.prompts import DEFAULT_PROMPTS, Message, PromptTemplates, build_prompt, load_prompt_templates
+
+
+@dataclass
+class SftDataConfig:
+    retrieval_index: str = doc("outputs/toy/oracle_retrieval/index.json", "index.json listing retrieval JSONL files by role")
+    roles: list[str] = doc(["policy_train"], "index roles to train on (used when `files` is empty)")
+    files: list[str] = doc([], "training files instead of the index: retrieval JSONL, VQA JSONL, report JSON, conversation JSON")
+    image_root: str = doc("", "image folder for records without a usable own root ({domain} is filled in)")
+    domain: str = doc("", "domain of records that name none (retrieval rows and index entries do)")
+    no_reference_rate: float = doc(0.3, "share of retrieval records trained without their references")
+    max_references: int = doc(0, "use at most this many references per record (0 = all)")
+    val_fraction: float = doc(0.0, "share of records held out (by id) for the eval loss")
+    max_length: int = doc(0, "cut answers so prompt + answer fit this many tokens (0 = no cut)")
+    limit: int = doc(0, "use the first N records of each file (0 = all)")
+    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
+    bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the sample, or stop")
+
+
+@dataclass
+class MeasureConfig:
+    roles: list[str] = doc([], "index roles to measure after training, e.g. [test_vqa] (empty = none)")
+    limit: int = doc(0, "measure the first N VQA records of each file (0 = all)")
+    sigma: float = doc(0.1, "Gaussian noise std on the other image that replaces the real one")
+    seed: int = doc(0, "seed of the other-image pick and the noise")
+    batch_size: int = doc(32, "generation batch size")
+    max_new_tokens: int = doc(16, "generated tokens per answer")
+
+
+@dataclass
+class SftConfig:
+    model: str = doc("outputs/toy/policy", "policy checkpoint folder (Hugging Face format) to start from")
+    adapter: str = doc("", "PEFT adapter on `model`, for --eval_only")
+    dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
+    merge: bool = doc(False, "LoRA: also write the merged full model to <output_dir>/merged")
+    eval_only: bool = doc(False, "only measure `model` (+ adapter) on measure.roles; no training")
+    data: SftDataConfig = doc(SftDataConfig(), "training data")
+    train: EngineConfig = doc(EngineConfig(output_dir="outputs/sft"), "optimization, checkpoints, logging")
+    lora: LoraConfig = doc(LoraConfig(), "what is trained")
+    measure: MeasureConfig = doc(MeasureConfig(), "reliance on retrieval, measured after training")
+
+
+@dataclass
+class Example:
+    """One training sample: the record (id, image, root) and the prompt/answer it is trained on."""
+
+    record: VqaRecord | ReportRecord
+    domain: str
+    task: str  # "vqa" | "report" | "conversation"
+    question: str | None  # None: the template's report instruction
+    answer: str
+    references: list[str] | None  # None: prompt without retrieval
+
+    def prompt(self, templates: PromptTemplates) -> list[Message]:
+        if self.task == "conversation":
+            return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}]
+        return build_prompt(self.domain, self.task, self.question, self.references, templates)
+
+
+@dataclass
+class Source:
+    path: str
+    domain: str | None
+    image_root: str | None
+    role: str | None = None
+
+
+def index_sources(index: str | Path, roles: list[str], domain: str = "") -> list[Source]:
+    """The files of ``roles`` listed in an ``index.json`` (retrieve.sh, data.toy_retrieval)."""
+    index = Path(index)
+    if not index.is_file():
+        raise InputError(f"{index}: retrieval index does not exist (run scripts/retrieve.sh or "
+                         "python -m data.toy_retrieval, or give --data.files)")
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8")).get("files", [])
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise InputError(f"{index}: not an index ({{'files': [...]}}): {e}") from None
+    found = [Source(str(index.parent / e["path"]), domain or e.get("domain"), e.get("image_root"), e.get("role"))
+             for e in entries if isinstance(e, dict) and e.get("role") in roles and "path" in e]
+    if not found:
+        raise InputError(f"{index}: no entry with role in {roles}")
+    return found
+
+
+def training_sources(cfg: SftDataConfig) -> list[Source]:
+    """``cfg.files`` if given, else the index entries of ``cfg.roles``."""
+    if cfg.files:
+        return [Source(p, cfg.domain or None, None) for p in cfg.files]
+    return index_sources(cfg.retrieval_index, cfg.roles, cfg.domain)
+
+
+def _keep(key: str, rate: float, seed: int, purpose: str) -> bool:
+    """A fixed pseudo-random draw per (record, purpose): True with probability 1 - rate."""
+    return stable_seed(purpose, key, seed) % 1_000_000 >= rate * 1_000_000
+
+
+def _root(src: Source, cfg: SftDataConfig, domain: str) -> str | None:
+    """Image folder for a source's records without a usable own root: the index's, else the config's."""
+    return src.image_root or (cfg.image_root.format(domain=domain) if cfg.image_root else None)
+
+
+def read_conversations(path: str, domain: str, root: str | None) -> list[Example]:
+    """LLaVA conversation JSON (a list): first human turn -> prompt, the next gpt turn -> answer."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of conversation records")
+    out = []
+    for n, raw in enumerate(data):
+        where = f"{path}:[{n}]"
+        turns = raw.get("conversations") if isinstance(raw, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise InputError(f"{where}: `conversations` must be a list of {{from, value}} turns")
+        h = next((i for i, t in enumerate(turns) if t.get("from") == "human"), None)
+        gpt = next((t for t in turns[(h or 0) + 1:] if t.get("from") == "gpt"), None)
+        image = raw.get("image")
+        if h is None or gpt is None or not isinstance(image, str) or not image:
+            raise InputError(f"{where}: needs `image` and a human turn followed by a gpt turn")
+        prompt, answer = strip_image_mark(str(turns[h].get("value", ""))), str(gpt.get("value", "")).strip()
+        rec = VqaRecord(id=str(raw.get("id", n)), question=prompt, answer=answer, images=[image],
+                        image_root=pick_root(raw.get("image_root"), root), source=where)
+        out.append(Example(rec, str(raw.get("domain") or domain), "conversation", prompt, answer, None))
+    return out
+
+
+def read_examples(sources: list[Source], cfg: SftDataConfig, seed: int, vqa_only: bool = False) -> list[Example]:
+    """Every record of every source as an Example (references dropped per ``no_reference_rate``)."""
+    examples: list[Example] = []
+    for src in sources:
+        kind = detect_kind(src.path)
+        if kind == "preference":
+            if not vqa_only:
+                domain = src.domain or "default"
+                examples += read_conversations(src.path, domain, _root(src, cfg, domain))[: cfg.limit or None]
+            continue
+        if vqa_only and kind != "vqa":
+            continue
+        for rec in read_records(src.path, kind=kind)[: cfg.limit or None]:
+            domain = src.domain or rec.meta.get("domain") or "default"
+            rec = dataclasses.replace(rec, image_root=pick_root(rec.image_root, _root(src, cfg, domain)))
+            refs = rec.meta.get("reference_reports")
+            if refs is not None and not (isinstance(refs, list) and all(isinstance(r, str) for r in refs)):
+                raise InputError(f"{rec.source}: `reference_reports` must be a list of strings")
+            if refs and cfg.max_references:
+                refs = refs[: cfg.max_references]
+            if refs and not _keep(f"{domain}/{rec.id}", cfg.no_reference_rate, seed, "no-reference"):
+                refs = None
+            if isinstance(rec, VqaRecord):
+                examples.append(Example(rec, domain, "vqa", rec.question, rec.answer, refs or None))
+            else:
+                examples.append(Example(rec, domain, "report", None, rec.text, refs or None))
+    if not examples:
+        raise InputError(f"{sources[0].path}: no training records found" if sources else "no training files")
+    return examples
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    return img.convert("RGB")
+
+
+class SftCollate:
+    """Dataset items (images) + their examples (prompts, answers) -> a training batch."""
+
+    def __init__(self, policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int):
+        self.policy, self.examples, self.templates, self.max_length = policy, examples, templates, max_length
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        exs = [self.examples[it["index"]] for it in items]
+        return self.policy.encode_for_training(
+            [e.prompt(self.templates) for e in exs], [e.answer for e in exs], [it["image"] for it in items],
+            self.max_length or None,
+        )
+
+
+def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shuffle: bool, bad_log: BadImageLog):
+    templates = load_prompt_templates(cfg.data.prompts)
+    dataset = QueryDataset([e.record for e in examples], None, _rgb, bad_image=cfg.data.bad_image, bad_log=bad_log)
+    collate = SftCollate(policy, examples, templates, cfg.data.max_length)
+    return make_loader(dataset, cfg.train.batch_size, shuffle=shuffle, num_workers=cfg.train.num_workers,
+                       collate_fn=collate, seed=cfg.train.seed)
+
+
+def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy over answer tokens (the model shifts labels itself)."""
+    loss = model(**batch, use_cache=False).loss
+    return loss, {"answer_tokens": float((batch["labels"] != -100).sum())}
+
+
+def eval_loss_fn(accelerator: Any, loader: Any, take_batch: Any):
+    """eval_fn for the engine: token-weighted mean answer loss on ``loader``, over all processes."""
+
+    @torch.no_grad()
+    def evaluate(model: Any) -> dict[str, float]:
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        for batch in loader:
+            batch = take_batch(batch)
+            if batch is None:
+                continue
+            n = (batch["labels"][:, 1:] != -100).sum()
+            total += torch.stack([model(**batch, use_cache=False).loss.double() * n, n.double()])
+        total = accelerator.reduce(total, "sum")
+        return {"eval_loss": (total[0] / total[1].clamp(min=1)).item()}
+
+    return evaluate
+
+
+# ---------------------------------------------------------------- reliance on retrieval
+
+
+def measure_reliance(policy: Policy, examples: list[Example], cfg: MeasureConfig, templates: PromptTemplates) -> dict[str, Any]:
+    """VQA accuracy under three conditions, overall and per domain (a quick check, not the evaluation):
+
+    - ``no_retrieval``: real image, no references;
+    - ``retrieval``: real image + the record's references;
+    - ``noised_retrieval``: a different image of the same domain + Gaussian noise, + references.
+      Its accuracy is the copy rate: answers that survive losing the image came from the text.
+    Records without references are left out. ``yes_rate`` (share of "yes" answers) shows a
+    model that answers the same whatever it sees.
+    """
+    examples = [e for e in examples if e.task == "vqa" and e.references]
+    pool: dict[str, list[str]] = {}
+    for e in examples:
+        pool.setdefault(e.domain, []).append(str(_image_path(e)))
+    images, prompts, keys = [], [], []
+    for e in tqdm(examples, desc="measure: images", disable=len(examples) < 200):
+        path = str(_image_path(e))
+        try:
+            real = load_image(path)
+            other = load_image(pick_other(path, sorted(set(pool[e.domain])), cfg.seed))
+        except (BadImageError, ValueError):
+            continue
+        noised = make_noised("other_image+gaussian", real, stable_seed("measure", path, cfg.seed), other=other, sigma=cfg.sigma)
+        with_refs = e.prompt(templates)
+        without = dataclasses.replace(e, references=None).prompt(templates)
+        images += [real, real, noised]
+        prompts += [without, with_refs, with_refs]
+        keys.append(e)
+    answers = policy.generate(images, prompts, cfg.max_new_tokens, cfg.batch_size, progress=True)
+    conditions = ("no_retrieval", "retrieval", "noised_retrieval")
+    right: dict[str, dict[str, list[bool]]] = {}
+    yes: dict[str, dict[str, list[bool]]] = {}
+    for i, e in enumerate(keys):
+        for j, c in enumerate(conditions):
+            answer = answers[3 * i + j]
+            for group in ("all", e.domain):
+                right.setdefault(group, {}).setdefault(c, []).append(vqa_correct(answer, e.answer))
+                yes.setdefault(group, {}).setdefault(c, []).append(yes_no(answer) == "yes")
+    result: dict[str, Any] = {
+        g: {"n": len(v["retrieval"]), **{c: _mean(v[c]) for c in conditions},
+            "yes_rate": {c: _mean(yes[g][c]) for c in conditions}}
+        for g, v in right.items()
+    }
+    result["examples"] = [{"id": e.record.id, "domain": e.domain, "answer": e.answer,
+                           **{c: answers[3 * i + j] for j, c in enumerate(conditions)}} for i, e in enumerate(keys[:30])]
+    return result
+
+
+def _mean(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def _image_path(e: Example) -> Path:
+    rec = e.record
+    return resolve_image(rec.images[0] if rec.images else rec.npz, rec.image_root, None)
+
+
+def run_measure(cfg: SftConfig, model: str, adapter: str | None) -> dict[str, Any]:
+    policy = load_policy(model, adapter=adapter, dtype=cfg.dtype)
+    data = dataclasses.replace(cfg.data, limit=cfg.measure.limit, no_reference_rate=0.0)
+    sources = index_sources(data.retrieval_index, cfg.measure.roles, data.domain)
+    examples = read_examples(sources, data, cfg.train.seed, vqa_only=True)
+    result = measure_reliance(policy, examples, cfg.measure, load_prompt_templates(cfg.data.prompts))
+    atomic_write_json(Path(cfg.train.output_dir) / "reliance.json", result)
+    a = result.get("all", {})
+    print(f"reliance on {a.get('n', 0)} VQA records: accuracy without retrieval {a.get('no_retrieval', 0):.3f}, "
+          f"with retrieval {a.get('retrieval', 0):.3f}, noised image + retrieval (copy rate) "
+          f"{a.get('noised_retrieval', 0):.3f}")
+    return result
+
+
+# ---------------------------------------------------------------- training
+
+
+def run_sft(cfg: SftConfig) -> Path:
+    out = Path(cfg.train.output_dir)
+    accelerator = build_accelerator(cfg.train)  # before the model: ZeRO-3 loads it sharded
+    policy = load_policy(cfg.model, dtype=cfg.dtype)
+    policy.model = apply_lora(policy.model, cfg.lora, cfg.train.gradient_checkpointing)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "run_config.yaml")
+    examples = read_examples(training_sources(cfg.data), cfg.data, cfg.train.seed)
+    held = [not _keep(f"{e.domain}/{e.record.id}", cfg.data.val_fraction, cfg.train.seed, "val") for e in examples]
+    train_ex = [e for e, h in zip(examples, held) if not h]
+    val_ex = [e for e, h in zip(examples, held) if h]
+    with_refs = sum(e.references is not None for e in train_ex)
+    accelerator.print(f"SFT on {len(train_ex)} records ({with_refs} with references), {len(val_ex)} held out")
+    bad_log = BadImageLog()
+    loader = make_sft_loader(policy, train_ex, cfg, shuffle=True, bad_log=bad_log)
+    eval_fn = None
+    if val_ex:
+        val_loader = accelerator.prepare(make_sft_loader(policy, val_ex, cfg, shuffle=False, bad_log=bad_log))
+        eval_fn = eval_loss_fn(accelerator, val_loader, bad_log.take)
+    start = time.perf_counter()
+    result = train(cfg.train, accelerator, policy.model, loader, sft_loss, eval_fn, policy.processor, bad_log.take)
+    save_model(accelerator, result.model, out, policy.processor)
+    if bad_log.skipped:
+        accelerator.print(f"skipped samples with bad images: {bad_log.summary()}")
+    accelerator.print(f"SFT: {result.step} steps in {time.perf_counter() - start:.0f} s -> {out}")
+    if accelerator.is_main_process and cfg.lora.enabled and cfg.merge:
+        merged = load_policy(cfg.model, adapter=out, dtype=cfg.dtype, merge_adapter=True)
+        with atomic_dir(out / "merged") as tmp:
+            merged.model.save_pretrained(tmp, safe_serialization=True)
+            merged.processor.save_pretrained(tmp)
+    if accelerator.is_main_process and cfg.measure.roles:
+        run_measure(cfg, cfg.model if cfg.lora.enabled else str(out), str(out) if cfg.lora.enabled else None)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def main() -> None:
+    cfg = load_config(SftConfig, description=__doc__)
+    if not 0.0 <= cfg.data.no_reference_rate <= 1.0 or not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError("data.no_reference_rate must be in [0, 1] and data.val_fraction in [0, 1)")
+    if cfg.eval_only:
+        if not cfg.measure.roles:
+            raise ConfigError("--eval_only needs --measure.roles, e.g. [test_vqa]")
+        run_measure(cfg, cfg.model, cfg.adapter or None)
+        return
+    run_sft(cfg)
+
+
+if __name__ == "__main__":
+    cli_main(main)

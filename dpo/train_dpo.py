@@ -1,0 +1,376 @@
+"""Stage 3: DPO on the preference pairs D_pt, LoRA on the policy (DESIGN.md).
+
+    bash scripts/train_dpo.sh [CONFIG.yaml] [--key value ...]     (default configs/toy/dpo.yaml)
+
+Reads our pairs and the released MMed-RAG alignment files as they are (data.readers); each side
+of a pair sees its own image (dpo.pair_data). Chosen and rejected rows go through ONE forward
+pass, their images stacked in one pixel batch. The reference policy is the same model with its
+LoRA disabled (``disable_adapter()``), never a second copy; with ``cache_reference`` its
+log-probs are computed once, on the first step, for the training and held-out pairs. Losses
+(sigmoid, hinge, IPO, optional SFT term on the chosen answer) are dpo.loss; the loop, DeepSpeed,
+checkpoints and exact resume are common.engine. Outputs in ``train.output_dir``:
+
+- ``adapter/``: the LoRA adapter (PEFT format) + processor; ``merged/`` with ``--merge``;
+- ``metrics.jsonl`` + ``tensorboard/``: per step loss, rewards/{chosen,rejected,accuracies,
+  margins}, logps/{chosen,rejected}; at each evaluation the same on the held-out pairs, overall
+  (``eval/...``) and per pair type (``eval/cm/...``);
+- ``checkpoints/`` (resume with ``--train.resume latest``), ``run_config.yaml``.
+
+Several processes: ``accelerate launch -m dpo.train_dpo ...`` or ``torchrun --nproc_per_node N
+-m dpo.train_dpo ...`` with ``--train.deepspeed configs/deepspeed/zero2.json`` (or zero3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, send_to_device
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers.integrations import unset_hf_deepspeed_config
+
+from common.config import ConfigError, cli_main, doc, load_config, save_config
+from common.engine import EngineConfig, LoraConfig, _any_process, apply_lora, build_accelerator, save_model, train
+from common.io import atomic_dir
+from data.images import BadImageLog
+from data.noise import pure_noise
+from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss
+from dpo.pair_data import (
+    PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_loader, pair_type_of, split_heldout,
+    stage_indices,
+)
+from dpo.policy import load_policy, sequence_logps
+
+
+@dataclass
+class DpoConfig:
+    pairs: list[str] = doc(["outputs/toy/pairs/pairs.json"], "preference JSON files: ours (dpo.pairs) or the released MMed-RAG ones")
+    image_root: str = doc("", "image folder for records whose own image_root is absent or does not exist here")
+    policy: str = doc("outputs/toy/policy", "policy checkpoint folder (Hugging Face model + processor)")
+    init_adapter: str = doc("", "PEFT adapter merged into the policy first (e.g. an SFT one); the reference is then that model")
+    dtype: str = doc("float32", "weights dtype when loading: float32 | bfloat16 | float16")
+    beta: float = doc(0.1, "DPO beta (strength of the pull towards the reference)")
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = doc("sigmoid", f"DPO loss: one of {list(LOSS_TYPES)}")
+    sft_weight: float = doc(0.0, "weight of an added SFT term (token-mean NLL of the chosen answer); 0 = none")
+    cache_reference: bool = doc(False, "compute the reference log-probs once (first step) instead of a reference forward per step")
+    stages: list[list[str]] = doc([], "data schedule: [] = one mixed pass; e.g. [[cm], [oa1, oa2]] = each epoch takes cm pairs first")
+    heldout_fraction: float = doc(0.1, "fraction of pairs (by id, deterministic) held out for evaluation")
+    heldout_seed: int = doc(0, "seed of the held-out split")
+    noise_seed: int = doc(0, "seed of the pure-noise images of rejected_noised / chosen_noised pairs (with the record id)")
+    max_length: int = doc(0, "cut answers so prompt + answer fit this many tokens (0 = no cut)")
+    eval_batch_size: int = doc(0, "pairs per evaluation / reference-caching batch (0 = train.batch_size)")
+    bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the pair (counted) or stop")
+    merge: bool = doc(False, "also write merged/: the policy with the adapter folded in (loads with from_pretrained)")
+    lora: LoraConfig = doc(LoraConfig(), "what trains: LoRA on the language model (+ projector with lora.train_projector)")
+    train: EngineConfig = doc(EngineConfig(output_dir="outputs/toy/dpo"), "optimizer, schedule, precision, DeepSpeed, checkpoints (common.engine)")
+
+
+def check(cfg: DpoConfig) -> None:
+    """Refuse settings that cannot work, before any model is loaded."""
+    if not cfg.lora.enabled:
+        raise ConfigError("lora.enabled: DPO here trains a LoRA (the reference is the model with its adapter disabled)")
+    if cfg.beta <= 0:
+        raise ConfigError(f"beta: must be > 0, got {cfg.beta}")
+    if cfg.sft_weight < 0:
+        raise ConfigError(f"sft_weight: must be >= 0, got {cfg.sft_weight}")
+    if not Path(cfg.policy).is_dir():
+        raise ConfigError(f"policy: {cfg.policy}: checkpoint folder does not exist")
+
+
+# ---------------------------------------------------------------- forward passes
+
+
+def pair_logps(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed answer log-probs from ONE forward over the 2B rows."""
+    return sequence_logps(model, inputs).chunk(2)
+
+
+@contextlib.contextmanager
+def reference_mode(accelerator: Accelerator, model: Any) -> Iterator[Any]:
+    """The reference policy: the unwrapped model with its LoRA disabled, no gradients.
+
+    The unwrapped module is used (as TRL does for its reference): no DDP collective in a forward
+    that not every process may run. Under ZeRO-3 its forward still gathers weights collectively,
+    so callers keep all processes in step (see ``lockstep``).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    with torch.no_grad(), unwrapped.disable_adapter():
+        yield unwrapped
+
+
+def lockstep(
+    accelerator: Accelerator, loader: DataLoader, filler: dict, bad_log: BadImageLog
+) -> Iterator[tuple[dict, bool]]:
+    """(batch, real) for every batch any process has, on the device; a process whose batch is
+    empty (all its images unreadable) runs ``filler`` and drops the result, so that ZeRO-3's
+    collective weight gathers stay matched across processes."""
+    for batch in loader:
+        batch = bad_log.take(batch)
+        if _any_process(accelerator, batch is not None):
+            batch = send_to_device(batch, accelerator.device) if batch is not None else None
+            yield (filler, False) if batch is None else (batch, True)
+
+
+def shard(n: int, accelerator: Accelerator) -> list[int]:
+    """This process's share of positions 0..n-1; every process gets the same count (the last
+    position repeats), so all run the same number of batches."""
+    k = accelerator.num_processes
+    per = math.ceil(n / k)
+    mine = list(range(accelerator.process_index, n, k))
+    return mine + [n - 1] * (per - len(mine))
+
+
+def score_pairs(
+    accelerator: Accelerator,
+    model: Any,
+    loader: DataLoader,
+    filler: dict,
+    policy: bool,
+    reference: torch.Tensor | None,
+    bad_log: BadImageLog,
+    desc: str,
+) -> dict[int, list[float]]:
+    """Per pair position: [type code, policy chosen, policy rejected, ref chosen, ref rejected,
+    chosen length, rejected length], from all processes. Reference from ``reference`` (cached)
+    or a forward with the adapter disabled; policy log-probs only when ``policy``."""
+    was_training = model.training
+    model.eval()
+    rows: list[list[float]] = []
+    unwrapped = accelerator.unwrap_model(model)
+    bar = tqdm(total=len(loader), desc=desc, disable=not accelerator.is_main_process, leave=False)
+    for batch, real in lockstep(accelerator, loader, filler, bad_log):
+        bar.update(1)
+        inputs = batch["inputs"]
+        if reference is not None:
+            ref_c, ref_r = reference[batch["index"].cpu()].to(accelerator.device).unbind(1)
+        else:
+            with reference_mode(accelerator, model) as ref_model:
+                ref_c, ref_r = pair_logps(ref_model, inputs)
+        pol_c = pol_r = torch.full_like(ref_c, float("nan"))
+        if policy:
+            with torch.no_grad():
+                pol_c, pol_r = pair_logps(unwrapped, inputs)
+        if not real:
+            continue
+        lengths = answer_lengths(inputs).chunk(2)
+        cols = [batch["pair_type"].float(), pol_c, pol_r, ref_c, ref_r, *lengths]
+        table = torch.stack([c.float().cpu() for c in cols], 1).tolist()
+        rows += [[int(i)] + r for i, r in zip(batch["index"].tolist(), table)]
+    bar.close()
+    model.train(was_training)
+    return {int(r[0]): r[1:] for r in gather_object(rows)}
+
+
+def reference_cache(
+    accelerator: Accelerator, model: Any, loader: DataLoader, n: int, filler: dict, bad_log: BadImageLog, desc: str
+) -> torch.Tensor:
+    """[n, 2] reference (chosen, rejected) log-probs by pair position; NaN where the pair's
+    image could not be read."""
+    cache = torch.full((n, 2), float("nan"))
+    for i, row in score_pairs(accelerator, model, loader, filler, False, None, bad_log, desc).items():
+        cache[i] = torch.tensor(row[3:5])
+    return cache
+
+
+# ---------------------------------------------------------------- loss and evaluation
+
+
+def step_loss(
+    out: DpoOutput, chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor, sft_weight: float, valid: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean DPO loss over the valid pairs, plus ``sft_weight`` x token-mean NLL of the chosen answers."""
+    if not valid.any():  # no usable reference in this batch: a zero loss that still reaches every weight
+        return chosen_logps.sum() * 0.0, {}
+    loss = out.losses[valid].mean()
+    metrics: dict[str, float] = {}
+    if sft_weight > 0:
+        sft = -chosen_logps[valid].sum() / chosen_lengths[valid].sum().clamp(min=1)
+        loss = loss + sft_weight * sft
+        metrics["sft_loss"] = sft.item()
+    return loss, metrics
+
+
+def summarize(scores: dict[int, list[float]], types: list[str], cfg: DpoConfig) -> dict[str, float]:
+    """eval/ metrics over all held-out pairs and per pair type (loss, rewards/*, logps/*, count)."""
+    if not scores:
+        return {}
+    t = torch.tensor([scores[i] for i in sorted(scores)], dtype=torch.float64)
+    ok = ~t[:, 1:5].isnan().any(1)
+    t = t[ok]
+    groups = [("eval/", torch.ones(len(t), dtype=torch.bool))]
+    groups += [(f"eval/{name}/", t[:, 0] == k) for k, name in enumerate(types) if (t[:, 0] == k).any()]
+    out: dict[str, float] = {}
+    for prefix, sel in groups:
+        s = t[sel]
+        res = dpo_loss(s[:, 1], s[:, 2], s[:, 3], s[:, 4], cfg.beta, cfg.loss_type, s[:, 5], s[:, 6])
+        out[f"{prefix}loss"] = res.losses.mean().item()
+        out.update(res.metrics(prefix))
+        out[f"{prefix}logps/chosen"] = s[:, 1].mean().item()
+        out[f"{prefix}logps/rejected"] = s[:, 2].mean().item()
+        out[f"{prefix}count"] = float(len(s))
+    return out
+
+
+class DpoTrainer:
+    """The DPO pieces the engine calls: ``loss(model, batch)`` and ``evaluate(model)``."""
+
+    def __init__(self, cfg: DpoConfig, accelerator: Accelerator, processor: Any):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        records = load_pairs(cfg.pairs, cfg.image_root or None)
+        self.train_records, self.heldout_records = split_heldout(records, cfg.heldout_fraction, cfg.heldout_seed)
+        self.types = sorted({pair_type_of(r) for r in records})
+        stages = stage_indices(self.train_records, cfg.stages)
+        max_length = cfg.max_length or None
+        self.bad_log = BadImageLog()
+        self.train_set = PairDataset(self.train_records, cfg.image_root or None, cfg.noise_seed, cfg.bad_image)
+        self.collate_train = PairCollator(self.train_records, processor, self.types, max_length)
+        self.train_loader = pair_loader(self.train_set, self.collate_train, cfg.train.batch_size,
+                                        StagedSampler(stages, cfg.train.seed), cfg.train.seed, cfg.train.num_workers)
+        self.heldout_set = PairDataset(self.heldout_records, cfg.image_root or None, cfg.noise_seed, cfg.bad_image)
+        self.collate_heldout = PairCollator(self.heldout_records, processor, self.types, max_length)
+        self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout)
+        # a stand-in batch for a process whose own batch was dropped (see lockstep)
+        noise = pure_noise((32, 32), 0)
+        self.filler = self.collate_train([{"image": noise, "rejected_image": noise, "index": 0}])
+        self.reference: dict[str, torch.Tensor] | None = None
+
+    def _fixed_loader(self, dataset: PairDataset, collate: PairCollator) -> DataLoader:
+        """This process's share of ``dataset``, in order (evaluation, reference caching)."""
+        batch = self.cfg.eval_batch_size or self.cfg.train.batch_size
+        return pair_loader(dataset, collate, batch, shard(len(dataset), self.accelerator),
+                           num_workers=self.cfg.train.num_workers)
+
+    def _cache(self, model: Any) -> dict[str, torch.Tensor]:
+        """Reference log-probs of every training and held-out pair, computed once (same values
+        after a resume: the adapter is disabled, and images and noise are deterministic)."""
+        if self.reference is None:
+            filler = send_to_device(self.filler, self.accelerator.device)
+            self.reference = {
+                name: reference_cache(self.accelerator, model, loader, len(loader.dataset), filler, BadImageLog(),
+                                      f"reference ({name})")
+                for name, loader in (("train", self._fixed_loader(self.train_set, self.collate_train)),
+                                     ("heldout", self.heldout_loader))
+                if len(loader.dataset)
+            }
+        return self.reference
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = batch["inputs"]
+        chosen, rejected = pair_logps(model, inputs)
+        if self.cfg.cache_reference:
+            ref = self._cache(model)["train"][batch["index"].cpu()].to(chosen.device)
+            ref_c, ref_r = ref.unbind(1)
+        else:
+            with reference_mode(self.accelerator, model) as ref_model:
+                ref_c, ref_r = pair_logps(ref_model, inputs)
+        len_c, len_r = answer_lengths(inputs).chunk(2)
+        valid = ~(ref_c.isnan() | ref_r.isnan())
+        out = dpo_loss(chosen, rejected, ref_c.nan_to_num(), ref_r.nan_to_num(), self.cfg.beta, self.cfg.loss_type,
+                       len_c, len_r)
+        loss, metrics = step_loss(out, chosen, len_c, self.cfg.sft_weight, valid)
+        metrics.update(out.metrics())
+        metrics["logps/chosen"] = chosen.detach().mean().item()
+        metrics["logps/rejected"] = rejected.detach().mean().item()
+        return loss, metrics
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        if not len(self.heldout_set):
+            return {}
+        reference = self._cache(model)["heldout"] if self.cfg.cache_reference else None
+        filler = send_to_device(self.filler, self.accelerator.device)
+        scores = score_pairs(self.accelerator, model, self.heldout_loader, filler, True, reference, BadImageLog(), "eval")
+        return summarize(scores, self.types, self.cfg)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+@contextlib.contextmanager
+def plain_loading(accelerator: Accelerator) -> Iterator[None]:
+    """from_pretrained loads a whole model here, not ZeRO-3 shards: sharded loading is collective
+    and only the main process loads the model to merge. (accelerate's
+    ``zero3_init_context_manager(enable=False)`` leaves transformers' ZeRO-3 switch on.)"""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def merge_adapter(cfg: DpoConfig, adapter: Path, out: Path) -> Path:
+    """``out``: the policy (with ``init_adapter`` merged, as trained) with the DPO adapter folded in,
+    saved as an ordinary checkpoint (safetensors + processor) that from_pretrained loads."""
+    policy = load_policy(cfg.policy, cfg.init_adapter or None, dtype=cfg.dtype, merge_adapter=True)
+    merged = PeftModel.from_pretrained(policy.model, str(adapter)).merge_and_unload()
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        policy.processor.save_pretrained(tmp)
+    return out
+
+
+def fill_deepspeed_sizes(accelerator: Accelerator, model: Any) -> None:
+    """accelerate fills the ZeRO bucket sizes marked "auto" from ``model.config.hidden_size``, which
+    a vision-language config keeps in its text config; fill them from there, by accelerate's rule.
+    (Belongs in common.engine; here until it does it.)"""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or hasattr(model.config, "hidden_size"):
+        return
+    h = model.config.get_text_config().hidden_size
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    sizes = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+             "stage3_param_persistence_threshold": 10 * h}
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def run(cfg: DpoConfig) -> dict[str, Any]:
+    """Train; returns the last evaluation, the step reached and the output paths."""
+    check(cfg)
+    out = Path(cfg.train.output_dir)
+    accelerator = build_accelerator(cfg.train)
+    policy = load_policy(cfg.policy, cfg.init_adapter or None, dtype=cfg.dtype, merge_adapter=True)
+    trainer = DpoTrainer(cfg, accelerator, policy.processor)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "run_config.yaml")
+        accelerator.print(
+            f"pairs: {len(trainer.train_records)} train, {len(trainer.heldout_records)} held out; "
+            f"types {trainer.types}; {accelerator.num_processes} process(es)"
+        )
+    fill_deepspeed_sizes(accelerator, policy.model)
+    model = apply_lora(policy.model, cfg.lora, cfg.train.gradient_checkpointing)
+    result = train(cfg.train, accelerator, model, trainer.train_loader, trainer.loss, trainer.evaluate,
+                   processor=policy.processor, take_batch=trainer.bad_log.take)
+    adapter = save_model(accelerator, result.model, out / "adapter", policy.processor)
+    merged = None
+    if cfg.merge:
+        if accelerator.is_main_process:
+            with plain_loading(accelerator):
+                merged = merge_adapter(cfg, adapter, out / "merged")
+        accelerator.wait_for_everyone()
+    if trainer.bad_log.skipped:
+        accelerator.print(f"skipped pairs with unreadable images: {trainer.bad_log.summary()}")
+    return {"metrics": result.metrics, "step": result.step, "adapter": adapter, "merged": merged}
+
+
+def main() -> None:
+    cfg = load_config(DpoConfig, description=__doc__)
+    summary = run(cfg)
+    print(f"adapter: {summary['adapter']}" + (f"; merged model: {summary['merged']}" if summary["merged"] else ""))
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,259 @@
+"""The retrievers' CLIP: built, exported and loaded with open_clip (no vendored fork).
+
+An architecture is an open_clip model name: a built-in (``RN50-quickgelu``), ``hf-hub:ORG/REPO``,
+``local-dir:PATH``, or a name registered from a JSON architecture with
+``open_clip.add_model_config`` (``ClipSpec.model_config``). The toy model ``toy-clip`` is such a
+registered config (a tiny ViT + tiny text transformer on open_clip's bundled BPE tokenizer). A
+Hugging Face text tower (BioClinicalBERT, as the paper names) is an architecture whose
+``text_cfg`` carries ``hf_model_name``/``hf_tokenizer_name``; ``image_tower_from`` then fills the
+image tower from a full CLIP checkpoint (e.g. RN50 trained on CC12M).
+
+An exported folder (``export_clip``) is loadable three ways:
+
+* ``load_clip(folder)`` (ours: registers the config, restores the tokenizer offline);
+* ``open_clip.add_model_config(folder / "<name>.json")`` then
+  ``open_clip.create_model_and_transforms("<name>", pretrained=folder / "open_clip_model.safetensors")``;
+* ``open_clip.create_model_and_transforms("local-dir:" + folder)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from common.config import doc
+
+TOY_MODEL = "toy-clip"
+# Tiny enough to train on 2 CPU cores in about a minute per domain (64x64 toy images).
+TOY_CONFIG: dict[str, Any] = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
+}
+WEIGHTS = "open_clip_model.safetensors"
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # what open_clip's local-dir: schema reads
+INFO = "clip.json"  # ours: registered name, source spec
+HF_TEXT_DIR = "hf_text"  # HF text tower config, so a folder loads offline
+
+
+@dataclass
+class ClipSpec:
+    """Which open_clip model to build and where its starting weights come from."""
+
+    model: str = doc(TOY_MODEL, "open_clip model name: built-in, registered, hf-hub:ORG/REPO or local-dir:PATH")
+    pretrained: str = doc("", "open_clip pretrained tag (e.g. cc12m) or weights file; empty = random init")
+    model_config: dict[str, Any] = doc({}, "architecture JSON registered under `model` (open_clip.add_model_config); empty = built-in")
+    image_tower_from: str = doc("", "full CLIP checkpoint whose image tower (visual.*) initialises ours, e.g. RN50 CC12M beside an HF text tower")
+    pretrained_text: bool = doc(True, "load the HF text tower's own pretrained weights (hf_model_name) when no CLIP checkpoint is given")
+    aug_cfg: dict[str, Any] = doc({}, "open_clip AugmentationCfg for training images (e.g. {scale: [0.7, 1.0], color_jitter: 0.2}); empty = open_clip's default")
+
+
+@dataclass
+class Clip:
+    """A model with what it needs at hand: transforms, tokenizer, and its architecture."""
+
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    name: str  # registered open_clip name (exported as <name>.json)
+    model_cfg: dict[str, Any]
+
+
+def register_model_config(name: str, cfg: dict[str, Any]) -> None:
+    """Register ``cfg`` as open_clip model ``name`` (add_model_config reads it from a file)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        open_clip.add_model_config(path)  # parsed at once; the registry keeps it in memory
+
+
+def _export_name(model: str) -> str:
+    """A file-safe open_clip name for an exported architecture (schemas and org/ dropped)."""
+    return model.split(":", 1)[-1].rstrip("/").split("/")[-1]
+
+
+def resolve_model_config(spec: ClipSpec) -> tuple[str, dict[str, Any]]:
+    """Register the spec's architecture if needed; return (name to build, architecture dict)."""
+    if spec.model_config:
+        register_model_config(spec.model, spec.model_config)
+    elif spec.model == TOY_MODEL and open_clip.get_model_config(TOY_MODEL) is None:
+        register_model_config(TOY_MODEL, TOY_CONFIG)
+    cfg = open_clip.get_model_config(spec.model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {spec.model!r}; give model_config or one of open_clip.list_models()")
+    return spec.model, cfg
+
+
+def _load_visual_from(model: torch.nn.Module, checkpoint: str) -> None:
+    """Copy the image tower of a full CLIP checkpoint (keys ``visual.*``) into ``model.visual``."""
+    state = open_clip.factory.load_state_dict(checkpoint, weights_only=True)
+    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    if not visual:
+        raise ValueError(f"{checkpoint}: no visual.* weights (not a full open_clip checkpoint)")
+    model.visual.load_state_dict(visual, strict=True)
+
+
+def build_clip(spec: ClipSpec, device: str | torch.device = "cpu") -> Clip:
+    """Create the model (fp32; mixed precision is accelerate's autocast) with transforms and tokenizer."""
+    name, cfg = resolve_model_config(spec)
+    model, pre_train, pre_val = open_clip.create_model_and_transforms(
+        name, pretrained=spec.pretrained or None, device=device, pretrained_text=spec.pretrained_text,
+        aug_cfg=spec.aug_cfg or None,
+    )
+    if spec.image_tower_from:
+        _load_visual_from(model, spec.image_tower_from)
+    tokenizer = open_clip.get_tokenizer(name)
+    return Clip(model, pre_train, pre_val, tokenizer, _export_name(name), cfg)
+
+
+def export_clip(clip: Clip, model: torch.nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write open_clip weights (safetensors) and configs into ``folder`` (see module docstring).
+
+    ``model`` is the (unwrapped) trained module; ``clip`` supplies architecture and tokenizer.
+    """
+    from open_clip.push_to_hf_hub import save_config_for_hf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS))
+    save_config_for_hf(model, folder / OPEN_CLIP_CONFIG, model_config=clip.model_cfg)
+    (folder / f"{clip.name}.json").write_text(json.dumps(clip.model_cfg, indent=2))
+    if hasattr(clip.tokenizer, "save_pretrained"):  # HF tokenizer: local-dir: loads it from here
+        clip.tokenizer.save_pretrained(folder)
+    text_config = getattr(getattr(model, "text", None), "config", None)
+    if text_config is not None and hasattr(text_config, "save_pretrained"):
+        text_config.save_pretrained(folder / HF_TEXT_DIR)
+    (folder / INFO).write_text(json.dumps({"model_name": clip.name, "weights": WEIGHTS, **(extra or {})}, indent=2))
+
+
+def load_clip(folder: str | Path, device: str | torch.device = "cpu") -> Clip:
+    """Load an exported folder offline (an HF text tower is rebuilt from the saved config)."""
+    folder = Path(folder)
+    if not (folder / INFO).is_file():
+        raise FileNotFoundError(f"{folder}: not an exported CLIP folder (no {INFO})")
+    info = json.loads((folder / INFO).read_text())
+    name = info["model_name"]
+    cfg = json.loads((folder / f"{name}.json").read_text())
+    local = copy.deepcopy(cfg)
+    text_cfg = local.get("text_cfg", {})
+    if "hf_model_name" in text_cfg and (folder / HF_TEXT_DIR).is_dir():
+        text_cfg["hf_model_name"] = str(folder / HF_TEXT_DIR)
+        text_cfg["hf_tokenizer_name"] = str(folder)
+    register_model_config(name, local)
+    model, pre_train, pre_val = open_clip.create_model_and_transforms(
+        name, pretrained=str(folder / info["weights"]), device=device, pretrained_text=False,
+    )
+    model.eval()
+    return Clip(model, pre_train, pre_val, open_clip.get_tokenizer(name), name, cfg)
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """A content hash of an exported folder's weights (keys embedding caches)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def truncate(features: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Matryoshka view: the first ``dim`` coordinates, re-normalised (all of them if None)."""
+    if dim is not None and dim < features.shape[-1]:
+        features = features[..., :dim]
+    return F.normalize(features.float(), dim=-1)
+
+
+def gather_rows(accelerator: Any, local: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's rows in process order (shards may differ in length)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    sizes = accelerator.gather(torch.tensor([local.shape[0]], device=accelerator.device)).tolist()
+    padded = accelerator.gather(accelerator.pad_across_processes(local.to(accelerator.device), dim=0)).cpu()
+    m = max(sizes)
+    return torch.cat([padded[p * m : p * m + n] for p, n in enumerate(sizes)])
+
+
+def _shard(n: int, accelerator: Any) -> range:
+    """This process's contiguous slice of ``range(n)``."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return range(n)
+    with accelerator.split_between_processes(list(range(n))) as mine:
+        return range(mine[0], mine[-1] + 1) if mine else range(0)
+
+
+def _autocast(accelerator: Any):
+    return accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def embed_texts(
+    model: torch.nn.Module, tokenizer: Callable, texts: list[str], batch_size: int = 256,
+    accelerator: Any = None, desc: str = "texts",
+) -> torch.Tensor:
+    """L2-normalised text embeddings [len(texts), D] (fp32, CPU), shards encoded across processes."""
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    mine = _shard(len(texts), accelerator)
+    out = []
+    quiet = accelerator is not None and not accelerator.is_main_process
+    for s in tqdm(range(mine.start, mine.stop, batch_size), desc=desc, disable=quiet or len(mine) <= batch_size, leave=False):
+        tokens = tokenizer(texts[s : min(s + batch_size, mine.stop)]).to(device)
+        with _autocast(accelerator):
+            out.append(model.encode_text(tokens, normalize=True).float().cpu())
+    local = torch.cat(out) if out else torch.empty(0, _embed_dim(model))
+    return gather_rows(accelerator, local)
+
+
+@torch.no_grad()
+def embed_images(
+    model: torch.nn.Module, dataset: Any, batch_size: int = 256, accelerator: Any = None,
+    num_workers: int = 0, bad_log: Any = None, desc: str = "images",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings [n_good, D], dataset indices [n_good]) of a data.datasets image dataset.
+
+    Items whose image is bad are left out (recorded in ``bad_log``): hence the indices. Shards
+    are encoded across processes; every process gets the whole result, in dataset order.
+    """
+    from torch.utils.data import Subset
+
+    from data.images import BadImageLog
+    from data.loader import make_loader
+
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    bad_log = bad_log if bad_log is not None else BadImageLog()
+    mine = _shard(len(dataset), accelerator)
+    loader = make_loader(Subset(dataset, list(mine)), batch_size, num_workers=num_workers)
+    embs, idx = [], []
+    quiet = accelerator is not None and not accelerator.is_main_process
+    for batch in tqdm(loader, desc=desc, disable=quiet or len(loader) <= 1, leave=False):
+        batch = bad_log.take(batch)
+        if batch is None:
+            continue
+        with _autocast(accelerator):
+            embs.append(model.encode_image(batch["image"].to(device), normalize=True).float().cpu())
+        idx.append(torch.as_tensor(batch["index"]).long())
+    local_e = torch.cat(embs) if embs else torch.empty(0, _embed_dim(model))
+    local_i = torch.cat(idx) if idx else torch.empty(0, dtype=torch.long)
+    return gather_rows(accelerator, local_e), gather_rows(accelerator, local_i[:, None])[:, 0]
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    """The joint embedding size (needed to shape an empty shard)."""
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
+        if getattr(tower, "output_dim", None):
+            return int(tower.output_dim)
+    return int(model.text_projection.shape[-1])

@@ -1,0 +1,456 @@
+"""Contrastive fine-tuning of one CLIP retriever per domain (then the domain classifier).
+
+    bash scripts/finetune_clip.sh [CONFIG.yaml] [--key value ...]     # = python -m retriever.train
+
+Each domain in ``domains`` gets its own model, trained on that domain's ``retriever_train``
+files (one image-text pair per view) and validated on its ``retriever_val`` files, into
+``<output_dir>/<domain>/``: ``metrics.jsonl`` + TensorBoard (epoch-0 row first), ``run_config.yaml``,
+``checkpoints/`` (``best`` by mean validation recall, ``latest``, rotated; each holds the full
+accelerate state for ``--resume`` and an ``open_clip/`` folder loadable by open_clip, see
+retriever.model). After the last domain the domain classifier F(x_v) is trained on all domains
+(retriever.domain), into ``<output_dir>/domain_classifier/``.
+
+The loss is open_clip's ``ClipLoss`` (features gathered across processes with gradient, local
+loss), optionally Matryoshka: the same loss at several embedding prefixes, summed or one sampled
+size per step. accelerate runs devices, processes (``accelerate launch``/``torchrun``), mixed
+precision and gradient accumulation. Resume is exact: model, optimizer, scheduler, scaler and RNG
+state come back from the checkpoint, the data order is a function of (seed, epoch), every
+sample's augmentation a function of (seed, epoch, index), and the epoch is re-entered after
+the batches already seen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import open_clip
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from common.checkpoint import CheckpointManager
+from common.config import ConfigError, cli_main, doc, load_config, save_config
+from common.io import InputError, atomic_write_json
+from common.metrics import MetricsLogger
+from data.records import DOMAINS, ReportRecord
+from retriever.model import Clip, ClipSpec, build_clip, embed_images, embed_texts, export_clip, truncate
+from retriever.recall import bidirectional_recall, findings_label, label_ids
+
+CLIP_SUBDIR = "open_clip"  # inside each checkpoint folder
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class DataSpec:
+    """Where each domain's retriever files are; any file not given comes from the toy world."""
+
+    world: str = doc("outputs/toy/world", "toy world (manifest.json) supplying every file not listed below")
+    train_files: dict[str, list[str]] = doc({}, "domain -> retriever train annotation files (empty: the world's retriever_train)")
+    val_files: dict[str, list[str]] = doc({}, "domain -> retriever validation files (empty: the world's retriever_val)")
+    image_root: dict[str, str] = doc({}, "domain -> image folder for records without their own image_root")
+    bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the sample (counted) or stop with an error")
+
+    def files(self, domain: str, role: Literal["retriever_train", "retriever_val"]) -> list[tuple[str, str | None]]:
+        """(annotation file, default image root) pairs of one domain and role."""
+        given = (self.train_files if role == "retriever_train" else self.val_files).get(domain)
+        if given:
+            return [(f, self.image_root.get(domain)) for f in given]
+        from data.toy import manifest_files
+
+        found = manifest_files(self.world, role=role, domain=domain)
+        if not found:
+            raise InputError(f"{self.world}/manifest.json: no {role} file for domain {domain!r}")
+        return [(e["path"], self.image_root.get(domain) or e["image_root"]) for e in found]
+
+    def records(self, domain: str, role: Literal["retriever_train", "retriever_val"]) -> list[tuple[ReportRecord, str | None]]:
+        """Every report record of a domain and role, with the image root to resolve it against."""
+        from data.readers import read_records
+
+        out = []
+        for path, root in self.files(domain, role):
+            recs = read_records(path, kind="report", default_image_root=root)
+            out += [(r, root) for r in recs]
+        if not out:
+            raise InputError(f"{domain} {role}: the files {[p for p, _ in self.files(domain, role)]} hold no records")
+        return out
+
+
+def image_text_dataset(pairs: list[tuple[ReportRecord, str | None]], transform: Any, bad_image: str) -> Dataset:
+    """One (image, text) item per view. Records carry their own root, so one dataset serves all files."""
+    from data.datasets import ImageTextDataset
+
+    records = [_with_root(r, root) for r, root in pairs]
+    return ImageTextDataset(records, None, transform, bad_image=bad_image)
+
+
+def _with_root(record: ReportRecord, root: str | None) -> ReportRecord:
+    """The record with the file's default image root filled in where it has none of its own.
+
+    A record's own root that does not exist here still falls back to the file's default (as in
+    data.images.pick_root), decided now because one dataset holds records of several files.
+    """
+    from data.images import pick_root
+
+    chosen = pick_root(record.image_root, root)
+    if chosen == record.image_root:
+        return record
+    import dataclasses
+
+    return dataclasses.replace(record, image_root=chosen)
+
+
+def item_records(records: list[ReportRecord]) -> list[int]:
+    """For each ImageTextDataset item (one per view), the index of its record."""
+    return [ri for ri, r in enumerate(records) for _ in range(max(len(r.images), 1))]
+
+
+class SeededItems(Dataset):
+    """Each sample's random augmentation seeded by (seed, epoch, index).
+
+    So a run resumed mid-epoch, or split over other processes or workers, draws exactly the
+    same crops. The epoch lives in shared memory so persistent workers see it change.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _seeded(self, i: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + int(self._epoch[0]) * 10_000_019 + int(i)) % (2**63))
+            return self.dataset.__getitems__([i])[0]
+
+    def __getitem__(self, i: int) -> Any:
+        return self._seeded(i)
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        return [self._seeded(i) for i in indices]
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.1, "AdamW weight decay (not on biases, norms, embeddings' gains, logit scale)")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.98, "AdamW beta2")
+    eps: float = doc(1e-6, "AdamW epsilon")
+    warmup_steps: int = doc(10, "linear warmup, in optimizer steps; then cosine decay to 0")
+    grad_clip: float = doc(1.0, "clip the gradient norm to this; 0 = off")
+
+
+@dataclass
+class MatryoshkaConfig:
+    dims: list[int] = doc([], "extra embedding sizes to train (prefixes of the full embedding); empty = plain loss")
+    sample: bool = doc(False, "one size per step (drawn from (seed, step)) instead of the mean over all sizes")
+
+
+@dataclass
+class ClassifierConfig:
+    """The domain classifier F(x_v): a linear head on the frozen image embeddings of every domain's CLIP."""
+
+    steps: int = doc(300, "full-batch AdamW steps on the cached features")
+    lr: float = doc(0.05, "learning rate")
+    weight_decay: float = doc(1e-3, "AdamW weight decay")
+    checkpoint: str = doc("best", "which checkpoint of each retriever supplies features: best | latest")
+    batch_size: int = doc(256, "images per encoding batch")
+
+
+@dataclass
+class ClipTrainConfig:
+    clip: ClipSpec = doc(ClipSpec(), "the open_clip model and its starting weights")
+    data: DataSpec = doc(DataSpec(), "annotation files per domain")
+    domains: list[str] = doc(list(DOMAINS), "domains to train a retriever for, one model each")
+    output_dir: str = doc("outputs/toy/clip", "one folder per domain is made here, plus domain_classifier/")
+    epochs: int = doc(15, "training epochs per domain")
+    batch_size: int = doc(64, "pairs per process per micro-batch")
+    grad_accum: int = doc(1, "micro-batches per optimizer step")
+    mixed_precision: Literal["no", "bf16", "fp16"] = doc("no", "autocast precision (accelerate)")
+    optim: OptimConfig = doc(OptimConfig(), "optimizer and schedule")
+    matryoshka: MatryoshkaConfig = doc(MatryoshkaConfig(), "Matryoshka loss (short vectors for large corpora)")
+    num_workers: int = doc(0, "DataLoader workers per process")
+    val_every: int = doc(5, "validate (and checkpoint) every N epochs, and after the last")
+    val_batch_size: int = doc(256, "batch size for validation encoding and validation loss")
+    select_by: Literal["own", "findings"] = doc("own", "which mean validation recall picks `best`: own report, or same findings (toy)")
+    save_every_steps: int = doc(0, "also checkpoint every N optimizer steps (0 = only at validation)")
+    keep: int = doc(2, "checkpoint folders kept (latest and best are never rotated away)")
+    resume: str = doc("", "latest | best | a checkpoint folder: continue that run exactly; empty = fresh start")
+    max_steps: int = doc(0, "stop after this many optimizer steps (0 = all epochs); the schedule still spans `epochs`")
+    log_every: int = doc(10, "log training loss every N optimizer steps")
+    seed: int = doc(0, "seed for initialisation, data order and augmentation")
+    domain_classifier: bool = doc(True, "after the retrievers, train the domain classifier (retriever.domain) once every one of `classifier_domains` has a retriever in output_dir")
+    classifier_domains: list[str] = doc(list(DOMAINS), "the classifier's domains (per-domain runs into one output_dir: the last one trains it)")
+    classifier: ClassifierConfig = doc(ClassifierConfig(), "the domain classifier's head (retriever.domain)")
+
+
+# ---------------------------------------------------------------- loss
+
+
+class ContrastiveLoss:
+    """open_clip's ClipLoss, optionally at several Matryoshka embedding sizes."""
+
+    def __init__(self, full_dim: int, cfg: MatryoshkaConfig, seed: int, rank: int = 0, world_size: int = 1):
+        bad = [d for d in cfg.dims if not 0 < d <= full_dim]
+        if bad:
+            raise ConfigError(f"matryoshka.dims {bad} must lie in 1..{full_dim} (the embedding size)")
+        self.dims: list[int | None] = sorted(set(cfg.dims) - {full_dim}) + [None] if cfg.dims else [None]
+        self.sample, self.seed = cfg.sample, seed
+        # local loss + gather with grad: the exact global loss, each process computing its rows
+        self.loss = open_clip.ClipLoss(local_loss=world_size > 1, gather_with_grad=world_size > 1, cache_labels=True, rank=rank, world_size=world_size)
+
+    def dims_for(self, step: int) -> list[int | None]:
+        """The sizes trained at ``step``: all, or one drawn from (seed, step), equal on every process."""
+        if not self.sample or len(self.dims) == 1:
+            return self.dims
+        return [random.Random(self.seed * 7_919 + step).choice(self.dims)]
+
+    def __call__(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, step: int) -> torch.Tensor:
+        dims = self.dims_for(step)
+        return sum(self.loss(truncate(image, d), truncate(text, d), logit_scale) for d in dims) / len(dims)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's convention: no weight decay on gains, biases, embeddings' scales, logit scale."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+        (no_decay if exclude else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+# ---------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module, clip: Clip, records: list[ReportRecord], dataset: Dataset, cfg: ClipTrainConfig, accelerator: Any
+) -> dict[str, float]:
+    """Image-to-text and text-to-image recall (own report; same findings if known), ranks, loss.
+
+    Gallery texts are the distinct report texts, so the two views of a study share one target.
+    """
+    net = accelerator.unwrap_model(model)
+    net.eval()
+    img, idx = embed_images(net, dataset, cfg.val_batch_size, accelerator, cfg.num_workers, desc="val images")
+    first: dict[str, ReportRecord] = {}
+    for r in records:
+        first.setdefault(r.text, r)
+    texts = list(first)
+    txt = embed_texts(net, clip.tokenizer, texts, cfg.val_batch_size, accelerator, desc="val texts")
+    rec_of_item = item_records(records)
+    item_rec = [records[rec_of_item[i]] for i in idx.tolist()]
+    il, tl = label_ids([r.text for r in item_rec], texts)
+    out = bidirectional_recall(img, txt, il, tl, prefix="val/")
+    if all(findings_label(r.meta) is not None for r in records):
+        il, tl = label_ids([findings_label(r.meta) for r in item_rec], [findings_label(first[t].meta) for t in texts])
+        out.update(bidirectional_recall(img, txt, il, tl, prefix="val/findings_"))
+    # validation loss: the contrastive loss on (image, its report) pairs, in groups of val_batch_size
+    pos = {t: i for i, t in enumerate(texts)}
+    paired = txt[[pos[r.text] for r in item_rec]]
+    scale = net.logit_scale.exp().float().cpu()
+    plain, n = open_clip.ClipLoss(), cfg.val_batch_size
+    losses = [plain(img[s : s + n], paired[s : s + n], scale).item() for s in range(0, img.shape[0], n) if img[s : s + n].shape[0] > 1]
+    if losses:
+        out["val/loss"] = sum(losses) / len(losses)
+    out["val/pairs"] = int(img.shape[0])
+    net.train()
+    return out
+
+
+def selection_metric(metrics: dict[str, float], select_by: str) -> float | None:
+    key = "val/mean_recall" if select_by == "own" else "val/findings_mean_recall"
+    return metrics.get(key, metrics.get("val/mean_recall"))
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[str, Any]:
+    """Train (or resume) one domain's retriever; returns its last validation metrics."""
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from data.images import BadImageLog
+    from data.loader import make_loader
+
+    out = Path(cfg.output_dir) / domain
+    is_main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    clip = build_clip(cfg.clip, device=accelerator.device)
+    train_pairs = cfg.data.records(domain, "retriever_train")
+    val_pairs = cfg.data.records(domain, "retriever_val")
+    train_ds = SeededItems(image_text_dataset(train_pairs, clip.preprocess_train, cfg.data.bad_image), cfg.seed)
+    val_records = [_with_root(r, root) for r, root in val_pairs]
+    val_ds = image_text_dataset(val_pairs, clip.preprocess_val, cfg.data.bad_image)
+    drop_last = len(train_ds) >= cfg.batch_size * accelerator.num_processes
+    loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=drop_last, seed=cfg.seed)
+
+    model = clip.model
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    micro_per_epoch = len(loader)
+    if micro_per_epoch == 0:
+        raise InputError(f"{domain}: no training batches ({len(train_ds)} pairs, batch size {cfg.batch_size})")
+    total_steps = cfg.epochs * math.ceil(micro_per_epoch / cfg.grad_accum)
+    scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(optimizer, min(cfg.optim.warmup_steps, total_steps // 2), total_steps))
+    loss_fn = ContrastiveLoss(
+        int(clip.model_cfg["embed_dim"]), cfg.matryoshka, cfg.seed, accelerator.process_index, accelerator.num_processes
+    )
+    ckpt = CheckpointManager(out / "checkpoints", keep=cfg.keep)
+    logger = MetricsLogger(out, enabled=is_main)
+    if is_main:
+        save_config(cfg, out / "run_config.yaml")
+        atomic_write_json(out / "data.json", {"domain": domain, "train_files": cfg.data.files(domain, "retriever_train")})
+    bad_log = BadImageLog()
+
+    def export(folder: Path) -> None:
+        export_clip(clip, accelerator.unwrap_model(model), folder / CLIP_SUBDIR, extra={"domain": domain})
+
+    state = {"epoch": 0, "batches_done": 0, "global_step": 0}
+    if cfg.resume:
+        state.update(ckpt.load(accelerator, cfg.resume))
+        state["global_step"] = state.get("step", state["global_step"])
+    metrics: dict[str, float] = {}
+    if not cfg.resume:  # the untrained row, so the gain is visible
+        metrics = validate(model, clip, val_records, val_ds, cfg, accelerator)
+        logger.log({"epoch": 0, **metrics}, step=0)
+        _print(accelerator, domain, 0, metrics)
+
+    step = state["global_step"]
+    model.train()
+    done = cfg.max_steps and step >= cfg.max_steps
+    epoch = state["epoch"]
+    while epoch < cfg.epochs and not done:
+        loader.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        skip = state["batches_done"] if epoch == state["epoch"] else 0
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        running, t0, seen = [], time.time(), 0
+        bar = tqdm(epoch_loader, desc=f"{domain} epoch {epoch + 1}/{cfg.epochs}", total=micro_per_epoch - skip,
+                   disable=not is_main, leave=False)
+        for b, batch in enumerate(bar, start=skip + 1):
+            batch = _common_batch(bad_log.take(batch), accelerator)
+            if batch is not None:
+                with accelerator.accumulate(model):
+                    tokens = clip.tokenizer(batch["text"]).to(accelerator.device)
+                    with accelerator.autocast():
+                        image_f, text_f, scale = model(batch["image"], tokens)
+                    loss = loss_fn(image_f, text_f, scale, step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                running.append(loss.item())
+                seen += batch["image"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients or batch is None:
+                continue
+            scheduler.step()
+            step += 1
+            bar.set_postfix(loss=f"{running[-1]:.3f}")
+            if step % cfg.log_every == 0 and running:
+                logger.log({"epoch": epoch + b / micro_per_epoch, "train/loss": sum(running) / len(running),
+                            "train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": seen / max(time.time() - t0, 1e-9)}, step)
+                running, t0, seen = [], time.time(), 0
+            stop = bool(cfg.max_steps) and step >= cfg.max_steps
+            if stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+                ckpt.save(accelerator, step, {"epoch": epoch, "batches_done": b, "global_step": step}, export=export)
+            if stop:
+                done = True
+                break
+        bar.close()
+        if done:
+            break
+        epoch += 1
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            metrics = validate(model, clip, val_records, val_ds, cfg, accelerator)
+            logger.log({"epoch": epoch, **metrics, "bad_images": bad_log.skipped}, step)
+            _print(accelerator, domain, epoch, metrics)
+            ckpt.save(accelerator, step, {"epoch": epoch, "batches_done": 0, "global_step": step},
+                      metric=selection_metric(metrics, cfg.select_by), export=export)
+    logger.close()
+    accelerator.free_memory()
+    return metrics
+
+
+def _common_batch(batch: dict[str, Any] | None, accelerator: Any) -> dict[str, Any] | None:
+    """Cut every process's batch to the smallest one (bad images make them differ; the gather needs equal sizes)."""
+    n = 0 if batch is None else batch["image"].shape[0]
+    if accelerator.num_processes > 1:
+        n = int(accelerator.gather(torch.tensor([n], device=accelerator.device)).min())
+    if n == 0:
+        return None
+    return {"image": batch["image"][:n], "text": list(batch["text"][:n])}
+
+
+def _print(accelerator: Any, domain: str, epoch: int, m: dict[str, float]) -> None:
+    if not accelerator.is_main_process:
+        return
+    keys = ["val/i2t_R@1", "val/i2t_R@5", "val/t2i_R@5", "val/findings_i2t_R@5", "val/loss"]
+    shown = "  ".join(f"{k[4:]} {m[k]:.3f}" for k in keys if k in m)
+    tqdm.write(f"[{domain}] epoch {epoch}: {shown}")
+
+
+def make_accelerator(mixed_precision: str, grad_accum: int, seed: int) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    # without an accelerator device, accelerate runs several processes (torchrun) only when told cpu=True
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(
+        cpu=not gpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, by us
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(ClipTrainConfig, argv, description=__doc__)
+    unknown = sorted(set(cfg.domains) - set(DOMAINS))
+    if unknown:
+        raise ConfigError(f"unknown domain(s) {unknown}; expected some of {list(DOMAINS)}")
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.seed)
+    for domain in cfg.domains:
+        train_domain(cfg, domain, accelerator)
+    if cfg.domain_classifier:
+        from retriever.domain import DomainConfig, clip_folder, train_classifier
+
+        missing = [d for d in cfg.classifier_domains if not _has_checkpoint(clip_folder, cfg.output_dir, d)]
+        if missing:
+            if accelerator.is_main_process:
+                print(f"domain classifier: not yet, no retriever for {missing} in {cfg.output_dir} (trained after the last domain)")
+            return
+        train_classifier(DomainConfig(clip_dir=cfg.output_dir, domains=cfg.classifier_domains, data=cfg.data,
+                                      head=cfg.classifier, num_workers=cfg.num_workers, seed=cfg.seed), accelerator)
+
+
+def _has_checkpoint(clip_folder: Any, clip_dir: str, domain: str) -> bool:
+    try:
+        return clip_folder(clip_dir, domain).is_dir()
+    except FileNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,224 @@
+"""The pair builder (dpo/pairs.py) on a tiny toy world with a tiny random-weight policy."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.io import InputError
+from data.images import BadImageError, load_image
+from data.noise import pick_other
+from data.readers import read_records
+from data.toy import make_world, manifest_files
+from data.toy_retrieval import ToyRetrievalConfig, write_oracle_retrieval
+from data.validate import validate
+from dpo.pairs import (
+    GENERATIONS,
+    NoiseConfig,
+    PairsConfig,
+    build_pairs,
+    correct_fn,
+    find_inputs,
+    make_x_v_star,
+    noised_name,
+    other_candidates,
+    read_generations,
+    read_items,
+    run,
+)
+from dpo.prompts import load_prompt_templates
+from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny world + oracle retrieval; one alignment image is truncated (a bad image)."""
+    base = tmp_path_factory.mktemp("pairs")
+    world = make_world(base / "world", size="tiny", progress=False)
+    index = write_oracle_retrieval(ToyRetrievalConfig(world=str(world), out=str(base / "retrieval"),
+                                                      roles=["alignment_vqa", "alignment_report"]))
+    rec = read_records(manifest_files(world, role="alignment_report", domain="pathology")[0]["path"])[0]
+    bad = world / "pathology" / "images" / rec.images[0]
+    bad.write_bytes(bad.read_bytes()[:40])
+    cfg = ToyPolicyConfig(vocab_size=500, vision_width=32, vision_layers=1, text_width=32, text_layers=1, text_heads=2,
+                          vision_heads=2)
+    policy = build_toy_policy(world_texts(world), base / "policy", cfg)
+    return {"base": base, "world": world, "index": index, "policy": policy, "bad": str(bad)}
+
+
+def _cfg(world, out, **kw) -> PairsConfig:
+    # report_threshold 0: every report counts as right, so the random policy still yields cm pairs
+    kw = {"limit": 2, "batch_size": 2, "max_new_tokens_vqa": 3, "max_new_tokens_report": 4,
+          "report_threshold": 0.0, "progress": False, **kw}
+    return PairsConfig(policy=str(world["policy"]), retrieval_index=str(world["index"]), out=str(out), **kw)
+
+
+def _argv(cfg: PairsConfig) -> list[str]:
+    return [sys.executable, "-m", "dpo.pairs", "--policy", cfg.policy, "--retrieval_index", cfg.retrieval_index,
+            "--out", cfg.out, "--limit", str(cfg.limit), "--batch_size", str(cfg.batch_size),
+            "--max_new_tokens_vqa", str(cfg.max_new_tokens_vqa), "--max_new_tokens_report",
+            str(cfg.max_new_tokens_report), "--report_threshold", str(cfg.report_threshold), "--progress", "false"]
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("pairs.json", GENERATIONS, "pairs_stats.json")}
+
+
+@pytest.fixture(scope="module")
+def baseline(world):
+    """One uninterrupted run; the other runs reuse its folder (pairs name absolute image roots)."""
+    out = world["base"] / "out"
+    stats = run(_cfg(world, out))
+    return {"out": out, "stats": stats, "bytes": _outputs(out)}
+
+
+def test_correct_decides_vqa_by_yes_no_and_reports_by_threshold():
+    cfg = PairsConfig(report_threshold=0.5)
+    vqa, report = correct_fn("vqa", cfg), correct_fn("report", cfg)
+    assert vqa("Yes, there is a pleural effusion.", "yes") and vqa("no", "No, there is no nodule.")
+    assert not vqa("No.", "Yes.") and not vqa("There is an effusion.", "Yes.")
+    ref = "There is a small pleural effusion. The heart is enlarged."
+    assert report(ref, ref) and report("There is a small pleural effusion.", ref)
+    assert not report("Normal fundus.", ref) and not report("", ref)
+    assert correct_fn("report", replace(cfg, report_threshold=0.0))("Normal fundus.", ref)
+
+
+def test_x_v_star_is_deterministic_and_another_image(world, tmp_path):
+    cfg = _cfg(world, tmp_path, limit=0)
+    items = [it for it in read_items(find_inputs(cfg), cfg) if it.domain == "ophthalmology"]
+    pool = other_candidates(items)["ophthalmology"]
+    it = items[0]
+    real = load_image(it.image_path())
+
+    def x(noise, pool=pool):
+        return np.asarray(make_x_v_star(it, real, noise, pool, lambda o: load_image(o.image_path())))
+
+    noise = NoiseConfig(sigma=0.05)
+    first = x(noise)
+    assert np.array_equal(first, x(noise))  # same inputs, same pixels
+    assert np.array_equal(first, x(noise, dict(reversed(list(pool.items())))))  # pool order is irrelevant
+    assert not np.array_equal(first, x(replace(noise, seed=1)))
+    assert first.shape == np.asarray(real).shape
+    picked = pick_other(it.image, list(pool), noise.seed)  # x_v* shows this other image, noised
+
+    def dist(key):
+        return np.abs(first.astype(float) - np.asarray(load_image(pool[key].image_path()).resize(real.size))).mean()
+
+    assert picked != it.image and dist(picked) < 0.5 * dist(it.image)
+    for mode in ("gaussian", "diffusion"):
+        assert np.array_equal(x(NoiseConfig(mode=mode)), x(NoiseConfig(mode=mode)))
+
+    def unreadable_pick(o):  # the picked other image is bad: the next pick is taken, no crash
+        if o.image == picked:
+            raise BadImageError(o.image, "unreadable")
+        return load_image(o.image_path())
+
+    again = np.asarray(make_x_v_star(it, real, noise, pool, unreadable_pick))
+    assert not np.array_equal(again, first)
+    with pytest.raises(BadImageError, match="no other image"):
+        make_x_v_star(it, real, noise, {it.image: it}, unreadable_pick)
+
+
+def test_pairs_from_hand_made_answers(world, tmp_path):
+    cfg = _cfg(world, tmp_path, report_threshold=0.5)
+    items = read_items(find_inputs(cfg), cfg)
+    vqa = next(it for it in items if it.task == "vqa" and it.truth.lower().startswith("yes"))
+    rep = next(it for it in items if it.task == "report")
+    wrong = "No" if vqa.truth.lower().startswith("yes") else "Yes"
+    noised = tmp_path / noised_name(vqa)
+    noised.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(noised)
+    gens = {
+        vqa.key: {"key": vqa.key, "a": "Yes.", "b": "yes", "c": wrong},  # cm (copy) + oa1
+        rep.key: {"key": rep.key, "a": "Normal fundus.", "b": "Normal fundus.", "c": rep.truth},  # oa2
+    }
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path)
+    assert [(p["pair_type"], p["task"]) for p in pairs] == [("cm", "vqa"), ("oa1", "vqa"), ("oa2", "report")]
+    cm, oa1, oa2 = pairs
+    assert cm["conversations"][1]["value"] == cm["rejected_conversations"][1]["value"] == vqa.truth
+    assert cm["rejected_noised"] == 1 and Path(cm["image_root"], cm["rejected_image"]) == noised
+    assert Path(cm["image_root"], cm["image"]) == vqa.image_path()
+    assert (oa1["conversations"][1]["value"], oa1["rejected_conversations"][1]["value"]) == ("Yes.", wrong)
+    assert "rejected_image" not in oa1 and oa1["rejected_noised"] == 0
+    assert (oa2["conversations"][1]["value"], oa2["rejected_conversations"][1]["value"]) == (rep.truth, "Normal fundus.")
+    human = oa2["conversations"][0]["value"]
+    assert human.startswith("<image>\n") and rep.references[0].split()[0] in human  # references written in
+    assert human == oa2["rejected_conversations"][0]["value"]
+    assert stats["pairs_by_type"] == {"cm": 1, "oa1": 1, "oa2": 1}
+    v = stats["conditions"][f"{vqa.domain}/vqa"]
+    assert (v["accuracy_a"], v["accuracy_b"], v["accuracy_c"], v["copy_rate"], v["over_reliance_rate"]) == (1, 1, 0, 1, 0)
+    assert stats["conditions"][f"{rep.domain}/report"]["over_reliance_rate"] == 1
+    # the wrong rule: a right, b wrong -> y over b, no noised image
+    gens[vqa.key]["b"] = wrong
+    pairs, _ = build_pairs([vqa], gens, replace(cfg, cm_rule="wrong"), load_prompt_templates(cfg.prompts), tmp_path)
+    assert [(p["pair_type"], p["rejected_conversations"][1]["value"], p["rejected_noised"]) for p in pairs][0] == ("cm", wrong, 0)
+    # a skipped record is counted, not paired; an empty answer drops its pair
+    gens = {vqa.key: {"key": vqa.key, "skipped": {"path": "x.png", "reason": "missing", "detail": ""}},
+            rep.key: {"key": rep.key, "a": "", "b": "", "c": rep.truth}}
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path)
+    assert pairs == [] and stats["skipped"] == 1 and stats["dropped_empty_answer"] == 1
+
+
+def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
+    out, stats = baseline["out"], baseline["stats"]
+    pairs = json.loads((out / "pairs.json").read_text())
+    assert pairs and stats["pairs"] == len(pairs) and stats["pairs_by_type"]["cm"] > 0
+    assert all(p["rejected_image"] for p in pairs if p["pair_type"] == "cm")
+    problems, summary = validate(str(out / "pairs.json"), "preference", None, True, None)
+    assert problems == [] and summary["records"] == len(pairs) and summary["images_checked"] > 0
+    assert stats["skipped"] >= 1 and any(s["path"] == world["bad"] for s in stats["skipped_records"])
+    gens = read_generations(out / GENERATIONS)
+    assert len(gens) == stats["records"] and sum("skipped" in g for g in gens) == stats["skipped"]
+    assert not list(out.glob("generations.rank*"))
+    cmd = [sys.executable, "-m", "data.validate", str(out / "pairs.json"), "--kind", "preference", "--check-images"]
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+
+
+def test_resume_after_sigkill_gives_identical_outputs(world, baseline):
+    out = baseline["out"]
+    shutil.rmtree(out)
+    cfg = _cfg(world, out)
+    proc = subprocess.Popen(_argv(cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gen = out / GENERATIONS
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (gen.is_file() and gen.read_bytes().count(b"\n") >= 1):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "pairs.json").exists()
+    done = gen.read_bytes().count(b"\n")
+    assert 1 <= done < baseline["stats"]["records"]
+    with open(gen, "ab") as f:  # a write cut off mid-line
+        f.write(b'{"key": "vqa/radiology/30')
+    run(cfg)
+    assert _outputs(out) == baseline["bytes"]
+
+
+def test_other_settings_are_refused(world, baseline):
+    out = baseline["out"]
+    with pytest.raises(InputError, match="other settings"):
+        run(_cfg(world, out, noise=NoiseConfig(seed=3)))
+    assert _outputs(out) == baseline["bytes"]
+
+
+def test_two_processes_equal_one(world, baseline):
+    out = baseline["out"]
+    shutil.rmtree(out)
+    argv = _argv(_cfg(world, out))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + argv[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _outputs(out) == baseline["bytes"]

@@ -1,0 +1,102 @@
+"""Retrieval CLI and API on the tiny toy world: JSONL schema (contract 2), index.json, cache, bad images."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data.images import load_image
+from data.readers import read_records
+from data.records import DOMAINS
+from data.toy import make_world, manifest_files
+from retriever import retrieve, train
+from retriever.select_k import KRule
+from tests.test_retriever_train import TINY_ARCH
+
+ADDED = ("reference_reports", "retrieve_k", "domain", "reference_ids", "reference_scores")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny world with three one-epoch retrievers and a domain classifier."""
+    root = tmp_path_factory.mktemp("retrieval")
+    world = make_world(root / "world", size="tiny", progress=False)
+    cfg = {"clip": {"model": "tiny-retrieve-test", "model_config": TINY_ARCH}, "data": {"world": str(world)},
+           "output_dir": str(root / "clip"), "epochs": 1, "batch_size": 8, "val_every": 1,
+           "classifier": {"steps": 50}}
+    (root / "clip.yaml").write_text(yaml.safe_dump(cfg))
+    train.main([str(root / "clip.yaml")])
+    return root, world
+
+
+def run(root: Path, world: Path, out: str, *extra: str) -> Path:
+    retrieve.main(["--clip_dir", str(root / "clip"), "--data.world", str(world), "--output_dir", str(root / out), *extra])
+    return root / out
+
+
+def test_jsonl_per_query_file_follows_contract(trained):
+    root, world = trained
+    out = run(root, world, "ret", "--k.rule", "gap", "--k.k", "4", "--k.gamma", "0.05")
+    index = json.loads((out / "index.json").read_text())
+    sources = {e["path"] for role in retrieve.QUERY_ROLES for e in manifest_files(world, role=role)}
+    assert {e["source"] for e in index["files"]} == sources
+    for entry in index["files"]:
+        assert entry["role"] in retrieve.QUERY_ROLES and entry["domain"] in DOMAINS and entry["kind"] in ("vqa", "report")
+        assert Path(entry["path"]).name.startswith(f"{entry['domain']}_")
+        src = read_records(entry["source"])
+        rows = [json.loads(line) for line in Path(entry["path"]).read_text().splitlines()]
+        assert len(rows) == len(src) == entry["records"]
+        for rec, row in zip(src, rows):
+            assert {k: row[k] for k in rec.raw} == rec.raw  # every query field kept
+            assert 1 <= row["retrieve_k"] <= 4 and row["domain"] in DOMAINS
+            assert len(row["reference_reports"]) == len(row["reference_ids"]) == len(row["reference_scores"]) == row["retrieve_k"]
+            assert row["reference_scores"] == sorted(row["reference_scores"], reverse=True)
+    metrics = json.loads((out / "retrieval_metrics.json").read_text())
+    assert 0.0 <= metrics["domain_accuracy"] <= 1.0
+    some = next(iter(metrics["files"].values()))
+    assert {"findings_R@1", "findings_R@5", "findings_R@10", "routing_accuracy", "mean_k"} <= some.keys()
+
+
+def test_cache_reused_and_output_stable(trained):
+    root, world = trained
+    first = run(root, world, "again", "--routing", "oracle")
+    caches = {p: p.stat().st_mtime_ns for p in (first / "cache").glob("*.safetensors")}
+    assert len(caches) == 3  # one corpus per domain
+    before = {p.name: p.read_text() for p in first.glob("*.jsonl")}
+    run(root, world, "again", "--routing", "oracle")
+    assert {p: p.stat().st_mtime_ns for p in (first / "cache").glob("*.safetensors")} == caches
+    assert {p.name: p.read_text() for p in first.glob("*.jsonl")} == before
+    metrics = json.loads((first / "retrieval_metrics.json").read_text())
+    assert metrics["domain_accuracy"] == 1.0  # oracle routing
+
+
+def test_unreadable_query_image_keeps_its_line(trained, tmp_path):
+    root, world = trained
+    entry = manifest_files(world, role="test_vqa", domain="pathology")[0]
+    rows = [json.loads(line) for line in Path(entry["path"]).read_text().splitlines()][:3]
+    rows[1]["image"] = "missing/nowhere.png"
+    qfile = tmp_path / "queries.jsonl"
+    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "retrieve.yaml"
+    cfg.write_text(yaml.safe_dump({"queries": [{"path": str(qfile), "domain": "pathology", "image_root": entry["image_root"]}]}))
+    out = tmp_path / "out"
+    retrieve.main([str(cfg), "--clip_dir", str(root / "clip"), "--data.world", str(world), "--output_dir", str(out)])
+    got = [json.loads(line) for line in (out / "pathology_queries.jsonl").read_text().splitlines()]
+    assert len(got) == 3
+    assert got[1]["reference_reports"] == [] and "retrieve_error" in got[1]
+    assert got[0]["retrieve_k"] == 5 and got[2]["retrieve_k"] == 5
+
+
+def test_python_api(trained):
+    root, world = trained
+    r = retrieve.Retriever.load(root / "clip")
+    entry = manifest_files(world, role="test_report", domain="ophthalmology")[0]
+    recs = read_records(entry["path"], default_image_root=entry["image_root"])[:2]
+    images = [load_image(Path(entry["image_root"]) / rec.images[0]) for rec in recs]
+    assert all(d in DOMAINS for d in r.route(images))
+    hits = r.search(images, domain="ophthalmology", k_rule=KRule("fixed", k=3))
+    assert [len(h) for h in hits] == [3, 3]
+    corpus = r.corpus("ophthalmology")
+    assert all(h.text in corpus.texts and h.id in corpus.ids for row in hits for h in row)
+    assert hits[0][0].score >= hits[0][1].score >= hits[0][2].score

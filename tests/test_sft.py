@@ -1,0 +1,226 @@
+"""SFT and the oracle retrieval, on a tiny toy world and a tiny toy policy.
+
+The full toy base policy (scripts/make_toy_policy.sh) is a slow test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from common.config import load_config
+from common.io import InputError
+from data.images import load_image, resolve_image
+from data.readers import read_records
+from data.toy import make_world, manifest_files
+from data.toy_retrieval import ToyRetrievalConfig, load_corpus, oracle_references, write_oracle_retrieval
+from dpo.policy import IGNORE, load_policy
+from dpo.prompts import load_prompt_templates
+from dpo.sft import (
+    MeasureConfig,
+    SftCollate,
+    SftConfig,
+    index_sources,
+    measure_reliance,
+    read_examples,
+    run_sft,
+    training_sources,
+)
+from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+
+ROOT = Path(__file__).resolve().parent.parent
+RETRIEVAL_KEYS = {"reference_reports", "retrieve_k", "domain", "reference_ids", "reference_scores"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("toy") / "world", size="tiny", progress=False)
+
+
+@pytest.fixture(scope="module")
+def oracle(world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("oracle")
+    return write_oracle_retrieval(ToyRetrievalConfig(world=str(world), out=str(out), roles=["policy_train", "test_vqa"]))
+
+
+@pytest.fixture(scope="module")
+def policy_dir(world, tmp_path_factory) -> Path:
+    cfg = ToyPolicyConfig(vocab_size=600, vision_width=32, vision_layers=1, vision_heads=2,
+                          text_width=48, text_layers=2, text_heads=2)
+    return build_toy_policy(world_texts(world), tmp_path_factory.mktemp("policy") / "init", cfg)
+
+
+def sft_config(policy_dir: Path, oracle: Path, out: Path, *args: str) -> SftConfig:
+    return load_config(SftConfig, [
+        "--model", str(policy_dir), "--data.retrieval_index", str(oracle), "--train.output_dir", str(out),
+        "--train.batch_size", "8", "--train.lr", "3e-3", "--train.log_every", "1", "--train.progress", "false",
+        "--train.warmup_ratio", "0", *args,
+    ])
+
+
+# ---------------------------------------------------------------- oracle retrieval
+
+
+def test_oracle_retrieval_rows_follow_the_contract(world, oracle):
+    index = json.loads(oracle.read_text())
+    assert {e["role"] for e in index["files"]} == {"policy_train", "test_vqa"}
+    for entry in index["files"]:
+        source = read_records(entry["source"])
+        rows = [json.loads(line) for line in Path(entry["path"]).read_text().splitlines()]
+        assert len(rows) == len(source) == entry["records"]
+        for rec, row in zip(source, rows):
+            assert {k: row[k] for k in rec.raw} == rec.raw  # every query field, untouched
+            assert RETRIEVAL_KEYS <= set(row) and row["domain"] == entry["domain"]
+            assert row["retrieve_k"] == len(row["reference_reports"]) == len(set(row["reference_ids"])) == 3
+
+
+def test_oracle_is_right_with_p_correct_and_deterministic(world):
+    corpus = load_corpus(world, "pathology")
+    by_id = {r.id: r for r in corpus}
+    wanted = sorted({r.findings for r in corpus}, key=len)[-1]  # a finding set the corpus has
+    for p, expect in ((1.0, 1.0), (0.0, None)):
+        share = []
+        for i in range(40):
+            refs = oracle_references(f"q{i}", sorted(wanted), None, corpus, 3, p, seed=0)
+            share += [by_id[r.id].findings == wanted for r in refs]
+        rate = sum(share) / len(share)
+        assert rate == expect if expect is not None else rate < 0.6
+    a = oracle_references("q1", sorted(wanted), None, corpus, 3, 0.5, seed=0)
+    assert a == oracle_references("q1", sorted(wanted), None, corpus, 3, 0.5, seed=0)
+    assert a != oracle_references("q1", sorted(wanted), None, corpus, 3, 0.5, seed=1) or len(corpus) < 4
+
+
+def test_oracle_agrees_on_the_asked_finding_when_no_study_matches(world):
+    corpus = load_corpus(world, "ophthalmology")
+    truth = ["made-up finding"]  # no corpus study has it: fall back to agreeing on the asked one
+    refs = oracle_references("q", truth, "made-up finding", corpus, 3, 1.0, seed=0)
+    assert all("made-up finding" not in r.findings for r in refs)
+
+
+# ---------------------------------------------------------------- examples and batches
+
+
+def test_examples_mix_references_and_mask_the_prompt(world, oracle, policy_dir):
+    cfg = sft_config(policy_dir, oracle, world / "unused")
+    examples = read_examples(training_sources(cfg.data), cfg.data, seed=0)
+    n_train = sum(e["records"] for e in manifest_files(world, role="policy_train"))
+    assert len(examples) == n_train
+    share = sum(e.references is None for e in examples) / len(examples)
+    assert 0.15 < share < 0.45  # no_reference_rate 0.3
+    again = read_examples(training_sources(cfg.data), cfg.data, seed=0)
+    assert [e.references is None for e in again] == [e.references is None for e in examples]
+    assert {e.task for e in examples} == {"vqa", "report"}
+
+    policy = load_policy(policy_dir)
+    collate = SftCollate(policy, examples, load_prompt_templates(cfg.data.prompts), 0)
+    items = [{"index": i, "image": load_image(_path(examples[i]))} for i in range(4)]
+    batch = collate(items)
+    tok = policy.tokenizer
+    for row, labels in zip(batch["input_ids"], batch["labels"]):
+        answer = labels[labels != IGNORE]
+        assert answer[-1] == tok.eos_token_id and len(answer) < (row != tok.pad_token_id).sum()
+        first = (labels != IGNORE).nonzero()[0, 0]
+        assert (labels[:first] == IGNORE).all()
+
+
+def _path(example):
+    return resolve_image(example.record.images[0], example.record.image_root, None)
+
+
+def test_conversation_json_is_read(tmp_path, world):
+    image = manifest_files(world, role="policy_train", domain="pathology", kind="vqa")[0]
+    rec = read_records(image["path"])[0]
+    conv = [{"id": "c1", "image": rec.images[0], "image_root": image["image_root"], "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the slide."}, {"from": "gpt", "value": "Dense fibrosis."}]}]
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps(conv))
+    cfg = load_config(SftConfig, ["--data.files", f"[{path}]", "--data.domain", "pathology"])
+    (ex,) = read_examples(training_sources(cfg.data), cfg.data, seed=0)
+    assert (ex.task, ex.question, ex.answer, ex.domain) == ("conversation", "Describe the slide.", "Dense fibrosis.", "pathology")
+    path.write_text(json.dumps([{"id": "c2", "image": "x.png", "conversations": [{"from": "gpt", "value": "hi"}]}]))
+    with pytest.raises(InputError, match=r"conv.json:\[0\]"):
+        read_examples(training_sources(cfg.data), cfg.data, seed=0)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_full_sft_lowers_the_loss_and_saves_an_auto_loadable_model(world, oracle, policy_dir, tmp_path):
+    out = tmp_path / "full"
+    cfg = sft_config(policy_dir, oracle, out, "--train.epochs", "3", "--lora.enabled", "false",
+                     "--lora.train_projector", "true", "--data.val_fraction", "0.1", "--data.limit", "10")
+    run_sft(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-3:]) < 0.85 * sum(losses[:3])
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert (out / "run_config.yaml").is_file()
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    AutoProcessor.from_pretrained(out)
+    start = AutoModelForImageTextToText.from_pretrained(policy_dir)
+    vision = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    lm = "model.language_model.layers.0.mlp.up_proj.weight"
+    params, before = dict(model.named_parameters()), dict(start.named_parameters())
+    assert torch.equal(params[vision], before[vision])  # vision tower frozen by default
+    assert not torch.equal(params[lm], before[lm])
+
+
+def test_lora_sft_adapter_reloads_with_peft_and_merges(world, oracle, policy_dir, tmp_path):
+    out = tmp_path / "lora"
+    cfg = sft_config(policy_dir, oracle, out, "--train.max_steps", "3", "--lora.r", "4", "--lora.alpha", "8",
+                     "--data.limit", "8", "--merge", "true")
+    run_sft(cfg)
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    base = AutoModelForImageTextToText.from_pretrained(policy_dir)
+    model = PeftModel.from_pretrained(base, out)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+    merged = AutoModelForImageTextToText.from_pretrained(out / "merged")
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert (out / "checkpoints" / "step-00000003" / "model" / "adapter_config.json").is_file()
+
+
+def test_measure_reliance_reports_three_accuracies(world, oracle, policy_dir):
+    data = load_config(SftConfig, ["--data.retrieval_index", str(oracle), "--data.no_reference_rate", "0",
+                                   "--data.limit", "6"]).data
+    examples = read_examples(index_sources(oracle, ["test_vqa"]), data, seed=0, vqa_only=True)
+    result = measure_reliance(load_policy(policy_dir), examples, MeasureConfig(max_new_tokens=3),
+                              load_prompt_templates(data.prompts))
+    assert result["all"]["n"] == len(examples) == 6 * 4  # 4 test VQA files (radiology has two)
+    for c in ("no_retrieval", "retrieval", "noised_retrieval"):
+        assert 0.0 <= result["all"][c] <= 1.0
+    assert set(result) >= {"radiology", "pathology", "ophthalmology"}
+
+
+@pytest.mark.slow
+def test_make_toy_policy(tmp_path):
+    """The toy base policy end to end: loads through the Auto classes and leans on references."""
+    world = make_world(tmp_path / "world", size="tiny", progress=False)
+    cmd = ["bash", "scripts/make_toy_policy.sh", "--world", str(world), "--out", str(tmp_path / "policy"),
+           "--train.max_steps", "20", "--measure.limit", "10"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    policy = tmp_path / "policy"
+    AutoModelForImageTextToText.from_pretrained(policy)
+    AutoProcessor.from_pretrained(policy)
+    reliance = json.loads((policy / "reliance.json").read_text())
+    assert reliance["all"]["n"] > 0
