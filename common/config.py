@@ -105,8 +105,24 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        # a partial mapping for a nested section overrides the section's default, field by field
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+            if f.default_factory is not dataclasses.MISSING:
+                value = _merge(to_dict(f.default_factory()), value)
+        kwargs[f.name] = _check_type(value, hints[f.name], f"{where}.{f.name}" if where else f.name)
     return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -63,3 +63,13 @@ def test_help_lists_fields(capsys):
         load_config(Cfg, ["--help"])
     out = capsys.readouterr().out
     assert "--optim.lr" in out and "peak learning rate" in out
+
+
+@dataclass
+class Outer:
+    train: Optim = doc(Optim(lr=0.5), "a section whose default differs from Optim()")
+
+
+def test_partial_override_keeps_the_sections_own_defaults():
+    cfg = load_config(Outer, ["--train.betas", "[0.1, 0.2]"])
+    assert cfg.train.lr == 0.5 and cfg.train.betas == [0.1, 0.2]
