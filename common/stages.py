@@ -18,7 +18,6 @@ from pathlib import Path
 
 from common.io import atomic_write_json
 
-STAMP = ".stage.json"
 
 
 @dataclass
@@ -27,6 +26,10 @@ class Stage:
     cmd: list[str]  # the command, run from the repository root
     output: Path  # folder the stage writes; holds the stamp
     configs: list[Path] = field(default_factory=list)  # files whose content is part of the fingerprint
+
+
+def stamp_path(stage: Stage) -> Path:
+    return stage.output / f".stage-{stage.name}.json"
 
 
 def fingerprint(stage: Stage, upstream: str) -> str:
@@ -39,7 +42,7 @@ def fingerprint(stage: Stage, upstream: str) -> str:
 
 
 def is_done(stage: Stage, fp: str) -> bool:
-    stamp = stage.output / STAMP
+    stamp = stamp_path(stage)
     try:
         return json.loads(stamp.read_text())["fingerprint"] == fp
     except (OSError, ValueError, KeyError):
@@ -66,11 +69,11 @@ def run(stages: list[Stage], force: bool = False, start: str | None = None) -> N
             continue
         print(f"[{stage.name}] running: {' '.join(stage.cmd)}", flush=True)
         t0 = time.time()
-        (stage.output / STAMP).unlink(missing_ok=True)
+        stamp_path(stage).unlink(missing_ok=True)
         result = subprocess.run(stage.cmd)
         if result.returncode != 0:
             print(f"[{stage.name}] failed (exit {result.returncode})", file=sys.stderr)
             raise SystemExit(result.returncode)
         stage.output.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(stage.output / STAMP, {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
+        atomic_write_json(stamp_path(stage), {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
         print(f"[{stage.name}] done in {time.time() - t0:.0f} s", flush=True)

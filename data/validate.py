@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Exit codes: 0 readable (warnings allowed); 1 images missing or unreadable "
         "(--check-images); 2 malformed file.",
     )
-    parser.add_argument("file", help="annotation file (JSON list or JSONL)")
+    parser.add_argument("file", nargs="?", help="annotation file (JSON list or JSONL)")
+    parser.add_argument("--manifest", help="instead of FILE: every file a world's manifest.json "
+                        "lists, each with its own image root (one summary line per file)")
     parser.add_argument("--kind", choices=["report", "vqa", "preference"],
                         help="record kind; default: told by the first record's keys")
     parser.add_argument("--image-root", help="folder image paths are relative to (also the "
@@ -180,13 +182,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--npz-key", help="array name inside .npz images (default: the first "
                         "2-D or HxWx3 array)")
     args = parser.parse_args(argv)
-    lines, summary = validate(
-        args.file, args.kind, args.image_root, args.check_images, args.npz_key
-    )
-    for line in lines:
-        print(line)
-    print(json.dumps(summary))
-    return 1 if summary["images_missing"] or summary["images_unreadable"] else 0
+    if (args.file is None) == (args.manifest is None):
+        parser.error("give either FILE or --manifest")
+    jobs = [(args.file, args.image_root)]
+    if args.manifest:
+        root = os.path.dirname(os.path.abspath(args.manifest))
+        with open(args.manifest, encoding="utf-8") as f:
+            entries = json.load(f)["files"]
+        jobs = [(os.path.join(root, e["path"]), os.path.join(root, e["image_root"])) for e in entries]
+    code = 0
+    for path, image_root in jobs:
+        lines, summary = validate(path, args.kind, image_root, args.check_images, args.npz_key)
+        for line in lines:
+            print(line)
+        print(json.dumps(summary))
+        code = max(code, 1 if summary["images_missing"] or summary["images_unreadable"] else 0)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Stages whose script is not in this checkout yet are left out with a note.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from common.stages import Stage, run
@@ -16,6 +17,7 @@ OUT = Path("outputs/toy")
 # name, script, output folder, config files that feed it
 PIPELINE = [
     ("make_toy", "make_toy", "world", []),
+    ("validate_world", None, "world", []),
     ("make_toy_policy", "make_toy_policy", "policy", ["configs/toy/toy_policy.yaml", "configs/toy/sft.yaml", "configs/prompts/default.yaml"]),
     ("finetune_clip", "finetune_clip", "clip", ["configs/toy/clip.yaml"]),
     ("retrieve", "retrieve", "retrieval", ["configs/toy/retrieve.yaml"]),
@@ -28,6 +30,10 @@ PIPELINE = [
 def stages() -> list[Stage]:
     out = []
     for name, script, folder, configs in PIPELINE:
+        if script is None:  # every file of the world, as a user checks data before a long run
+            cmd = [sys.executable, "-m", "data.validate", "--manifest", str(OUT / folder / "manifest.json"), "--check-images"]
+            out.append(Stage(name, cmd, OUT / folder))
+            continue
         path = Path("scripts") / f"{script}.sh"
         if not path.is_file():
             print(f"[{name}] not in this checkout yet ({path}), left out")

@@ -30,7 +30,7 @@ def test_skip_force_from_and_config_change(tmp_path):
     cfg.write_text("x: 2\n")  # a changed input redoes its stage and everything after it
     assert todo(stages) == ["a", "b", "c"]
     run(stages)
-    (tmp_path / "b" / ".stage.json").unlink()  # output gone -> redo from there
+    (tmp_path / "b" / ".stage-b.json").unlink()  # output gone -> redo from there
     assert todo(stages) == ["b", "c"]
     with pytest.raises(ValueError, match="no such stage"):
         plan(stages, start="zzz")
@@ -40,4 +40,4 @@ def test_failed_stage_stops_and_leaves_no_stamp(tmp_path):
     bad = [Stage("bad", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad")]
     with pytest.raises(SystemExit):
         run(bad)
-    assert not (tmp_path / "bad" / ".stage.json").exists()
+    assert not (tmp_path / "bad" / ".stage-bad.json").exists()

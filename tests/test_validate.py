@@ -96,3 +96,15 @@ def test_malformed_file_exits_2_naming_the_line(tmp_path):
 def test_help():
     code, out, _ = run("--help")
     assert code == 0 and any("--check-images" in line for line in out) and any("Exit codes" in line for line in out)
+
+
+def test_manifest_validates_every_file_of_a_world(tmp_path):
+    from data.toy import make_world
+
+    root = make_world(tmp_path / "world", seed=0, size="tiny")
+    r = subprocess.run([sys.executable, "-m", "data.validate", "--manifest", str(root / "manifest.json"),
+                        "--check-images"], capture_output=True, text=True)
+    summaries = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(summaries) == len(json.loads((root / "manifest.json").read_text())["files"])
+    assert all(s["images_missing"] == 0 and s["images_unreadable"] == 0 for s in summaries)
