@@ -9,6 +9,7 @@
 #            are written beside it. Other options go to the SFT (see configs/toy/sft.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in -h|--help) sed -n '2,9p' "$0" | cut -c3-; exit 0 ;; esac
 bash scripts/setup.sh
 world=outputs/toy/world
 out=outputs/toy/policy
