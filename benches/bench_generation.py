@@ -5,12 +5,15 @@ Each record is answered under the builder's three conditions (a, b, c) through
 Policy: ``outputs/toy/policy`` if present, else an untrained policy of the same architecture
 (``configs/toy/toy_policy.yaml``), which costs the same per token. Records are toy VQA
 alignment questions with three retrieved reports of their domain each. Target: >= 4x.
+Measured with torch's default threads and with one thread: on shared cores two threads of a tiny
+model spin against each other and run several times slower than one.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -64,27 +67,34 @@ def run(quick: bool = False) -> list[dict]:
         pool = other_candidates(items)
 
         def timed(size: int) -> tuple[float, list[dict]]:
-            c = PairsConfig(**{**cfg.__dict__, "batch_size": size})
-            rows: list[dict] = []
+            c = replace(cfg, batch_size=size)
+            answers: list[dict] = []
             start = time.perf_counter()
             for b in batches(items, size):
-                rows += answer_batch(policy, b, c, templates, pool, tmp / "out")
-            return len(items) / (time.perf_counter() - start), rows
+                answers += answer_batch(policy, b, c, templates, pool, tmp / "out")
+            return len(items) / (time.perf_counter() - start), answers
 
-        with torch.inference_mode():
-            answer_batch(policy, items[:2], cfg, templates, pool, tmp / "out")  # warm-up
-            single, one_rows = timed(1)
-            batched, batch_rows = timed(BATCH)
-    same = sum(a == b for a, b in zip(one_rows, batch_rows))
-    return [{
-        "benchmark": f"pair builder generation (3 conditions/record), batch {BATCH} vs 1",
-        "ours": batched,
-        "anchor": single,
-        "ratio": batched / single,
-        "unit": "records/s",
-        "note": f"higher is better; {what}, {n} toy VQA records, 3 references, max 32 new tokens, "
-                f"{torch.get_num_threads()} threads; {same}/{n} records with identical answers; target >= 4x",
-    }]
+        default_threads = torch.get_num_threads()
+        rows = []
+        for threads in dict.fromkeys((default_threads, 1)):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                answer_batch(policy, items[:2], cfg, templates, pool, tmp / "out")  # warm-up
+                single, one_rows = timed(1)
+                batched, batch_rows = timed(BATCH)
+            same = sum(a == b for a, b in zip(one_rows, batch_rows))
+            rows.append({
+                "benchmark": f"pair builder generation (3 conditions/record), batch {BATCH} vs 1, {threads} thread(s)",
+                "ours": batched,
+                "anchor": single,
+                "ratio": batched / single,
+                "unit": "records/s",
+                "note": f"higher is better; {what}, {n} toy VQA records, 3 references, max 32 new tokens; "
+                        f"one record = a+b in one call, c in another; {same}/{n} records with identical "
+                        "answers; target >= 4x",
+            })
+        torch.set_num_threads(default_threads)
+    return rows
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ class PairsConfig:
     adapter: str = doc("", "optional PEFT adapter folder applied on the policy")
     dtype: str = doc("float32", "policy weights dtype: float32 | bfloat16 | float16")
     device: str = doc("cpu", "cpu | cuda (under torchrun/accelerate each process takes its own GPU)")
+    threads: int = doc(0, "torch CPU threads per process (0: torch's default); 1 is much faster for a tiny "
+                          "policy on shared cores")
     retrieval_index: str = doc("outputs/toy/retrieval/index.json", "index.json of retrieve.sh (used when `inputs` is empty)")
     roles: list[str] = doc(["alignment_vqa", "alignment_report"], "index entries (by role) to build pairs from")
     inputs: list[str] = doc([], "retrieval JSONL files to use instead of the index")
@@ -493,7 +495,7 @@ def summary(stats: dict[str, Any], out: Path) -> str:
     if stats["skipped"]:
         named = ", ".join(f"{s['path']} ({s['reason']})" for s in stats["skipped_records"][:10])
         more = f" and {stats['skipped'] - 10} more" if stats["skipped"] > 10 else ""
-        lines.append(f"skipped {stats['skipped']} records for bad images: {named}{more}")
+        lines.append(f"skipped {stats['skipped']} records (bad image or failed retrieval): {named}{more}")
     return "\n".join(lines)
 
 
@@ -505,6 +507,10 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
     from accelerate import PartialState
 
     state = PartialState(cpu=cfg.device == "cpu")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     templates = load_prompt_templates(cfg.prompts)
     inputs = find_inputs(cfg)
