@@ -2,7 +2,7 @@
 
 The released MMed-RAG code forms the whole (queries x corpus) logits matrix and takes its top-k;
 for 5k queries against a 200k-report corpus that is 4 GB. ``topk_chunked`` walks the matrix in
-(query chunk x corpus chunk) blocks and keeps a running top-k, so memory grows with
+(query chunk x corpus chunk) blocks, streaming the corpus once, and keeps a running top-k, so memory grows with
 corpus + queries x k + one block, never with queries x corpus (benches/bench_retrieval.py). For
 corpora of millions, ``backend="faiss"`` builds any ``faiss.index_factory`` index (``Flat`` is
 exact; ``HNSW32`` or ``IVF4096,PQ64`` trade exactness for speed) with inner-product metric.
@@ -25,35 +25,35 @@ from common.io import atomic_path
 
 @torch.no_grad()
 def topk_chunked(
-    queries: torch.Tensor, corpus: torch.Tensor, k: int, query_chunk: int = 256, corpus_chunk: int = 65536
+    queries: torch.Tensor, corpus: torch.Tensor, k: int, query_chunk: int = 2048, corpus_chunk: int = 8192
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, indices) of the ``k`` largest inner products per query, best first.
 
-    Hand-written because torch has no blocked top-k: one (query_chunk x corpus_chunk) score block
-    is alive at a time; each block's candidates are merged into the running best k.
+    Hand-written because torch has no blocked top-k. The corpus is streamed once (outer loop),
+    each (query chunk x corpus chunk) score block is written into one reused buffer, and each
+    block's top-k candidates are merged into the running best k of its queries.
     """
     n_q, n_c = queries.shape[0], corpus.shape[0]
     k = min(k, n_c)
-    out_s = torch.empty(n_q, k, dtype=torch.float32)
-    out_i = torch.empty(n_q, k, dtype=torch.long)
+    best_s = torch.full((n_q, k), float("-inf"), dtype=torch.float32)
+    best_i = torch.zeros((n_q, k), dtype=torch.long)
     if k == 0 or n_q == 0:
-        return out_s, out_i
-    for q0 in range(0, n_q, query_chunk):
-        q = queries[q0 : q0 + query_chunk]
-        best_s = best_i = None
-        for c0 in range(0, n_c, corpus_chunk):
-            block = q @ corpus[c0 : c0 + corpus_chunk].T
+        return best_s, best_i
+    queries = queries.float()
+    buf = torch.empty(min(query_chunk, n_q) * min(corpus_chunk, n_c), dtype=torch.float32)
+    for c0 in range(0, n_c, corpus_chunk):
+        block_c = corpus[c0 : c0 + corpus_chunk].float()
+        for q0 in range(0, n_q, query_chunk):
+            q = queries[q0 : q0 + query_chunk]
+            block = buf[: q.shape[0] * block_c.shape[0]].view(q.shape[0], block_c.shape[0])
+            torch.mm(q, block_c.T, out=block)
             s, i = block.topk(min(k, block.shape[1]), dim=1)
-            del block
-            i += c0
-            if best_s is not None:  # merge this block's candidates into the running best k
-                cand = torch.cat([best_s, s], dim=1)
-                s, pos = cand.topk(min(k, cand.shape[1]), dim=1)
-                i = torch.cat([best_i, i], dim=1).gather(1, pos)
-            best_s, best_i = s, i
-        out_s[q0 : q0 + q.shape[0]] = best_s.float()
-        out_i[q0 : q0 + q.shape[0]] = best_i
-    return out_s, out_i
+            cand_s = torch.cat([best_s[q0 : q0 + q.shape[0]], s], dim=1)
+            cand_i = torch.cat([best_i[q0 : q0 + q.shape[0]], i + c0], dim=1)
+            s, pos = cand_s.topk(k, dim=1)
+            best_s[q0 : q0 + q.shape[0]] = s
+            best_i[q0 : q0 + q.shape[0]] = cand_i.gather(1, pos)
+    return best_s, best_i
 
 
 class CorpusIndex:
@@ -67,8 +67,8 @@ class CorpusIndex:
         meta: list[dict[str, Any]] | None = None,
         backend: str = "torch",
         faiss_factory: str = "Flat",
-        query_chunk: int = 256,
-        corpus_chunk: int = 65536,
+        query_chunk: int = 2048,
+        corpus_chunk: int = 8192,
     ):
         if not (len(ids) == len(texts) == embeddings.shape[0]):
             raise ValueError(f"corpus sizes differ: {embeddings.shape[0]} embeddings, {len(ids)} ids, {len(texts)} texts")

@@ -79,8 +79,8 @@ class RetrieveConfig:
     backend: Literal["torch", "faiss"] = doc("torch", "exact chunked top-k (torch) or a FAISS index")
     faiss_factory: str = doc("Flat", "faiss.index_factory string (Flat is exact; HNSW32, IVF4096,PQ64 for millions)")
     dim: int = doc(0, "search with the first `dim` embedding coordinates (Matryoshka-trained); 0 = all")
-    query_chunk: int = doc(256, "queries per block of the chunked top-k")
-    corpus_chunk: int = doc(65536, "corpus rows per block of the chunked top-k")
+    query_chunk: int = doc(2048, "queries per block of the chunked top-k")
+    corpus_chunk: int = doc(8192, "corpus rows per block of the chunked top-k (block memory: query_chunk x corpus_chunk x 4 bytes)")
     batch_size: int = doc(256, "images or texts per encoding batch")
     num_workers: int = doc(0, "DataLoader workers per process")
     mixed_precision: Literal["no", "bf16", "fp16"] = doc("no", "autocast precision for encoding")
@@ -116,8 +116,8 @@ class Retriever:
     def __init__(
         self, encoders: dict[str, Clip], folders: dict[str, Path], router: Router | None,
         corpus_files: dict[str, list[tuple[str, str | None]]], cache_dir: str | Path, accelerator: Any = None,
-        backend: str = "torch", faiss_factory: str = "Flat", dim: int = 0, query_chunk: int = 256,
-        corpus_chunk: int = 65536, batch_size: int = 256,
+        backend: str = "torch", faiss_factory: str = "Flat", dim: int = 0, query_chunk: int = 2048,
+        corpus_chunk: int = 8192, batch_size: int = 256,
     ):
         self.encoders, self.folders, self.router = encoders, folders, router
         self.corpus_files, self.cache_dir, self.accelerator = corpus_files, Path(cache_dir), accelerator
@@ -205,7 +205,8 @@ class Retriever:
 
     def route(self, images: Sequence[Any]) -> list[str]:
         """F(x_v) for PIL images."""
-        return self.route_features({d: self.embed(images, d) for d in self.router.domains}) if self.router else []
+        domains = self.router.domains if self.router else []
+        return self.route_features({d: self.embed(images, d) for d in domains})
 
     def top(self, embeddings: torch.Tensor, domain: str, k: int) -> list[list[Hit]]:
         """The ``k`` best corpus reports per query embedding (of ``domain``'s CLIP), best first."""
@@ -217,6 +218,8 @@ class Retriever:
     def search(self, images: Sequence[Any], domain: str | None = None, k_rule: KRule | None = None) -> list[list[Hit]]:
         """Reports for PIL images: routed by F unless ``domain`` is given, cut by ``k_rule``."""
         k_rule = k_rule or KRule()
+        if domain is not None and domain not in self.encoders:
+            raise ValueError(f"no retriever for domain {domain!r}; loaded: {self.domains}")
         domains = [domain] * len(images) if domain else self.route(images)
         hits: list[list[Hit]] = [[] for _ in images]
         for d in dict.fromkeys(domains):
@@ -332,7 +335,7 @@ def retrieve_file(retriever: Retriever, qf: QueryFile, cfg: RetrieveConfig, acce
         metrics["_routing_counts"] = (correct, known)
     metrics.update(_recall(own_q, own_r, "own_"))
     metrics.update(_recall(fin_q, fin_r, "findings_"))
-    return out_rows, metrics
+    return out_rows, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 def _recall(q_labels: list, retrieved: list[list], prefix: str) -> dict[str, float]:

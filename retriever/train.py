@@ -129,9 +129,12 @@ class SeededItems(Dataset):
         return len(self.dataset)
 
     def _seeded(self, i: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + int(self._epoch[0]) * 10_000_019 + int(i)) % (2**63))
+        outer = torch.get_rng_state()  # the caller's stream is left untouched
+        torch.default_generator.manual_seed((self.seed * 1_000_003 + int(self._epoch[0]) * 10_000_019 + int(i)) % (2**63))
+        try:
             return self.dataset.__getitems__([i])[0]
+        finally:
+            torch.set_rng_state(outer)
 
     def __getitem__(self, i: int) -> Any:
         return self._seeded(i)
