@@ -28,7 +28,7 @@ from torch import nn
 
 from common.checkpoint import CheckpointManager
 from common.config import ConfigError, cli_main, doc, load_config, save_config
-from common.io import atomic_path, atomic_write_json
+from common.io import InputError, atomic_path, atomic_write_json
 from common.metrics import MetricsLogger
 from data.records import DOMAINS
 from retriever.model import Clip, embed_images, load_clip, weights_fingerprint
@@ -192,7 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     from retriever.train import make_accelerator
 
     cfg = load_config(DomainConfig, argv, description=__doc__)
-    train_classifier(cfg, make_accelerator("no", 1, cfg.seed))
+    try:
+        train_classifier(cfg, make_accelerator("no", 1, cfg.seed))
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
 
 
 if __name__ == "__main__":

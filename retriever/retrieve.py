@@ -369,12 +369,15 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"routing=fixed needs --domain, one of {cfg.domains}")
     accelerator = make_accelerator(cfg.mixed_precision, 1, 0)
     out = Path(cfg.output_dir)
-    retriever = Retriever.load(
-        cfg.clip_dir, cfg.checkpoint, cfg.domains, {d: cfg.data.files(d, "retriever_train") for d in cfg.domains},
-        cfg.cache_dir or out / "cache", accelerator, require_router=cfg.routing == "classifier",
-        backend=cfg.backend, faiss_factory=cfg.faiss_factory, dim=cfg.dim, query_chunk=cfg.query_chunk,
-        corpus_chunk=cfg.corpus_chunk, batch_size=cfg.batch_size,
-    )
+    try:
+        retriever = Retriever.load(
+            cfg.clip_dir, cfg.checkpoint, cfg.domains, {d: cfg.data.files(d, "retriever_train") for d in cfg.domains},
+            cfg.cache_dir or out / "cache", accelerator, require_router=cfg.routing == "classifier",
+            backend=cfg.backend, faiss_factory=cfg.faiss_factory, dim=cfg.dim, query_chunk=cfg.query_chunk,
+            corpus_chunk=cfg.corpus_chunk, batch_size=cfg.batch_size,
+        )
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
     for d in cfg.domains:  # every process takes part in encoding a corpus that is not cached
         retriever.index(d)
     files, per_file, taken = [], {}, set()

@@ -180,7 +180,7 @@ class ClipTrainConfig:
     data: DataSpec = doc(DataSpec(), "annotation files per domain")
     domains: list[str] = doc(list(DOMAINS), "domains to train a retriever for, one model each")
     output_dir: str = doc("outputs/toy/clip", "one folder per domain is made here, plus domain_classifier/")
-    epochs: int = doc(15, "training epochs per domain")
+    epochs: int = doc(10, "training epochs per domain")
     batch_size: int = doc(64, "pairs per process per micro-batch")
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     mixed_precision: Literal["no", "bf16", "fp16"] = doc("no", "autocast precision (accelerate)")
@@ -329,11 +329,17 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
         export_clip(clip, accelerator.unwrap_model(model), folder / CLIP_SUBDIR, extra={"domain": domain})
 
     state = {"epoch": 0, "batches_done": 0, "global_step": 0}
-    if cfg.resume:
-        state.update(ckpt.load(accelerator, cfg.resume))
+    resume = cfg.resume
+    if resume in ("latest", "best") and ckpt.resolve(resume) is None:
+        resume = ""  # a domain the interrupted run had not reached yet starts fresh
+    elif resume:
+        try:
+            state.update(ckpt.load(accelerator, resume))
+        except FileNotFoundError as e:
+            raise ConfigError(f"--resume: {e}") from None
         state["global_step"] = state.get("step", state["global_step"])
     metrics: dict[str, float] = {}
-    if not cfg.resume:  # the untrained row, so the gain is visible
+    if not resume:  # the untrained row, so the gain is visible
         metrics = validate(model, clip, val_records, val_ds, cfg, accelerator)
         logger.log({"epoch": 0, **metrics}, step=0)
         _print(accelerator, domain, 0, metrics)
