@@ -15,6 +15,7 @@ Declare a field with its doc beside it::
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -24,6 +25,26 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are bools, so ``mixed_precision: no``
+    stays the string "no" (accelerate's spelling) instead of becoming false."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "tTfF":
+    _Loader.yaml_implicit_resolvers.setdefault(_first, []).append(
+        ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"))
+    )
+_WORD_BOOLS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -92,6 +113,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (str, Path)):
             return Path(value)
         raise ConfigError(f"{where}: expected a path, got {value!r}")
+    if tp is bool and isinstance(value, str) and value.lower() in _WORD_BOOLS:
+        return _WORD_BOOLS[value.lower()]
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):
@@ -185,7 +208,7 @@ def load_config(cls: type[T], argv: list[str] | None = None, description: str = 
         if not path.is_file():
             raise ConfigError(f"{path}: config file does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -206,7 +229,7 @@ def load_config(cls: type[T], argv: list[str] | None = None, description: str = 
                 i += 1
                 val = argv[i]
         try:
-            parsed = yaml.safe_load(val) if val != "" else ""
+            parsed = _yaml(val) if val != "" else ""
         except yaml.YAMLError:
             parsed = val
         _set_dotted(data, key.replace("-", "_"), parsed)

@@ -73,3 +73,13 @@ class Outer:
 def test_partial_override_keeps_the_sections_own_defaults():
     cfg = load_config(Outer, ["--train.betas", "[0.1, 0.2]"])
     assert cfg.train.lr == 0.5 and cfg.train.betas == [0.1, 0.2]
+
+
+def test_yes_no_words_are_strings_for_str_fields_and_bools_for_bool_fields(tmp_path):
+    # accelerate spells "no mixed precision" as "no"; YAML 1.1 would read it as false
+    y = tmp_path / "c.yaml"
+    y.write_text("rule: no\nbf16: yes\n")
+    cfg = load_config(Cfg, [str(y)])
+    assert cfg.rule == "no" and cfg.bf16 is True
+    cfg = load_config(Cfg, ["--rule", "off", "--bf16", "off"])
+    assert cfg.rule == "off" and cfg.bf16 is False
