@@ -17,7 +17,9 @@ Layout::
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -80,12 +82,20 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                if export is not None:
+                    export(tmp)
+                atomic_write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "metric": metric})
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as "unexpected pos"
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free
+            code = getattr(e, "errno", None) or errno.ENOSPC
+            raise OSError(code, f"{os.strerror(code)}: checkpoint of step {step} not written "
+                                f"({free} bytes free; {e})", str(tmp)) from e
         if accelerator.is_main_process:
-            if export is not None:
-                export(tmp)
-            atomic_write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "metric": metric})
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             atomic_write_json(self.root / "latest.json", {"name": name, "step": step})

@@ -248,7 +248,10 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def cli_main(fn: typing.Callable[[], Any]) -> None:
-    """Run an entry point; user errors (ConfigError, InputError) exit 2 with the message."""
+    """Run an entry point; user errors (ConfigError, InputError) exit 2 with the message, and an
+    output that cannot be written (read-only, full disk, no permission) exits 1 with its path."""
+    import errno
+
     from common.io import InputError
 
     try:
@@ -256,3 +259,9 @@ def cli_main(fn: typing.Callable[[], Any]) -> None:
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}cannot write: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(1) from None

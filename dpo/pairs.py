@@ -91,6 +91,8 @@ class PairsConfig:
     max_new_tokens_vqa: int = doc(16, "answer length limit for VQA")
     max_new_tokens_report: int = doc(96, "answer length limit for reports")
     limit: int = doc(0, "use only the first N records of each input file (0: all)")
+    bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the record (counted in "
+                                              "pairs_stats.json) or stop with its path")
     overwrite: bool = doc(False, "discard earlier generations made with other settings instead of refusing")
     progress: bool = doc(True, "tqdm progress bar")
 
@@ -279,6 +281,8 @@ def answer_batch(policy: Any, batch: list[Item], cfg: PairsConfig, templates: Pr
             real = load(it)
             noised = make_x_v_star(it, real, cfg.noise, pool[it.domain], load)
         except BadImageError as e:
+            if cfg.bad_image == "error":
+                raise
             rows[it.key] = {"key": it.key, "skipped": {"path": e.path, "reason": e.reason, "detail": e.detail}}
             continue
         name = noised_name(it)
