@@ -27,6 +27,7 @@ from typing import Any, Callable
 from common.io import atomic_write_json
 
 STATE_FILE = "trainer_state.json"
+LOW_DISK_BYTES = 64 << 20  # a failed save with less free space than this is taken for a full disk
 
 
 class CheckpointManager:
@@ -89,10 +90,13 @@ class CheckpointManager:
                 if export is not None:
                     export(tmp)
                 atomic_write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "metric": metric})
-        except (OSError, RuntimeError) as e:  # torch reports a full disk as "unexpected pos"
+        except (OSError, RuntimeError) as e:
+            free = shutil.disk_usage(self.root).free  # before the partial checkpoint is removed
             shutil.rmtree(tmp, ignore_errors=True)
-            free = shutil.disk_usage(self.root).free
-            code = getattr(e, "errno", None) or errno.ENOSPC
+            # torch reports a full disk as a RuntimeError ("unexpected pos"): told apart by free space
+            code = e.errno if isinstance(e, OSError) else errno.ENOSPC if free < LOW_DISK_BYTES else None
+            if not code:
+                raise
             raise OSError(code, f"{os.strerror(code)}: checkpoint of step {step} not written "
                                 f"({free} bytes free; {e})", str(tmp)) from e
         if accelerator.is_main_process:

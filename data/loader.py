@@ -9,11 +9,11 @@ processes itself (and seeds its sampler). For a plain ``torch.distributed`` run,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from data.datasets import CollateSkip
 
@@ -28,17 +28,20 @@ def make_loader(
     seed: int = 0,
     distributed: tuple[int, int] | None = None,
     prefetch_factor: int = 2,
+    sampler: Sampler[int] | Sequence[int] | None = None,
 ) -> DataLoader:
     """A DataLoader whose batches carry their skipped samples (see data.datasets).
 
     ``collate_fn`` (default: torch's default_collate) is wrapped in CollateSkip. Pinned memory
     only when CUDA is present; persistent workers and prefetching only when there are workers.
-    The order is reproducible from ``seed`` (workers are seeded from it by torch).
+    The order is reproducible from ``seed`` (workers are seeded from it by torch). ``sampler``
+    gives the order itself (a staged sampler, a shard's positions) instead of ``shuffle``.
     """
+    if sampler is not None and (shuffle or distributed is not None):
+        raise ValueError("make_loader: give `sampler`, or `shuffle` / `distributed`, not both")
     collate = collate_fn or default_collate
     if not isinstance(collate, CollateSkip):
         collate = CollateSkip(collate)
-    sampler = None
     if distributed is not None:
         rank, world_size = distributed
         sampler = DistributedSampler(

@@ -132,6 +132,31 @@ def _load_json(path: Path) -> Any:
         raise InputError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
 
 
+def read_index(path: str | Path, roles: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
+    """The entries of a retrieval ``index.json`` whose ``role`` is in ``roles``, ``path`` made absolute.
+
+    The index (``{"files": [...]}`` or a bare list) is written by ``retriever.retrieve`` and
+    ``data.toy_retrieval``; SFT, pair building and evaluation find their retrieval JSONL through it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: retrieval index does not exist (run scripts/retrieve.sh or "
+                         "python -m data.toy_retrieval)")
+    data = _load_json(path)
+    entries = data.get("files") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: expected a list of file entries (or {{'files': [...]}})")
+    found = []
+    for n, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
+            raise InputError(f"{path}: entry [{n}] needs a `path` (the retrieval JSONL)")
+        if e.get("role") in roles:
+            found.append({**e, "path": path.parent / e["path"]})  # an absolute path stays as it is
+    if not found:
+        raise InputError(f"{path}: no entry with role in {list(roles)}")
+    return found
+
+
 def _iter_json_list(path: Path):
     data = _load_json(path)
     if not isinstance(data, list):

@@ -46,7 +46,7 @@ from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from data.datasets import first_image
 from data.images import BadImageError, BadImageLog, load_image, resolve_image
-from data.readers import read_records
+from data.readers import read_index, read_records
 from data.records import ReportRecord, VqaRecord
 from dpo.answers import yes_no
 from dpo.pairs import NoiseConfig, make_x_v_star
@@ -107,36 +107,13 @@ class EvalFile:
     records: list[VqaRecord | ReportRecord] = field(default_factory=list)
 
 
-def index_entries(retrieval_dir: Path) -> list[dict[str, Any]]:
-    """The entries of ``index.json`` (a list, or a mapping with ``files``) with absolute paths."""
-    path = retrieval_dir / "index.json"
-    if not path.is_file():
-        raise InputError(f"{path}: no retrieval index; run `bash scripts/retrieve.sh` first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    entries = data.get("files") if isinstance(data, dict) else data
-    if not isinstance(entries, list):
-        raise InputError(f"{path}: expected a list of files (or {{'files': [...]}})")
-    out = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
-            raise InputError(f"{path}: entry [{i}] needs a `path` (the retrieval JSONL)")
-        p = Path(e["path"])
-        out.append({**e, "path": p if p.is_absolute() else retrieval_dir / p})
-    return out
-
-
 def eval_files(cfg: EvalConfig) -> list[EvalFile]:
     """The query files to evaluate, records read (every record: x_v* candidates come from all)."""
     default_root = cfg.image_root or None
     if cfg.files:
         specs = [{"path": Path(f)} for f in cfg.files]
     else:
-        specs = [e for e in index_entries(Path(cfg.retrieval_dir)) if e.get("role") in cfg.roles]
-        if not specs:
-            raise InputError(f"{cfg.retrieval_dir}/index.json: no files with role in {cfg.roles}")
+        specs = read_index(Path(cfg.retrieval_dir) / "index.json", cfg.roles)
     files = []
     for spec in specs:
         path = Path(spec["path"])

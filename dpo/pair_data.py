@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from common.io import InputError
-from data.datasets import PreferenceDataset, StringColumn
-from data.images import SKIPPED_KEY, BadImagePolicy, SkippedSample
+from data.datasets import CollateSkip, PreferenceDataset, StringColumn
+from data.images import BadImagePolicy
 from data.noise import pure_noise, stable_seed
 from data.readers import read_records
 from data.records import PreferenceRecord
@@ -170,7 +170,7 @@ class CpuEncoder(Policy):
         super().__init__(model=None, processor=processor)
 
 
-class PairCollator:
+class PairCollator(CollateSkip):
     """Items of a PairDataset -> ``{"inputs": 2B-row model batch, "index", "pair_type", "skipped"}``.
 
     ``index`` is the pair's position in the dataset (the key of cached reference log-probs),
@@ -182,6 +182,7 @@ class PairCollator:
     def __init__(
         self, records: Sequence[PreferenceRecord], processor: Any, types: Sequence[str], max_length: int | None = None
     ):
+        super().__init__(self.encode)
         self.encoder = CpuEncoder(processor)
         self.max_length = max_length
         self.types = list(types)
@@ -191,11 +192,8 @@ class PairCollator:
         code = {t: k for k, t in enumerate(self.types)}
         self.type_codes = np.fromiter((code[pair_type_of(r)] for r in records), np.int64, len(records))
 
-    def __call__(self, samples: list[dict[str, Any] | SkippedSample | None]) -> dict[str, Any] | None:
-        good = [s for s in samples if isinstance(s, dict)]
-        skipped = [s for s in samples if isinstance(s, SkippedSample)]
-        if not good:
-            return {SKIPPED_KEY: skipped}
+    def encode(self, good: list[dict[str, Any]]) -> dict[str, Any]:
+        """The batch of the readable samples (CollateSkip sets the skipped ones aside)."""
         idx = [s["index"] for s in good]
         inputs = self.encoder.encode_preference(
             [user_turn(self.prompts[i]) for i in idx],
@@ -209,34 +207,9 @@ class PairCollator:
             "inputs": inputs,
             "index": torch.tensor(idx, dtype=torch.long),
             "pair_type": torch.from_numpy(self.type_codes[idx]),
-            SKIPPED_KEY: skipped,
         }
 
 
 def answer_lengths(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Answer tokens per row (labels that are not IGNORE): what IPO averages over."""
     return (inputs["labels"] != IGNORE).sum(-1).float()
-
-
-def pair_loader(
-    dataset: PairDataset,
-    collator: PairCollator,
-    batch_size: int,
-    sampler: Sampler[int] | Sequence[int],
-    seed: int = 0,
-    num_workers: int = 0,
-) -> DataLoader:
-    """A loader over ``dataset`` in ``sampler``'s order: a StagedSampler for training, a list of
-    positions for evaluation and reference caching. Options as data.loader.make_loader (which
-    takes no sampler)."""
-    workers: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collator,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed),
-        **workers,
-    )

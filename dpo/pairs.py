@@ -43,7 +43,7 @@ from common.config import ConfigError, cli_main, doc, load_config, save_config, 
 from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl
 from data.images import BadImageError, load_image, pick_root, resolve_image
 from data.noise import MODES, make_noised, pick_other, stable_seed
-from data.readers import detect_kind, read_records
+from data.readers import detect_kind, read_index, read_records
 from data.records import VqaRecord
 from dpo.answers import is_correct
 from dpo.metrics import copy_rate, over_reliance_rate
@@ -141,27 +141,8 @@ def find_inputs(cfg: PairsConfig) -> list[Input]:
     """The retrieval JSONL files: ``inputs`` as given, else the index entries of ``roles``."""
     if cfg.inputs:
         return [Input(p, cfg.domain or None, None) for p in cfg.inputs]
-    index = Path(cfg.retrieval_index)
-    if not index.is_file():
-        raise InputError(f"{index}: retrieval index does not exist (run scripts/retrieve.sh, or give --inputs)")
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{index}:{e.lineno}: not valid JSON: {e.msg}") from None
-    entries = data.get("files", data) if isinstance(data, dict) else data
-    if not isinstance(entries, list):
-        raise InputError(f"{index}: expected a list of file entries (or {{'files': [...]}})")
-    found = []
-    for n, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
-            raise InputError(f"{index}: entry [{n}] needs a `path`")
-        if e.get("role") in cfg.roles:
-            path = Path(e["path"])
-            path = path if path.is_absolute() else index.parent / path
-            found.append(Input(str(path), cfg.domain or e.get("domain"), e.get("image_root")))
-    if not found:
-        raise InputError(f"{index}: no entry with role in {cfg.roles}")
-    return found
+    return [Input(str(e["path"]), cfg.domain or e.get("domain"), e.get("image_root"))
+            for e in read_index(cfg.retrieval_index, cfg.roles)]
 
 
 def read_items(inputs: list[Input], cfg: PairsConfig) -> list[Item]:

@@ -36,7 +36,7 @@ from data.datasets import QueryDataset
 from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
 from data.loader import make_loader
 from data.noise import make_noised, pick_other, stable_seed
-from data.readers import detect_kind, read_records, strip_image_mark
+from data.readers import detect_kind, read_index, read_records, strip_image_mark
 from data.records import ReportRecord, VqaRecord
 from dpo.answers import vqa_correct, yes_no
 from dpo.policy import Policy, load_policy
@@ -109,19 +109,8 @@ class Source:
 
 def index_sources(index: str | Path, roles: list[str], domain: str = "") -> list[Source]:
     """The files of ``roles`` listed in an ``index.json`` (retrieve.sh, data.toy_retrieval)."""
-    index = Path(index)
-    if not index.is_file():
-        raise InputError(f"{index}: retrieval index does not exist (run scripts/retrieve.sh or "
-                         "python -m data.toy_retrieval, or give --data.files)")
-    try:
-        entries = json.loads(index.read_text(encoding="utf-8")).get("files", [])
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise InputError(f"{index}: not an index ({{'files': [...]}}): {e}") from None
-    found = [Source(str(index.parent / e["path"]), domain or e.get("domain"), e.get("image_root"), e.get("role"))
-             for e in entries if isinstance(e, dict) and e.get("role") in roles and "path" in e]
-    if not found:
-        raise InputError(f"{index}: no entry with role in {roles}")
-    return found
+    return [Source(str(e["path"]), domain or e.get("domain"), e.get("image_root"), e.get("role"))
+            for e in read_index(index, roles)]
 
 
 def training_sources(cfg: SftDataConfig) -> list[Source]:

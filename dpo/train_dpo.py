@@ -40,10 +40,11 @@ from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, LoraConfig, _any_process, apply_lora, build_accelerator, save_model, train
 from common.io import atomic_dir
 from data.images import BadImageLog
+from data.loader import make_loader
 from data.noise import pure_noise
 from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss
 from dpo.pair_data import (
-    PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_loader, pair_type_of, split_heldout,
+    PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_type_of, split_heldout,
     stage_indices,
 )
 from dpo.policy import load_policy, sequence_logps
@@ -232,8 +233,9 @@ class DpoTrainer:
         self.bad_log = BadImageLog()
         self.train_set = PairDataset(self.train_records, cfg.image_root or None, cfg.noise_seed, cfg.bad_image)
         self.collate_train = PairCollator(self.train_records, processor, self.types, max_length)
-        self.train_loader = pair_loader(self.train_set, self.collate_train, cfg.train.batch_size,
-                                        StagedSampler(stages, cfg.train.seed), cfg.train.seed, cfg.train.num_workers)
+        self.train_loader = make_loader(self.train_set, cfg.train.batch_size, num_workers=cfg.train.num_workers,
+                                        collate_fn=self.collate_train, seed=cfg.train.seed,
+                                        sampler=StagedSampler(stages, cfg.train.seed))
         self.heldout_set = PairDataset(self.heldout_records, cfg.image_root or None, cfg.noise_seed, cfg.bad_image)
         self.collate_heldout = PairCollator(self.heldout_records, processor, self.types, max_length)
         self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout)
@@ -245,8 +247,8 @@ class DpoTrainer:
     def _fixed_loader(self, dataset: PairDataset, collate: PairCollator) -> DataLoader:
         """This process's share of ``dataset``, in order (evaluation, reference caching)."""
         batch = self.cfg.eval_batch_size or self.cfg.train.batch_size
-        return pair_loader(dataset, collate, batch, shard(len(dataset), self.accelerator),
-                           num_workers=self.cfg.train.num_workers)
+        return make_loader(dataset, batch, num_workers=self.cfg.train.num_workers, collate_fn=collate,
+                           sampler=shard(len(dataset), self.accelerator))
 
     def _cache(self, model: Any) -> dict[str, torch.Tensor]:
         """Reference log-probs of every training and held-out pair, computed once (same values

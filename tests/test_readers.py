@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,18 @@ def test_malformed_preference(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         read_records(tmp_path / "nope.json")
+
+
+def test_read_index_filters_roles_and_resolves_paths(tmp_path):
+    from data.readers import read_index
+
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"files": [{"path": "a.jsonl", "role": "test_vqa"},
+                                           {"path": "/abs/b.jsonl", "role": "test_vqa"},
+                                           {"path": "c.jsonl", "role": "alignment_vqa"}]}))
+    assert [e["path"] for e in read_index(index, ["test_vqa"])] == [tmp_path / "a.jsonl", Path("/abs/b.jsonl")]
+    with pytest.raises(InputError, match="no entry with role"):
+        read_index(index, ["test_report"])
+    index.write_text("{ broken")
+    with pytest.raises(InputError, match=r"index.json:1:\d+: not valid JSON"):
+        read_index(index, ["test_vqa"])
