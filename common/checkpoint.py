@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from common.io import atomic_write_json
+from common.io import InputError, atomic_write_json
 
 STATE_FILE = "trainer_state.json"
 LOW_DISK_BYTES = 64 << 20  # a failed save with less free space than this is taken for a full disk
@@ -90,10 +90,11 @@ class CheckpointManager:
                 if export is not None:
                     export(tmp)
                 atomic_write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "metric": metric})
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever failed, the partial checkpoint must go
             free = shutil.disk_usage(self.root).free  # before the partial checkpoint is removed
             shutil.rmtree(tmp, ignore_errors=True)
-            # torch reports a full disk as a RuntimeError ("unexpected pos"): told apart by free space
+            # torch reports a full disk as a RuntimeError ("unexpected pos"), safetensors as a
+            # SafetensorError: told apart from other failures by the free space left
             code = e.errno if isinstance(e, OSError) else errno.ENOSPC if free < LOW_DISK_BYTES else None
             if not code:
                 raise
@@ -123,5 +124,22 @@ class CheckpointManager:
         folder = self.resolve(spec)
         if folder is None:
             raise FileNotFoundError(f"{self.root}: no '{spec}' checkpoint to resume from")
+        _check_rng_state(folder / f"random_states_{accelerator.process_index}.pkl")
         accelerator.load_state(str(folder))
         return json.loads((folder / STATE_FILE).read_text())
+
+
+def _check_rng_state(path: Path) -> None:
+    """Refuse an unreadable RNG file: accelerate would log it at info level and resume with the
+    wrong random state, so the run would silently not continue exactly."""
+    from accelerate.utils import load
+
+    if not path.is_file():
+        return
+    try:
+        load(path)  # accelerate's own reader: weights_only=True with numpy's RNG types allowed
+    except Exception as e:  # noqa: BLE001 - unpickling fails in many ways; each one means the same
+        raise InputError(
+            f"{path}: unreadable RNG state ({type(e).__name__}); resuming would not repeat the run "
+            "exactly. Delete the file to resume with a fresh random state."
+        ) from None

@@ -292,8 +292,8 @@ def train(
     hooks = _trainable_only_checkpoints(accelerator)
 
     manager = CheckpointManager(out / "checkpoints", keep=cfg.keep, higher_is_better=cfg.higher_is_better)
-    log = MetricsLogger(out, enabled=accelerator.is_main_process)
     step, epoch, seen = 0, 0, 0  # seen: batches of the current epoch already consumed
+    resumed_at = None
     if cfg.resume:
         try:
             folder = manager.resolve(cfg.resume)
@@ -304,7 +304,9 @@ def train(
         if folder is not None:
             state = manager.load(accelerator, folder)
             step, epoch, seen = state["step"], state["epoch"], state["batches_in_epoch"]
+            resumed_at = step
             accelerator.print(f"resumed from {folder} (step {step}, epoch {epoch}, batch {seen})")
+    log = MetricsLogger(out, enabled=accelerator.is_main_process, resumed_at=resumed_at)
 
     def save(metrics: dict[str, float]) -> None:
         state_dict = accelerator.get_state_dict(model)  # collective: ZeRO-3 gathers its shards

@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from PIL import Image
 
-from common.io import InputError
+from common.io import InputError, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -215,18 +215,19 @@ class BadImageLog:
     samples, and ``take`` records them here, so counts are right whatever the number of workers.
     """
 
-    def __init__(self, max_logged: int = 50):
+    def __init__(self, max_logged: int = 50, max_listed: int = 1000):
         self.skipped = 0
         self.by_reason: Counter[str] = Counter()
-        self.paths: set[str] = set()
+        self.paths: dict[str, str] = {}  # bad path -> its reason, in the order first seen
         self.max_logged = max_logged
+        self.max_listed = max_listed
 
     def record(self, path: str, reason: str, detail: str = "") -> None:
         self.skipped += 1
         self.by_reason[reason] += 1
         if path in self.paths:
             return
-        self.paths.add(path)
+        self.paths[path] = reason
         if len(self.paths) <= self.max_logged:
             log.warning("skipping bad image %s: %s %s", path, reason, detail)
         elif len(self.paths) == self.max_logged + 1:
@@ -241,8 +242,30 @@ class BadImageLog:
         return batch if len(batch) else None
 
     def summary(self) -> dict[str, Any]:
+        """Counts, and the bad paths themselves (the first ``max_listed``) so they can be fixed."""
+        listed = dict(list(self.paths.items())[: self.max_listed])
         return {
             "skipped": self.skipped,
             "distinct_images": len(self.paths),
             "by_reason": dict(self.by_reason),
+            "images": listed,  # fewer than distinct_images when more than max_listed
         }
+
+    def write(self, accelerator: Any, path: str | Path) -> None:
+        """Every process's bad images in one JSON file, so a run names what it skipped.
+
+        Collective: all processes call it. Writes nothing when no sample was skipped.
+        """
+        logs = [self]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            logs = gather_object([self])
+        total = BadImageLog(self.max_logged, self.max_listed)
+        for other in logs:
+            total.skipped += other.skipped
+            total.by_reason.update(other.by_reason)
+            total.paths.update(other.paths)
+        if total.skipped and accelerator.is_main_process:
+            atomic_write_json(path, total.summary())
+            accelerator.print(f"skipped {total.skipped} samples with bad images ({dict(total.by_reason)}): see {path}")

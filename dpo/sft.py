@@ -337,8 +337,7 @@ def run_sft(cfg: SftConfig) -> Path:
     start = time.perf_counter()
     result = train(cfg.train, accelerator, policy.model, loader, sft_loss, eval_fn, policy.processor, bad_log.take)
     save_model(accelerator, result.model, out, policy.processor)
-    if bad_log.skipped:
-        accelerator.print(f"skipped samples with bad images: {bad_log.summary()}")
+    bad_log.write(accelerator, out / "bad_images.json")
     accelerator.print(f"SFT: {result.step} steps in {time.perf_counter() - start:.0f} s -> {out}")
     if accelerator.is_main_process and cfg.lora.enabled and cfg.merge:
         merged = load_policy(cfg.model, adapter=out, dtype=cfg.dtype, merge_adapter=True)

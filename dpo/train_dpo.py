@@ -363,8 +363,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
             with plain_loading(accelerator):
                 merged = merge_adapter(cfg, adapter, out / "merged")
         accelerator.wait_for_everyone()
-    if trainer.bad_log.skipped:
-        accelerator.print(f"skipped pairs with unreadable images: {trainer.bad_log.summary()}")
+    trainer.bad_log.write(accelerator, out / "bad_images.json")
     return {"metrics": result.metrics, "step": result.step, "adapter": adapter, "merged": merged}
 
 

@@ -259,15 +259,24 @@ def _unique_images(records: list[Any]) -> tuple[list[Any], list[int]]:
     return reps, pos
 
 
-def retrieve_file(retriever: Retriever, qf: QueryFile, cfg: RetrieveConfig, accelerator: Any) -> tuple[list[dict], dict[str, Any]]:
-    """Output rows (on the main process; [] elsewhere) and metrics of one query file."""
-    from data.datasets import QueryDataset
+def read_queries(qf: QueryFile) -> list[ReportRecord | VqaRecord]:
+    """The records of one query file; read for every file before any work, so a bad file stops
+    the run before hours of encoding, not after."""
     from data.readers import read_records
 
     records = read_records(qf.path, kind=qf.kind or None, default_image_root=qf.image_root or None)
     bad_kind = [r.source for r in records if not isinstance(r, (ReportRecord, VqaRecord))]
     if bad_kind:
         raise InputError(f"{bad_kind[0]}: not a VQA or report record (preference files are not queries)")
+    return records
+
+
+def retrieve_file(
+    retriever: Retriever, qf: QueryFile, records: list[Any], cfg: RetrieveConfig, accelerator: Any
+) -> tuple[list[dict], dict[str, Any]]:
+    """Output rows (on the main process; [] elsewhere) and metrics of one query file."""
+    from data.datasets import QueryDataset
+
     kind = qf.kind or ("vqa" if records and isinstance(records[0], VqaRecord) else "report")
     if not records:
         return [], {"source": qf.path, "domain": qf.domain, "kind": kind, "records": 0}
@@ -369,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"routing=fixed needs --domain, one of {cfg.domains}")
     accelerator = make_accelerator(cfg.mixed_precision, 1, 0)
     out = Path(cfg.output_dir)
+    queries = [(qf, read_queries(qf)) for qf in query_files(cfg)]
     try:
         retriever = Retriever.load(
             cfg.clip_dir, cfg.checkpoint, cfg.domains, {d: cfg.data.files(d, "retriever_train") for d in cfg.domains},
@@ -382,8 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         retriever.index(d)
     files, per_file, taken = [], {}, set()
     correct = known = 0
-    for qf in tqdm(query_files(cfg), desc="query files", disable=not accelerator.is_main_process):
-        rows, m = retrieve_file(retriever, qf, cfg, accelerator)
+    for qf, records in tqdm(queries, desc="query files", disable=not accelerator.is_main_process):
+        rows, m = retrieve_file(retriever, qf, records, cfg, accelerator)
         if not accelerator.is_main_process:
             continue
         name = _output_name(qf, taken)

@@ -319,7 +319,6 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
         int(clip.model_cfg["embed_dim"]), cfg.matryoshka, cfg.seed, accelerator.process_index, accelerator.num_processes
     )
     ckpt = CheckpointManager(out / "checkpoints", keep=cfg.keep)
-    logger = MetricsLogger(out, enabled=is_main)
     if is_main:
         save_config(cfg, out / "run_config.yaml")
         atomic_write_json(out / "data.json", {"domain": domain, "train_files": cfg.data.files(domain, "retriever_train")})
@@ -338,6 +337,7 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
         except FileNotFoundError as e:
             raise ConfigError(f"--resume: {e}") from None
         state["global_step"] = state.get("step", state["global_step"])
+    logger = MetricsLogger(out, enabled=is_main, resumed_at=state["global_step"] if resume else None)
     metrics: dict[str, float] = {}
     if not resume:  # the untrained row, so the gain is visible
         metrics = validate(model, clip, val_records, val_ds, cfg, accelerator)
@@ -397,6 +397,7 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
             ckpt.save(accelerator, step, {"epoch": epoch, "batches_done": 0, "global_step": step},
                       metric=selection_metric(metrics, cfg.select_by), export=export)
     logger.close()
+    bad_log.write(accelerator, out / "bad_images.json")
     accelerator.free_memory()
     return metrics
 

@@ -413,11 +413,41 @@ def malformed_annotations(w: Worlds) -> list[Row]:
     rows.append(exit2_row("world path does not exist", "retriever.train",
                           cli("retriever.train", "--data.world", str(tmp / "noworld"), "--output_dir", str(out)),
                           out, "noworld"))
+    rows += malformed_retriever_files(w, tmp)
     index = tmp / "index.json"
     index.write_text("{ not json")
     out = tmp / "out_pairs"
     rows.append(exit2_row("retrieval index: broken JSON", "pair building",
                           cli("dpo.pairs", "--retrieval_index", str(index), "--out", str(out)), out, str(index)))
+    return rows
+
+
+def malformed_retriever_files(w: Worlds, tmp: Path) -> list[Row]:
+    """A broken retriever-training JSON (CLIP fine-tuning) and a broken query JSONL line (retrieval)."""
+    world = tmp / "world_broken"
+    shutil.rmtree(world, ignore_errors=True)
+    shutil.copytree(w.world(), world)
+    train_json = world / "pathology" / "retriever_train_report.json"
+    records = json.loads(train_json.read_text())
+    cases = {
+        "broken JSON": json.dumps(records)[:-40],
+        "missing key (no report text)": json.dumps(
+            records[:3] + [{k: v for k, v in records[3].items() if k not in ("report", "caption", "gpt4_summary")}]),
+    }
+    rows = []
+    for fault, text in cases.items():
+        train_json.write_text(text)
+        out = tmp / f"clip_out{len(rows)}"
+        res = cli("retriever.train", w.clip_config(tmp / f"clip_cfg{len(rows)}", world), "--output_dir", str(out))
+        rows.append(exit2_row(f"retriever training JSON: {fault}", "CLIP fine-tuning", res, out, str(train_json)))
+    queries = tmp / "queries.jsonl"
+    lines = (w.world() / "pathology" / "test_vqa.jsonl").read_text().splitlines()
+    queries.write_text("\n".join(lines[:2] + ['{"question_id": 7, "question": "Is there'] + lines[2:]) + "\n")
+    out = tmp / "retr_out"
+    res = cli("retriever.retrieve", "--clip_dir", str(clip_reference(w)), "--checkpoint", "latest",
+              "--data.world", str(w.world()), "--domains", "[pathology]", "--routing", "oracle", "--output_dir", str(out),
+              "--queries", f"[{{path: {queries}, domain: pathology, role: test_vqa, image_root: {w.world() / 'pathology' / 'images'}}}]")
+    rows.append(exit2_row("query JSONL: broken line 3", "retrieval", res, out, f"{queries}:3"))
     return rows
 
 
@@ -487,11 +517,11 @@ def sigkill_dpo(w: Worlds, during_save: bool = False) -> Row:
     res = cli(*dpo_args(d, out, **over))
     same = res.returncode == 0 and safetensors_equal(ref / "adapter" / "adapter_model.safetensors",
                                                      out / "adapter" / "adapter_model.safetensors")
-    metrics_steps = lambda o: [r.get("step") for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines()) if "loss" in r]  # noqa: E731
+    steps = [r.get("step") for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     return Row("SIGKILL " + ("during checkpoint save" if during_save else "mid-training"), "DPO training",
                f"{what}; adapter before resume: {half_adapter}; {n} checkpoints all load: {loads}; resume rc {res.returncode}; "
-               f"adapter equal uninterrupted: {same}; logged train steps {metrics_steps(out)}",
-               what == "killed" and loads and same and not half_adapter)
+               f"adapter equal uninterrupted: {same}; logged train steps {steps}",
+               what == "killed" and loads and same and not half_adapter and steps == sorted(set(steps)))
 
 
 def sigkill_pairs(w: Worlds) -> Row:
@@ -585,8 +615,9 @@ def unwritable(w: Worlds) -> list[Row]:
                                          else CLIP_WEIGHTS)[0] if ckpts else True
             nospace = "No space left" in res.stderr
             rows.append(Row(f"full disk (tmpfs {size})", stage,
-                            f"rc {res.returncode}: {last_line(res.stderr)}; corrupt files: {bad or 'none'}; checkpoints load: {loads}",
-                            res.returncode != 0 and nospace and not bad and loads))
+                            f"rc {res.returncode}: {last_line(res.stderr)}; traceback: {'Traceback' in res.stderr}; "
+                            f"corrupt files: {bad or 'none'}; checkpoints load: {loads}",
+                            res.returncode != 0 and nospace and "Traceback" not in res.stderr and not bad and loads))
         except Exception as e:  # noqa: BLE001 - a check that cannot read a checkpoint is itself a finding
             rows.append(Row(f"full disk (tmpfs {size})", stage, f"check failed: {type(e).__name__}: {e}"[:200], False))
         finally:

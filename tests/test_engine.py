@@ -178,6 +178,8 @@ def test_resume_continues_exactly(tmp_path):
     _, resumed = run(tmp_path / "b", lora, lm_loss(after), epochs=3, save_every=4, resume="latest")
 
     assert resumed.step == full.step == 9
+    steps = lambda out: [r["step"] for r in metrics(out) if "loss" in r]  # noqa: E731
+    assert steps(tmp_path / "b") == steps(tmp_path / "a") == list(range(1, 10))  # step 5, logged then redone: once
     assert before[:4 * 2 * 4] + after == order  # 4 steps x 2 batches x 4 samples, then the rest
     got = {n: p.detach() for n, p in resumed.model.named_parameters() if p.requires_grad}
     assert got.keys() == expected.keys()

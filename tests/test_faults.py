@@ -22,7 +22,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from common.checkpoint import CheckpointManager
 from common.config import cli_main
-from common.io import atomic_write_text
+from common.io import InputError, atomic_write_text
 from data.images import BadImageError, load_image
 from tests import faults_suite as fs
 
@@ -92,8 +92,9 @@ def test_pickled_payload_in_checkpoint_is_refused(tmp_path, victim):
     if victim == "optimizer.bin":
         with pytest.raises(Exception, match="(?i)weights.only|unpickl|global"):
             mgr.load(acc, "latest")
-    else:  # accelerate catches a failed RNG load and goes on (logged): refused, not fatal
-        mgr.load(acc, "latest")
+    else:  # accelerate would log a failed RNG load and go on; the manager stops with the file named
+        with pytest.raises(InputError, match="random_states_0.pkl: unreadable RNG state"):
+            mgr.load(acc, "latest")
     assert not marker.exists()
 
 

@@ -128,8 +128,10 @@ def test_paths_outside_the_root_are_refused(tmp_path):
 
 def test_bad_image_log_counts_and_logs_each_path_once(caplog):
     caplog.set_level(logging.WARNING, logger="data.images")
-    log = BadImageLog()
+    log = BadImageLog(max_listed=1)
     for path in ("a.png", "a.png", "b.png"):
         log.record(path, "missing")
-    assert log.summary() == {"skipped": 3, "distinct_images": 2, "by_reason": {"missing": 3}}
+    assert log.summary() == {
+        "skipped": 3, "distinct_images": 2, "by_reason": {"missing": 3}, "images": {"a.png": "missing"}
+    }
     assert len(caplog.records) == 2
