@@ -38,6 +38,7 @@ from data.loader import make_loader
 from data.noise import make_noised, pick_other, stable_seed
 from data.readers import detect_kind, read_index, read_records, strip_image_mark
 from data.records import ReportRecord, VqaRecord
+from dpo.align import FindingAligner
 from dpo.answers import vqa_correct, yes_no
 from dpo.policy import Policy, load_policy
 from dpo.prompts import DEFAULT_PROMPTS, Message, PromptTemplates, build_prompt, load_prompt_templates
@@ -76,6 +77,7 @@ class SftConfig:
     dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
     merge: bool = doc(False, "LoRA: also write the merged full model to <output_dir>/merged")
     eval_only: bool = doc(False, "only measure `model` (+ adapter) on measure.roles; no training")
+    align_findings: float = doc(0.0, "weight of the finding-alignment loss (dpo.align; records need `findings`): the toy policy's stand-in for LLaVA's stage-1 alignment")
     data: SftDataConfig = doc(SftDataConfig(), "training data")
     train: EngineConfig = doc(EngineConfig(output_dir="outputs/sft"), "optimization, checkpoints, logging")
     lora: LoraConfig = doc(LoraConfig(), "what is trained")
@@ -191,32 +193,55 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-class SftCollate:
-    """Dataset items (images) + their examples (prompts, answers) -> a training batch."""
+FINDING_LABELS = "finding_labels"  # batch key of the alignment targets (popped before the forward)
 
-    def __init__(self, policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int):
+
+class SftCollate:
+    """Dataset items (images) + their examples (prompts, answers) -> a training batch.
+
+    With an ``aligner`` the batch also carries each image's finding labels (dpo.align).
+    """
+
+    def __init__(self, policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int,
+                 aligner: FindingAligner | None = None):
         self.policy, self.examples, self.templates, self.max_length = policy, examples, templates, max_length
+        self.aligner = aligner
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         exs = [self.examples[it["index"]] for it in items]
-        return self.policy.encode_for_training(
+        batch = self.policy.encode_for_training(
             [e.prompt(self.templates) for e in exs], [e.answer for e in exs], [it["image"] for it in items],
             self.max_length or None,
         )
+        if self.aligner is not None:
+            batch[FINDING_LABELS] = self.aligner.labels([e.record for e in exs], [e.domain for e in exs])
+        return batch
 
 
-def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shuffle: bool, bad_log: BadImageLog):
+def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shuffle: bool, bad_log: BadImageLog,
+                    aligner: FindingAligner | None = None):
     templates = load_prompt_templates(cfg.data.prompts)
     dataset = QueryDataset([e.record for e in examples], None, _rgb, bad_image=cfg.data.bad_image, bad_log=bad_log)
-    collate = SftCollate(policy, examples, templates, cfg.data.max_length)
+    collate = SftCollate(policy, examples, templates, cfg.data.max_length, aligner)
     return make_loader(dataset, cfg.train.batch_size, shuffle=shuffle, num_workers=cfg.train.num_workers,
                        collate_fn=collate, seed=cfg.train.seed)
 
 
-def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy over answer tokens (the model shifts labels itself)."""
-    loss = model(**batch, use_cache=False).loss
-    return loss, {"answer_tokens": float((batch["labels"] != -100).sum())}
+def sft_loss_fn(aligner: FindingAligner | None = None, weight: float = 0.0):
+    """The engine's loss: mean cross-entropy over answer tokens (the model shifts labels itself),
+    plus ``weight`` x the finding-alignment loss when there is an aligner."""
+
+    def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        targets = batch.pop(FINDING_LABELS, None)
+        loss = model(**batch, use_cache=False).loss
+        metrics = {"answer_tokens": float((batch["labels"] != -100).sum())}
+        if aligner is not None and targets is not None:
+            align = aligner.loss(targets)
+            metrics["answer_loss"], metrics["align_loss"] = loss.item(), align.item()
+            loss = loss + weight * align
+        return loss, metrics
+
+    return loss_fn
 
 
 def eval_loss_fn(accelerator: Any, loader: Any, take_batch: Any):
@@ -329,13 +354,20 @@ def run_sft(cfg: SftConfig) -> Path:
     with_refs = sum(e.references is not None for e in train_ex)
     accelerator.print(f"SFT on {len(train_ex)} records ({with_refs} with references), {len(val_ex)} held out")
     bad_log = BadImageLog()
-    loader = make_sft_loader(policy, train_ex, cfg, shuffle=True, bad_log=bad_log)
+    aligner = None
+    if cfg.align_findings:
+        aligner = FindingAligner([e.record for e in train_ex], [e.domain for e in train_ex], policy.tokenizer)
+        hook = aligner.attach(policy.model)
+    loader = make_sft_loader(policy, train_ex, cfg, shuffle=True, bad_log=bad_log, aligner=aligner)
     eval_fn = None
     if val_ex:
         val_loader = accelerator.prepare(make_sft_loader(policy, val_ex, cfg, shuffle=False, bad_log=bad_log))
         eval_fn = eval_loss_fn(accelerator, val_loader, bad_log.take)
     start = time.perf_counter()
-    result = train(cfg.train, accelerator, policy.model, loader, sft_loss, eval_fn, policy.processor, bad_log.take)
+    result = train(cfg.train, accelerator, policy.model, loader, sft_loss_fn(aligner, cfg.align_findings), eval_fn,
+                   policy.processor, bad_log.take)
+    if aligner is not None:
+        hook.remove()
     save_model(accelerator, result.model, out, policy.processor)
     bad_log.write(accelerator, out / "bad_images.json")
     accelerator.print(f"SFT: {result.step} steps in {time.perf_counter() - start:.0f} s -> {out}")

@@ -19,8 +19,10 @@ from common.config import load_config
 from common.io import InputError
 from data.images import load_image, resolve_image
 from data.readers import read_records
+from data.records import VqaRecord
 from data.toy import make_world, manifest_files
 from data.toy_retrieval import ToyRetrievalConfig, load_corpus, oracle_references, write_oracle_retrieval
+from dpo.align import FindingAligner
 from dpo.policy import IGNORE, load_policy
 from dpo.prompts import load_prompt_templates
 from dpo.sft import (
@@ -224,3 +226,55 @@ def test_make_toy_policy(tmp_path):
     AutoProcessor.from_pretrained(policy)
     reliance = json.loads((policy / "reliance.json").read_text())
     assert reliance["all"]["n"] > 0
+
+
+# ---------------------------------------------------------------- finding alignment (dpo.align)
+
+
+def test_finding_aligner_labels_prior_and_a_loss_the_projector_can_lower(world, oracle, policy_dir):
+    cfg = sft_config(policy_dir, oracle, Path("unused"), "--data.limit", "40")
+    examples = [e for e in read_examples(training_sources(cfg.data), cfg.data, seed=0) if e.task == "vqa"]
+    policy = load_policy(str(policy_dir))
+    aligner = FindingAligner([e.record for e in examples], [e.domain for e in examples], policy.tokenizer)
+    assert {d for d, _ in aligner.names} == {e.domain for e in examples}
+    y = aligner.labels([e.record for e in examples], [e.domain for e in examples])
+    for e, row in zip(examples, y):
+        assert {aligner.names[i][1] for i in row.nonzero().flatten().tolist()} == set(e.record.meta["findings"])
+    rare = y.mean(0) < 0.5
+    assert (aligner.prior[rare] < 0).all()  # the fixed prior is the log-odds of each finding
+
+    hook = aligner.attach(policy.model)
+    projector = policy.model.model.multi_modal_projector
+    opt = torch.optim.Adam(projector.parameters(), lr=1e-2)
+    images = [load_image(str(_path(e))).convert("RGB") for e in examples]
+    batch = policy.encode_for_training([e.prompt(load_prompt_templates()) for e in examples], [e.answer for e in examples], images)
+    losses = []
+    for _ in range(30):  # only the projector learns: the loss reaches it through the hooked features
+        policy.model(**batch, use_cache=False)
+        loss = aligner.loss(y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    hook.remove()
+    with pytest.raises(RuntimeError, match="before a forward pass"):
+        aligner.loss(y)
+
+
+def test_sft_with_finding_alignment_logs_both_losses(world, oracle, policy_dir, tmp_path):
+    out = tmp_path / "align"
+    run_sft(sft_config(policy_dir, oracle, out, "--train.epochs", "1", "--lora.enabled", "false",
+                       "--lora.train_vision", "true", "--lora.train_projector", "true", "--data.limit", "10",
+                       "--align_findings", "1.0"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert rows and all({"answer_loss", "align_loss"} <= set(r) for r in rows)
+    r = rows[0]
+    assert r["loss"] == pytest.approx(r["answer_loss"] + r["align_loss"], rel=1e-4)
+    AutoModelForImageTextToText.from_pretrained(out)  # the hook left nothing in the saved model
+
+
+def test_finding_alignment_needs_findings(policy_dir):
+    record = VqaRecord(id="1", question="Is there fibrosis?", answer="yes", images=["x.png"])
+    with pytest.raises(InputError, match="findings"):
+        FindingAligner([record], ["pathology"], load_policy(str(policy_dir)).tokenizer)
