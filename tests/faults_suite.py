@@ -262,13 +262,18 @@ def bad_images_clip(w: Worlds) -> list[Row]:
     return rows
 
 
+def retrieve_args(w: Worlds, world: Path) -> list[str]:
+    """retriever.retrieve on the world's pathology test VQA with the reference CLIP run."""
+    return ["--clip_dir", str(clip_reference(w)), "--checkpoint", "latest", "--data.world", str(world),
+            "--domains", "[pathology]", "--routing", "oracle",
+            "--queries", f"[{{path: {world / 'pathology' / 'test_vqa.jsonl'}, domain: pathology, role: test_vqa, "
+            f"image_root: {world / 'pathology' / 'images'}}}]"]
+
+
 def bad_images_retrieve(w: Worlds) -> list[Row]:
-    clip_out = clip_reference(w)
     world = w.world("bad_retr")
     injected = inject(record_images(world, "pathology", "test_vqa.jsonl"))
-    base = ["--clip_dir", str(clip_out), "--checkpoint", "latest", "--data.world", str(world), "--domains", "[pathology]",
-            "--queries", f"[{{path: {world / 'pathology' / 'test_vqa.jsonl'}, domain: pathology, role: test_vqa, "
-            f"image_root: {world / 'pathology' / 'images'}}}]", "--routing", "oracle"]
+    base = retrieve_args(w, world)
     rows = []
     for name in ("retr_bad", "retr_err"):
         shutil.rmtree(w.base / name, ignore_errors=True)
@@ -543,6 +548,23 @@ def sigkill_pairs(w: Worlds) -> Row:
                what == "killed" and not premature and same)
 
 
+def sigkill_retrieve(w: Worlds) -> Row:
+    ref, out = w.base / "retr_ref", w.base / "retr_kill"
+    shutil.rmtree(out, ignore_errors=True)
+    args = ["retriever.retrieve", *retrieve_args(w, w.world())]
+    if not (ref / "index.json").exists():
+        cli(*args, "--output_dir", str(ref))
+    # killed once the corpus is encoded and cached, while the queries are being answered
+    what = kill_when([*args, "--output_dir", str(out)], lambda: any((out / "cache").glob("*.safetensors")))
+    premature = (out / "index.json").exists()
+    res = cli(*args, "--output_dir", str(out))
+    name = "pathology_test_vqa.jsonl"
+    same = (out / name).is_file() and (out / name).read_bytes() == (ref / name).read_bytes()
+    return Row("SIGKILL mid-run", "retrieval",
+               f"{what}; index.json before rerun: {premature}; rerun rc {res.returncode}; retrieval JSONL identical: {same}",
+               what == "killed" and not premature and res.returncode == 0 and same)
+
+
 # ---------------------------------------------------------------- unwritable output, full disk
 
 
@@ -637,6 +659,7 @@ SCENARIOS: dict[str, Callable[[Worlds], list[Row] | Row]] = {
     "sigkill_clip": sigkill_clip,
     "sigkill_clip_save": lambda w: sigkill_clip(w, during_save=True),
     "sigkill_pairs": sigkill_pairs,
+    "sigkill_retrieve": sigkill_retrieve,
     "sigkill_dpo": sigkill_dpo,
     "sigkill_dpo_save": lambda w: sigkill_dpo(w, during_save=True),
     "unwritable": unwritable,
