@@ -343,9 +343,10 @@ def bad_images_dpo(w: Worlds) -> list[Row]:
     res = cli(*dpo_args(d, out, bad_pairs, **{"--heldout_fraction": "0", "--train.max_steps": "0", "--train.epochs": "1"}))
     text = res.stdout + res.stderr
     named, why = named_check(text, injected)
-    counted = f"'skipped': {len(BAD_KINDS)}" in text
+    listed = json.loads((out / "bad_images.json").read_text()) if (out / "bad_images.json").exists() else {}
+    counted = listed.get("skipped") == len(BAD_KINDS) and {str(injected[k]) for k in BAD_KINDS} <= set(listed.get("images", {}))
     rows = [Row("bad images x8 (skip)", "DPO training",
-                f"rc {res.returncode}; summary counts {len(BAD_KINDS)}: {counted}; {why or 'all 6 bad named'}",
+                f"rc {res.returncode}; bad_images.json counts and names the {len(BAD_KINDS)}: {counted}; {why or 'all 6 bad named'}",
                 res.returncode == 0 and named and counted and (out / "adapter" / "adapter_model.safetensors").exists())]
     err = w.base / "dpo_err"
     res = cli(*dpo_args(d, err, bad_pairs, **{"--heldout_fraction": "0", "--bad_image": "error"}))
