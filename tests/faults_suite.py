@@ -682,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="outputs/faults", help="folder for FAULTS.md and the scenario runs")
     ap.add_argument("--only", nargs="*", default=[], help=f"run only scenarios whose name contains one of these: {list(SCENARIOS)}")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the CLIs name files by absolute path; the checks compare with them
     w = Worlds(out / "work")
     rows: list[Row] = []
     for name, fn in SCENARIOS.items():
