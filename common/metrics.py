@@ -26,7 +26,7 @@ class MetricsLogger:
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = [r for r in _rows(self.path) if resumed_at is not None and r.get("step", 0) <= resumed_at]
+            kept = [] if resumed_at is None else [r for r in _rows(self.path) if r.get("step", 0) <= resumed_at]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter

@@ -40,9 +40,7 @@ class FindingAligner:
         self.names = names
         self.index = {n: i for i, n in enumerate(names)}
         self.token_ids = [tokenizer(" " + f, add_special_tokens=False)["input_ids"] for _, f in names]
-        counts = torch.zeros(len(names))
-        for r, d in zip(records, domains):
-            counts += self.labels([r], [d])[0]
+        counts = self.labels(records, domains).sum(0)
         p = ((counts + 1) / (len(records) + 2)).tolist()
         self.prior = torch.tensor([math.log(x / (1 - x)) for x in p])
         self.scale = scale
