@@ -133,10 +133,14 @@ def named_check(text: str, injected: dict[str, Path]) -> tuple[bool, str]:
 
 
 def poll(pred: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300, every: float = 0.005) -> bool:
+    """Wait until ``pred()``; a path renamed away while ``pred`` globs it counts as "not yet"."""
     end = time.time() + timeout
     while time.time() < end and proc.poll() is None:
-        if pred():
-            return True
+        try:
+            if pred():
+                return True
+        except FileNotFoundError:
+            pass
         time.sleep(every)
     return False
 
