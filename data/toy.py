@@ -61,6 +61,7 @@ ROLES = {
     "policy_train": ("policy_train", ("vqa", "report")),
     "retriever_train": ("retriever_train", ("report",)),
     "retriever_val": ("retriever_val", ("report",)),
+    "val_vqa": ("retriever_val", ("vqa",)),  # held-out questions for choosing settings, never test
     "alignment_vqa": ("alignment", ("vqa",)),
     "alignment_report": ("alignment", ("report",)),
     "test_vqa": ("test", ("vqa",)),

@@ -46,7 +46,7 @@ class ToyRetrievalConfig:
     world: str = doc("outputs/toy/world", "toy world folder (scripts/make_toy.sh)")
     out: str = doc("outputs/toy/oracle_retrieval", "output folder: one JSONL per query file + index.json")
     roles: list[str] = doc(
-        ["policy_train", "alignment_vqa", "alignment_report", "test_vqa", "test_report"],
+        ["policy_train", "alignment_vqa", "alignment_report", "val_vqa", "test_vqa", "test_report"],
         f"manifest roles whose files get references; known: {sorted(ROLES)}",
     )
     k: int = doc(3, "reference reports per query")

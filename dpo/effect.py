@@ -5,7 +5,9 @@ set to the seed) on the same pairs and base policy, then evaluates base and DPO
 (``dpo.evaluate``). A seed whose ``results.json`` exists is not redone. The spread is therefore
 that of DPO training (LoRA init, sample order, noise images), not of the world or the base policy.
 
-Run: ``python -m dpo.effect [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50]``.
+Run: ``python -m dpo.effect [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50]``. The same
+driver compares settings on the validation questions without touching test, e.g.
+``--roles val_vqa --dpo_args "--stages [[cm],[oa1,oa2]]" --out outputs/toy/sweep/stages``.
 Writes ``<out>/seed<N>/{dpo,eval}/``, ``effect.json`` (per-seed figures) and ``effect.md``
 (mean ± sample standard deviation).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -25,15 +28,16 @@ from common.io import atomic_write_json, atomic_write_text
 METRICS = ("accuracy_no_rag", "accuracy_rag_fixed", "copy_rate", "over_reliance_rate")
 
 
-def run_seed(seed: int, out: Path, dpo_config: str, eval_config: str, limit: int) -> dict[str, Any]:
+def run_seed(seed: int, out: Path, dpo_config: str, eval_config: str, limit: int, roles: list[str],
+             dpo_args: list[str] = (), eval_args: list[str] = ()) -> dict[str, Any]:
     """Train and evaluate one seed (skipped when its results exist); its diagnostics per policy."""
     results = out / f"seed{seed}" / "eval" / "results.json"
     if not results.is_file():
         dpo_dir = out / f"seed{seed}" / "dpo"
         _python("dpo.train_dpo", dpo_config, "--train.output_dir", str(dpo_dir), "--train.seed", str(seed),
-                "--noise_seed", str(seed))
+                "--noise_seed", str(seed), *dpo_args)
         _python("dpo.evaluate", eval_config, "--adapter", str(dpo_dir / "adapter"), "--dpo_dir", str(dpo_dir),
-                "--out", str(results.parent), "--limit", str(limit))
+                "--out", str(results.parent), "--limit", str(limit), "--roles", f"[{','.join(roles)}]", *eval_args)
     return json.loads(results.read_text())["diagnostics"]
 
 
@@ -70,9 +74,14 @@ def main() -> None:
     ap.add_argument("--dpo_config", default="configs/toy/dpo.yaml", help="DPO config (pairs, policy, optimisation)")
     ap.add_argument("--eval_config", default="configs/toy/evaluate.yaml", help="evaluation config")
     ap.add_argument("--limit", type=int, default=50, help="records per test file (0 = all)")
+    ap.add_argument("--roles", nargs="+", default=["test_vqa"],
+                    help="index roles to evaluate (default test_vqa; val_vqa to compare settings)")
+    ap.add_argument("--dpo_args", default="", help='extra train_dpo options, one string: "--beta 0.5 --train.epochs 2"')
+    ap.add_argument("--eval_args", default="", help='extra evaluate options, one string: "--retrieval_dir DIR"')
     args = ap.parse_args()
     out = Path(args.out)
-    runs = {s: run_seed(s, out, args.dpo_config, args.eval_config, args.limit) for s in args.seeds}
+    runs = {s: run_seed(s, out, args.dpo_config, args.eval_config, args.limit, args.roles,
+                        shlex.split(args.dpo_args), shlex.split(args.eval_args)) for s in args.seeds}
     summary = summarise(runs)
     atomic_write_json(out / "effect.json", {"seeds": runs, "summary": summary})
     atomic_write_text(out / "effect.md", table(summary, args.seeds))

@@ -383,7 +383,7 @@ def _task_table(rows: list[dict[str, Any]], task: str, cells: tuple[str, ...]) -
 
 
 RETRIEVAL_COLUMNS = ("routing_accuracy", "own_R@1", "own_R@5", "own_R@10", "findings_R@1", "findings_R@5",
-                     "findings_R@10", "mean_k")
+                     "findings_R@10", "mean_k", "reference_vote_accuracy")
 
 
 def retrieval_table(metrics: dict[str, Any], files: Iterable[str]) -> str:
@@ -427,7 +427,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         parts += ["## Retrieval (copied from the retrieval stage)", "",
                   f"Routing: {retrieval.get('routing', '?')}, domain accuracy {_fmt(acc)} over all query files. "
                   "R@k: own = the query's own report among the top k; findings = a report with the "
-                  "same ground-truth findings.", ""]
+                  "same ground-truth findings. reference_vote_accuracy = yes/no accuracy of answering "
+                  "yes iff most of the k references carry the asked finding: what the references "
+                  "alone say about the question, a ceiling for reading them.", ""]
         if table:
             parts += [table, ""]
     notes = results.get("notes") or []

@@ -62,7 +62,7 @@ class SftDataConfig:
 
 @dataclass
 class MeasureConfig:
-    roles: list[str] = doc([], "index roles to measure after training, e.g. [test_vqa] (empty = none)")
+    roles: list[str] = doc([], "index roles to measure after training, e.g. [val_vqa] (empty = none)")
     limit: int = doc(0, "measure the first N VQA records of each file (0 = all)")
     sigma: float = doc(0.1, "Gaussian noise std on the other image that replaces the real one")
     seed: int = doc(0, "seed of the other-image pick and the noise")
@@ -388,7 +388,7 @@ def main() -> None:
         raise ConfigError("data.no_reference_rate must be in [0, 1] and data.val_fraction in [0, 1)")
     if cfg.eval_only:
         if not cfg.measure.roles:
-            raise ConfigError("--eval_only needs --measure.roles, e.g. [test_vqa]")
+            raise ConfigError("--eval_only needs --measure.roles, e.g. [val_vqa]")
         run_measure(cfg, cfg.model, cfg.adapter or None)
         return
     run_sft(cfg)

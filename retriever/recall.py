@@ -89,3 +89,23 @@ def recall_at_k(retrieved: torch.Tensor, q_labels: torch.Tensor, ks: Sequence[in
     out = {f"{prefix}R@{k}": float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
     out[f"{prefix}n"] = int(keep.sum())
     return out
+
+
+def reference_vote_accuracy(
+    asked: Sequence[str | None], truth_yes: Sequence[bool | None], references: Sequence[Sequence[tuple[str, ...] | None]]
+) -> dict[str, float]:
+    """How well the retrieved reports alone answer yes/no finding questions.
+
+    A reader that says yes iff most of the k references carry the asked finding (ground-truth
+    ``findings`` labels, so toy-like data only): an upper bound on what reading the references
+    can add, independent of any policy. Queries without a finding, a yes/no truth or labelled
+    references are left out (``n`` counts the rest).
+    """
+    right = n = 0
+    for finding, yes, refs in zip(asked, truth_yes, references):
+        if finding is None or yes is None or not refs or any(r is None for r in refs):
+            continue
+        votes = sum(finding in r for r in refs)
+        right += (2 * votes > len(refs)) == yes
+        n += 1
+    return {"reference_vote_accuracy": right / n, "reference_vote_n": n} if n else {}

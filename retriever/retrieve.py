@@ -43,11 +43,11 @@ from retriever.domain import SUBDIR as CLASSIFIER_SUBDIR
 from retriever.domain import Router, clip_folder
 from retriever.index import CorpusIndex, cache_key, cached_embeddings
 from retriever.model import Clip, embed_images, embed_texts, load_clip, truncate, weights_fingerprint
-from retriever.recall import KS, findings_label, label_ids, recall_at_k
+from retriever.recall import KS, findings_label, label_ids, recall_at_k, reference_vote_accuracy
 from retriever.select_k import KRule, select_k
 from retriever.train import DataSpec, _with_root
 
-QUERY_ROLES = ["test_vqa", "test_report", "alignment_vqa", "alignment_report"]
+QUERY_ROLES = ["test_vqa", "test_report", "val_vqa", "alignment_vqa", "alignment_report"]
 
 
 class Hit(NamedTuple):
@@ -309,6 +309,7 @@ def retrieve_file(
     else:
         return [], {}
     out_rows, own_q, own_r, fin_q, fin_r = [], [], [], [], []
+    asked, truth_yes, ref_findings = [], [], []  # for reference_vote_accuracy (VQA with a `finding`)
     correct = known = 0
     n_k = []
     lookup = {d: dict(zip(retriever.corpus(d).texts, retriever.corpus(d).findings)) for d in set(dom_of.values())}
@@ -336,6 +337,10 @@ def retrieve_file(
         f = findings_label(r.meta)
         fin_q.append(f if f is not None and f in present[dom_of[u]] else None)
         fin_r.append([by_text[x.text] for x in h[: max(KS)]])
+        if isinstance(r, VqaRecord):
+            asked.append(r.meta.get("finding"))
+            truth_yes.append(_yes_no(r.answer))
+            ref_findings.append([by_text[x.text] for x in h[:k]])
     metrics: dict[str, Any] = {"source": qf.path, "domain": qf.domain, "kind": kind,
                                "records": len(records), "images": len(reps),
                                "unreadable_images": len(reps) - len(ok), "mean_k": sum(n_k) / max(len(n_k), 1)}
@@ -344,7 +349,14 @@ def retrieve_file(
         metrics["_routing_counts"] = (correct, known)
     metrics.update(_recall(own_q, own_r, "own_"))
     metrics.update(_recall(fin_q, fin_r, "findings_"))
+    metrics.update(reference_vote_accuracy(asked, truth_yes, ref_findings))
     return out_rows, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def _yes_no(answer: str) -> bool | None:
+    first = answer.strip().lower().split(maxsplit=1)[:1]
+    word = first[0].strip(".,!") if first else ""
+    return {"yes": True, "no": False}.get(word)
 
 
 def _recall(q_labels: list, retrieved: list[list], prefix: str) -> dict[str, float]:
@@ -407,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         files.append({"path": str((out / name).resolve()), "source": str(Path(qf.path).resolve()), "domain": qf.domain or None,
                       "role": qf.role or None, "kind": m["kind"], "records": len(rows), "image_root": qf.image_root or None})
         tqdm.write(f"{name}: {len(rows)} records, routing {m.get('routing_accuracy', float('nan')):.3f}, "
-                   f"findings R@5 {m.get('findings_R@5', float('nan')):.3f}, mean k {m['mean_k']:.2f}")
+                   f"findings R@5 {m.get('findings_R@5', float('nan')):.3f}, mean k {m['mean_k']:.2f}"
+                   + (f", reference vote {m['reference_vote_accuracy']:.3f}" if "reference_vote_accuracy" in m else ""))
     if accelerator.is_main_process:
         summary = {"routing": cfg.routing, "domain_accuracy": correct / known if known else None, "k_rule": to_dict(cfg.k), "files": per_file}
         atomic_write_json(out / "retrieval_metrics.json", summary)

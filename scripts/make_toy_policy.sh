@@ -2,7 +2,7 @@
 # The toy base policy (the GPU-free stand-in for LLaVA-Med): an untrained tiny LLaVA with a
 # tokenizer trained on the toy text (dpo.toy_policy), then full SFT on the toy world's
 # policy_train split with oracle references in most prompts (data.toy_retrieval), so that it
-# answers from the image and leans on retrieved text; finally its reliance is measured on test_vqa.
+# answers from the image and leans on retrieved text; finally its reliance is measured on val_vqa.
 # Usage: bash scripts/make_toy_policy.sh [--world DIR] [--out DIR] [--key value ...]
 #   --world  toy world (default outputs/toy/world; made with scripts/make_toy.sh if absent)
 #   --out    the policy folder (default outputs/toy/policy); policy_init/ and oracle_retrieval/

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from retriever.index import CorpusIndex, cache_key, cached_embeddings, topk_chunked
-from retriever.recall import bidirectional_recall, first_relevant_ranks, label_ids, rank_summary, recall_at_k
+from retriever.recall import (bidirectional_recall, first_relevant_ranks, label_ids, rank_summary, recall_at_k,
+                             reference_vote_accuracy)
 from retriever.select_k import KRule, select_k
 
 
@@ -95,3 +96,14 @@ def test_bidirectional_recall_perfect_alignment():
     out = bidirectional_recall(emb, emb, lab, lab2, prefix="v/")
     assert out["v/i2t_R@1"] == out["v/t2i_R@1"] == out["v/mean_recall"] == 1.0
     assert out["v/i2t_median_rank"] == 1.0
+
+
+def test_reference_vote_accuracy_by_hand():
+    refs = [[("a",), ("a", "b"), ("c",)],  # 2 of 3 have a: yes
+            [("a",), (), ()],              # 1 of 3: no
+            [("b",), ("a",)],              # 1 of 2 is no majority: no
+            [("a",)],                      # left out: no finding asked
+            [("a",), None]]                # left out: an unlabelled reference
+    got = reference_vote_accuracy(["a", "a", "a", None, "a"], [True, True, False, True, True], refs)
+    assert got == {"reference_vote_accuracy": 2 / 3, "reference_vote_n": 3}
+    assert reference_vote_accuracy([None], [True], [[("a",)]]) == {}

@@ -56,6 +56,8 @@ def test_jsonl_per_query_file_follows_contract(trained):
     assert 0.0 <= metrics["domain_accuracy"] <= 1.0
     some = next(iter(metrics["files"].values()))
     assert {"findings_R@1", "findings_R@5", "findings_R@10", "routing_accuracy", "mean_k"} <= some.keys()
+    vqa = [v for v in metrics["files"].values() if v["kind"] == "vqa"]
+    assert vqa and all(0.0 <= v["reference_vote_accuracy"] <= 1.0 and v["reference_vote_n"] > 0 for v in vqa)
 
 
 def test_cache_reused_and_output_stable(trained):
