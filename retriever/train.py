@@ -306,8 +306,11 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
     loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=drop_last, seed=cfg.seed)
 
     model = clip.model
+    # fused: one kernel per step instead of ~10 per tensor; on CPU the per-tensor loop over the
+    # embedding table's 6M entries was ~12% of a toy step (open_clip_train keeps the loop)
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+        fused=accelerator.device.type in ("cpu", "cuda"),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     micro_per_epoch = len(loader)
