@@ -44,7 +44,7 @@ from retriever.domain import Router, clip_folder
 from retriever.index import CorpusIndex, cache_key, cached_embeddings
 from retriever.model import Clip, embed_images, embed_texts, load_clip, truncate, weights_fingerprint
 from retriever.recall import KS, findings_label, label_ids, recall_at_k, reference_vote_accuracy
-from retriever.select_k import KRule, select_k
+from retriever.select_k import KRule, log_gap_quantiles, select_k
 from retriever.train import DataSpec, _with_root
 
 QUERY_ROLES = ["test_vqa", "test_report", "val_vqa", "alignment_vqa", "alignment_report"]
@@ -350,6 +350,7 @@ def retrieve_file(
     metrics.update(_recall(own_q, own_r, "own_"))
     metrics.update(_recall(fin_q, fin_r, "findings_"))
     metrics.update(reference_vote_accuracy(asked, truth_yes, ref_findings))
+    metrics.update(log_gap_quantiles([[x.score for x in h] for h in hits.values()], cfg.k))
     return out_rows, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
@@ -421,6 +422,10 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"{name}: {len(rows)} records, routing {m.get('routing_accuracy', float('nan')):.3f}, "
                    f"findings R@5 {m.get('findings_R@5', float('nan')):.3f}, mean k {m['mean_k']:.2f}"
                    + (f", reference vote {m['reference_vote_accuracy']:.3f}" if "reference_vote_accuracy" in m else ""))
+        if cfg.k.rule == "gap" and m["records"] and m["mean_k"] == cfg.k.k and m.get("log_gap_p99", 0) < cfg.k.gamma:
+            tqdm.write(f"warning: {name}: the gap rule (gamma {cfg.k.gamma}) kept all {cfg.k.k} reports for every "
+                       f"query; this retriever's log-gaps between consecutive scores are {m['log_gap_p50']:.4f} "
+                       f"(median) to {m['log_gap_p99']:.4f} (p99), so a gamma on that scale is needed to cut")
     if accelerator.is_main_process:
         summary = {"routing": cfg.routing, "domain_accuracy": correct / known if known else None, "k_rule": to_dict(cfg.k), "files": per_file}
         atomic_write_json(out / "retrieval_metrics.json", summary)

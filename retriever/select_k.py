@@ -49,3 +49,22 @@ def select_k(scores: Sequence[float], rule: KRule) -> int:
                 return i + 1
         return n
     raise ValueError(f"unknown k rule {rule.rule!r}; expected fixed, ratio or gap")
+
+
+def log_gap_quantiles(score_lists: Sequence[Sequence[float]], rule: KRule,
+                      qs: Sequence[float] = (0.5, 0.9, 0.99)) -> dict[str, float]:
+    """Quantiles of log(s_i / s_{i+1}) over the first ``rule.k`` scores of every query.
+
+    The gap rule's ``gamma`` is on this scale, and the scale belongs to the retriever: a tiny CLIP
+    whose cosine scores lie close together never shows the paper's gap of 0.1, so the rule keeps
+    ``k`` every time. Written into the retrieval metrics so a user can set ``gamma`` from them.
+    """
+    gaps = sorted(
+        math.log(s[i] / s[i + 1])
+        for s in score_lists
+        for i in range(min(rule.k, len(s)) - 1)
+        if s[i] > 0 and s[i + 1] > 0
+    )
+    if not gaps:
+        return {}
+    return {f"log_gap_p{round(q * 100)}": gaps[min(len(gaps) - 1, int(q * len(gaps)))] for q in qs}

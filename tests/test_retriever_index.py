@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from retriever.index import CorpusIndex, cache_key, cached_embeddings, topk_chunked
 from retriever.recall import (bidirectional_recall, first_relevant_ranks, label_ids, rank_summary, recall_at_k,
                              reference_vote_accuracy)
-from retriever.select_k import KRule, select_k
+from retriever.select_k import KRule, log_gap_quantiles, select_k
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -73,6 +73,15 @@ def test_gap_rule_paper():
     assert select_k(scores, KRule("gap", k=5, gamma=0.05)) == 1
     assert select_k([0.4, 0.39, 0.0], KRule("gap", k=5, gamma=0.5)) == 2
     assert math.log(0.85 / 0.5) > 0.1 > math.log(0.9 / 0.85)
+
+
+def test_log_gap_quantiles_are_on_the_gap_rules_scale():
+    scores = [[0.9, 0.85, 0.5, 0.45], [0.4, 0.39, 0.0]]  # gaps 0.057, 0.531, 0.105; 0.025 (0.0 left out)
+    q = log_gap_quantiles(scores, KRule("gap", k=5), qs=(0.0, 0.5, 0.99))
+    assert q == pytest.approx({"log_gap_p0": math.log(0.4 / 0.39), "log_gap_p50": math.log(0.5 / 0.45),
+                               "log_gap_p99": math.log(0.85 / 0.5)})
+    assert log_gap_quantiles(scores, KRule("gap", k=2), qs=(0.99,)) == pytest.approx({"log_gap_p99": math.log(0.9 / 0.85)})
+    assert log_gap_quantiles([[0.5]], KRule("gap", k=5)) == {}
 
 
 def test_first_relevant_rank_and_recall():
