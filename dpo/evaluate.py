@@ -414,10 +414,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         parts += ["## Misalignment diagnostics (VQA, all files)", "",
                   "copy rate = accuracy with a noised image plus retrieval (lower: the model looks at "
                   "the image); over-reliance = share right without retrieval and wrong with it.", ""]
-        header = ["policy", "n", "acc no_rag", "acc rag_fixed", "copy rate", "over-reliance (fixed)",
-                  "over-reliance (adaptive)"]
+        header = ["policy", "n", "acc no_rag", "acc rag_fixed", "acc rag_adaptive", "copy rate",
+                  "over-reliance (fixed)", "over-reliance (adaptive)"]
         body = [[p, str(d["n"]), _fmt(d.get("accuracy_no_rag")), _fmt(d.get("accuracy_rag_fixed")),
-                 _fmt(d["copy_rate"]), _fmt(d["over_reliance_rate"]), _fmt(d["over_reliance_rate_adaptive"])]
+                 _fmt(d.get("accuracy_rag_adaptive")), _fmt(d["copy_rate"]), _fmt(d["over_reliance_rate"]),
+                 _fmt(d["over_reliance_rate_adaptive"])]
                 for p, d in results["diagnostics"].items()]
         parts += [_table(header, body), ""]
     retrieval = results.get("retrieval")

@@ -222,6 +222,8 @@ def show(row: dict[str, Any]) -> str:
 def main() -> None:
     cfg = load_config(InferConfig, description=__doc__)
     queries = read_queries(cfg)
+    if cfg.image:
+        load_image(cfg.image)  # one bad image is refused before any model loads (exit 2)
     need_retriever = cfg.rag or any(q.domain is None for q in queries)
     retriever = load_retriever(cfg) if need_retriever else None
     policy, adapter = load_answerer(cfg)
@@ -236,8 +238,6 @@ def main() -> None:
         print(f"{len(rows)} answers ({failed} unreadable images) -> {out}")
     else:
         print(show(rows[0]))
-        if "error" in rows[0]:
-            raise InputError(rows[0]["error"])
 
 
 if __name__ == "__main__":

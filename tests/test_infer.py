@@ -161,3 +161,14 @@ def test_cli_missing_outputs_exit_2(tiny, monkeypatch, capsys, tmp_path):
     assert _run(monkeypatch, "--image", image, "--rag", "false", "--domain", "pathology", "--policy",
                 str(root / "policy"), "--adapter", str(tmp_path / "no_adapter")) == 2
     assert "train_dpo.sh" in capsys.readouterr().err
+
+
+def test_cli_bad_image_exits_2_once_before_loading_models(monkeypatch, capsys, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    # clip_dir and policy do not exist: the image is refused before either is looked at
+    assert _run(monkeypatch, "--image", str(text), "--clip_dir", str(tmp_path / "no_clip"),
+                "--policy", str(tmp_path / "no_policy")) == 2
+    captured = capsys.readouterr()
+    assert str(text) in captured.err and "finetune_clip.sh" not in captured.err
+    assert "error" not in captured.out
