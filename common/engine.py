@@ -45,10 +45,11 @@ from common.checkpoint import CheckpointManager
 from common.config import ConfigError, doc
 from common.metrics import MetricsLogger
 
-# Submodule names (as in model.named_modules()) by role; both the Hugging Face LLaVA layout and
-# the original LLaVA / LLaVA-Med one are covered.
-VISION_MODULES = ("vision_tower", "vision_model")
-PROJECTOR_MODULES = ("multi_modal_projector", "mm_projector")
+# Submodule names (as in model.named_modules()) by role: the Hugging Face LLaVA layout and the
+# original LLaVA / LLaVA-Med one, Qwen2-VL / Qwen2.5-VL (``visual`` with its patch ``merger``
+# inside), Idefics3 / SmolVLM (``connector``), Gemma 3 and PaliGemma (as LLaVA).
+VISION_MODULES = ("vision_tower", "vision_model", "visual")
+PROJECTOR_MODULES = ("multi_modal_projector", "mm_projector", "merger", "connector")
 OUTPUT_MODULES = ("lm_head",)
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]

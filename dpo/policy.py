@@ -173,19 +173,27 @@ class Policy:
         answer_ids = tok(
             [a.replace(self.image_token, " ").strip() for a in answers], add_special_tokens=False
         )["input_ids"]
+        # Other per-token outputs (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids) are
+        # laid out like input_ids; answer and padding positions get 0, the text-token type.
+        per_token = [k for k in _per_token_keys(enc) if k != "attention_mask"]
         ids, labels = [], []
-        for row, mask, ans in zip(enc["input_ids"], enc["attention_mask"], answer_ids):
-            prompt = row[mask.bool()].tolist()
+        types: dict[str, list[list[int]]] = {k: [] for k in per_token if k != "input_ids"}
+        for i, (row, mask, ans) in enumerate(zip(enc["input_ids"], enc["attention_mask"], answer_ids)):
+            keep = mask.bool()
+            prompt = row[keep].tolist()
             ans = list(ans) + [tok.eos_token_id]
             if max_length is not None:
                 ans = ans[: max(1, max_length - len(prompt))]
             ids.append(prompt + ans)
             labels.append([IGNORE] * len(prompt) + ans)
+            for k, rows in types.items():
+                rows.append(enc[k][i][keep].tolist() + [0] * len(ans))
         width = max(len(x) for x in ids)
-        batch = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        batch = {k: v for k, v in enc.items() if k not in per_token and k != "attention_mask"}
         batch["input_ids"] = _pad(ids, width, tok.pad_token_id)
         batch["attention_mask"] = _pad([[1] * len(x) for x in ids], width, 0)
         batch["labels"] = _pad(labels, width, IGNORE)
+        batch.update({k: _pad(rows, width, 0) for k, rows in types.items()})
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def encode_preference(
@@ -215,15 +223,26 @@ def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def _per_token_keys(batch: Any) -> list[str]:
+    """Keys of a processor or training batch that hold one value per token (shaped as input_ids)."""
+    shape = batch["input_ids"].shape
+    return [k for k, v in batch.items() if torch.is_tensor(v) and v.shape == shape]
+
+
 def concat_batches(batches: Sequence[Batch], pad_token_id: int) -> Batch:
-    """Right-pad ``encode_for_training`` batches to a common length and stack them along dim 0."""
+    """Right-pad ``encode_for_training`` batches to a common length and stack them along dim 0.
+
+    Image tensors are stacked as they are: LLaVA's (images, C, H, W) and Qwen2-VL's flattened
+    patches with their ``image_grid_thw`` rows both concatenate along dim 0.
+    """
     width = max(b["input_ids"].shape[1] for b in batches)
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE}
+    fill = {"input_ids": pad_token_id, "labels": IGNORE}  # other per-token keys: 0
+    per_token = set(_per_token_keys(batches[0]))
     out: Batch = {}
     for key in batches[0]:
         parts = [b[key] for b in batches]
-        if key in fill:
-            parts = [F.pad(p, (0, width - p.shape[1]), value=fill[key]) for p in parts]
+        if key in per_token:
+            parts = [F.pad(p, (0, width - p.shape[1]), value=fill.get(key, 0)) for p in parts]
         out[key] = torch.cat(parts, dim=0)
     return out
 
