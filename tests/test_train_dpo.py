@@ -89,9 +89,8 @@ def _sharpen(model) -> None:
                 p.normal_(0, 0.2)
 
 
-def test_concatenated_forward_equals_two_forwards(world):
-    policy = load_policy(world / "policy")
-    _sharpen(policy.model)
+def one_forward_equals_two(world: Path, policy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs of one 2B-row forward, checked against two separate ones."""
     records, items, batch = _batch(world, policy)
     with torch.no_grad():
         chosen, rejected = pair_logps(policy.model, batch["inputs"])
@@ -103,6 +102,13 @@ def test_concatenated_forward_equals_two_forwards(world):
             prompts, [records[i].rejected for i in (0, 1, 2)], [it["rejected_image"] for it in items]))
     torch.testing.assert_close(chosen, alone_c, rtol=0, atol=1e-4)
     torch.testing.assert_close(rejected, alone_r, rtol=0, atol=1e-4)
+    return chosen, rejected
+
+
+def test_concatenated_forward_equals_two_forwards(world):
+    policy = load_policy(world / "policy")
+    _sharpen(policy.model)
+    chosen, rejected = one_forward_equals_two(world, policy)
     assert not torch.allclose(chosen, rejected, atol=1e-2)  # the rows were really different
 
 
