@@ -175,9 +175,9 @@ class Policy:
         )["input_ids"]
         # Other per-token outputs (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids) are
         # laid out like input_ids; answer and padding positions get 0, the text-token type.
-        per_token = [k for k in _per_token_keys(enc) if k != "attention_mask"]
+        text = ("input_ids", "attention_mask")
+        types: dict[str, list[list[int]]] = {k: [] for k in _per_token_keys(enc) if k not in text}
         ids, labels = [], []
-        types: dict[str, list[list[int]]] = {k: [] for k in per_token if k != "input_ids"}
         for i, (row, mask, ans) in enumerate(zip(enc["input_ids"], enc["attention_mask"], answer_ids)):
             keep = mask.bool()
             prompt = row[keep].tolist()
@@ -189,7 +189,7 @@ class Policy:
             for k, rows in types.items():
                 rows.append(enc[k][i][keep].tolist() + [0] * len(ans))
         width = max(len(x) for x in ids)
-        batch = {k: v for k, v in enc.items() if k not in per_token and k != "attention_mask"}
+        batch = {k: v for k, v in enc.items() if k not in text and k not in types}
         batch["input_ids"] = _pad(ids, width, tok.pad_token_id)
         batch["attention_mask"] = _pad([[1] * len(x) for x in ids], width, 0)
         batch["labels"] = _pad(labels, width, IGNORE)

@@ -58,6 +58,16 @@ def test_jsonl_per_query_file_follows_contract(trained):
     assert {"findings_R@1", "findings_R@5", "findings_R@10", "routing_accuracy", "mean_k"} <= some.keys()
     vqa = [v for v in metrics["files"].values() if v["kind"] == "vqa"]
     assert vqa and all(0.0 <= v["reference_vote_accuracy"] <= 1.0 and v["reference_vote_n"] > 0 for v in vqa)
+    assert all(0 <= v["log_gap_p50"] <= v["log_gap_p90"] <= v["log_gap_p99"] for v in metrics["files"].values())
+
+
+def test_gap_rule_that_never_cuts_is_reported(trained, capsys):
+    root, world = trained
+    run(root, world, "nocut", "--query_roles", "[test_vqa]", "--k.rule", "gap", "--k.k", "4", "--k.gamma", "100")
+    out = capsys.readouterr().out
+    assert "warning:" in out and "kept all 4 reports for every query" in out
+    run(root, world, "cuts", "--query_roles", "[test_vqa]", "--k.rule", "gap", "--k.k", "4", "--k.gamma", "0")
+    assert "warning:" not in capsys.readouterr().out
 
 
 def test_cache_reused_and_output_stable(trained):
