@@ -1,0 +1,45 @@
+"""Every shipped config loads into its program's dataclass, and the real-data stages chain:
+each stage of configs/mmed_rag/<domain>/ reads where the stage before it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+from dpo.evaluate import EvalConfig
+from dpo.pairs import PairsConfig
+from dpo.sft import SftConfig
+from dpo.toy_policy import ToyPolicyConfig
+from dpo.train_dpo import DpoConfig
+from retriever.retrieve import RetrieveConfig
+from retriever.train import ClipTrainConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CLASSES = {"clip": ClipTrainConfig, "retrieve": RetrieveConfig, "pairs": PairsConfig, "dpo": DpoConfig,
+           "evaluate": EvalConfig, "sft": SftConfig, "toy_policy": ToyPolicyConfig}
+DOMAINS = ("radiology", "pathology", "ophthalmology")
+
+
+def _load(path: Path):
+    return load_config(CLASSES[path.stem], [str(path)])
+
+
+@pytest.mark.parametrize("path", sorted([*CONFIGS.glob("toy/*.yaml"), *CONFIGS.glob("mmed_rag/*/*.yaml")]),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_config_loads(path):
+    assert isinstance(_load(path), CLASSES[path.stem])
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_real_data_stages_chain(domain):
+    cfg = {stem: _load(CONFIGS / "mmed_rag" / domain / f"{stem}.yaml") for stem in ("clip", "retrieve", "pairs", "dpo", "evaluate")}
+    retrieval = Path(cfg["retrieve"].output_dir)
+    assert Path(cfg["retrieve"].clip_dir) == Path(cfg["clip"].output_dir) == Path(cfg["evaluate"].clip_dir)
+    assert Path(cfg["pairs"].retrieval_index) == retrieval / "index.json"
+    assert Path(cfg["evaluate"].retrieval_dir) == retrieval
+    assert [Path(p) for p in cfg["dpo"].pairs] == [Path(cfg["pairs"].out) / "pairs.json"]
+    dpo_out = Path(cfg["dpo"].train.output_dir)
+    assert Path(cfg["evaluate"].adapter) == dpo_out / "adapter" and Path(cfg["evaluate"].dpo_dir) == dpo_out
+    assert domain in str(retrieval)  # one folder per domain: a second domain's run must not overwrite it
