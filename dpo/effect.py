@@ -9,7 +9,9 @@ Run: ``python -m dpo.effect [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 
 driver compares settings on the validation questions without touching test, e.g.
 ``--roles val_vqa --dpo_args "--stages [[cm],[oa1,oa2]]" --out outputs/toy/sweep/stages``.
 Writes ``<out>/seed<N>/{dpo,eval}/``, ``effect.json`` (per-seed figures) and ``effect.md``
-(mean ± sample standard deviation).
+(mean ± sample standard deviation, then per seed the paired difference DPO − base with a 95%
+bootstrap interval over questions: the seeds' spread says nothing about how many questions a
+difference rests on, the interval does).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.io import atomic_write_json, atomic_write_text
+import numpy as np
+
+from common.io import atomic_write_json, atomic_write_text, read_jsonl
 
 METRICS = ("accuracy_no_rag", "accuracy_rag_fixed", "copy_rate", "over_reliance_rate")
 
@@ -39,6 +43,44 @@ def run_seed(seed: int, out: Path, dpo_config: str, eval_config: str, limit: int
         _python("dpo.evaluate", eval_config, "--adapter", str(dpo_dir / "adapter"), "--dpo_dir", str(dpo_dir),
                 "--out", str(results.parent), "--limit", str(limit), "--roles", f"[{','.join(roles)}]", *eval_args)
     return json.loads(results.read_text())["diagnostics"]
+
+
+def question_outcomes(predictions: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{policy: {metric: 0/1 per question}} over the yes/no questions both policies answered in
+    no_rag, rag_fixed and noised_rag, in one question order (``dpo.evaluate`` predictions)."""
+    correct: dict[tuple, bool] = {}
+    for row in read_jsonl(predictions):
+        if row["task"] == "vqa" and row.get("correct") is not None:
+            correct[(row["policy"], row["condition"], row["file"], row["index"])] = bool(row["correct"])
+    conditions = ("no_rag", "rag_fixed", "noised_rag")
+    policies = sorted({k[0] for k in correct})
+    questions = sorted({k[2:] for k in correct
+                        if all((p, c, *k[2:]) in correct for p in policies for c in conditions)})
+    out = {}
+    for p in policies:
+        got = {c: np.array([correct[(p, c, *q)] for q in questions], dtype=float) for c in conditions}
+        out[p] = {"accuracy_no_rag": got["no_rag"], "accuracy_rag_fixed": got["rag_fixed"],
+                  "copy_rate": got["noised_rag"], "over_reliance_rate": got["no_rag"] * (1 - got["rag_fixed"])}
+    return out
+
+
+def paired_differences(outcomes: dict[str, dict[str, np.ndarray]], n_boot: int = 2000,
+                       seed: int = 0) -> dict[str, dict[str, float]]:
+    """DPO − base per metric with a 95% percentile bootstrap interval: questions are resampled,
+    and each resample scores both policies on the same questions (a paired comparison)."""
+    if not {"base", "dpo"} <= outcomes.keys():
+        return {}
+    n = len(outcomes["base"]["copy_rate"])
+    if n == 0:
+        return {}
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    out = {}
+    for m in METRICS:
+        diff = outcomes["dpo"][m] - outcomes["base"][m]
+        boot = diff[draws].mean(axis=1)
+        out[m] = {"diff": float(diff.mean()), "low": float(np.percentile(boot, 2.5)),
+                  "high": float(np.percentile(boot, 97.5)), "n": n}
+    return out
 
 
 def _python(module: str, *args: str) -> None:
@@ -58,12 +100,21 @@ def summarise(runs: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[st
     return out
 
 
-def table(summary: dict[str, dict[str, dict[str, float]]], seeds: list[int]) -> str:
+def table(summary: dict[str, dict[str, dict[str, float]]], seeds: list[int],
+          differences: dict[int, dict[str, dict[str, float]]] | None = None) -> str:
     lines = [f"Mean ± sample std over DPO seeds {seeds}.", "",
              "| policy | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for policy, ms in summary.items():
         cells = [f"{ms[m]['mean']:.3f} ± {ms[m]['std']:.3f}" if m in ms else "n/a" for m in METRICS]
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    rows = {s: d for s, d in (differences or {}).items() if d}
+    if rows:
+        n = next(iter(rows.values()))[METRICS[0]]["n"]
+        lines += ["", f"DPO − base per seed, 95% paired bootstrap interval over {n} questions.", "",
+                  "| seed | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        for s, d in rows.items():
+            cells = [f"{d[m]['diff']:+.3f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}]" for m in METRICS]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -83,9 +134,12 @@ def main() -> None:
     runs = {s: run_seed(s, out, args.dpo_config, args.eval_config, args.limit, args.roles,
                         shlex.split(args.dpo_args), shlex.split(args.eval_args)) for s in args.seeds}
     summary = summarise(runs)
-    atomic_write_json(out / "effect.json", {"seeds": runs, "summary": summary})
-    atomic_write_text(out / "effect.md", table(summary, args.seeds))
-    print(table(summary, args.seeds))
+    differences = {s: paired_differences(question_outcomes(out / f"seed{s}" / "eval" / "predictions.jsonl"))
+                   for s in args.seeds}
+    text = table(summary, args.seeds, differences)
+    atomic_write_json(out / "effect.json", {"seeds": runs, "summary": summary, "differences": differences})
+    atomic_write_text(out / "effect.md", text)
+    print(text)
 
 
 if __name__ == "__main__":
