@@ -251,11 +251,8 @@ class BadImageLog:
             "images": listed,  # fewer than distinct_images when more than max_listed
         }
 
-    def write(self, accelerator: Any, path: str | Path) -> None:
-        """Every process's bad images in one JSON file, so a run names what it skipped.
-
-        Collective: all processes call it. Writes nothing when no sample was skipped.
-        """
+    def merged(self, accelerator: Any) -> "BadImageLog":
+        """Every process's bad images in one log. Collective: all processes call it."""
         logs = [self]
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
@@ -266,6 +263,14 @@ class BadImageLog:
             total.skipped += other.skipped
             total.by_reason.update(other.by_reason)
             total.paths.update(other.paths)
+        return total
+
+    def write(self, accelerator: Any, path: str | Path) -> None:
+        """Every process's bad images in one JSON file, so a run names what it skipped.
+
+        Collective: all processes call it. Writes nothing when no sample was skipped.
+        """
+        total = self.merged(accelerator)
         if total.skipped and accelerator.is_main_process:
             atomic_write_json(path, total.summary())
             accelerator.print(f"skipped {total.skipped} samples with bad images ({dict(total.by_reason)}): see {path}")

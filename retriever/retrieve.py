@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
 from common.io import InputError, atomic_path, atomic_write_json
+from data.images import BadImageLog
 from data.records import DOMAINS, ReportRecord, VqaRecord
 from retriever.domain import SUBDIR as CLASSIFIER_SUBDIR
 from retriever.domain import Router, clip_folder
@@ -289,12 +290,14 @@ def retrieve_file(
         if target not in retriever.encoders:
             raise ConfigError(f"{qf.path}: routing={cfg.routing} needs a known domain, got {target!r}")
         needed = [target]
-    feats, good = {}, None
+    feats, good, bad_log = {}, None, BadImageLog()
     for d in needed:
         ds = QueryDataset(reps, None, retriever.encoders[d].preprocess_val, bad_image=cfg.data.bad_image)
-        e, idx = embed_images(retriever.encoders[d].model, ds, cfg.batch_size, accelerator, cfg.num_workers, desc=f"{Path(qf.path).stem} ({d})")
+        e, idx = embed_images(retriever.encoders[d].model, ds, cfg.batch_size, accelerator, cfg.num_workers,
+                              bad_log=bad_log, desc=f"{Path(qf.path).stem} ({d})")
         feats[d] = dict(zip(idx.tolist(), e))
         good = set(idx.tolist()) if good is None else good & set(idx.tolist())
+    bad_images = bad_log.merged(accelerator).summary()["images"]  # path -> reason, all processes
     ok = sorted(good or [])
     stacked = {d: torch.stack([f[i] for i in ok]) if ok else torch.empty(0, 0) for d, f in feats.items()}
     routed = retriever.route_features(stacked) if cfg.routing == "classifier" and ok else [needed[0]] * len(ok)
@@ -344,6 +347,8 @@ def retrieve_file(
     metrics: dict[str, Any] = {"source": qf.path, "domain": qf.domain, "kind": kind,
                                "records": len(records), "images": len(reps),
                                "unreadable_images": len(reps) - len(ok), "mean_k": sum(n_k) / max(len(n_k), 1)}
+    if bad_images:
+        metrics["bad_images"] = bad_images
     if known:
         metrics["routing_accuracy"] = correct / known
         metrics["_routing_counts"] = (correct, known)

@@ -98,6 +98,9 @@ def test_unreadable_query_image_keeps_its_line(trained, tmp_path):
     assert len(got) == 3
     assert got[1]["reference_reports"] == [] and "retrieve_error" in got[1]
     assert got[0]["retrieve_k"] == 5 and got[2]["retrieve_k"] == 5
+    metrics = json.loads((out / "retrieval_metrics.json").read_text())["files"]["pathology_queries.jsonl"]
+    assert metrics["unreadable_images"] == 1
+    assert metrics["bad_images"] == {str(Path(entry["image_root"]) / "missing/nowhere.png"): "missing"}
 
 
 def test_python_api(trained):
