@@ -1,4 +1,4 @@
-"""The policy layer and the DPO trainer on a second architecture: a tiny Qwen2-VL (tests/tiny_qwen2vl.py).
+"""The policy layer and the DPO trainer on other architectures: tiny Qwen2-VL and Qwen2.5-VL (tests/tiny_qwen2vl.py).
 
 "Any Hugging Face vision-language model" is checked where LLaVA alone would hide the
 differences: patch-flattened images with ``image_grid_thw``, a per-token ``mm_token_type_ids``,
@@ -27,18 +27,18 @@ from tests.test_train_dpo import (  # noqa: F401 (fresh_accelerate, one_thread: 
 from tests.tiny_qwen2vl import build_tiny_qwen2vl
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["2", "2.5"], ids=["qwen2-vl", "qwen2.5-vl"])
+def world(request, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("qwen2vl")
     write_pairs(root, n=16)
     write_pairs(root, n=16, released=True)
-    build_tiny_qwen2vl(policy_texts(), root / "policy")
+    build_tiny_qwen2vl(policy_texts(), root / "policy", version=request.param)
     return root
 
 
 def test_loads_through_auto_classes_and_batched_generation_equals_one_at_a_time(world):
     policy = load_policy(world / "policy")
-    assert type(policy.model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(policy.model).__name__ in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     assert policy.image_token == "<|image_pad|>"
     _sharpen(policy.model)
     images, prompts = _images(6), _prompts(6)
