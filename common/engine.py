@@ -47,7 +47,7 @@ from common.metrics import MetricsLogger
 
 # Submodule names (as in model.named_modules()) by role: the Hugging Face LLaVA layout and the
 # original LLaVA / LLaVA-Med one, Qwen2-VL / Qwen2.5-VL (``visual`` with its patch ``merger``
-# inside), Idefics3 / SmolVLM (``connector``), Gemma 3 and PaliGemma (as LLaVA).
+# inside), Idefics3 / SmolVLM (``connector``), Gemma 3 (as LLaVA).
 VISION_MODULES = ("vision_tower", "vision_model", "visual")
 PROJECTOR_MODULES = ("multi_modal_projector", "mm_projector", "merger", "connector")
 OUTPUT_MODULES = ("lm_head",)

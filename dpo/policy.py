@@ -24,6 +24,9 @@ from common.io import InputError
 from dpo.prompts import Message, plain_text
 
 IGNORE = -100  # label value the loss skips (prompt and padding)
+# Prefix LMs whose token_type_ids mark the answer (1) against the prompt (0, attended both ways):
+# training batches here are one causal sequence, so they are refused rather than trained wrong.
+PREFIX_LM_PROCESSORS = ("PaliGemmaProcessor",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Prompt = list[Message] | str
 Batch = dict[str, torch.Tensor]
@@ -168,6 +171,10 @@ class Policy:
             raise ValueError(
                 f"{len(prompts)} prompts, {len(answers)} answers, {len(images)} images"
             )
+        name = type(self.processor).__name__
+        if name in PREFIX_LM_PROCESSORS:
+            raise InputError(f"{self.path or name}: {name} is a prefix LM (token_type_ids mark the answer); "
+                             "SFT and DPO encode prompt + answer as one causal sequence and do not support it")
         tok = self.tokenizer
         enc = self._process(images, [self.render(p) for p in prompts], "right")
         answer_ids = tok(
@@ -175,7 +182,7 @@ class Policy:
         )["input_ids"]
         # Other per-token outputs (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids) are
         # laid out like input_ids; answer and padding positions get 0, the text-token type.
-        text = ("input_ids", "attention_mask")
+        text = ("input_ids", "attention_mask", "labels")  # rebuilt below (a processor's own labels too)
         types: dict[str, list[list[int]]] = {k: [] for k in _per_token_keys(enc) if k not in text}
         ids, labels = [], []
         for i, (row, mask, ans) in enumerate(zip(enc["input_ids"], enc["attention_mask"], answer_ids)):

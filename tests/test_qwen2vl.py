@@ -93,3 +93,21 @@ def test_dpo_trains_saves_and_merges(world, tmp_path):
     inputs = {k: v for k, v in _batch(world, base)[2]["inputs"].items() if k != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, with_adapter(**inputs).logits, rtol=0, atol=1e-4)
+
+
+def test_a_prefix_lm_is_refused_for_training_not_trained_wrong():
+    """PaliGemma's token_type_ids mark the answer (bidirectional prompt): one causal sequence of
+    prompt + answer would let the answer attend forward, so SFT/DPO encoding refuses it."""
+    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
+
+    from common.io import InputError
+    from dpo.policy import Policy
+    from dpo.toy_policy import train_tokenizer
+
+    bpe = train_tokenizer(policy_texts(), 300, 512).backend_tokenizer
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", image_token="<image>")
+    processor = PaliGemmaProcessor(image_processor=SiglipImageProcessor(size={"height": 32, "width": 32},
+                                                                        image_seq_length=4), tokenizer=tok)
+    with pytest.raises(InputError, match="prefix LM"):
+        Policy(model=None, processor=processor).encode_for_training(["Is there a nodule?"], ["Yes."], _images(1))
