@@ -5,8 +5,9 @@ Every path here is relative to ``data_root``, the release's ``data/`` folder. Th
 (with the release's quirks) so the whole real chain can be rehearsed without the real data.
 
 Images are not part of the release. A user keeps each image set in its own folder and names it
-in a config under ``image_roots`` (``{dataset: folder}``), or puts everything under one
-``image_root``. Records of one file can come from two sets (the radiology files mix MIMIC-CXR
+in a config under ``image_roots`` (``{dataset: folder}``), or under one ``image_root`` that
+holds a folder per set named as in ``DATASETS`` (``<image_root>/mimic/files/p10/...``), or
+puts every image under ``image_root`` itself. Records of one file can come from two sets (the radiology files mix MIMIC-CXR
 and IU-Xray), so an image is looked up in each configured folder in turn
 (``image_search_path``; ``data.images.resolve_image`` takes the first folder that holds it).
 """
@@ -66,8 +67,12 @@ def release_files(domain: str | None = None, role: str | None = None) -> list[Re
 def image_search_path(
     image_root: str | Path | None = None, image_roots: dict[str, str] | None = None
 ) -> list[str]:
-    """The folders an image is looked up in, in order: each ``image_roots`` entry, then ``image_root``."""
+    """The folders an image is looked up in, in order: each ``image_roots`` entry, then the
+    ``DATASETS`` folders that exist under ``image_root``, then ``image_root`` itself."""
     roots = [str(r) for r in (image_roots or {}).values() if r]
-    if image_root and str(image_root) not in roots:
-        roots.append(str(image_root))
+    if image_root:
+        base = Path(image_root)
+        roots += [str(base / d) for d in DATASETS if (base / d).is_dir() and str(base / d) not in roots]
+        if str(base) not in roots:
+            roots.append(str(base))
     return roots
