@@ -7,7 +7,7 @@ trained from scratch. On yes/no answers alone, a tiny LLaVA over the three toy d
 the yes/no prior for thousands of steps: it has to learn at once what the image shows and which
 finding the question names. This loss hands the image side the first half, in the very
 embeddings the question's words have, so the second half becomes a match of like with like.
-Measured on the toy (see the README's toy-policy section): without it, accuracy without
+Measured on the toy (docs/RESULTS.md, toy base policy): without it, accuracy without
 retrieval stays at 0.50; with it, 0.67.
 
 Written by hand: no library has it. The loss reads the projector's output through a forward hook,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reliability fault suite (issue 8): bad images, malformed input, SIGKILL + resume, unwritable
+# Reliability fault suite: bad images, malformed input, SIGKILL + resume, unwritable
 # output and full disk, on the tiny toy world; writes a Markdown table to DIR/FAULTS.md.
 # Usage: bash scripts/faults.sh [--out DIR] [--only NAME ...]   (--help for details)
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Reliability fault suite (issue 8): every stage end to end on a tiny toy world, under faults.
+"""Reliability fault suite: every stage end to end on a tiny toy world, under faults.
 
     python -m tests.faults_suite [--out DIR] [--only SUBSTRING ...]
 
@@ -702,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {time.time() - start:.0f}s " + " ".join({True: 'ok', False: 'FAIL', None: 'skip'}[r.ok] for r in got),
               flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "FAULTS.md").write_text("# Fault suite (issue 8)\n\n" + table(rows))
+    (out / "FAULTS.md").write_text("# Fault suite\n\n" + table(rows))
     print(f"wrote {out / 'FAULTS.md'}")
     return 0 if all(r.ok is not False for r in rows) else 1
 

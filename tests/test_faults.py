@@ -1,4 +1,4 @@
-"""Fault cases of issue 8 that run in seconds; the end-to-end scenarios (tests/faults_suite.py) are
+"""Fault cases that run in seconds; the end-to-end scenarios (tests/faults_suite.py) are
 wrapped at the bottom as slow tests.
 
 Covered elsewhere and not repeated here: each bad image kind through load_image (test_images.py),
