@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from common.io import InputError
-from data.images import image_roots, pick_root
+from data.images import Roots, image_roots, pick_root
 from data.records import Kind, PreferenceRecord, Record, ReportRecord, VqaRecord
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def detect_kind(path_or_obj: str | Path | dict | list) -> Kind:
 def read_records(
     path: str | Path,
     kind: Kind | None = None,
-    default_image_root: str | Path | Sequence[str | Path] | None = None,
+    default_image_root: Roots = None,
     bad_record: BadRecordPolicy = "skip",
     skipped: list[str] | None = None,
 ) -> list[Record]:
