@@ -142,7 +142,7 @@ class PairDataset(PreferenceDataset):
     def __init__(
         self,
         records: Sequence[PreferenceRecord],
-        image_root: str | Path | None,
+        image_root: Roots,
         noise_seed: int = 0,
         bad_image: BadImagePolicy = "skip",
     ):
