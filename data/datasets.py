@@ -21,7 +21,6 @@ the dataset's policy (data.images): ``"error"`` raises BadImageError naming the 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from data.images import (
-    SKIPPED_KEY, BadImageError, BadImageLog, BadImagePolicy, SkippedSample, inside_root, load_image,
-    pick_root,
+    SKIPPED_KEY, BadImageError, BadImageLog, BadImagePolicy, Roots, SkippedSample, inside_root, load_image,
+    root_for, search_path,
 )
 from data.records import PreferenceRecord, ReportRecord, VqaRecord
 
@@ -89,7 +88,8 @@ class _ImageDataset(Dataset):
     """Shared by the datasets below: ids, image roots, decoding under the bad-image policy.
 
     Arguments (all three datasets): ``records`` from data.readers; ``image_root`` the configured
-    image folder (also the fallback for records whose own root does not exist here);
+    image folder, or several (an image is taken from the first that holds it), for records
+    without a root of their own that exists here;
     ``transform`` PIL image -> model input; ``bad_image`` "skip" or "error"; ``npz_key`` the
     array inside .npz images (default: the first image-shaped one); ``bad_log`` where
     ``dataset[i]`` records skipped samples.
@@ -98,7 +98,7 @@ class _ImageDataset(Dataset):
     def __init__(
         self,
         records: Sequence[Any],
-        image_root: str | Path | None,
+        image_root: Roots,
         transform: Transform,
         bad_image: BadImagePolicy = "skip",
         npz_key: str | None = None,
@@ -112,10 +112,9 @@ class _ImageDataset(Dataset):
         self.bad_log = bad_log
         self.ids = StringColumn((r.id for r in records), dedupe=False)
         roots = StringColumn(r.image_root or "" for r in records)
-        default = str(image_root) if image_root else None
         # each distinct root is checked here, in the main process: one warning per missing root
         self._roots = [
-            pick_root(roots.distinct(k) or None, default) for k in range(roots.n_distinct)
+            search_path(roots.distinct(k) or None, image_root) for k in range(roots.n_distinct)
         ]
         self._root_of = roots.codes
 
@@ -123,7 +122,8 @@ class _ImageDataset(Dataset):
         return len(self.ids)
 
     def _image(self, rel: str, record: int) -> Any:
-        path = inside_root(rel, self._roots[self._root_of[record]])
+        roots = self._roots[self._root_of[record]]
+        path = inside_root(rel, root_for(rel, roots))
         return self.transform(load_image(path, self.npz_key))
 
     def _item(self, i: int) -> dict[str, Any]:

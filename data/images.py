@@ -1,8 +1,10 @@
 """Image paths and robust decoding: every real image becomes an RGB PIL image or a clear error.
 
 - ``resolve_image``: released annotation files carry their authors' absolute ``image_root``; a
-  root that does not exist here falls back to the configured one (one warning per root). Paths
-  that leave their root (``../../etc/passwd``, an absolute path elsewhere) are refused.
+  root that does not exist here falls back to the configured one (one warning per root). Several
+  folders can be configured (one per image set, as data.release.image_search_path lists them):
+  an image is then taken from the first that holds it. Paths that leave their root
+  (``../../etc/passwd``, an absolute path elsewhere) are refused.
 - ``load_image``: grayscale, palette, CMYK, alpha (composited on black: a transparent pixel
   carries no signal), 16-bit and float images (scaled by their own min..max, not clipped) and
   FairVLMed ``.npz`` arrays all become 8-bit RGB. The full decode happens here, so a truncated
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -46,37 +49,63 @@ class BadImageError(InputError):
 
 _root_exists: dict[str, bool] = {}  # per process: each root is checked (and warned about) once
 
+Roots = str | Path | Sequence[str | Path] | None  # one configured image folder, or several in order
 
-def _exists_here(root: str, fallback: str | None) -> bool:
+
+def image_roots(roots: Roots) -> list[str]:
+    """The configured image folders as a list: one folder, several (in order), or none."""
+    if roots is None or isinstance(roots, (str, Path)):
+        return [str(roots)] if roots else []
+    return [str(r) for r in roots if r]
+
+
+def _exists_here(root: str, fallback: list[str]) -> bool:
     if root not in _root_exists:
         _root_exists[root] = os.path.isdir(root)
         if not _root_exists[root]:
             log.warning(
                 "image_root %s (from the annotation file) does not exist on this machine; using %s",
-                root, fallback or "the image paths as written",
+                root, " then ".join(fallback) or "the image paths as written",
             )
     return _root_exists[root]
 
 
-def pick_root(record_root: str | Path | None, default_root: str | Path | None) -> str | None:
-    """The folder a record's images live in: its own root if it exists here, else the default.
-
-    A missing per-record root is warned about once per process (datasets call this for every
-    distinct root at construction, so the warning comes from the main process).
-    """
-    default = str(default_root) if default_root else None
+def search_path(record_root: str | Path | None, default_root: Roots) -> list[str]:
+    """The folders a record's images are looked up in: its own root if it exists here, else the
+    configured ones. A missing per-record root is warned about once per process (datasets call
+    this for every distinct root at construction, so the warning comes from the main process)."""
+    roots = image_roots(default_root)
     if record_root:
-        record_root = str(record_root)
-        if record_root == default or _exists_here(record_root, default):
-            return record_root
-    return default
+        own = str(record_root)
+        if own in roots or _exists_here(own, roots):
+            return [own]
+    return roots
 
 
-def resolve_image(
-    rel: str | Path, record_root: str | Path | None, default_root: str | Path | None
-) -> Path:
-    """The file of image ``rel``, under the record's root or (fallback) the configured root."""
-    return inside_root(rel, pick_root(record_root, default_root))
+def root_for(rel: str | Path | None, roots: Sequence[str]) -> str | None:
+    """The first of ``roots`` that holds ``rel`` (inside it), else the first, so that a missing
+    image is reported under it; None without roots."""
+    if rel is not None and len(roots) > 1:
+        for root in roots:
+            try:
+                if inside_root(rel, root).exists():
+                    return root
+            except BadImageError:
+                continue
+    return roots[0] if roots else None
+
+
+def pick_root(
+    record_root: str | Path | None, default_root: Roots, rel: str | Path | None = None
+) -> str | None:
+    """The folder a record's image ``rel`` lives in: the record's own root if it exists here,
+    else the first configured folder that holds ``rel``, else the first configured folder."""
+    return root_for(rel, search_path(record_root, default_root))
+
+
+def resolve_image(rel: str | Path, record_root: str | Path | None, default_root: Roots) -> Path:
+    """The file of image ``rel``, under the record's root or (fallback) a configured root."""
+    return inside_root(rel, pick_root(record_root, default_root, rel))
 
 
 def inside_root(rel: str | Path, root: str | None) -> Path:

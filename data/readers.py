@@ -5,8 +5,15 @@ by its first character, not its name. Its kind (report, VQA, preference) is told
 its first record unless ``kind=`` is given. Retrieval JSONL (contract 2) reads as its base kind,
 its additions (``reference_reports``, ``retrieve_k``, ``domain``...) landing in ``meta``.
 
-Malformed input raises ``InputError`` naming ``FILE:LINE`` (JSONL), ``FILE:[index]`` (JSON
-list) or ``FILE:LINE:COL`` (broken JSON). Answers are not judged here (see data.validate).
+A file that cannot be read at all (missing, broken JSON, not a list) raises ``InputError`` naming
+``FILE:LINE:COL`` or ``FILE``. A record that parses but cannot be used (not an object, no question
+text, no image, no report text, wrong types) is a bad record, named ``FILE:LINE`` (JSONL) or
+``FILE:[index]`` (JSON list): by default it is skipped, logged and handed to the caller's
+``skipped`` list for its run summary, so that one bad line does not cost a whole release file;
+``bad_record="error"`` raises at the first one. Answers are not judged here (see data.validate).
+
+A preference record without an ``id`` gets one from its content (``content_id``), so the pairs of
+one question share it wherever the file lies.
 
 Memory matters (real VQA sets hold 600k+ questions, ~0.75 KB each here): ``raw`` is the parsed
 dict itself, JSONL is parsed in chunks so that key strings are shared, and repeated values
@@ -16,13 +23,21 @@ questions on an image) are stored once per file. Treat records as read-only.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from common.io import InputError
+from data.images import Roots, image_roots, pick_root
 from data.records import Kind, PreferenceRecord, Record, ReportRecord, VqaRecord
 
+log = logging.getLogger(__name__)
+
+BadRecordPolicy = Literal["skip", "error"]
+MAX_LOGGED = 20  # bad records logged per file; the rest are still counted and collected
 IMAGE_MARK = "<image>"
 REPORT_TEXT_KEYS = ("report", "caption", "gpt4_summary")
 REPORT_IMAGE_KEYS = ("image_path", "image")
@@ -64,34 +79,81 @@ def detect_kind(path_or_obj: str | Path | dict | list) -> Kind:
 
 
 def read_records(
-    path: str | Path, kind: Kind | None = None, default_image_root: str | Path | None = None
+    path: str | Path,
+    kind: Kind | None = None,
+    default_image_root: Roots = None,
+    bad_record: BadRecordPolicy = "skip",
+    skipped: list[str] | None = None,
 ) -> list[Record]:
-    """All records of an annotation file, as ReportRecord, VqaRecord or PreferenceRecord.
+    """All usable records of an annotation file, as ReportRecord, VqaRecord or PreferenceRecord.
 
     ``default_image_root`` becomes the ``image_root`` of records that carry none of their own (a
     record's own root that does not exist here still falls back to it: data.images.resolve_image).
+    Given several folders (one per image set), each record gets its own root if it exists here,
+    else the first folder holding its first image, else the first folder.
+
+    A bad record (see module doc) is skipped and its ``FILE:LINE: why`` appended to ``skipped``
+    when ``bad_record`` is ``skip``; with ``error`` it raises InputError.
     """
     path = Path(path)
     if kind is not None and kind not in _PARSERS:
         raise InputError(f"{path}: unknown kind {kind!r}; expected one of {sorted(_PARSERS)}")
-    default_root = str(default_image_root) if default_image_root is not None else None
+    if bad_record not in ("skip", "error"):
+        raise ValueError(f"bad_record must be 'skip' or 'error', got {bad_record!r}")
+    roots = image_roots(default_image_root)
+    default_root = roots[0] if len(roots) == 1 else None
     shared: dict[Any, Any] = {}  # one stored copy of each repeated value (see _text, _images)
     parse = _PARSERS[kind] if kind else None
     records: list[Record] = []
+    n_bad = 0
     for where, raw in _iter_raw(path):
-        if not isinstance(raw, dict):
-            got = type(raw).__name__
-            raise InputError(f"{where}: expected a JSON object (a record), got {got}")
-        if parse is None:
-            try:
-                parse = _PARSERS[detect_kind(raw)]
-            except InputError as e:
-                raise InputError(f"{where}: {e}") from None
-        rec = parse(raw, where, shared)
-        if rec.image_root is None:
+        try:
+            if not isinstance(raw, dict):
+                raise InputError(f"{where}: expected a JSON object (a record), got {type(raw).__name__}")
+            record_parse = parse or _PARSERS[_kind_at(raw, where)]
+            rec = record_parse(raw, where, shared)
+        except InputError as e:
+            if bad_record == "error":
+                raise
+            n_bad += 1
+            _skip(str(e), n_bad, path, skipped)
+            continue
+        parse = record_parse
+        if len(roots) > 1:
+            rec.image_root = pick_root(rec.image_root, roots, _first_ref(rec))
+        elif rec.image_root is None:
             rec.image_root = default_root
         records.append(rec)
     return records
+
+
+def _kind_at(raw: dict, where: str) -> Kind:
+    try:
+        return detect_kind(raw)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def _skip(message: str, n_bad: int, path: Path, skipped: list[str] | None) -> None:
+    """Log (the first MAX_LOGGED of a file) and collect one skipped bad record."""
+    if n_bad <= MAX_LOGGED:
+        log.warning("%s (record skipped)", message)
+    elif n_bad == MAX_LOGGED + 1:
+        log.warning("%s: more bad records; counted, not logged", path)
+    if skipped is not None:
+        skipped.append(message)
+
+
+def _first_ref(rec: Record) -> str | None:
+    """The image a record's root is chosen by: its (first) image, else its .npz."""
+    if isinstance(rec, PreferenceRecord):
+        return rec.image
+    return rec.images[0] if rec.images else getattr(rec, "npz", None)
+
+
+def bad_records_summary(skipped: Sequence[str]) -> dict[str, Any]:
+    """The ``bad_records`` entry of a run summary: how many records were skipped, and which."""
+    return {"count": len(skipped), "records": list(skipped)}
 
 
 # ---------------------------------------------------------------- file formats
@@ -249,6 +311,15 @@ def _id(raw: dict, keys: tuple[str, ...], where: str) -> str:
     return where
 
 
+def content_id(image: str, prompt: str) -> str:
+    """The id of a preference record that has none: a hash of its image (as written) and prompt.
+
+    Independent of the file's path and the record's place, and shared by the pairs of one
+    question, so those land on one side of the held-out split (dpo.pair_data.is_heldout).
+    """
+    return "pair-" + hashlib.sha256(f"{image}\0{prompt}".encode()).hexdigest()[:16]
+
+
 def _images(raw: dict, keys: tuple[str, ...], where: str, shared: dict) -> list[str]:
     """Image paths from the first non-empty key: a string or a list of views.
 
@@ -375,7 +446,7 @@ def _parse_preference(raw: dict, where: str, shared: dict) -> PreferenceRecord:
     prompt, chosen = _turns(raw, "conversations", where)
     _, rejected = _turns(raw, "rejected_conversations", where)
     return PreferenceRecord(
-        id=_id(raw, ("id",), where),
+        id=_id(raw, ("id",), "") or content_id(images[0], prompt),
         image=images[0],
         prompt=shared.setdefault(prompt, prompt),
         chosen=chosen,

@@ -1,15 +1,19 @@
 """Check an annotation file before a run: ``python -m data.validate FILE [options]``.
 
 Prints one problem per line (``FILE:LINE: ...``), then, as the last line, a JSON summary:
-{"file", "kind", "records", "images_checked", "images_missing", "images_unreadable", "warnings"}.
+{"file", "kind", "records", "bad_records", "images_checked", "images_missing", "images_unreadable",
+"warnings"}. ``records`` counts the usable records; every bad record (one that parses but cannot
+be used, data.readers) is listed.
 
-Exit codes: 0 the file reads (warnings allowed), 1 some images are missing or unreadable (with
---check-images), 2 the file itself is malformed (the message names FILE:LINE).
+Exit codes: 0 the file reads (warnings allowed), 1 some records are bad, or some images are
+missing or unreadable (with --check-images), 2 the file cannot be read at all (the message names
+FILE:LINE).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from common.config import cli_main
-from data.images import BadImageError, inside_root, load_image, pick_root
+from data.images import BadImageError, Roots, inside_root, load_image, pick_root
 from data.readers import read_records
 from data.records import DOMAINS, PreferenceRecord, Record, ReportRecord, VqaRecord
 
@@ -84,17 +88,17 @@ def _check(path: str, npz_key: str | None) -> BadImageError | None:
 
 
 def check_images(
-    records: list[Record], image_root: str | None, npz_key: str | None
+    records: list[Record], image_root: Roots, npz_key: str | None
 ) -> tuple[list[str], dict[str, int]]:
     """Decode every distinct image once (threads: PIL decodes outside the GIL)."""
     first_use: dict[str, str] = {}  # resolved path -> where it is first used
     problems: list[str] = []
     counts = {"images_checked": 0, "images_missing": 0, "images_unreadable": 0}
     for rec in records:
-        root = pick_root(rec.image_root, image_root)
         for rel in image_refs(rec):
             try:
-                first_use.setdefault(str(inside_root(rel, root)), rec.source)
+                full = inside_root(rel, pick_root(rec.image_root, image_root, rel))
+                first_use.setdefault(str(full), rec.source)
             except BadImageError as e:
                 counts["images_checked"] += 1
                 counts["images_unreadable"] += 1
@@ -125,40 +129,58 @@ class _Collect(logging.Handler):
         self.lines.append(f"{self.prefix}: {record.getMessage()}")
 
 
+@contextlib.contextmanager
+def _collected(lines: list[str], prefix: str) -> Iterator[None]:
+    """data.images' warnings go to ``lines`` instead of the log while the block runs."""
+    images_log = logging.getLogger("data.images")
+    handler = _Collect(lines, prefix)
+    images_log.addHandler(handler)
+    images_log.propagate = False
+    try:
+        yield
+    finally:
+        images_log.removeHandler(handler)
+        images_log.propagate = True
+
+
 def validate(
-    path: str, kind: str | None, image_root: str | None, images: bool, npz_key: str | None
+    path: str, kind: str | None, image_root: Roots, images: bool, npz_key: str | None
 ) -> tuple[list[str], dict[str, Any]]:
-    """(problem lines, summary) for one file; InputError if the file is malformed."""
-    records = read_records(path, kind=kind, default_image_root=image_root)
+    """(problem lines, summary) for one file; InputError if the file cannot be read at all."""
+    bad: list[str] = []
+    root_warnings: list[str] = []  # a missing image_root
+    problems: list[str] = []
+    counts = {"images_checked": 0, "images_missing": 0, "images_unreadable": 0}
+    with _collected(root_warnings, path):
+        records = read_records(path, kind=kind, default_image_root=image_root, skipped=bad)
+        for root in {r.image_root for r in records}:
+            pick_root(root, image_root)
+        if images:
+            problems, counts = check_images(records, image_root, npz_key)
     warnings: list[str] = []
     seen: dict[str, str] = {}
     for rec in records:
         warnings.extend(f"{rec.source}: {w}" for w in record_warnings(rec))
+        if not _own_id(rec):
+            continue
         if (first := seen.setdefault(rec.id, rec.source)) != rec.source:
             warnings.append(f"{rec.source}: duplicate id {rec.id!r} (first at {first})")
-    problems: list[str] = []
-    counts = {"images_checked": 0, "images_missing": 0, "images_unreadable": 0}
-    images_log = logging.getLogger("data.images")
-    handler = _Collect(warnings, path)
-    images_log.addHandler(handler)
-    images_log.propagate = False
-    try:
-        for root in {r.image_root for r in records}:  # a missing image_root is a warning
-            pick_root(root, image_root)
-        if images:
-            problems, counts = check_images(records, image_root, npz_key)
-    finally:
-        images_log.removeHandler(handler)
-        images_log.propagate = True
+    warnings += root_warnings
     names = {ReportRecord: "report", VqaRecord: "vqa", PreferenceRecord: "preference"}
     summary = {
         "file": path,
         "kind": kind or (names[type(records[0])] if records else None),
         "records": len(records),
+        "bad_records": len(bad),
         **counts,
         "warnings": len(warnings),
     }
-    return warnings + problems, summary
+    return bad + warnings + problems, summary
+
+
+def _own_id(rec: Record) -> bool:
+    """Whether the id comes from the file: the pairs of one question share a derived id."""
+    return not isinstance(rec, PreferenceRecord) or rec.raw.get("id") not in (None, "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,16 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         description="Check an MMed-RAG annotation file (report JSON, VQA JSONL, preference "
         "JSON, retrieval JSONL). Prints problems as FILE:LINE: ..., then a JSON summary as the "
         "last line.",
-        epilog="Exit codes: 0 readable (warnings allowed); 1 images missing or unreadable "
-        "(--check-images); 2 malformed file.",
+        epilog="Exit codes: 0 readable (warnings allowed); 1 bad records, or images missing or "
+        "unreadable (--check-images); 2 a file that cannot be read at all.",
     )
     parser.add_argument("file", nargs="?", help="annotation file (JSON list or JSONL)")
     parser.add_argument("--manifest", help="instead of FILE: every file a world's manifest.json "
                         "lists, each with its own image root (one summary line per file)")
     parser.add_argument("--kind", choices=["report", "vqa", "preference"],
                         help="record kind; default: told by the first record's keys")
-    parser.add_argument("--image-root", help="folder image paths are relative to (also the "
-                        "fallback for per-record image_root folders that do not exist here)")
+    parser.add_argument("--image-root", action="append", help="folder image paths are relative "
+                        "to (also the fallback for per-record image_root folders that do not exist "
+                        "here); repeat it for several image sets: each image is taken from the "
+                        "first folder that holds it")
     parser.add_argument("--check-images", action="store_true",
                         help="open and fully decode every distinct image the file uses")
     parser.add_argument("--npz-key", help="array name inside .npz images (default: the first "
@@ -189,14 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         root = os.path.dirname(os.path.abspath(args.manifest))
         with open(args.manifest, encoding="utf-8") as f:
             entries = json.load(f)["files"]
-        jobs = [(os.path.join(root, e["path"]), os.path.join(root, e["image_root"])) for e in entries]
+        jobs = [(os.path.join(root, e["path"]), [os.path.join(root, e["image_root"])]) for e in entries]
     code = 0
     for path, image_root in jobs:
         lines, summary = validate(path, args.kind, image_root, args.check_images, args.npz_key)
         for line in lines:
             print(line)
         print(json.dumps(summary))
-        code = max(code, 1 if summary["images_missing"] or summary["images_unreadable"] else 0)
+        problems = summary["bad_records"] or summary["images_missing"] or summary["images_unreadable"]
+        code = max(code, 1 if problems else 0)
     return code
 
 

@@ -46,7 +46,7 @@ from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from data.datasets import first_image
 from data.images import BadImageError, BadImageLog, load_image, resolve_image
-from data.readers import read_index, read_records
+from data.readers import bad_records_summary, read_index, read_records
 from data.records import ReportRecord, VqaRecord
 from dpo.answers import yes_no
 from dpo.pairs import NoiseConfig, make_x_v_star
@@ -84,6 +84,7 @@ class EvalConfig:
     limit: int = doc(0, "evaluate only the first N records of each file (0 = all): quick runs")
     meteor: bool = doc(True, "compute METEOR (needs Java)")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the record (counted) or stop")
+    bad_record: Literal["skip", "error"] = doc("skip", "a query record that cannot be used: skip it (named in results.json) or stop")
     dtype: str = doc("float32", "policy dtype: float32 | bfloat16 | float16")
     device: str = doc("cpu", "device for the policy")
     clip_dir: str = doc("outputs/toy/clip", "CLIP fine-tuning output (its <domain>/metrics.jsonl are plotted)")
@@ -107,8 +108,9 @@ class EvalFile:
     records: list[VqaRecord | ReportRecord] = field(default_factory=list)
 
 
-def eval_files(cfg: EvalConfig) -> list[EvalFile]:
-    """The query files to evaluate, records read (every record: x_v* candidates come from all)."""
+def eval_files(cfg: EvalConfig, skipped: list[str] | None = None) -> list[EvalFile]:
+    """The query files to evaluate, records read (every usable record: x_v* candidates come from
+    all; bad records go to ``skipped``)."""
     default_root = cfg.image_root or None
     if cfg.files:
         specs = [{"path": Path(f)} for f in cfg.files]
@@ -117,7 +119,7 @@ def eval_files(cfg: EvalConfig) -> list[EvalFile]:
     files = []
     for spec in specs:
         path = Path(spec["path"])
-        records = read_records(path, kind=spec.get("kind"), default_image_root=spec.get("image_root") or default_root)
+        records = read_records(path, spec.get("kind"), spec.get("image_root") or default_root, cfg.bad_record, skipped)
         if not records:
             raise InputError(f"{path}: no records")
         if "reference_reports" not in records[0].meta:
@@ -520,7 +522,8 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
     plan, notes = policy_plan(cfg)
     for note in notes:
         print(f"note: {note}")
-    files = eval_files(cfg)
+    bad_records: list[str] = []
+    files = eval_files(cfg, bad_records)
     check_java(cfg, files)
     images = ImageSource(files, cfg)
     predictions: list[dict[str, Any]] = []
@@ -538,6 +541,8 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
     bad = images.bad.summary()
     if bad["skipped"]:
         notes.append(f"records skipped for bad images: {bad['skipped']} ({bad['by_reason']})")
+    if bad_records:
+        notes.append(f"records skipped as unusable: {len(bad_records)} (bad_records in results.json)")
     results: dict[str, Any] = {
         "rows": rows,
         "diagnostics": diagnostics(predictions),
@@ -545,6 +550,7 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
         "policies": {name: {"path": cfg.policy, "init_adapter": cfg.init_adapter or None, "adapter": adapter}
                      for name, adapter in plan},
         "bad_images": bad,
+        "bad_records": bad_records_summary(bad_records),
         "notes": notes,
     }
     write_outputs(cfg, results, predictions)

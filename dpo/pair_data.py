@@ -24,9 +24,9 @@ from torch.utils.data import Sampler
 
 from common.io import InputError
 from data.datasets import CollateSkip, PreferenceDataset, StringColumn
-from data.images import BadImagePolicy
+from data.images import BadImagePolicy, Roots
 from data.noise import pure_noise, stable_seed
-from data.readers import read_records
+from data.readers import BadRecordPolicy, read_records
 from data.records import PreferenceRecord
 from dpo.policy import IGNORE, Policy, Prompt
 
@@ -41,13 +41,18 @@ def pair_type_of(record: PreferenceRecord) -> str:
     return "cm" if record.rejected_noised or record.rejected_image else "oa"
 
 
-def load_pairs(paths: Sequence[str | Path], image_root: str | Path | None = None) -> list[PreferenceRecord]:
-    """All pairs of the given preference files, in file order."""
+def load_pairs(
+    paths: Sequence[str | Path],
+    image_root: Roots = None,
+    bad_record: BadRecordPolicy = "skip",
+    skipped: list[str] | None = None,
+) -> list[PreferenceRecord]:
+    """All usable pairs of the given preference files, in file order (bad records: data.readers)."""
     if not paths:
         raise InputError("no preference file given (pairs: [FILE.json, ...])")
     records: list[PreferenceRecord] = []
     for path in paths:
-        got = read_records(path, kind="preference", default_image_root=image_root)
+        got = read_records(path, "preference", image_root, bad_record, skipped)
         if not got:
             raise InputError(f"{path}: no preference pairs in the file")
         records += got  # type: ignore[arg-type]
@@ -56,7 +61,8 @@ def load_pairs(paths: Sequence[str | Path], image_root: str | Path | None = None
 
 def is_heldout(record_id: str, fraction: float, seed: int) -> bool:
     """Whether a pair is held out: decided by its id alone, so the split never depends on file
-    order and both pairs of one question (e.g. its cm and oa pair) fall on the same side."""
+    order or path, and the pairs of one question (a released file's pairs without an id share
+    one derived from the question: data.readers.content_id) fall on the same side."""
     return stable_seed("heldout", record_id, seed) % 1_000_000 < round(fraction * 1_000_000)
 
 
@@ -136,7 +142,7 @@ class PairDataset(PreferenceDataset):
     def __init__(
         self,
         records: Sequence[PreferenceRecord],
-        image_root: str | Path | None,
+        image_root: Roots,
         noise_seed: int = 0,
         bad_image: BadImagePolicy = "skip",
     ):

@@ -43,7 +43,7 @@ from common.config import ConfigError, cli_main, doc, load_config, save_config, 
 from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl
 from data.images import BadImageError, load_image, pick_root, resolve_image
 from data.noise import MODES, make_noised, pick_other, stable_seed
-from data.readers import detect_kind, read_index, read_records
+from data.readers import bad_records_summary, detect_kind, read_index, read_records
 from data.records import VqaRecord
 from dpo.answers import is_correct
 from dpo.metrics import copy_rate, over_reliance_rate
@@ -93,6 +93,8 @@ class PairsConfig:
     limit: int = doc(0, "use only the first N records of each input file (0: all)")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the record (counted in "
                                               "pairs_stats.json) or stop with its path")
+    bad_record: Literal["skip", "error"] = doc("skip", "an input record that cannot be used: skip it (named in "
+                                               "pairs_stats.json) or stop")
     overwrite: bool = doc(False, "discard earlier generations made with other settings instead of refusing")
     progress: bool = doc(True, "tqdm progress bar")
 
@@ -145,15 +147,16 @@ def find_inputs(cfg: PairsConfig) -> list[Input]:
             for e in read_index(cfg.retrieval_index, cfg.roles)]
 
 
-def read_items(inputs: list[Input], cfg: PairsConfig) -> list[Item]:
-    """Every record of every input, in order; a record without retrieval fields is an InputError."""
+def read_items(inputs: list[Input], cfg: PairsConfig, skipped: list[str] | None = None) -> list[Item]:
+    """Every usable record of every input, in order (bad records go to ``skipped``); a record
+    without retrieval fields is an InputError."""
     items: list[Item] = []
     seen: Counter[str] = Counter()
     for n, inp in enumerate(inputs):
         kind = detect_kind(inp.path)
         if kind not in ("vqa", "report"):
             raise InputError(f"{inp.path}: expected VQA or report retrieval records, got {kind} records")
-        records = read_records(inp.path, kind=kind)
+        records = read_records(inp.path, kind=kind, bad_record=cfg.bad_record, skipped=skipped)
         for rec in records[: cfg.limit or None]:
             refs = rec.meta.get("reference_reports")
             if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
@@ -499,7 +502,8 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
     out = Path(cfg.out)
     templates = load_prompt_templates(cfg.prompts)
     inputs = find_inputs(cfg)
-    items = read_items(inputs, cfg)
+    bad_records: list[str] = []
+    items = read_items(inputs, cfg, bad_records)
     if not items:
         raise InputError(f"{', '.join(i.path for i in inputs)}: no records")
     settings = settings_of(cfg, inputs)
@@ -535,6 +539,7 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
         return None
     gens = merge(items, out)
     pairs, stats = build_pairs(items, gens, cfg, templates, out)
+    stats["bad_records"] = bad_records_summary(bad_records)
     atomic_write_json(out / "pairs.json", pairs)
     atomic_write_json(out / "pairs_stats.json", stats)
     save_config(cfg, out / "run_config.yaml")

@@ -36,7 +36,7 @@ from data.datasets import QueryDataset
 from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
 from data.loader import make_loader
 from data.noise import make_noised, pick_other, stable_seed
-from data.readers import detect_kind, read_index, read_records, strip_image_mark
+from data.readers import bad_records_summary, detect_kind, read_index, read_records, strip_image_mark
 from data.records import ReportRecord, VqaRecord
 from dpo.align import FindingAligner
 from dpo.answers import vqa_correct, yes_no
@@ -58,6 +58,7 @@ class SftDataConfig:
     limit: int = doc(0, "use the first N records of each file (0 = all)")
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the sample, or stop")
+    bad_record: Literal["skip", "error"] = doc("skip", "a record that cannot be used: skip it (named in bad_records.json), or stop")
 
 
 @dataclass
@@ -158,8 +159,11 @@ def read_conversations(path: str, domain: str, root: str | None) -> list[Example
     return out
 
 
-def read_examples(sources: list[Source], cfg: SftDataConfig, seed: int, vqa_only: bool = False) -> list[Example]:
-    """Every record of every source as an Example (references dropped per ``no_reference_rate``)."""
+def read_examples(
+    sources: list[Source], cfg: SftDataConfig, seed: int, vqa_only: bool = False, skipped: list[str] | None = None
+) -> list[Example]:
+    """Every usable record of every source as an Example (references dropped per
+    ``no_reference_rate``; bad records go to ``skipped``)."""
     examples: list[Example] = []
     for src in sources:
         kind = detect_kind(src.path)
@@ -170,7 +174,7 @@ def read_examples(sources: list[Source], cfg: SftDataConfig, seed: int, vqa_only
             continue
         if vqa_only and kind != "vqa":
             continue
-        for rec in read_records(src.path, kind=kind)[: cfg.limit or None]:
+        for rec in read_records(src.path, kind=kind, bad_record=cfg.bad_record, skipped=skipped)[: cfg.limit or None]:
             domain = src.domain or rec.meta.get("domain") or "default"
             rec = dataclasses.replace(rec, image_root=pick_root(rec.image_root, _root(src, cfg, domain)))
             refs = rec.meta.get("reference_reports")
@@ -347,7 +351,8 @@ def run_sft(cfg: SftConfig) -> Path:
     policy.model = apply_lora(policy.model, cfg.lora, cfg.train.gradient_checkpointing)
     if accelerator.is_main_process:
         save_config(cfg, out / "run_config.yaml")
-    examples = read_examples(training_sources(cfg.data), cfg.data, cfg.train.seed)
+    bad_records: list[str] = []
+    examples = read_examples(training_sources(cfg.data), cfg.data, cfg.train.seed, skipped=bad_records)
     held = [not _keep(f"{e.domain}/{e.record.id}", cfg.data.val_fraction, cfg.train.seed, "val") for e in examples]
     train_ex = [e for e, h in zip(examples, held) if not h]
     val_ex = [e for e, h in zip(examples, held) if h]
@@ -370,6 +375,8 @@ def run_sft(cfg: SftConfig) -> Path:
         hook.remove()
     save_model(accelerator, result.model, out, policy.processor)
     bad_log.write(accelerator, out / "bad_images.json")
+    if accelerator.is_main_process:
+        atomic_write_json(out / "bad_records.json", {"bad_records": bad_records_summary(bad_records)})
     accelerator.print(f"SFT: {result.step} steps in {time.perf_counter() - start:.0f} s -> {out}")
     if accelerator.is_main_process and cfg.lora.enabled and cfg.merge:
         merged = load_policy(cfg.model, adapter=out, dtype=cfg.dtype, merge_adapter=True)

@@ -15,6 +15,7 @@ checkpoints and exact resume are common.engine. Outputs in ``train.output_dir``:
   margins}, logps/{chosen,rejected}; at each evaluation the same on the held-out pairs, overall
   (``eval/...``) and per pair type (``eval/cm/...``);
 - ``checkpoints/`` (resume with ``--train.resume latest``), ``run_config.yaml``.
+- ``bad_records.json``: the pair records skipped as unusable (data.readers), beside ``bad_images.json``.
 
 Several processes: ``accelerate launch -m dpo.train_dpo ...`` or ``torchrun --nproc_per_node N
 -m dpo.train_dpo ...`` with ``--train.deepspeed configs/deepspeed/zero2.json`` (or zero3).
@@ -38,10 +39,11 @@ from transformers.integrations import unset_hf_deepspeed_config
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, LoraConfig, _any_process, apply_lora, build_accelerator, save_model, train
-from common.io import atomic_dir
+from common.io import atomic_dir, atomic_write_json
 from data.images import BadImageLog
 from data.loader import make_loader
 from data.noise import pure_noise
+from data.readers import bad_records_summary
 from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss
 from dpo.pair_data import (
     PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_type_of, split_heldout,
@@ -68,6 +70,7 @@ class DpoConfig:
     max_length: int = doc(0, "cut answers so prompt + answer fit this many tokens (0 = no cut)")
     eval_batch_size: int = doc(0, "pairs per evaluation / reference-caching batch (0 = train.batch_size)")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the pair (counted) or stop")
+    bad_record: Literal["skip", "error"] = doc("skip", "a pair record that cannot be used: skip it (named in bad_records.json) or stop")
     merge: bool = doc(False, "also write merged/: the policy with the adapter folded in (loads with from_pretrained)")
     lora: LoraConfig = doc(LoraConfig(), "what trains: LoRA on the language model (+ projector with lora.train_projector)")
     train: EngineConfig = doc(EngineConfig(output_dir="outputs/toy/dpo"), "optimizer, schedule, precision, DeepSpeed, checkpoints (common.engine)")
@@ -225,7 +228,8 @@ class DpoTrainer:
     def __init__(self, cfg: DpoConfig, accelerator: Accelerator, processor: Any):
         self.cfg = cfg
         self.accelerator = accelerator
-        records = load_pairs(cfg.pairs, cfg.image_root or None)
+        self.bad_records: list[str] = []
+        records = load_pairs(cfg.pairs, cfg.image_root or None, cfg.bad_record, self.bad_records)
         self.train_records, self.heldout_records = split_heldout(records, cfg.heldout_fraction, cfg.heldout_seed)
         self.types = sorted({pair_type_of(r) for r in records})
         stages = stage_indices(self.train_records, cfg.stages)
@@ -364,6 +368,8 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
                 merged = merge_adapter(cfg, adapter, out / "merged")
         accelerator.wait_for_everyone()
     trainer.bad_log.write(accelerator, out / "bad_images.json")
+    if accelerator.is_main_process:
+        atomic_write_json(out / "bad_records.json", {"bad_records": bad_records_summary(trainer.bad_records)})
     return {"metrics": result.metrics, "step": result.step, "adapter": adapter, "merged": merged}
 
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
 from common.io import InputError, atomic_path, atomic_write_json
 from data.images import BadImageLog
+from data.readers import BadRecordPolicy, bad_records_summary
 from data.records import DOMAINS, ReportRecord, VqaRecord
 from retriever.domain import SUBDIR as CLASSIFIER_SUBDIR
 from retriever.domain import Router, clip_folder
@@ -96,13 +97,16 @@ class Corpus:
     findings: list[tuple[str, ...] | None]
 
 
-def read_corpus(files: Sequence[tuple[str, str | None]]) -> Corpus:
-    """Report texts of the files, identical texts collapsed (the first record's id and findings kept)."""
+def read_corpus(
+    files: Sequence[tuple[str, str | None]], bad_record: BadRecordPolicy = "skip", skipped: list[str] | None = None
+) -> Corpus:
+    """Report texts of the files, identical texts collapsed (the first record's id and findings
+    kept); bad records go to ``skipped`` (data.readers)."""
     from data.readers import read_records
 
     first: dict[str, ReportRecord] = {}
     for path, root in files:
-        for r in read_records(path, kind="report", default_image_root=root):
+        for r in read_records(path, "report", root, bad_record, skipped):
             if r.text:
                 first.setdefault(r.text, r)
     if not first:
@@ -118,9 +122,11 @@ class Retriever:
         self, encoders: dict[str, Clip], folders: dict[str, Path], router: Router | None,
         corpus_files: dict[str, list[tuple[str, str | None]]], cache_dir: str | Path, accelerator: Any = None,
         backend: str = "torch", faiss_factory: str = "Flat", dim: int = 0, query_chunk: int = 2048,
-        corpus_chunk: int = 8192, batch_size: int = 256,
+        corpus_chunk: int = 8192, batch_size: int = 256, bad_record: BadRecordPolicy = "skip",
     ):
         self.encoders, self.folders, self.router = encoders, folders, router
+        self.bad_record = bad_record
+        self.bad_records: list[str] = []  # the corpus files' skipped records
         self.corpus_files, self.cache_dir, self.accelerator = corpus_files, Path(cache_dir), accelerator
         self.backend, self.faiss_factory, self.dim = backend, faiss_factory, dim or None
         self.query_chunk, self.corpus_chunk, self.batch_size = query_chunk, corpus_chunk, batch_size
@@ -168,7 +174,7 @@ class Retriever:
 
     def corpus(self, domain: str) -> Corpus:
         if domain not in self._corpora:
-            self._corpora[domain] = read_corpus(self.corpus_files[domain])
+            self._corpora[domain] = read_corpus(self.corpus_files[domain], self.bad_record, self.bad_records)
         return self._corpora[domain]
 
     def index(self, domain: str) -> CorpusIndex:
@@ -260,12 +266,14 @@ def _unique_images(records: list[Any]) -> tuple[list[Any], list[int]]:
     return reps, pos
 
 
-def read_queries(qf: QueryFile) -> list[ReportRecord | VqaRecord]:
-    """The records of one query file; read for every file before any work, so a bad file stops
-    the run before hours of encoding, not after."""
+def read_queries(
+    qf: QueryFile, bad_record: BadRecordPolicy = "skip", skipped: list[str] | None = None
+) -> list[ReportRecord | VqaRecord]:
+    """The usable records of one query file (bad records go to ``skipped``); read for every file
+    before any work, so a bad file stops the run before hours of encoding, not after."""
     from data.readers import read_records
 
-    records = read_records(qf.path, kind=qf.kind or None, default_image_root=qf.image_root or None)
+    records = read_records(qf.path, qf.kind or None, qf.image_root or None, bad_record, skipped)
     bad_kind = [r.source for r in records if not isinstance(r, (ReportRecord, VqaRecord))]
     if bad_kind:
         raise InputError(f"{bad_kind[0]}: not a VQA or report record (preference files are not queries)")
@@ -396,13 +404,14 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"routing=fixed needs --domain, one of {cfg.domains}")
     accelerator = make_accelerator(cfg.mixed_precision, 1, 0)
     out = Path(cfg.output_dir)
-    queries = [(qf, read_queries(qf)) for qf in query_files(cfg)]
+    bad_records: list[str] = []
+    queries = [(qf, read_queries(qf, cfg.data.bad_record, bad_records)) for qf in query_files(cfg)]
     try:
         retriever = Retriever.load(
             cfg.clip_dir, cfg.checkpoint, cfg.domains, {d: cfg.data.files(d, "retriever_train") for d in cfg.domains},
             cfg.cache_dir or out / "cache", accelerator, require_router=cfg.routing == "classifier",
             backend=cfg.backend, faiss_factory=cfg.faiss_factory, dim=cfg.dim, query_chunk=cfg.query_chunk,
-            corpus_chunk=cfg.corpus_chunk, batch_size=cfg.batch_size,
+            corpus_chunk=cfg.corpus_chunk, batch_size=cfg.batch_size, bad_record=cfg.data.bad_record,
         )
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
@@ -432,7 +441,8 @@ def main(argv: list[str] | None = None) -> None:
                        f"query; this retriever's log-gaps between consecutive scores are {m['log_gap_p50']:.4f} "
                        f"(median) to {m['log_gap_p99']:.4f} (p99), so a gamma on that scale is needed to cut")
     if accelerator.is_main_process:
-        summary = {"routing": cfg.routing, "domain_accuracy": correct / known if known else None, "k_rule": to_dict(cfg.k), "files": per_file}
+        summary = {"routing": cfg.routing, "domain_accuracy": correct / known if known else None, "k_rule": to_dict(cfg.k), "files": per_file,
+                   "bad_records": bad_records_summary(bad_records + retriever.bad_records)}
         atomic_write_json(out / "retrieval_metrics.json", summary)
         atomic_write_json(out / "index.json", {"clip_dir": str(Path(cfg.clip_dir).resolve()), "routing": cfg.routing,
                                                "k_rule": to_dict(cfg.k), "files": files})

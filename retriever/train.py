@@ -37,6 +37,7 @@ from common.checkpoint import CheckpointManager
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_write_json
 from common.metrics import MetricsLogger
+from data.readers import bad_records_summary
 from data.records import DOMAINS, ReportRecord
 from retriever.model import Clip, ClipSpec, build_clip, embed_images, embed_texts, export_clip, truncate
 from retriever.recall import bidirectional_recall, findings_label, label_ids
@@ -56,6 +57,7 @@ class DataSpec:
     val_files: dict[str, list[str]] = doc({}, "domain -> retriever validation files (empty: the world's retriever_val)")
     image_root: dict[str, str] = doc({}, "domain -> image folder for records without their own image_root")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the sample (counted) or stop with an error")
+    bad_record: Literal["skip", "error"] = doc("skip", "an annotation record that cannot be used: skip it (named in the run summary) or stop")
 
     def files(self, domain: str, role: Literal["retriever_train", "retriever_val"]) -> list[tuple[str, str | None]]:
         """(annotation file, default image root) pairs of one domain and role."""
@@ -69,13 +71,16 @@ class DataSpec:
             raise InputError(f"{self.world}/manifest.json: no {role} file for domain {domain!r}")
         return [(e["path"], self.image_root.get(domain) or e["image_root"]) for e in found]
 
-    def records(self, domain: str, role: Literal["retriever_train", "retriever_val"]) -> list[tuple[ReportRecord, str | None]]:
-        """Every report record of a domain and role, with the image root to resolve it against."""
+    def records(
+        self, domain: str, role: Literal["retriever_train", "retriever_val"], skipped: list[str] | None = None
+    ) -> list[tuple[ReportRecord, str | None]]:
+        """Every usable report record of a domain and role, with the image root to resolve it
+        against; bad records go to ``skipped`` (data.readers)."""
         from data.readers import read_records
 
         out = []
         for path, root in self.files(domain, role):
-            recs = read_records(path, kind="report", default_image_root=root)
+            recs = read_records(path, "report", root, self.bad_record, skipped)
             out += [(r, root) for r in recs]
         if not out:
             raise InputError(f"{domain} {role}: the files {[p for p, _ in self.files(domain, role)]} hold no records")
@@ -297,8 +302,9 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
     is_main = accelerator.is_main_process
     set_seed(cfg.seed)
     clip = build_clip(cfg.clip, device=accelerator.device)
-    train_pairs = cfg.data.records(domain, "retriever_train")
-    val_pairs = cfg.data.records(domain, "retriever_val")
+    bad_records: list[str] = []
+    train_pairs = cfg.data.records(domain, "retriever_train", bad_records)
+    val_pairs = cfg.data.records(domain, "retriever_val", bad_records)
     train_ds = SeededItems(image_text_dataset(train_pairs, clip.preprocess_train, cfg.data.bad_image), cfg.seed)
     val_records = [_with_root(r, root) for r, root in val_pairs]
     val_ds = image_text_dataset(val_pairs, clip.preprocess_val, cfg.data.bad_image)
@@ -324,7 +330,8 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
     ckpt = CheckpointManager(out / "checkpoints", keep=cfg.keep)
     if is_main:
         save_config(cfg, out / "run_config.yaml")
-        atomic_write_json(out / "data.json", {"domain": domain, "train_files": cfg.data.files(domain, "retriever_train")})
+        atomic_write_json(out / "data.json", {"domain": domain, "train_files": cfg.data.files(domain, "retriever_train"),
+                                              "bad_records": bad_records_summary(bad_records)})
     bad_log = BadImageLog()
 
     def export(folder: Path) -> None:

@@ -411,11 +411,13 @@ def malformed_annotations(w: Worlds) -> list[Row]:
         "wrong type (conversations a string)": json.dumps([{**good[0], "conversations": "yes"}] + good[1:]),
     }
     rows = []
-    for fault, text in cases.items():
+    for fault, text in cases.items():  # a bad record stops the run only with bad_record: error
         f = tmp / f"{len(rows)}.json"
         f.write_text(text)
         out = tmp / f"out{len(rows)}"
-        rows.append(exit2_row(f"annotation: {fault}", "DPO training", cli(*dpo_args(d, out, f)), out, str(f)))
+        args = dpo_args(d, out, f, **({} if fault == "broken JSON" else {"--bad_record": "error"}))
+        rows.append(exit2_row(f"annotation: {fault}", "DPO training", cli(*args), out, str(f)))
+    rows.append(bad_record_skipped(d, tmp, good))
     out = tmp / "out_nopath"
     rows.append(exit2_row("annotation path does not exist", "DPO training", cli(*dpo_args(d, out, tmp / "none.json")),
                           out, "none.json"))
@@ -430,6 +432,19 @@ def malformed_annotations(w: Worlds) -> list[Row]:
     rows.append(exit2_row("retrieval index: broken JSON", "pair building",
                           cli("dpo.pairs", "--retrieval_index", str(index), "--out", str(out)), out, str(index)))
     return rows
+
+
+def bad_record_skipped(d: Path, tmp: Path, good: list[dict]) -> Row:
+    """The default (bad_record: skip): the run completes and names the bad record in bad_records.json."""
+    annotations = tmp / "one_bad_record.json"
+    annotations.write_text(json.dumps([{**good[0], "conversations": "yes"}] + good[1:]))
+    out = tmp / "out_skip"
+    res = cli(*dpo_args(d, out, annotations))
+    summary = out / "bad_records.json"
+    named = json.loads(summary.read_text())["bad_records"]["records"] if summary.is_file() else []
+    ok = res.returncode == 0 and len(named) == 1 and named[0].startswith(f"{annotations}:[0]: ")
+    return Row("annotation: a record that cannot be used, default bad_record: skip", "DPO training",
+               f"rc {res.returncode}; bad_records.json names {named}", ok)
 
 
 def malformed_retriever_files(w: Worlds, tmp: Path) -> list[Row]:
@@ -448,7 +463,8 @@ def malformed_retriever_files(w: Worlds, tmp: Path) -> list[Row]:
     for fault, text in cases.items():
         train_json.write_text(text)
         out = tmp / f"clip_out{len(rows)}"
-        res = cli("retriever.train", w.clip_config(tmp / f"clip_cfg{len(rows)}", world), "--output_dir", str(out))
+        res = cli("retriever.train", w.clip_config(tmp / f"clip_cfg{len(rows)}", world), "--output_dir", str(out),
+                  "--data.bad_record", "error")
         rows.append(exit2_row(f"retriever training JSON: {fault}", "CLIP fine-tuning", res, out, str(train_json)))
     queries = tmp / "queries.jsonl"
     lines = (w.world() / "pathology" / "test_vqa.jsonl").read_text().splitlines()

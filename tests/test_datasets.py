@@ -75,6 +75,17 @@ def test_query_dataset_reads_the_first_image(tmp_path, root):
     assert (item["id"], item["index"]) == ("2", 1) and item["image"].shape == (3, 16, 16)
 
 
+def test_dataset_takes_each_image_from_the_root_holding_it(tmp_path, root):
+    other = tmp_path / "second_set"
+    other.mkdir()
+    (other / "only_here.png").write_bytes((root / "rgb.png").read_bytes())
+    recs = vqa_records(tmp_path, ["gray.png", "only_here.png", "nowhere.png"])
+    ds = QueryDataset(recs, [root, other], TF, bad_image="error")
+    assert ds[0]["image"].shape == ds[1]["image"].shape == (3, 16, 16)
+    with pytest.raises(InputError, match=str(root / "nowhere.png")):
+        ds[2]
+
+
 def test_preference_dataset_loads_the_stored_rejected_image(tmp_path, root, caplog):
     caplog.set_level(logging.WARNING, logger="data.images")
     recs = read_records(write_json(tmp_path / "p.json", PREFERENCE_RECORDS))

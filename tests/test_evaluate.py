@@ -154,6 +154,21 @@ def test_noised_images_are_deterministic(hand_world):
     assert all(np.array_equal(a, b) for a, b in zip(*runs)) and len(runs[0]) == 7
 
 
+def test_bad_query_records_are_skipped_and_named(hand_world):
+    vqa = hand_world / "radiology_test_vqa.jsonl"
+    lines = vqa.read_text().splitlines()
+    bad = dict(json.loads(lines[0]), question="<image>")  # the IU-Xray quirk: no question text
+    lines[1:1] = [json.dumps(bad)]
+    lines[4:4] = [json.dumps(bad)]
+    vqa.write_text("\n".join(lines) + "\n")
+    results = evaluate(_cfg(hand_world, conditions=["no_rag"], plots=False), load=lambda p, a: ScriptedPolicy())
+    assert results["bad_records"] == {"count": 2, "records": [f"{vqa}:2: no text: `question` is missing or empty",
+                                                              f"{vqa}:5: no text: `question` is missing or empty"]}
+    assert json.loads((hand_world / "eval" / "results.json").read_text())["bad_records"]["count"] == 2
+    with pytest.raises(InputError, match=f"{vqa}:2: no text"):
+        evaluate(_cfg(hand_world, bad_record="error", plots=False), load=lambda p, a: ScriptedPolicy())
+
+
 def test_diagnostics_by_hand():
     def row(cond, index, correct, policy="base"):
         return {"policy": policy, "condition": cond, "file": "f", "task": "vqa", "index": index, "correct": correct}

@@ -117,6 +117,25 @@ def test_missing_record_root_falls_back_with_one_warning(tmp_path, caplog):
     assert resolve_image("a.png", tmp_path, "/ignored") == tmp_path / "a.png"  # an existing root wins
 
 
+def test_several_roots_first_one_holding_the_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "_root_exists", {})
+    mimic, iu = tmp_path / "mimic", tmp_path / "iu"
+    for folder, name in ((mimic, "m.png"), (iu, "i.png"), (iu, "m.png")):
+        folder.mkdir(exist_ok=True)
+        (folder / name).touch()
+    roots = [str(mimic), str(iu)]
+    assert resolve_image("m.png", None, roots) == mimic / "m.png"  # the first listed that holds it
+    assert resolve_image("i.png", None, roots) == iu / "i.png"
+    assert resolve_image("gone.png", None, roots) == mimic / "gone.png"  # missing: under the first
+    assert resolve_image("i.png", "/authors/root", roots) == iu / "i.png"  # a missing own root falls back
+    assert resolve_image("i.png", mimic, roots) == mimic / "i.png"  # an existing own root wins
+    assert images.pick_root(None, roots, "i.png") == str(iu) and images.pick_root(None, roots) == str(mimic)
+    assert resolve_image("i.png", None, str(mimic)) == mimic / "i.png"  # one folder: as given
+    (tmp_path / "secret.png").touch()
+    with pytest.raises(InputError, match="outside the image root"):
+        resolve_image("../secret.png", None, roots)
+
+
 def test_paths_outside_the_root_are_refused(tmp_path):
     for rel in ("../../etc/passwd", "/etc/passwd", "sub/../../x.png"):
         with pytest.raises(InputError, match="outside the image root"):

@@ -117,6 +117,39 @@ def test_heldout_split_is_by_id_and_order_free(ours):
     assert split_heldout(records, 0.0, 0)[1] == []
 
 
+def test_pairs_without_id_get_one_from_their_question(released, tmp_path):
+    """Released D_oa pairs often have an empty id: the id, so the split and the noise seed, must
+    not depend on how the file's path is spelled, and the pairs of one question stay together."""
+    rows = json.loads(released.read_text())
+    for r in rows:
+        r["id"] = ""
+    blank = released.parent / "blank_ids.json"
+    blank.write_text(json.dumps(rows))
+    spelled = tmp_path / "link_to_released"
+    spelled.symlink_to(released.parent)
+    a = load_pairs([blank])
+    b = load_pairs([f"{spelled}/./blank_ids.json"])
+    assert [r.id for r in a] == [r.id for r in b] and all(r.id.startswith("pair-") for r in a)
+    assert [r.id for r in split_heldout(a, 0.3, 0)[1]] == [r.id for r in split_heldout(b, 0.3, 0)[1]]
+    # records 2k and 2k+1 ask the same question on the same image (a cm and an oa pair)
+    assert all(a[2 * k].id == a[2 * k + 1].id for k in range(len(a) // 2))
+    assert len({r.id for r in a}) == len(a) // 2
+    held = {r.id for r in split_heldout(a, 0.3, 0)[1]}
+    assert held and all((a[2 * k].id in held) == (a[2 * k + 1].id in held) for k in range(len(a) // 2))
+
+
+def test_bad_pair_is_skipped_and_collected(released, tmp_path):
+    rows = json.loads(released.read_text())
+    rows[3]["conversations"] = []
+    path = tmp_path / "one_bad.json"
+    path.write_text(json.dumps(rows))
+    skipped: list[str] = []
+    assert len(load_pairs([path], skipped=skipped)) == len(rows) - 1
+    assert skipped == [f"{path}:[3]: `conversations` needs a human turn followed by a gpt turn"]
+    with pytest.raises(InputError, match=r"one_bad\.json:\[3\]"):
+        load_pairs([path], bad_record="error")
+
+
 def test_released_records_get_types_and_stages(released, ours):
     records = load_pairs([released])
     assert {pair_type_of(r) for r in records} == {"cm", "oa"}

@@ -170,6 +170,18 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
     assert pairs == [] and stats["skipped"] == 1 and stats["dropped_empty_answer"] == 1
 
 
+def test_bad_input_record_is_skipped_and_named(tmp_path):
+    row = {"question_id": 1, "question": "Is there a mass?", "answer": "no", "image": "a.png",
+           "reference_reports": ["No mass."], "domain": "pathology"}
+    path = tmp_path / "retrieved.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [row, dict(row, question_id=2, question="<image>"), row]))
+    skipped: list[str] = []
+    items = read_items(find_inputs(PairsConfig(inputs=[str(path)])), PairsConfig(), skipped)
+    assert len(items) == 2 and skipped == [f"{path}:2: no text: `question` is missing or empty"]
+    with pytest.raises(InputError, match=f"{path}:2: no text"):
+        read_items(find_inputs(PairsConfig(inputs=[str(path)])), PairsConfig(bad_record="error"))
+
+
 def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
     out, stats = baseline["out"], baseline["stats"]
     pairs = json.loads((out / "pairs.json").read_text())
@@ -181,6 +193,7 @@ def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
     gens = read_generations(out / GENERATIONS)
     assert len(gens) == stats["records"] and sum("skipped" in g for g in gens) == stats["skipped"]
     assert not list(out.glob("generations.rank*"))
+    assert stats["bad_records"] == {"count": 0, "records": []}
     cmd = [sys.executable, "-m", "data.validate", str(out / "pairs.json"), "--kind", "preference", "--check-images"]
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
 

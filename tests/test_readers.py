@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,22 @@ def test_default_image_root_only_fills_records_without_one(tmp_path):
     assert [r.image_root for r in recs] == [str(tmp_path), str(tmp_path), "/nonexistent/authors/root"]
 
 
+def test_several_default_roots_pick_the_folder_holding_the_image(tmp_path):
+    mimic, iu = tmp_path / "mimic", tmp_path / "iu"
+    mimic.mkdir()
+    iu.mkdir()
+    (iu / "gray.png").touch()
+    (mimic / "gray.png").touch()
+    (iu / "palette.png").touch()
+    roots = [str(mimic), str(iu)]
+    recs = read_records(write_json(tmp_path / "p.json", PREFERENCE_RECORDS), default_image_root=roots)
+    # p1 (rgb.png) is nowhere: the first folder; p2 in both: the first; p3's own root is missing here
+    assert [r.image_root for r in recs] == [str(mimic), str(mimic), str(mimic)]
+    rows = [dict(PREFERENCE_RECORDS[0], image="palette.png"), dict(PREFERENCE_RECORDS[1], image_root=str(iu))]
+    recs = read_records(write_json(tmp_path / "q.json", rows), default_image_root=roots)
+    assert [r.image_root for r in recs] == [str(iu), str(iu)]
+
+
 def test_repeated_values_are_stored_once(tmp_path):
     rows = [dict(VQA_RECORDS[0], question_id=i) for i in range(3)]
     recs = read_records(write_jsonl(tmp_path / "v.jsonl", rows))
@@ -113,6 +130,19 @@ def test_blank_lines_bom_and_chunks(tmp_path, monkeypatch):
         ("top.json", '{\n "id": "a",\n "report": "x"\n}\n', r"top\.json: top level is a dict"),
         ("number.json", "42", r"number\.json: top level is a int"),
         ("empty.json", "  \n", r"empty\.json:1: empty file"),
+    ],
+)
+def test_unreadable_file_raises_under_either_policy(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_text(content)
+    for policy in ("skip", "error"):
+        with pytest.raises(InputError, match=expected):
+            read_records(path, bad_record=policy)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
         ("noimage.json", json.dumps([REPORT_RECORDS[0], {"id": "b", "report": "text", "image_path": ""}]),
          r"noimage\.json:\[1\]: no image"),
         ("notext.json", json.dumps([{"id": "b", "report": "", "caption": "", "image": "a.png"}]),
@@ -122,11 +152,15 @@ def test_blank_lines_bom_and_chunks(tmp_path, monkeypatch):
         ("nonobject.json", json.dumps([REPORT_RECORDS[0], "text"]), r"nonobject\.json:\[1\]: expected a JSON object"),
     ],
 )
-def test_malformed_json(tmp_path, name, content, expected):
+def test_bad_json_list_record(tmp_path, name, content, expected):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(InputError, match=expected):
-        read_records(path)
+        read_records(path, bad_record="error")
+    skipped: list[str] = []
+    recs = read_records(path, skipped=skipped)
+    assert len(recs) == len(json.loads(content)) - 1
+    assert len(skipped) == 1 and re.match(expected, skipped[0].removeprefix(str(tmp_path) + "/"))
 
 
 @pytest.mark.parametrize(
@@ -135,6 +169,18 @@ def test_malformed_json(tmp_path, name, content, expected):
         ('{"question_id": 3, "question": "Is it?", ', r"v\.jsonl:3: not valid JSON"),
         ('{"question_id": 3, "question": "a?", "image": "a.png"} {"x": 1}', r"v\.jsonl:3: not valid JSON"),
         ('{"question_id": 3, "question": "a?", "image": "a.png"}, {"x": 1}', r"v\.jsonl:3: not valid JSON"),
+    ],
+)
+def test_broken_jsonl_line_raises(tmp_path, bad_line, expected):
+    path = tmp_path / "v.jsonl"
+    path.write_text("\n".join([json.dumps(VQA_RECORDS[0]), json.dumps(VQA_RECORDS[1]), bad_line]) + "\n")
+    with pytest.raises(InputError, match=expected):
+        read_records(path)
+
+
+@pytest.mark.parametrize(
+    "bad_line, expected",
+    [
         ("[1, 2]", r"v\.jsonl:3: expected a JSON object"),
         ('{"question_id": 3, "question": "\\n<image>", "image": "a.png"}', r"v\.jsonl:3: no text"),
         ('{"question_id": 3, "question": "Is it?", "image": ""}', r"v\.jsonl:3: no image"),
@@ -142,20 +188,62 @@ def test_malformed_json(tmp_path, name, content, expected):
          r"v\.jsonl:3: `answer` is a dict"),
     ],
 )
-def test_malformed_jsonl_names_the_line(tmp_path, bad_line, expected):
+def test_bad_jsonl_record_names_the_line(tmp_path, bad_line, expected):
     path = tmp_path / "v.jsonl"
     path.write_text("\n".join([json.dumps(VQA_RECORDS[0]), json.dumps(VQA_RECORDS[1]), bad_line]) + "\n")
     with pytest.raises(InputError, match=expected):
-        read_records(path)
+        read_records(path, bad_record="error")
+    skipped: list[str] = []
+    assert [r.id for r in read_records(path, skipped=skipped)] == ["1", "2"]
+    assert len(skipped) == 1 and re.search(expected, skipped[0])
+
+
+def iu_xray_quirk(path: Path) -> Path:
+    """Like the IU-Xray test file: two records whose `question` is only the image mark (their
+    question text sits in `answer`), at lines 3 and 6 among good ones."""
+    rows = [dict(VQA_RECORDS[i % 2], question_id=i) for i in range(1, 8)]
+    for n in (3, 6):
+        rows[n - 1] = dict(rows[n - 1], question="<image>", answer="Is the heart enlarged?")
+    return write_jsonl(path, rows)
+
+
+def test_bad_records_are_skipped_and_named(tmp_path, caplog):
+    path = iu_xray_quirk(tmp_path / "iuxray_test.jsonl")
+    skipped: list[str] = []
+    with caplog.at_level("WARNING", logger="data.readers"):
+        recs = read_records(path, skipped=skipped)
+    assert [r.id for r in recs] == ["1", "2", "4", "5", "7"]
+    assert skipped == [f"{path}:3: no text: `question` is missing or empty",
+                       f"{path}:6: no text: `question` is missing or empty"]
+    assert [r.getMessage() for r in caplog.records] == [f"{m} (record skipped)" for m in skipped]
+    assert len(read_records(path)) == 5  # no collector: skipped all the same
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))}:3: no text"):
+        read_records(path, bad_record="error")
+
+
+def test_logging_of_bad_records_is_capped(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(readers, "MAX_LOGGED", 1)
+    path = iu_xray_quirk(tmp_path / "v.jsonl")
+    skipped: list[str] = []
+    with caplog.at_level("WARNING", logger="data.readers"):
+        read_records(path, skipped=skipped)
+    assert len(skipped) == 2 and len(caplog.records) == 2
+    assert "more bad records" in caplog.records[1].getMessage()
+
+
+def test_bad_first_record_does_not_decide_the_kind(tmp_path):
+    path = write_json(tmp_path / "p.json", ["text", {"foo": 1}, *PREFERENCE_RECORDS])
+    skipped: list[str] = []
+    assert len(read_records(path, skipped=skipped)) == 3 and len(skipped) == 2
 
 
 def test_malformed_preference(tmp_path):
     bad = dict(PREFERENCE_RECORDS[1], rejected_conversations=[{"from": "human", "value": "q"}])
     with pytest.raises(InputError, match=r"\[1\]: `rejected_conversations` needs a human turn followed by a gpt"):
-        read_records(write_json(tmp_path / "p.json", [PREFERENCE_RECORDS[0], bad]))
+        read_records(write_json(tmp_path / "p.json", [PREFERENCE_RECORDS[0], bad]), bad_record="error")
     bad = dict(PREFERENCE_RECORDS[1], rejected_noised="yes")
     with pytest.raises(InputError, match=r"\[0\]: `rejected_noised` must be 0 or 1"):
-        read_records(write_json(tmp_path / "p.json", [bad]))
+        read_records(write_json(tmp_path / "p.json", [bad]), bad_record="error")
 
 
 def test_missing_file(tmp_path):

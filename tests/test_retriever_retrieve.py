@@ -88,6 +88,7 @@ def test_unreadable_query_image_keeps_its_line(trained, tmp_path):
     entry = manifest_files(world, role="test_vqa", domain="pathology")[0]
     rows = [json.loads(line) for line in Path(entry["path"]).read_text().splitlines()][:3]
     rows[1]["image"] = "missing/nowhere.png"
+    rows.append(dict(rows[0], question="<image>"))  # a bad record: skipped, named in retrieval_metrics.json
     qfile = tmp_path / "queries.jsonl"
     qfile.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tmp_path / "retrieve.yaml"
@@ -101,6 +102,8 @@ def test_unreadable_query_image_keeps_its_line(trained, tmp_path):
     metrics = json.loads((out / "retrieval_metrics.json").read_text())["files"]["pathology_queries.jsonl"]
     assert metrics["unreadable_images"] == 1
     assert metrics["bad_images"] == {str(Path(entry["image_root"]) / "missing/nowhere.png"): "missing"}
+    bad = json.loads((out / "retrieval_metrics.json").read_text())["bad_records"]
+    assert bad == {"count": 1, "records": [f"{qfile}:4: no text: `question` is missing or empty"]}
 
 
 def test_python_api(trained):

@@ -78,6 +78,7 @@ def test_outputs_metrics_and_checkpoints(world, tmp_path):
         assert key in val[0]
     assert any("train/loss" in r for r in rows)
     assert (out / "run_config.yaml").is_file() and any((out / "tensorboard").iterdir())
+    assert json.loads((out / "data.json").read_text())["bad_records"] == {"count": 0, "records": []}
     ckpts = out / "checkpoints"
     best = json.loads((ckpts / "best.json").read_text())
     latest = json.loads((ckpts / "latest.json").read_text())

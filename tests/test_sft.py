@@ -175,6 +175,7 @@ def test_full_sft_lowers_the_loss_and_saves_an_auto_loadable_model(world, oracle
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 3 and evals[-1] < evals[0]
     assert (out / "run_config.yaml").is_file()
+    assert json.loads((out / "bad_records.json").read_text()) == {"bad_records": {"count": 0, "records": []}}
     model = AutoModelForImageTextToText.from_pretrained(out)
     AutoProcessor.from_pretrained(out)
     start = AutoModelForImageTextToText.from_pretrained(policy_dir)

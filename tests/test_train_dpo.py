@@ -126,6 +126,7 @@ def test_released_format_trains_and_merged_model_loads(world, tmp_path):
     """The released file as it is (+ one record whose image is missing: skipped, not fatal)."""
     records = json.loads((world / "released.json").read_text())
     records.append({**records[0], "id": "lost", "image": "missing.png"})
+    records.append({**records[0], "id": "unusable", "conversations": []})  # a bad record: skipped, named
     (world / "released_plus.json").write_text(json.dumps(records))
     cfg = config(world, tmp_path / "run", pairs="released_plus.json", merge=True, train={"max_steps": 3})
     summary = run(cfg)
@@ -139,6 +140,9 @@ def test_released_format_trains_and_merged_model_loads(world, tmp_path):
     assert evals and {"eval/cm/rewards/accuracies", "eval/oa/rewards/margins"} <= set(evals[-1])
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "run_config.yaml").is_file()
+    bad = json.loads((tmp_path / "bad_records.json").read_text())["bad_records"]
+    assert bad["count"] == 1
+    assert bad["records"][0].endswith(f"[{len(records) - 1}]: `conversations` needs a human turn followed by a gpt turn")
 
     merged = AutoModelForImageTextToText.from_pretrained(summary["merged"]).eval()
     base = load_policy(world / "policy")

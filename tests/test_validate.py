@@ -36,8 +36,9 @@ def test_vqa_warning_for_a_non_yes_no_answer(tmp_path, root):
     code, out, _ = run(path, "--image-root", root)
     assert code == 0
     assert out[:-1] == [f"{path}:3: yes/no question but the answer is 'Maybe'"]
-    assert json.loads(out[-1]) == {"file": str(path), "kind": "vqa", "records": 3, "images_checked": 0,
-                                   "images_missing": 0, "images_unreadable": 0, "warnings": 1}
+    assert json.loads(out[-1]) == {"file": str(path), "kind": "vqa", "records": 3, "bad_records": 0,
+                                   "images_checked": 0, "images_missing": 0, "images_unreadable": 0,
+                                   "warnings": 1}
 
 
 def test_retrieval_jsonl_reference_reports_checked(tmp_path, root):
@@ -82,6 +83,34 @@ def test_preference_warnings(tmp_path, root):
     assert out[1] == f"{path}:[3]: chosen and rejected have the same text and image: the pair teaches nothing"
     assert out[2] == f"{path}:[3]: duplicate id 'p1' (first at {path}:[0])"
     assert "/nonexistent/authors/root" in out[3] and "does not exist on this machine" in out[3]
+
+
+def test_every_bad_record_is_listed_and_exits_1(tmp_path, root):
+    from tests.test_readers import iu_xray_quirk
+
+    path = iu_xray_quirk(tmp_path / "iuxray_test.jsonl")
+    code, out, _ = run(path, "--image-root", root)
+    assert code == 1
+    assert out[:2] == [f"{path}:3: no text: `question` is missing or empty",
+                       f"{path}:6: no text: `question` is missing or empty"]
+    summary = json.loads(out[-1])
+    assert (summary["records"], summary["bad_records"]) == (5, 2)
+
+
+def test_several_image_roots(tmp_path, root):
+    """Two image sets: each image is found in the folder that holds it; a missing one is named
+    under the first folder."""
+    other = tmp_path / "iuxray"
+    other.mkdir()
+    (other / "only_here.png").write_bytes((root / "rgb.png").read_bytes())
+    rows = [dict(REPORT_RECORDS[1], id="a", image_path="rgb.png"),
+            dict(REPORT_RECORDS[1], id="b", image_path="only_here.png"),
+            dict(REPORT_RECORDS[1], id="c", image_path="nowhere.png")]
+    path = write_json(tmp_path / "r.json", rows)
+    code, out, _ = run(path, "--image-root", root, "--image-root", other, "--check-images")
+    summary = json.loads(out[-1])
+    assert code == 1 and (summary["images_checked"], summary["images_missing"]) == (3, 1)
+    assert out[:-1] == [f"{path}:[2]: image missing: {root / 'nowhere.png'}: missing"]
 
 
 def test_malformed_file_exits_2_naming_the_line(tmp_path):
