@@ -23,6 +23,7 @@ from data.records import VqaRecord
 from data.toy import make_world, manifest_files
 from data.toy_retrieval import ToyRetrievalConfig, load_corpus, oracle_references, write_oracle_retrieval
 from dpo.align import FindingAligner
+from dpo.budget import BudgetLog
 from dpo.policy import IGNORE, load_policy
 from dpo.prompts import load_prompt_templates
 from dpo.sft import (
@@ -131,7 +132,7 @@ def test_examples_mix_references_and_mask_the_prompt(world, oracle, policy_dir):
     assert {e.task for e in examples} == {"vqa", "report"}
 
     policy = load_policy(policy_dir)
-    collate = SftCollate(policy, examples, load_prompt_templates(cfg.data.prompts), 0)
+    collate = SftCollate(policy, examples, load_prompt_templates(cfg.data.prompts), None)
     items = [{"index": i, "image": load_image(_path(examples[i]))} for i in range(4)]
     batch = collate(items)
     tok = policy.tokenizer
@@ -205,8 +206,9 @@ def test_measure_reliance_reports_three_accuracies(world, oracle, policy_dir):
     data = load_config(SftConfig, ["--data.retrieval_index", str(oracle), "--data.no_reference_rate", "0",
                                    "--data.limit", "6"]).data
     examples = read_examples(index_sources(oracle, ["test_vqa"]), data, seed=0, vqa_only=True)
-    result = measure_reliance(load_policy(policy_dir), examples, MeasureConfig(max_new_tokens=3),
-                              load_prompt_templates(data.prompts))
+    policy = load_policy(policy_dir)
+    result = measure_reliance(policy, examples, MeasureConfig(max_new_tokens=3), load_prompt_templates(data.prompts),
+                              BudgetLog.of(policy, 0))
     assert result["all"]["n"] == len(examples) == 6 * 4  # 4 test VQA files (radiology has two)
     for c in ("no_retrieval", "retrieval", "noised_retrieval"):
         assert 0.0 <= result["all"][c] <= 1.0
@@ -247,7 +249,8 @@ def test_finding_aligner_labels_prior_and_a_loss_the_projector_can_lower(world, 
     projector = policy.model.model.multi_modal_projector
     opt = torch.optim.Adam(projector.parameters(), lr=1e-2)
     images = [load_image(str(_path(e))).convert("RGB") for e in examples]
-    batch = policy.encode_for_training([e.prompt(load_prompt_templates()) for e in examples], [e.answer for e in examples], images)
+    batch = policy.encode_for_training([e.parts().prompt(load_prompt_templates()) for e in examples],
+                                       [e.answer for e in examples], images)
     losses = []
     for _ in range(30):  # only the projector learns: the loss reaches it through the hooked features
         policy.model(**batch, use_cache=False)

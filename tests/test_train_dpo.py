@@ -24,6 +24,7 @@ from data.noise import pure_noise
 from dpo.pair_data import PairCollator, PairDataset, load_pairs, split_heldout
 from dpo.policy import load_policy, sequence_logps
 from dpo.loss import dpo_loss
+from dpo.prompts import load_prompt_templates
 from dpo.train_dpo import DpoConfig, DpoTrainer, pair_logps, run, shard, step_loss, summarize
 from tests.test_pair_data import toy_policy, write_pairs
 
@@ -77,7 +78,8 @@ def _batch(world: Path, policy, indices=(0, 1, 2), rejected_image=None):
     if rejected_image is not None:
         for it in items:
             it["rejected_image"] = rejected_image
-    return records, items, PairCollator(records, policy.processor, ["cm", "oa1", "oa2"])(items)
+    collate = PairCollator(records, policy.processor, ["cm", "oa1", "oa2"], load_prompt_templates(), None)
+    return records, items, collate(items)
 
 
 def _sharpen(model) -> None:
