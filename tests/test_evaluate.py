@@ -15,6 +15,7 @@ from dpo.evaluate import (
     main,
 )
 from dpo.plots import plot_clip_curves, plot_dpo_curves
+from dpo.policy import Policy
 from dpo.prompts import build_prompt
 
 # ---------------------------------------------------------------- hand-made files, scripted policy
@@ -74,11 +75,13 @@ def hand_world(tmp_path):
     return tmp_path
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(Policy):
     """Copies the first retrieved report's first word when there are references; otherwise reads
-    the image (bright: yes, dark: no). Reports: the first reference, or a fixed sentence."""
+    the image (bright: yes, dark: no). Reports: the first reference, or a fixed sentence. Counts
+    tokens with a real processor (the budget's)."""
 
-    def __init__(self):
+    def __init__(self, processor):
+        super().__init__(model=None, processor=processor)
         self.seen: list[tuple[str, np.ndarray]] = []
 
     def generate(self, images, prompts, max_new_tokens=64, batch_size=8, progress=False):
@@ -102,8 +105,8 @@ def _cfg(world: Path, **kw) -> EvalConfig:
     return EvalConfig(**{**base, **kw})
 
 
-def test_results_by_hand_on_scripted_policy(hand_world):
-    policy = ScriptedPolicy()
+def test_results_by_hand_on_scripted_policy(hand_world, toy_processor):
+    policy = ScriptedPolicy(toy_processor)
     results = evaluate(_cfg(hand_world), load=lambda path, adapter: policy)
     out = hand_world / "eval"
     saved = json.loads((out / "results.json").read_text())
@@ -145,10 +148,10 @@ def test_results_by_hand_on_scripted_policy(hand_world):
     assert (out / "conditions.png").stat().st_size > 0 and (out / "run_config.yaml").is_file()
 
 
-def test_noised_images_are_deterministic(hand_world):
+def test_noised_images_are_deterministic(hand_world, toy_processor):
     runs = []
     for _ in range(2):
-        policy = ScriptedPolicy()
+        policy = ScriptedPolicy(toy_processor)
         evaluate(_cfg(hand_world, conditions=["noised_rag"], plots=False), load=lambda p, a: policy)
         runs.append([img for _, img in policy.seen])
     assert all(np.array_equal(a, b) for a, b in zip(*runs)) and len(runs[0]) == 7

@@ -35,6 +35,7 @@ from dpo.pairs import (
     read_items,
     run,
 )
+from dpo.budget import BudgetLog
 from dpo.prompts import load_prompt_templates
 from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
@@ -140,10 +141,11 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
     noised.parent.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(noised)
     gens = {
-        vqa.key: {"key": vqa.key, "a": "Yes.", "b": "yes", "c": wrong},  # cm (copy) + oa1
-        rep.key: {"key": rep.key, "a": "Normal fundus.", "b": "Normal fundus.", "c": rep.truth},  # oa2
+        vqa.key: {"key": vqa.key, "a": "Yes.", "b": "yes", "c": wrong, "references": vqa.references},  # cm (copy) + oa1
+        rep.key: {"key": rep.key, "a": "Normal fundus.", "b": "Normal fundus.", "c": rep.truth,
+                  "references": rep.references},  # oa2
     }
-    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path)
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path, BudgetLog(None, None))
     assert [(p["pair_type"], p["task"]) for p in pairs] == [("cm", "vqa"), ("oa1", "vqa"), ("oa2", "report")]
     cm, oa1, oa2 = pairs
     assert cm["conversations"][1]["value"] == cm["rejected_conversations"][1]["value"] == vqa.truth
@@ -161,12 +163,13 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
     assert stats["conditions"][f"{rep.domain}/report"]["over_reliance_rate"] == 1
     # the wrong rule: a right, b wrong -> y over b, no noised image
     gens[vqa.key]["b"] = wrong
-    pairs, _ = build_pairs([vqa], gens, replace(cfg, cm_rule="wrong"), load_prompt_templates(cfg.prompts), tmp_path)
+    pairs, _ = build_pairs([vqa], gens, replace(cfg, cm_rule="wrong"), load_prompt_templates(cfg.prompts), tmp_path,
+                           BudgetLog(None, None))
     assert [(p["pair_type"], p["rejected_conversations"][1]["value"], p["rejected_noised"]) for p in pairs][0] == ("cm", wrong, 0)
     # a skipped record is counted, not paired; an empty answer drops its pair
     gens = {vqa.key: {"key": vqa.key, "skipped": {"path": "x.png", "reason": "missing", "detail": ""}},
-            rep.key: {"key": rep.key, "a": "", "b": "", "c": rep.truth}}
-    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path)
+            rep.key: {"key": rep.key, "a": "", "b": "", "c": rep.truth, "references": rep.references}}
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path, BudgetLog(None, None))
     assert pairs == [] and stats["skipped"] == 1 and stats["dropped_empty_answer"] == 1
 
 
