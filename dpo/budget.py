@@ -24,6 +24,7 @@ from PIL import Image
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from common.config import ConfigError
+from common.io import InputError
 from dpo.policy import Policy, Prompt
 from dpo.prompts import PromptTemplates, build_prompt
 
@@ -97,6 +98,8 @@ def checkpoint_limit(path: str | Path) -> int | None:
     """``model_limit`` of a checkpoint folder, read from its config and processor (no weights)."""
     from transformers import AutoConfig, AutoProcessor
 
+    if not Path(path).is_dir():
+        raise InputError(f"{path}: policy checkpoint folder does not exist")
     processor = AutoProcessor.from_pretrained(path)
     return model_limit(AutoConfig.from_pretrained(path), getattr(processor, "tokenizer", processor))
 

@@ -249,8 +249,8 @@ def make_x_v_star(item: Item, image: Image.Image, noise: NoiseConfig, pool: dict
 
 def answer_batch(policy: Any, batch: list[Item], cfg: PairsConfig, templates: PromptTemplates,
                  pool: dict[str, dict[str, Item]], out: Path, max_length: int | None) -> list[dict[str, Any]]:
-    """Generation rows for one batch: the three answers, or why the record was skipped. ``budget``
-    holds the notes of fitting the prompt with references (a, b) and the one without (c)."""
+    """Generation rows for one batch: the three answers, or why the record was skipped. A row's
+    ``budget`` holds the notes of fitting the prompt with references (a, b) and the one without (c)."""
     cache: dict[str, Image.Image] = {}
 
     def load(it: Item) -> Image.Image:
@@ -528,14 +528,14 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
     items = read_items(inputs, cfg)
     if not items:
         raise InputError(f"{', '.join(i.path for i in inputs)}: no records")
+    limit = checkpoint_limit(cfg.policy)
+    max_length = budget_for(cfg.max_length, limit)
     settings = settings_of(cfg, inputs)
     discard = settings_differ(out, settings, cfg.overwrite)
     state.wait_for_everyone()
     if state.is_main_process:
         prepare_out(out, settings, discard)
     state.wait_for_everyone()
-    limit = checkpoint_limit(cfg.policy)
-    max_length = budget_for(cfg.max_length, limit)
     done = {row["key"] for p in shard_paths(out) for row in read_generations(p)}
     todo = [b for b in batches(items, cfg.batch_size) if any(it.key not in done for it in b)]
     mine = todo[state.process_index :: state.num_processes]
