@@ -157,6 +157,28 @@ def test_noised_images_are_deterministic(hand_world, toy_processor):
     assert all(np.array_equal(a, b) for a, b in zip(*runs)) and len(runs[0]) == 7
 
 
+def test_a_small_budget_cuts_references_and_refuses_what_cannot_fit(hand_world, toy_processor):
+    policy = ScriptedPolicy(toy_processor)
+    full = evaluate(_cfg(hand_world, conditions=["rag_fixed"], plots=False), load=lambda p, a: policy)
+    whole = {r["budget"]["prompt_tokens"] for r in _predictions(hand_world)}
+    assert full["budget"]["references_dropped"] == 0 and full["budget"]["prompts"] == 7
+    max_length = min(whole) + 16 - 1  # VQA answers get 16 new tokens; one token short for every VQA prompt
+    cut = evaluate(_cfg(hand_world, conditions=["rag_fixed"], plots=False, max_length=max_length),
+                   load=lambda p, a: policy)["budget"]
+    rows = _predictions(hand_world)
+    vqa = [r for r in rows if r["task"] == "vqa"]
+    assert all(r["k"] == 3 - r["budget"]["dropped"] and r["budget"]["prompt_tokens"] + 16 <= max_length for r in vqa)
+    assert cut["references_dropped"] == sum(r["budget"]["dropped"] for r in rows) >= len(vqa)
+    assert cut["refused"] == 2 and cut["prompts"] == 7  # the 2 report prompts need 96 new tokens: not run
+    assert {r["task"] for r in rows} == {"vqa"} and len(rows) == 5
+    results = json.loads((hand_world / "eval" / "results.json").read_text())
+    assert results["budget"] == cut and any("too long" in n for n in results["notes"])
+
+
+def _predictions(world: Path) -> list[dict]:
+    return [json.loads(line) for line in (world / "eval" / "predictions.jsonl").read_text().splitlines()]
+
+
 def test_diagnostics_by_hand():
     def row(cond, index, correct, policy="base"):
         return {"policy": policy, "condition": cond, "file": "f", "task": "vqa", "index": index, "correct": correct}
@@ -254,6 +276,10 @@ def test_tiny_run_schema(tiny_run):
         assert {"copy_rate", "over_reliance_rate"} <= set(d) and 0 <= d["copy_rate"] <= 1
     preds = (tiny_run / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 2 * len(CONDITIONS) * len(files)
+    budget = results["budget"]
+    assert budget["max_length"] == 1024 and budget["prompts"] == len(preds) and budget["refused"] == 0
+    rows = [json.loads(p) for p in preds]
+    assert budget["prompt_tokens"]["max"] == max(r["budget"]["prompt_tokens"] for r in rows)
     assert (tiny_run / "eval" / "dpo_training.png").stat().st_size > 0
 
 

@@ -154,6 +154,19 @@ def test_cli_end_to_end(tiny, monkeypatch, capsys):
     assert len(rows) == 3 and all(r["domain"] in ("radiology", "pathology", "ophthalmology") for r in rows)
     assert all(1 <= r["retrieve_k"] <= 5 and len(r["reference_scores"]) == r["retrieve_k"] for r in rows)
     assert all(isinstance(r["prediction"], str) and r["question_id"] for r in rows)
+    budget = json.loads(answers.with_suffix(".budget.json").read_text())
+    assert budget["max_length"] == 1024 and budget["prompts"] == 3 and budget["refused"] == 0
+    assert sorted(r["budget"]["prompt_tokens"] for r in rows)[1] == budget["prompt_tokens"]["p50"]
+    # a budget one token short of the shortest prompt with its 4 new tokens: every prompt loses a reference
+    max_length = min(r["budget"]["prompt_tokens"] for r in rows) + 4 - 1
+    assert _run(monkeypatch, "--queries", str(queries), "--image_root", str(world / "radiology" / "images"),
+                "--out", str(answers), "--max_length", str(max_length), *common) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    cut = [r["budget"] for r in rows]
+    assert all(c["dropped"] + c["shortened"] >= 1 and c["prompt_tokens"] + 4 <= max_length for c in cut)
+    budget = json.loads(answers.with_suffix(".budget.json").read_text())
+    assert budget["references_dropped"] == sum(c["dropped"] for c in cut)
+    assert budget["references_shortened"] == sum(c["shortened"] for c in cut) and budget["prompts_trimmed"] == 3
 
 
 def test_cli_missing_outputs_exit_2(tiny, monkeypatch, capsys, tmp_path):

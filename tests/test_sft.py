@@ -23,7 +23,7 @@ from data.records import VqaRecord
 from data.toy import make_world, manifest_files
 from data.toy_retrieval import ToyRetrievalConfig, load_corpus, oracle_references, write_oracle_retrieval
 from dpo.align import FindingAligner
-from dpo.budget import BudgetLog
+from dpo.budget import BUDGET_KEY, BudgetLog, answer_tokens
 from dpo.policy import IGNORE, load_policy
 from dpo.prompts import load_prompt_templates
 from dpo.sft import (
@@ -143,6 +143,25 @@ def test_examples_mix_references_and_mask_the_prompt(world, oracle, policy_dir):
         assert (labels[:first] == IGNORE).all()
 
 
+def test_sft_batches_fit_the_budget_with_whole_answers(world, oracle, policy_dir):
+    cfg = sft_config(policy_dir, oracle, world / "unused", "--data.no_reference_rate", "0")
+    examples = read_examples(training_sources(cfg.data), cfg.data, seed=0)[:4]
+    policy = load_policy(policy_dir)
+    templates = load_prompt_templates(cfg.data.prompts)
+    items = [{"index": i, "image": load_image(_path(examples[i]))} for i in range(4)]
+    whole = dict(SftCollate(policy, examples, templates, None)(items)[BUDGET_KEY])
+    sequences = [whole[e.record.source].prompt_tokens + answer_tokens(policy, [e.answer]) for e in examples]
+    max_length = min(sequences) - 1  # every record must lose something
+    batch = SftCollate(policy, examples, templates, max_length)(items)
+    notes = [note for _, note in batch[BUDGET_KEY]]
+    assert all(n.dropped + n.shortened >= 1 and not n.refused for n in notes)
+    assert batch["attention_mask"].sum(1).max() <= max_length
+    tok = policy.tokenizer
+    for row, e in zip(batch["labels"], examples):
+        assert tok.decode(row[row != IGNORE], skip_special_tokens=True) == e.answer
+    assert set(SftCollate(policy, examples, templates, 10)(items)) == {BUDGET_KEY}  # all refused: no batch
+
+
 def _path(example):
     return resolve_image(example.record.images[0], example.record.image_root, None)
 
@@ -200,6 +219,9 @@ def test_lora_sft_adapter_reloads_with_peft_and_merges(world, oracle, policy_dir
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
     assert (out / "checkpoints" / "step-00000003" / "model" / "adapter_config.json").is_file()
+    budget = json.loads((out / "run_summary.json").read_text())["budget"]
+    assert budget["max_length"] == budget["model_limit"] == 1024 and budget["refused"] == 0
+    assert budget["prompts"] >= 8 and budget["prompt_tokens"]["max"] < 1024
 
 
 def test_measure_reliance_reports_three_accuracies(world, oracle, policy_dir):
@@ -210,6 +232,7 @@ def test_measure_reliance_reports_three_accuracies(world, oracle, policy_dir):
     result = measure_reliance(policy, examples, MeasureConfig(max_new_tokens=3), load_prompt_templates(data.prompts),
                               BudgetLog.of(policy, 0))
     assert result["all"]["n"] == len(examples) == 6 * 4  # 4 test VQA files (radiology has two)
+    assert result["budget"]["prompts"] == 2 * len(examples) and result["budget"]["refused"] == 0  # with and without
     for c in ("no_retrieval", "retrieval", "noised_retrieval"):
         assert 0.0 <= result["all"][c] <= 1.0
     assert set(result) >= {"radiology", "pathology", "ophthalmology"}
