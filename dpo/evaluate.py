@@ -23,6 +23,11 @@ METEOR runs a Java jar: without ``java`` the run stops before generating, or set
 ``over_reliance_rate_adaptive`` against ``rag_adaptive``). Retrieval recall is copied from the
 retrieval stage's ``retrieval_metrics.json``.
 
+Every prompt is fitted to ``max_length`` with ``max_new_tokens`` after it (dpo.budget): references
+are dropped from the last one or the last kept one shortened, and a prompt that cannot fit is not
+run. A row's ``k`` is the references its prompt held; ``results.json``'s ``budget`` counts what was
+cut and names what was refused.
+
 Writes into ``out`` (replaced atomically): ``results.json``, ``results.md``, ``predictions.jsonl``
 (every record x condition x policy), PNG plots (dpo.plots) and ``run_config.yaml``.
 """
@@ -49,9 +54,10 @@ from data.images import BadImageError, BadImageLog, load_image, resolve_image
 from data.readers import bad_records_summary, read_index, read_records
 from data.records import ReportRecord, VqaRecord
 from dpo.answers import yes_no
+from dpo.budget import BudgetLog, PromptParts, fit_prompt
 from dpo.pairs import NoiseConfig, make_x_v_star
 from dpo.metrics import copy_rate, over_reliance_rate, report_metrics, tokenize, vqa_metrics
-from dpo.prompts import DEFAULT_PROMPTS, build_prompt, load_prompt_templates
+from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
 from retriever.select_k import KRule, select_k
 
 CONDITIONS = ("no_rag", "rag_fixed", "rag_adaptive", "noised_rag")
@@ -79,6 +85,8 @@ class EvalConfig:
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML (dpo.prompts)")
     max_new_tokens_vqa: int = doc(16, "answer length cap for VQA")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
+    max_length: int = doc(0, "token budget of prompt (image tokens included) + max_new_tokens; references are dropped or "
+                             "shortened to fit, a prompt that cannot fit is not run (0 = the model's own limit)")
     batch_size: int = doc(16, "generation batch size")
     chunk: int = doc(64, "records whose images are held in memory at once")
     limit: int = doc(0, "evaluate only the first N records of each file (0 = all): quick runs")
@@ -238,8 +246,10 @@ def _gold(record: VqaRecord | ReportRecord) -> str:
     return record.answer if isinstance(record, VqaRecord) else record.text
 
 
-def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: EvalConfig) -> Iterable[dict[str, Any]]:
-    """Prediction rows of one policy on one file, every condition; records with a bad image skipped."""
+def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: EvalConfig,
+                 budget: BudgetLog) -> Iterable[dict[str, Any]]:
+    """Prediction rows of one policy on one file, every condition; records with a bad image skipped,
+    prompts fitted to ``budget`` (recorded there; one that cannot fit gets no row)."""
     templates = load_prompt_templates(cfg.prompts)
     records = f.records[: cfg.limit] if cfg.limit > 0 else f.records
     max_new = cfg.max_new_tokens_vqa if f.task == "vqa" else cfg.max_new_tokens_report
@@ -258,9 +268,15 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
                     "domain": domain, "image": image, "question": _question(r), "answer": _gold(r)}
             for cond in cfg.conditions:
                 k = condition_k(cond, scores, len(reports), cfg)
-                prompt = build_prompt(domain, f.task, _question(r), reports[:k] or None, templates)
-                row = {**base, "condition": cond, "k": k, "reference_ids": ids[:k]}
-                jobs.append((noised if cond == "noised_rag" else real, prompt, row))
+                image = noised if cond == "noised_rag" else real
+                parts = PromptParts(domain, f.task, _question(r), tuple(reports[:k]))
+                fit = fit_prompt(policy, parts, templates, [image], budget.max_length, max_new)
+                budget.record(f"{r.source}/{name}/{cond}", fit.note)
+                if fit.refused:
+                    continue
+                k = len(fit.references)
+                row = {**base, "condition": cond, "k": k, "reference_ids": ids[:k], "budget": fit.note._asdict()}
+                jobs.append((image, fit.prompt, row))
         answers = policy.generate([j[0] for j in jobs], [j[1] for j in jobs], max_new_tokens=max_new,
                                   batch_size=cfg.batch_size) if jobs else []
         for (_, _, row), pred in zip(jobs, answers):
@@ -527,10 +543,12 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
     check_java(cfg, files)
     images = ImageSource(files, cfg)
     predictions: list[dict[str, Any]] = []
+    budget: BudgetLog | None = None
     for name, adapter in plan:
         policy = load(cfg.policy, adapter)
+        budget = budget or BudgetLog.of(policy, cfg.max_length)
         for f in files:
-            predictions.extend(predict_file(policy, name, f, images, cfg))
+            predictions.extend(predict_file(policy, name, f, images, cfg, budget))
         del policy
         gc.collect()
     rows = score_rows(predictions, MeteorSession() if cfg.meteor else None)
@@ -543,6 +561,13 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
         notes.append(f"records skipped for bad images: {bad['skipped']} ({bad['by_reason']})")
     if bad_records:
         notes.append(f"records skipped as unusable: {len(bad_records)} (bad_records in results.json)")
+    cut = budget.summary()
+    if cut["refused"]:
+        notes.append(f"prompts not run, too long for max_length {cut['max_length']}: {cut['refused']} "
+                     "(results.json budget.refused_records)")
+    if cut["references_dropped"] or cut["references_shortened"]:
+        notes.append(f"references cut to fit max_length {cut['max_length']}: {cut['references_dropped']} dropped, "
+                     f"{cut['references_shortened']} shortened, in {cut['prompts_trimmed']} prompts")
     results: dict[str, Any] = {
         "rows": rows,
         "diagnostics": diagnostics(predictions),
@@ -551,6 +576,7 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
                      for name, adapter in plan},
         "bad_images": bad,
         "bad_records": bad_records_summary(bad_records),
+        "budget": cut,
         "notes": notes,
     }
     write_outputs(cfg, results, predictions)

@@ -13,7 +13,10 @@ kept reports with their scores, the answer.
 ``question``, ``id`` (or ``question_id``), ``task`` (vqa | report), ``domain``; a MMed-RAG test
 VQA JSONL works as it is. Relative image paths are taken under ``image_root``. Output: every
 input field plus ``domain``, ``reference_reports``, ``reference_ids``, ``reference_scores``,
-``retrieve_k``, ``prediction`` (``error`` for a query whose image cannot be read).
+``retrieve_k``, ``budget`` and ``prediction`` (``error`` for a query whose image cannot be read or
+whose prompt cannot fit). The prompt is fitted to ``max_length`` with ``max_new_tokens`` after it
+(dpo.budget): references are dropped from the last one or the last kept one shortened; ``budget``
+says what was cut, and ``<out>.budget.json`` sums it over the queries.
 
 Defaults are the toy pipeline's outputs (outputs/toy/clip, outputs/toy/policy, the DPO adapter
 in outputs/toy/dpo/adapter when there is one); a missing one stops with exit code 2 naming the
@@ -29,10 +32,11 @@ from typing import Any, Sequence
 from PIL import Image
 
 from common.config import ConfigError, cli_main, doc, load_config
-from common.io import InputError, atomic_write_jsonl, read_jsonl
+from common.io import InputError, atomic_write_json, atomic_write_jsonl, read_jsonl
 from data.images import BadImageError, inside_root, load_image
+from dpo.budget import BudgetLog, PromptParts, describe, fit_prompt
 from dpo.evaluate import check_adapter_base, find_adapter, load_with_adapters
-from dpo.prompts import DEFAULT_PROMPTS, build_prompt, load_prompt_templates
+from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
 from retriever.select_k import KRule
 
 TASKS = ("vqa", "report")
@@ -58,6 +62,8 @@ class InferConfig:
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
     max_new_tokens_vqa: int = doc(16, "answer length cap for questions")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
+    max_length: int = doc(0, "token budget of prompt (image tokens included) + max_new_tokens; references are dropped or "
+                             "shortened to fit, a query that cannot fit gets an error (0 = the model's own limit)")
     batch_size: int = doc(8, "generation batch size")
     dtype: str = doc("float32", "policy dtype: float32 | bfloat16 | float16")
     device: str = doc("cpu", "device for the policy")
@@ -169,8 +175,10 @@ def retrieve(retriever: Any, images: Sequence[Image.Image], domains: Sequence[st
     return hits
 
 
-def answer_queries(queries: list[Query], retriever: Any, policy: Any, cfg: InferConfig) -> list[dict[str, Any]]:
-    """Output rows, one per query, in order; a query whose image is bad gets ``error`` instead."""
+def answer_queries(queries: list[Query], retriever: Any, policy: Any, cfg: InferConfig,
+                   budget: BudgetLog) -> list[dict[str, Any]]:
+    """Output rows, one per query, in order; a query whose image is bad, or whose prompt cannot fit
+    ``budget`` (each prompt's note is recorded there), gets ``error`` instead."""
     templates = load_prompt_templates(cfg.prompts)
     out: list[dict[str, Any]] = [{} for _ in queries]
     good: list[int] = []
@@ -189,17 +197,25 @@ def answer_queries(queries: list[Query], retriever: Any, policy: Any, cfg: Infer
         idx = [j for j, i in enumerate(good) if queries[i].task == task]
         if not idx:
             continue
-        prompts = [build_prompt(domains[j], task, queries[good[j]].question, [h.text for h in hits[j]] or None,
-                                templates) for j in idx]
         max_new = cfg.max_new_tokens_vqa if task == "vqa" else cfg.max_new_tokens_report
-        answers = policy.generate([images[j] for j in idx], prompts, max_new_tokens=max_new,
-                                  batch_size=cfg.batch_size, progress=True)
-        for j, answer in zip(idx, answers):
+        fits = {}
+        for j in idx:
+            q = queries[good[j]]
+            parts = PromptParts(domains[j], task, q.question, tuple(h.text for h in hits[j]))
+            fit = fit_prompt(policy, parts, templates, [images[j]], budget.max_length, max_new)
+            budget.record(f"query {good[j] + 1}: {q.image_path}", fit.note)
+            if fit.refused:
+                out[good[j]] = {**q.row, "budget": fit.note._asdict(), "error": f"prompt too long: {fit.refused}"}
+            else:
+                fits[j] = fit
+        answers = policy.generate([images[j] for j in fits], [f.prompt for f in fits.values()], max_new_tokens=max_new,
+                                  batch_size=cfg.batch_size, progress=True) if fits else []
+        for (j, fit), answer in zip(fits.items(), answers):
             out[good[j]] = {
                 **queries[good[j]].row, "task": task, "domain": domains[j],
                 "reference_reports": [h.text for h in hits[j]], "reference_ids": [h.id for h in hits[j]],
                 "reference_scores": [round(h.score, 6) for h in hits[j]], "retrieve_k": len(hits[j]),
-                "prediction": answer,
+                "budget": fit.note._asdict(), "prediction": answer,
             }
     return out
 
@@ -215,6 +231,11 @@ def show(row: dict[str, Any]) -> str:
     lines.append(f"retrieved reports (k={len(refs)}):" if refs else "retrieved reports: none")
     for n, (text, rid, score) in enumerate(zip(refs, row["reference_ids"], row["reference_scores"]), 1):
         lines.append(f"  {n}. [{score:.3f}] {rid}: {text}")
+    cut = row["budget"]
+    if cut["dropped"] or cut["shortened"]:
+        lines.append(f"to fit max_length: the last {cut['dropped']} reports left out"
+                     + (", the last one kept shortened" if cut["shortened"] else "")
+                     + f" (prompt {cut['prompt_tokens']} tokens)")
     lines.append(f"answer: {row['prediction']}")
     return "\n".join(lines)
 
@@ -228,14 +249,18 @@ def main() -> None:
     retriever = load_retriever(cfg) if need_retriever else None
     policy, adapter = load_answerer(cfg)
     print(f"policy: {cfg.policy}" + (f" + adapter {adapter}" if adapter else " (no DPO adapter: base policy)"))
-    rows = answer_queries(queries, retriever, policy, cfg)
+    budget = BudgetLog.of(policy, cfg.max_length)
+    rows = answer_queries(queries, retriever, policy, cfg, budget)
     if cfg.queries:
         out = Path(cfg.out or f"outputs/toy/infer/{Path(cfg.queries).stem}.answers.jsonl")
         atomic_write_jsonl(out, rows)
+        summary = budget.summary()
+        atomic_write_json(out.with_suffix(".budget.json"), summary)
         for row in rows[:3]:
             print(show(row) + "\n")
         failed = sum("error" in r for r in rows)
-        print(f"{len(rows)} answers ({failed} unreadable images) -> {out}")
+        print(describe(summary))
+        print(f"{len(rows)} answers ({failed} unreadable images or too long prompts) -> {out}")
     else:
         print(show(rows[0]))
 

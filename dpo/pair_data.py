@@ -9,10 +9,15 @@ record in every run, worker and process: ``pure_noise(size, stable_seed(id, seed
 
 A batch holds 2B rows for ONE forward pass: rows [0, B) are the chosen answers with their images,
 rows [B, 2B) the rejected answers with theirs (dpo.policy.Policy.encode_preference).
+
+Every pair is fitted to the token budget (dpo.budget) with its longer answer: our pairs name their
+question and references, so references are dropped or shortened; a released pair is plain text
+and is refused when it does not fit. Neither answer is ever cut.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,9 @@ from data.images import BadImagePolicy, Roots
 from data.noise import pure_noise, stable_seed
 from data.readers import BadRecordPolicy, read_records
 from data.records import PreferenceRecord
-from dpo.policy import IGNORE, Policy, Prompt
+from dpo.budget import BUDGET_KEY, PromptParts, answer_tokens, fit_prompt
+from dpo.policy import IGNORE, Policy
+from dpo.prompts import PromptTemplates
 
 PAIR_TYPES = ("cm", "oa1", "oa2")
 
@@ -159,10 +166,18 @@ class PairDataset(PreferenceDataset):
         return item
 
 
-def user_turn(text: str) -> Prompt:
-    """A record's prompt (the human turn without "<image>") as one user message with the image,
-    rendered by the processor's chat template as at generation time."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def prompt_parts(record: PreferenceRecord, templates: PromptTemplates) -> PromptParts:
+    """The parts of a pair's prompt: structured when the record names its ``question`` and
+    ``references`` (dpo.pairs writes them) and ``templates`` write exactly its prompt from them;
+    else its prompt as plain text (released pairs, pairs written with other templates)."""
+    refs, question = record.meta.get("references"), record.meta.get("question")
+    plain = PromptParts(text=record.prompt)
+    if not (record.domain and record.task in templates.tasks and isinstance(refs, list)
+            and all(isinstance(r, str) for r in refs) and isinstance(question, (str, type(None)))):
+        return plain
+    if templates.text(record.domain, record.task, question, refs) != record.prompt:
+        return plain
+    return PromptParts(record.domain, record.task, question, tuple(refs))
 
 
 class CpuEncoder(Policy):
@@ -177,43 +192,76 @@ class CpuEncoder(Policy):
 
 
 class PairCollator(CollateSkip):
-    """Items of a PairDataset -> ``{"inputs": 2B-row model batch, "index", "pair_type", "skipped"}``.
+    """Items of a PairDataset -> ``{"inputs": 2B-row model batch, "index", "pair_type", "skipped", "budget"}``.
 
     ``index`` is the pair's position in the dataset (the key of cached reference log-probs),
-    ``pair_type`` a code into ``types``. Texts are kept in packed columns (data.datasets) so
-    workers do not copy the records. When no sample could be read the batch holds only
-    ``skipped``: ``BadImageLog.take`` counts them and turns it into None.
+    ``pair_type`` a code into ``types``, ``budget`` the notes of fitting each pair to
+    ``max_length`` (named by the record's source; a refused pair is left out of ``inputs``).
+    Texts are kept in packed columns (data.datasets) so workers do not copy the records. When no
+    sample could be read or fitted the batch holds only ``skipped`` and ``budget``:
+    ``BadImageLog.take`` and ``BudgetLog.take`` count them and turn it into None.
     """
 
     def __init__(
-        self, records: Sequence[PreferenceRecord], processor: Any, types: Sequence[str], max_length: int | None = None
+        self, records: Sequence[PreferenceRecord], processor: Any, types: Sequence[str], templates: PromptTemplates,
+        max_length: int | None,
     ):
         super().__init__(self.encode)
         self.encoder = CpuEncoder(processor)
+        self.templates = templates
         self.max_length = max_length
         self.types = list(types)
+        self.names = StringColumn((r.source for r in records), dedupe=False)
         self.prompts = StringColumn(r.prompt for r in records)
+        self.parts = StringColumn(_parts_json(prompt_parts(r, templates)) for r in records)
         self.chosen = StringColumn(r.chosen for r in records)
         self.rejected = StringColumn(r.rejected for r in records)
         code = {t: k for k, t in enumerate(self.types)}
         self.type_codes = np.fromiter((code[pair_type_of(r)] for r in records), np.int64, len(records))
 
     def encode(self, good: list[dict[str, Any]]) -> dict[str, Any]:
-        """The batch of the readable samples (CollateSkip sets the skipped ones aside)."""
-        idx = [s["index"] for s in good]
+        """The batch of the readable samples that fit (CollateSkip sets the unreadable ones aside)."""
+        notes, fitted, prompts = [], [], []
+        for s in good:
+            i = s["index"]
+            parts = self._parts(i)
+            images = [s["image"]] if s["rejected_image"] is s["image"] else [s["image"], s["rejected_image"]]
+            reserve = answer_tokens(self.encoder, [self.chosen[i], self.rejected[i]])
+            fit = fit_prompt(self.encoder, parts, self.templates, images, self.max_length, reserve)
+            notes.append((self.names[i], fit.note))
+            if not fit.refused:
+                fitted.append(s)
+                prompts.append(fit.prompt)
+        if not fitted:
+            return {BUDGET_KEY: notes}
+        idx = [s["index"] for s in fitted]
         inputs = self.encoder.encode_preference(
-            [user_turn(self.prompts[i]) for i in idx],
+            prompts,
             [self.chosen[i] for i in idx],
             [self.rejected[i] for i in idx],
-            [s["image"] for s in good],
-            [s["rejected_image"] for s in good],
-            max_length=self.max_length,
+            [s["image"] for s in fitted],
+            [s["rejected_image"] for s in fitted],
         )
         return {
             "inputs": inputs,
             "index": torch.tensor(idx, dtype=torch.long),
             "pair_type": torch.from_numpy(self.type_codes[idx]),
+            BUDGET_KEY: notes,
         }
+
+    def _parts(self, i: int) -> PromptParts:
+        packed = self.parts[i]
+        if not packed:
+            return PromptParts(text=self.prompts[i])
+        domain, task, question, refs = json.loads(packed)
+        return PromptParts(domain, task, question, tuple(refs))
+
+
+def _parts_json(parts: PromptParts) -> str:
+    """Structured parts packed for a StringColumn; "" for a plain-text prompt (kept in ``prompts``)."""
+    if parts.text is not None:
+        return ""
+    return json.dumps([parts.domain, parts.task, parts.question, list(parts.references)], ensure_ascii=False)
 
 
 def answer_lengths(inputs: dict[str, torch.Tensor]) -> torch.Tensor:

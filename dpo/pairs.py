@@ -14,8 +14,14 @@ the policy saw. Outputs in ``OUT`` (default ``outputs/toy/pairs``):
 
 - ``pairs.json``: preference JSON (contract 3), validated by ``python -m data.validate``;
 - ``pairs_stats.json``: pair counts per type x domain x task, accuracy under a/b/c, copy rate,
-  over-reliance rate, skipped records;
-- ``generations.jsonl``: every record's three answers, for audit.
+  over-reliance rate, skipped records, ``budget`` (what fitting the prompts cut or refused);
+- ``generations.jsonl``: every record's three answers and the references a and b saw, for audit.
+
+Prompts are fitted to ``max_length`` with ``max_new_tokens`` after them (dpo.budget): references are
+dropped from the last one or the last kept one shortened, the same for a and b (fitted with both
+images); a record whose prompt cannot fit is skipped (reason ``too_long``). A pair's prompt holds the
+references its answers were generated with, and names them (``question``, ``references``) so that
+training can shorten it further without guessing where the references are.
 
 Resumable: answers are appended per batch of records and a rerun answers only the missing
 records (a half-written last line is dropped). Batches are fixed by record position, never by
@@ -46,9 +52,10 @@ from data.noise import MODES, make_noised, pick_other, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records
 from data.records import VqaRecord
 from dpo.answers import is_correct
+from dpo.budget import BudgetLog, Note, PromptParts, budget_for, checkpoint_limit, describe, fit_prompt
 from dpo.metrics import copy_rate, over_reliance_rate
 from dpo.pair_rules import CmRule, Pair, pairs_for_record
-from dpo.prompts import DEFAULT_PROMPTS, PromptTemplates, build_prompt, load_prompt_templates
+from dpo.prompts import DEFAULT_PROMPTS, PromptTemplates, load_prompt_templates
 
 PAIR_TYPES = ("cm", "oa1", "oa2")
 CONDITIONS = ("a", "b", "c")
@@ -90,6 +97,8 @@ class PairsConfig:
                                 "references, one of batch_size without; answers are saved per batch")
     max_new_tokens_vqa: int = doc(16, "answer length limit for VQA")
     max_new_tokens_report: int = doc(96, "answer length limit for reports")
+    max_length: int = doc(0, "token budget of prompt (image tokens included) + max_new_tokens; references are dropped or "
+                             "shortened to fit, a record that cannot fit is skipped (0 = the model's own limit)")
     limit: int = doc(0, "use only the first N records of each input file (0: all)")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the record (counted in "
                                               "pairs_stats.json) or stop with its path")
@@ -242,8 +251,9 @@ def make_x_v_star(item: Item, image: Image.Image, noise: NoiseConfig, pool: dict
 
 
 def answer_batch(policy: Any, batch: list[Item], cfg: PairsConfig, templates: PromptTemplates,
-                 pool: dict[str, dict[str, Item]], out: Path) -> list[dict[str, Any]]:
-    """Generation rows for one batch: the three answers, or why the record was skipped."""
+                 pool: dict[str, dict[str, Item]], out: Path, max_length: int | None) -> list[dict[str, Any]]:
+    """Generation rows for one batch: the three answers, or why the record was skipped. A row's
+    ``budget`` holds the notes of fitting the prompt with references (a, b) and the one without (c)."""
     cache: dict[str, Image.Image] = {}
 
     def load(it: Item) -> Image.Image:
@@ -257,6 +267,7 @@ def answer_batch(policy: Any, batch: list[Item], cfg: PairsConfig, templates: Pr
     answered: list[Item] = []
     with_refs: tuple[list, list] = ([], [])  # (images, prompts) of a and b, interleaved
     without: tuple[list, list] = ([], [])  # of c
+    max_new = cfg.max_new_tokens_vqa if batch[0].task == "vqa" else cfg.max_new_tokens_report
     for it in batch:
         if it.error:
             rows[it.key] = {"key": it.key, "skipped": {"path": it.image, "reason": "retrieval_failed", "detail": it.error}}
@@ -269,23 +280,30 @@ def answer_batch(policy: Any, batch: list[Item], cfg: PairsConfig, templates: Pr
                 raise
             rows[it.key] = {"key": it.key, "skipped": {"path": e.path, "reason": e.reason, "detail": e.detail}}
             continue
+        parts = PromptParts(it.domain, it.task, it.question, tuple(it.references))
+        ab = fit_prompt(policy, parts, templates, [real, noised], max_length, max_new)
+        c = fit_prompt(policy, PromptParts(it.domain, it.task, it.question), templates, [real], max_length, max_new)
+        notes = {"ab": ab.note._asdict(), "c": c.note._asdict()}
+        if ab.refused or c.refused:
+            rows[it.key] = {"key": it.key, "budget": notes,
+                            "skipped": {"path": it.image, "reason": "too_long", "detail": ab.refused or c.refused}}
+            continue
         name = noised_name(it)
         if name not in written:  # rewritten on every run: a stored x_v* is never stale
             with atomic_path(out / name) as tmp:
                 noised.save(tmp, format="PNG")
             written.add(name)
         rows[it.key] = {"key": it.key, "id": it.id, "task": it.task, "domain": it.domain,
-                        "rejected_image": name, "reference": it.truth}
+                        "rejected_image": name, "reference": it.truth, "references": list(ab.references),
+                        "budget": notes}
         answered.append(it)
-        prompt = build_prompt(it.domain, it.task, it.question, it.references, templates)
         with_refs[0].extend([real, noised])
-        with_refs[1].extend([prompt, prompt])
+        with_refs[1].extend([ab.prompt, ab.prompt])
         without[0].append(real)
-        without[1].append(build_prompt(it.domain, it.task, it.question, None, templates))
+        without[1].append(c.prompt)
     if answered:
         # Two generation calls, each one batch: prompts with references are several times longer
         # than those without, and padding one to the other would waste most of the compute.
-        max_new = cfg.max_new_tokens_vqa if batch[0].task == "vqa" else cfg.max_new_tokens_report
         ab = policy.generate(*with_refs, max_new_tokens=max_new, batch_size=len(with_refs[1]))
         c = policy.generate(*without, max_new_tokens=max_new, batch_size=len(without[1]))
         for i, it in enumerate(answered):
@@ -337,7 +355,7 @@ def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 def settings_of(cfg: PairsConfig, inputs: list[Input]) -> dict[str, Any]:
     """What the answers depend on; earlier answers are reused only if these match."""
     keys = ("policy", "adapter", "dtype", "prompts", "noise", "max_new_tokens_vqa",
-            "max_new_tokens_report", "limit", "image_root", "domain")
+            "max_new_tokens_report", "max_length", "limit", "image_root", "domain")
     plain = to_dict(cfg)
     return {**{k: plain[k] for k in keys}, "inputs": [os.path.abspath(i.path) for i in inputs]}
 
@@ -374,11 +392,12 @@ def correct_fn(task: str, cfg: PairsConfig) -> Callable[[str, str], bool]:
     return lambda pred, ref: is_correct(pred, ref, task, cfg.report_threshold, cfg.report_metric)
 
 
-def pair_record(it: Item, pair: Pair, templates: PromptTemplates, out: Path) -> dict[str, Any]:
-    """One preference record (contract 3). The image keeps its root; for a noised rejected side
-    ``image_root`` becomes the deepest folder holding both the real image and the stored x_v*,
-    because readers resolve ``rejected_image`` against the record's one root."""
-    refs = it.references if pair.with_retrieval else None
+def pair_record(it: Item, pair: Pair, references: list[str], templates: PromptTemplates, out: Path) -> dict[str, Any]:
+    """One preference record (contract 3) whose prompt holds ``references`` (those the answers were
+    generated with) and names them with its ``question``. The image keeps its root; for a noised
+    rejected side ``image_root`` becomes the deepest folder holding both the real image and the
+    stored x_v*, because readers resolve ``rejected_image`` against the record's one root."""
+    refs = references if pair.with_retrieval else []
     human = {"from": "human", "value": "<image>\n" + templates.text(it.domain, it.task, it.question, refs)}
     root, image = it.root_and_image()
     rejected_image = None
@@ -396,6 +415,8 @@ def pair_record(it: Item, pair: Pair, templates: PromptTemplates, out: Path) -> 
         "pair_type": pair.pair_type,
         "domain": it.domain,
         "task": it.task,
+        "question": it.question,
+        "references": refs,
     }
     if rejected_image:
         rec["rejected_image"] = rejected_image
@@ -412,8 +433,9 @@ def condition_stats(ok: dict[str, list[bool]]) -> dict[str, float | int]:
 
 
 def build_pairs(items: list[Item], gens: dict[str, dict[str, Any]], cfg: PairsConfig,
-                templates: PromptTemplates, out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Pairs (in record order) and the stats, from every record's generation row."""
+                templates: PromptTemplates, out: Path, budget: BudgetLog) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pairs (in record order) and the stats, from every record's generation row; the rows' budget
+    notes are recorded in ``budget``, whose summary is the stats' ``budget``."""
     pairs: list[dict[str, Any]] = []
     counts: dict[str, Counter[str]] = {}
     ok: dict[str, dict[str, list[bool]]] = {}
@@ -423,6 +445,8 @@ def build_pairs(items: list[Item], gens: dict[str, dict[str, Any]], cfg: PairsCo
         row = gens[it.key]
         group = f"{it.domain}/{it.task}"
         counts.setdefault(group, Counter({t: 0 for t in PAIR_TYPES}))
+        for prompt, note in row.get("budget", {}).items():
+            budget.record(f"{it.key}/{prompt}", Note(**note))
         if "skipped" in row:
             skipped.append({"key": it.key, "source": it.source, **row["skipped"]})
             continue
@@ -435,7 +459,7 @@ def build_pairs(items: list[Item], gens: dict[str, dict[str, Any]], cfg: PairsCo
             if not (pair.chosen.strip() and pair.rejected.strip()):
                 dropped += 1  # the preference format needs text on both sides
                 continue
-            pairs.append(pair_record(it, pair, templates, out))
+            pairs.append(pair_record(it, pair, row["references"], templates, out))
             counts[group][pair.pair_type] += 1
     by_type = Counter(p["pair_type"] for p in pairs)
     stats = {
@@ -449,6 +473,7 @@ def build_pairs(items: list[Item], gens: dict[str, dict[str, Any]], cfg: PairsCo
         "skipped": len(skipped),
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
         "skipped_records": skipped,
+        "budget": budget.summary(),
         "cm_rule": cfg.cm_rule,
         "report_metric": cfg.report_metric,
         "report_threshold": cfg.report_threshold,
@@ -483,7 +508,8 @@ def summary(stats: dict[str, Any], out: Path) -> str:
     if stats["skipped"]:
         named = ", ".join(f"{s['path']} ({s['reason']})" for s in stats["skipped_records"][:10])
         more = f" and {stats['skipped'] - 10} more" if stats["skipped"] > 10 else ""
-        lines.append(f"skipped {stats['skipped']} records (bad image or failed retrieval): {named}{more}")
+        lines.append(f"skipped {stats['skipped']} records (bad image, failed retrieval or too long): {named}{more}")
+    lines.append(describe(stats["budget"]))
     return "\n".join(lines)
 
 
@@ -506,6 +532,8 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
     items = read_items(inputs, cfg, bad_records)
     if not items:
         raise InputError(f"{', '.join(i.path for i in inputs)}: no records")
+    limit = checkpoint_limit(cfg.policy)
+    max_length = budget_for(cfg.max_length, limit)
     settings = settings_of(cfg, inputs)
     discard = settings_differ(out, settings, cfg.overwrite)
     state.wait_for_everyone()
@@ -525,7 +553,7 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
         counts: Counter[str] = Counter()
         bar = tqdm(mine, desc="pairs", unit="batch", disable=not (cfg.progress and state.is_main_process))
         for batch in bar:
-            rows = answer_batch(policy, batch, cfg, templates, pool, out)
+            rows = answer_batch(policy, batch, cfg, templates, pool, out, max_length)
             append_rows(shard, (r for it, r in zip(batch, rows) if it.key not in done))
             for it, row in zip(batch, rows):
                 if "skipped" in row:
@@ -538,7 +566,7 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
     if not state.is_main_process:
         return None
     gens = merge(items, out)
-    pairs, stats = build_pairs(items, gens, cfg, templates, out)
+    pairs, stats = build_pairs(items, gens, cfg, templates, out, BudgetLog(max_length, limit))
     stats["bad_records"] = bad_records_summary(bad_records)
     atomic_write_json(out / "pairs.json", pairs)
     atomic_write_json(out / "pairs_stats.json", stats)

@@ -100,6 +100,30 @@ class Policy:
         ids = self.tokenizer("a").input_ids
         return bool(ids) and ids[0] == self.tokenizer.bos_token_id
 
+    def prompt_length(self, prompt: Prompt, image: Image.Image) -> int:
+        """Tokens of ``prompt`` with ``image`` as the model sees them: the text's tokens plus the
+        tokens the processor expands the image into (LLaVA's patches, Qwen2-VL's merged grid)."""
+        return len(self.tokenizer(self.render(prompt)).input_ids) + self._image_tokens(image)
+
+    def _image_tokens(self, image: Image.Image) -> int:
+        """Tokens the processor adds for one image beyond its placeholder, by image size (the only
+        thing the count depends on), measured once per size with the processor itself."""
+        cache = self._image_tokens_by_size
+        if image.size not in cache:
+            enc = self.processor(images=[image.convert("RGB")], text=[self.image_token], return_tensors="pt")
+            cache[image.size] = enc["input_ids"].shape[1] - len(self.tokenizer(self.image_token).input_ids)
+        return cache[image.size]
+
+    @cached_property
+    def _image_tokens_by_size(self) -> dict[tuple[int, int], int]:
+        return {}
+
+    def answer_ids(self, answers: Sequence[str]) -> list[list[int]]:
+        """Each answer's token ids + EOS, as a training row holds them (a stray image token becomes a space)."""
+        tok = self.tokenizer
+        ids = tok([a.replace(self.image_token, " ").strip() for a in answers], add_special_tokens=False)["input_ids"]
+        return [list(x) + [tok.eos_token_id] for x in ids]
+
     def _process(self, images: Sequence[Image.Image], texts: list[str], padding_side: str) -> Any:
         """Processor call: pixel values + prompt ids with the image tokens expanded."""
         if len(images) != len(texts):
@@ -159,13 +183,12 @@ class Policy:
         prompts: Sequence[Prompt],
         answers: Sequence[str],
         images: Sequence[Image.Image],
-        max_length: int | None = None,
     ) -> Batch:
         """Right-padded batch: input_ids, attention_mask, labels, and the processor's image keys.
 
         ``labels`` are the answer tokens + EOS; prompt and padding are IGNORE (-100). Prompt and
-        answer are tokenized apart and joined, exactly the split generation sees. With
-        ``max_length`` only the answer is cut: cutting the prompt could drop image tokens.
+        answer are tokenized apart and joined, exactly the split generation sees. Nothing is cut:
+        prompts are fitted to the token budget before (dpo.budget).
         """
         if not (len(prompts) == len(answers) == len(images)):
             raise ValueError(
@@ -177,20 +200,14 @@ class Policy:
                              "SFT and DPO encode prompt + answer as one causal sequence and do not support it")
         tok = self.tokenizer
         enc = self._process(images, [self.render(p) for p in prompts], "right")
-        answer_ids = tok(
-            [a.replace(self.image_token, " ").strip() for a in answers], add_special_tokens=False
-        )["input_ids"]
         # Other per-token outputs (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids) are
         # laid out like input_ids; answer and padding positions get 0, the text-token type.
         text = ("input_ids", "attention_mask", "labels")  # rebuilt below (a processor's own labels too)
         types: dict[str, list[list[int]]] = {k: [] for k in _per_token_keys(enc) if k not in text}
         ids, labels = [], []
-        for i, (row, mask, ans) in enumerate(zip(enc["input_ids"], enc["attention_mask"], answer_ids)):
+        for i, (row, mask, ans) in enumerate(zip(enc["input_ids"], enc["attention_mask"], self.answer_ids(answers))):
             keep = mask.bool()
             prompt = row[keep].tolist()
-            ans = list(ans) + [tok.eos_token_id]
-            if max_length is not None:
-                ans = ans[: max(1, max_length - len(prompt))]
             ids.append(prompt + ans)
             labels.append([IGNORE] * len(prompt) + ans)
             for k, rows in types.items():
@@ -210,7 +227,6 @@ class Policy:
         rejected: Sequence[str],
         images: Sequence[Image.Image],
         rejected_images: Sequence[Image.Image] | None = None,
-        max_length: int | None = None,
     ) -> Batch:
         """One batch of 2B rows for a single DPO forward: rows [0, B) chosen, [B, 2B) rejected.
 
@@ -222,7 +238,6 @@ class Policy:
             list(prompts) * 2,
             list(chosen) + list(rejected),
             list(images) + list(rejected_images),
-            max_length,
         )
 
 

@@ -11,7 +11,9 @@ Training records come from
 
 Writes into ``train.output_dir`` the model as from_pretrained loads it (a PEFT adapter with
 LoRA, else a full model) with its processor, ``merged/`` with ``--merge`` (LoRA folded in), and
-run_config.yaml, metrics.jsonl, tensorboard/, checkpoints/. With ``measure.roles`` set, the
+run_config.yaml, metrics.jsonl, tensorboard/, checkpoints/, run_summary.json (the step reached and
+``budget``: what fitting prompts to ``data.max_length`` cut or refused, dpo.budget; answers are never
+cut). With ``measure.roles`` set, the
 trained model is then measured (``reliance.json``, see ``measure_reliance``); ``--eval_only``
 measures ``model`` (+ ``adapter``) without training.
 """
@@ -40,8 +42,11 @@ from data.readers import bad_records_summary, detect_kind, read_index, read_reco
 from data.records import ReportRecord, VqaRecord
 from dpo.align import FindingAligner
 from dpo.answers import vqa_correct, yes_no
+from dpo.budget import (
+    BUDGET_KEY, BudgetLog, PromptParts, answer_tokens, budget_for, describe, fit_prompt, policy_limit,
+)
 from dpo.policy import Policy, load_policy
-from dpo.prompts import DEFAULT_PROMPTS, Message, PromptTemplates, build_prompt, load_prompt_templates
+from dpo.prompts import DEFAULT_PROMPTS, PromptTemplates, load_prompt_templates
 
 
 @dataclass
@@ -54,7 +59,9 @@ class SftDataConfig:
     no_reference_rate: float = doc(0.3, "share of retrieval records trained without their references")
     max_references: int = doc(0, "use at most this many references per record (0 = all)")
     val_fraction: float = doc(0.0, "share of records held out (by id) for the eval loss")
-    max_length: int = doc(0, "cut answers so prompt + answer fit this many tokens (0 = no cut)")
+    max_length: int = doc(0, "token budget of prompt (image tokens included) + answer, and of prompt + max_new_tokens "
+                             "when measuring; references are dropped or shortened to fit, a record that cannot fit is "
+                             "refused (0 = the model's own limit)")
     limit: int = doc(0, "use the first N records of each file (0 = all)")
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the sample, or stop")
@@ -96,10 +103,10 @@ class Example:
     answer: str
     references: list[str] | None  # None: prompt without retrieval
 
-    def prompt(self, templates: PromptTemplates) -> list[Message]:
+    def parts(self) -> PromptParts:
         if self.task == "conversation":
-            return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}]
-        return build_prompt(self.domain, self.task, self.question, self.references, templates)
+            return PromptParts(text=self.question)
+        return PromptParts(self.domain, self.task, self.question, tuple(self.references or ()))
 
 
 @dataclass
@@ -203,22 +210,33 @@ FINDING_LABELS = "finding_labels"  # batch key of the alignment targets (popped 
 class SftCollate:
     """Dataset items (images) + their examples (prompts, answers) -> a training batch.
 
+    Each prompt is fitted to ``max_length`` with its answer (dpo.budget); the notes ride in the
+    batch under ``budget`` (named by the record's source) and a refused record is left out.
     With an ``aligner`` the batch also carries each image's finding labels (dpo.align).
     """
 
-    def __init__(self, policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int,
+    def __init__(self, policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int | None,
                  aligner: FindingAligner | None = None):
         self.policy, self.examples, self.templates, self.max_length = policy, examples, templates, max_length
         self.aligner = aligner
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        exs = [self.examples[it["index"]] for it in items]
-        batch = self.policy.encode_for_training(
-            [e.prompt(self.templates) for e in exs], [e.answer for e in exs], [it["image"] for it in items],
-            self.max_length or None,
-        )
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        notes, exs, prompts, images = [], [], [], []
+        for it in items:
+            e = self.examples[it["index"]]
+            reserve = answer_tokens(self.policy, [e.answer])
+            fit = fit_prompt(self.policy, e.parts(), self.templates, [it["image"]], self.max_length, reserve)
+            notes.append((e.record.source, fit.note))
+            if not fit.refused:
+                exs.append(e)
+                prompts.append(fit.prompt)
+                images.append(it["image"])
+        if not exs:
+            return {BUDGET_KEY: notes}
+        batch: dict[str, Any] = self.policy.encode_for_training(prompts, [e.answer for e in exs], images)
         if self.aligner is not None:
             batch[FINDING_LABELS] = self.aligner.labels([e.record for e in exs], [e.domain for e in exs])
+        batch[BUDGET_KEY] = notes
         return batch
 
 
@@ -226,7 +244,7 @@ def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shu
                     aligner: FindingAligner | None = None):
     templates = load_prompt_templates(cfg.data.prompts)
     dataset = QueryDataset([e.record for e in examples], None, _rgb, bad_image=cfg.data.bad_image, bad_log=bad_log)
-    collate = SftCollate(policy, examples, templates, cfg.data.max_length, aligner)
+    collate = SftCollate(policy, examples, templates, budget_for(cfg.data.max_length, policy_limit(policy)), aligner)
     return make_loader(dataset, cfg.train.batch_size, shuffle=shuffle, num_workers=cfg.train.num_workers,
                        collate_fn=collate, seed=cfg.train.seed)
 
@@ -270,14 +288,16 @@ def eval_loss_fn(accelerator: Any, loader: Any, take_batch: Any):
 # ---------------------------------------------------------------- reliance on retrieval
 
 
-def measure_reliance(policy: Policy, examples: list[Example], cfg: MeasureConfig, templates: PromptTemplates) -> dict[str, Any]:
+def measure_reliance(policy: Policy, examples: list[Example], cfg: MeasureConfig, templates: PromptTemplates,
+                     budget: BudgetLog) -> dict[str, Any]:
     """VQA accuracy under three conditions, overall and per domain (a quick check, not the evaluation):
 
     - ``no_retrieval``: real image, no references;
     - ``retrieval``: real image + the record's references;
     - ``noised_retrieval``: a different image of the same domain + Gaussian noise, + references.
       Its accuracy is the copy rate: answers that survive losing the image came from the text.
-    Records without references are left out. ``yes_rate`` (share of "yes" answers) shows a
+    Records without references are left out, and so are records whose prompts cannot fit
+    ``budget`` (its notes are the result's ``budget``). ``yes_rate`` (share of "yes" answers) shows a
     model that answers the same whatever it sees.
     """
     examples = [e for e in examples if e.task == "vqa" and e.references]
@@ -293,10 +313,16 @@ def measure_reliance(policy: Policy, examples: list[Example], cfg: MeasureConfig
         except (BadImageError, ValueError):
             continue
         noised = make_noised("other_image+gaussian", real, stable_seed("measure", path, cfg.seed), other=other, sigma=cfg.sigma)
-        with_refs = e.prompt(templates)
-        without = dataclasses.replace(e, references=None).prompt(templates)
+        parts = e.parts()
+        with_refs = fit_prompt(policy, parts, templates, [real, noised], budget.max_length, cfg.max_new_tokens)
+        without = fit_prompt(policy, dataclasses.replace(parts, references=()), templates, [real], budget.max_length,
+                             cfg.max_new_tokens)
+        budget.record(f"{e.record.source}/retrieval", with_refs.note)
+        budget.record(f"{e.record.source}/no_retrieval", without.note)
+        if with_refs.refused or without.refused:
+            continue
         images += [real, real, noised]
-        prompts += [without, with_refs, with_refs]
+        prompts += [without.prompt, with_refs.prompt, with_refs.prompt]
         keys.append(e)
     answers = policy.generate(images, prompts, cfg.max_new_tokens, cfg.batch_size, progress=True)
     conditions = ("no_retrieval", "retrieval", "noised_retrieval")
@@ -315,6 +341,7 @@ def measure_reliance(policy: Policy, examples: list[Example], cfg: MeasureConfig
     }
     result["examples"] = [{"id": e.record.id, "domain": e.domain, "answer": e.answer,
                            **{c: answers[3 * i + j] for j, c in enumerate(conditions)}} for i, e in enumerate(keys[:30])]
+    result["budget"] = budget.summary()
     return result
 
 
@@ -332,7 +359,8 @@ def run_measure(cfg: SftConfig, model: str, adapter: str | None) -> dict[str, An
     data = dataclasses.replace(cfg.data, limit=cfg.measure.limit, no_reference_rate=0.0)
     sources = index_sources(data.retrieval_index, cfg.measure.roles, data.domain)
     examples = read_examples(sources, data, cfg.train.seed, vqa_only=True)
-    result = measure_reliance(policy, examples, cfg.measure, load_prompt_templates(cfg.data.prompts))
+    result = measure_reliance(policy, examples, cfg.measure, load_prompt_templates(cfg.data.prompts),
+                              BudgetLog.of(policy, cfg.data.max_length))
     atomic_write_json(Path(cfg.train.output_dir) / "reliance.json", result)
     a = result.get("all", {})
     print(f"reliance on {a.get('n', 0)} VQA records: accuracy without retrieval {a.get('no_retrieval', 0):.3f}, "
@@ -348,6 +376,7 @@ def run_sft(cfg: SftConfig) -> Path:
     out = Path(cfg.train.output_dir)
     accelerator = build_accelerator(cfg.train)  # before the model: ZeRO-3 loads it sharded
     policy = load_policy(cfg.model, dtype=cfg.dtype)
+    budget = BudgetLog.of(policy, cfg.data.max_length)
     policy.model = apply_lora(policy.model, cfg.lora, cfg.train.gradient_checkpointing)
     if accelerator.is_main_process:
         save_config(cfg, out / "run_config.yaml")
@@ -359,6 +388,10 @@ def run_sft(cfg: SftConfig) -> Path:
     with_refs = sum(e.references is not None for e in train_ex)
     accelerator.print(f"SFT on {len(train_ex)} records ({with_refs} with references), {len(val_ex)} held out")
     bad_log = BadImageLog()
+
+    def take(batch: Any) -> Any:
+        return budget.take(bad_log.take(batch))
+
     aligner = None
     if cfg.align_findings:
         aligner = FindingAligner([e.record for e in train_ex], [e.domain for e in train_ex], policy.tokenizer)
@@ -367,16 +400,19 @@ def run_sft(cfg: SftConfig) -> Path:
     eval_fn = None
     if val_ex:
         val_loader = accelerator.prepare(make_sft_loader(policy, val_ex, cfg, shuffle=False, bad_log=bad_log))
-        eval_fn = eval_loss_fn(accelerator, val_loader, bad_log.take)
+        eval_fn = eval_loss_fn(accelerator, val_loader, take)
     start = time.perf_counter()
     result = train(cfg.train, accelerator, policy.model, loader, sft_loss_fn(aligner, cfg.align_findings), eval_fn,
-                   policy.processor, bad_log.take)
+                   policy.processor, take)
     if aligner is not None:
         hook.remove()
     save_model(accelerator, result.model, out, policy.processor)
     bad_log.write(accelerator, out / "bad_images.json")
+    summary = budget.merged(accelerator).summary()
     if accelerator.is_main_process:
         atomic_write_json(out / "bad_records.json", {"bad_records": bad_records_summary(bad_records)})
+        atomic_write_json(out / "run_summary.json", {"step": result.step, "metrics": result.metrics, "budget": summary})
+    accelerator.print(describe(summary))
     accelerator.print(f"SFT: {result.step} steps in {time.perf_counter() - start:.0f} s -> {out}")
     if accelerator.is_main_process and cfg.lora.enabled and cfg.merge:
         merged = load_policy(cfg.model, adapter=out, dtype=cfg.dtype, merge_adapter=True)

@@ -14,8 +14,10 @@ checkpoints and exact resume are common.engine. Outputs in ``train.output_dir``:
 - ``metrics.jsonl`` + ``tensorboard/``: per step loss, rewards/{chosen,rejected,accuracies,
   margins}, logps/{chosen,rejected}; at each evaluation the same on the held-out pairs, overall
   (``eval/...``) and per pair type (``eval/cm/...``);
-- ``checkpoints/`` (resume with ``--train.resume latest``), ``run_config.yaml``.
-- ``bad_records.json``: the pair records skipped as unusable (data.readers), beside ``bad_images.json``.
+- ``checkpoints/`` (resume with ``--train.resume latest``), ``run_config.yaml``;
+- ``bad_records.json``: the pair records skipped as unusable (data.readers), beside ``bad_images.json``;
+- ``run_summary.json``: the step reached, the last evaluation and ``budget``: what fitting the pairs
+  to ``max_length`` cut or refused (dpo.budget; an answer is never cut).
 
 Several processes: ``accelerate launch -m dpo.train_dpo ...`` or ``torchrun --nproc_per_node N
 -m dpo.train_dpo ...`` with ``--train.deepspeed configs/deepspeed/zero2.json`` (or zero3).
@@ -27,7 +29,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from accelerate import Accelerator
@@ -39,17 +41,19 @@ from transformers.integrations import unset_hf_deepspeed_config
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, LoraConfig, _any_process, apply_lora, build_accelerator, save_model, train
-from common.io import atomic_dir, atomic_write_json
+from common.io import InputError, atomic_dir, atomic_write_json
 from data.images import BadImageLog
 from data.loader import make_loader
 from data.noise import pure_noise
 from data.readers import bad_records_summary
+from dpo.budget import BUDGET_KEY, BudgetLog, describe
 from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss
 from dpo.pair_data import (
     PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_type_of, split_heldout,
     stage_indices,
 )
-from dpo.policy import load_policy, sequence_logps
+from dpo.policy import Policy, load_policy, sequence_logps
+from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
 
 
 @dataclass
@@ -67,7 +71,10 @@ class DpoConfig:
     heldout_fraction: float = doc(0.1, "fraction of pairs (by id, deterministic) held out for evaluation")
     heldout_seed: int = doc(0, "seed of the held-out split")
     noise_seed: int = doc(0, "seed of the pure-noise images of rejected_noised / chosen_noised pairs (with the record id)")
-    max_length: int = doc(0, "cut answers so prompt + answer fit this many tokens (0 = no cut)")
+    max_length: int = doc(0, "token budget of prompt (image tokens included) + the longer answer; references are dropped "
+                             "or shortened to fit, a pair that cannot fit is refused (0 = the model's own limit)")
+    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates the pairs were written with: our pairs' prompts are "
+                       "rebuilt with fewer references when they must shrink")
     eval_batch_size: int = doc(0, "pairs per evaluation / reference-caching batch (0 = train.batch_size)")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the pair (counted) or stop")
     bad_record: Literal["skip", "error"] = doc("skip", "a pair record that cannot be used: skip it (named in bad_records.json) or stop")
@@ -110,13 +117,13 @@ def reference_mode(accelerator: Accelerator, model: Any) -> Iterator[Any]:
 
 
 def lockstep(
-    accelerator: Accelerator, loader: DataLoader, filler: dict, bad_log: BadImageLog
+    accelerator: Accelerator, loader: DataLoader, filler: dict, take: Callable[[Any], Any]
 ) -> Iterator[tuple[dict, bool]]:
     """(batch, real) for every batch any process has, on the device; a process whose batch is
-    empty (all its images unreadable) runs ``filler`` and drops the result, so that ZeRO-3's
-    collective weight gathers stay matched across processes."""
+    empty (``take`` gave None: all its images unreadable or pairs refused) runs ``filler`` and
+    drops the result, so that ZeRO-3's collective weight gathers stay matched across processes."""
     for batch in loader:
-        batch = bad_log.take(batch)
+        batch = take(batch)
         if _any_process(accelerator, batch is not None):
             batch = send_to_device(batch, accelerator.device) if batch is not None else None
             yield (filler, False) if batch is None else (batch, True)
@@ -138,7 +145,7 @@ def score_pairs(
     filler: dict,
     policy: bool,
     reference: torch.Tensor | None,
-    bad_log: BadImageLog,
+    take: Callable[[Any], Any],
     desc: str,
 ) -> dict[int, list[float]]:
     """Per pair position: [type code, policy chosen, policy rejected, ref chosen, ref rejected,
@@ -149,7 +156,7 @@ def score_pairs(
     rows: list[list[float]] = []
     unwrapped = accelerator.unwrap_model(model)
     bar = tqdm(total=len(loader), desc=desc, disable=not accelerator.is_main_process, leave=False)
-    for batch, real in lockstep(accelerator, loader, filler, bad_log):
+    for batch, real in lockstep(accelerator, loader, filler, take):
         bar.update(1)
         inputs = batch["inputs"]
         if reference is not None:
@@ -173,12 +180,13 @@ def score_pairs(
 
 
 def reference_cache(
-    accelerator: Accelerator, model: Any, loader: DataLoader, n: int, filler: dict, bad_log: BadImageLog, desc: str
+    accelerator: Accelerator, model: Any, loader: DataLoader, n: int, filler: dict, take: Callable[[Any], Any],
+    desc: str,
 ) -> torch.Tensor:
     """[n, 2] reference (chosen, rejected) log-probs by pair position; NaN where the pair's
-    image could not be read."""
+    image could not be read or the pair was refused for length."""
     cache = torch.full((n, 2), float("nan"))
-    for i, row in score_pairs(accelerator, model, loader, filler, False, None, bad_log, desc).items():
+    for i, row in score_pairs(accelerator, model, loader, filler, False, None, take, desc).items():
         cache[i] = torch.tensor(row[3:5])
     return cache
 
@@ -225,7 +233,7 @@ def summarize(scores: dict[int, list[float]], types: list[str], cfg: DpoConfig) 
 class DpoTrainer:
     """The DPO pieces the engine calls: ``loss(model, batch)`` and ``evaluate(model)``."""
 
-    def __init__(self, cfg: DpoConfig, accelerator: Accelerator, processor: Any):
+    def __init__(self, cfg: DpoConfig, accelerator: Accelerator, policy: Policy):
         self.cfg = cfg
         self.accelerator = accelerator
         self.bad_records: list[str] = []
@@ -233,20 +241,40 @@ class DpoTrainer:
         self.train_records, self.heldout_records = split_heldout(records, cfg.heldout_fraction, cfg.heldout_seed)
         self.types = sorted({pair_type_of(r) for r in records})
         stages = stage_indices(self.train_records, cfg.stages)
-        max_length = cfg.max_length or None
+        templates = load_prompt_templates(cfg.prompts)
+        self.budget = BudgetLog.of(policy, cfg.max_length)
         self.bad_log = BadImageLog()
         self.train_set = PairDataset(self.train_records, cfg.image_root or None, cfg.noise_seed, cfg.bad_image)
-        self.collate_train = PairCollator(self.train_records, processor, self.types, max_length)
+        self.collate_train = PairCollator(self.train_records, policy.processor, self.types, templates,
+                                          self.budget.max_length)
         self.train_loader = make_loader(self.train_set, cfg.train.batch_size, num_workers=cfg.train.num_workers,
                                         collate_fn=self.collate_train, seed=cfg.train.seed,
                                         sampler=StagedSampler(stages, cfg.train.seed))
         self.heldout_set = PairDataset(self.heldout_records, cfg.image_root or None, cfg.noise_seed, cfg.bad_image)
-        self.collate_heldout = PairCollator(self.heldout_records, processor, self.types, max_length)
+        self.collate_heldout = PairCollator(self.heldout_records, policy.processor, self.types, templates,
+                                            self.budget.max_length)
         self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout)
-        # a stand-in batch for a process whose own batch was dropped (see lockstep)
-        noise = pure_noise((32, 32), 0)
-        self.filler = self.collate_train([{"image": noise, "rejected_image": noise, "index": 0}])
+        self.filler = self._filler()
         self.reference: dict[str, torch.Tensor] | None = None
+
+    def _filler(self) -> dict:
+        """A stand-in batch for a process whose own batch was dropped (see lockstep): the first
+        training pair that fits, on noise images."""
+        noise = pure_noise((32, 32), 0)
+        for i in range(len(self.train_records)):
+            batch = self.collate_train([{"image": noise, "rejected_image": noise, "index": i}])
+            if "inputs" in batch:
+                return batch
+        raise InputError(f"{self.cfg.pairs}: no training pair fits max_length {self.budget.max_length}: "
+                         f"{self.collate_train.names[0]}: {batch[BUDGET_KEY][0][1].refused}")
+
+    def take(self, batch: Any) -> Any:
+        """A training batch with its unreadable images and budget notes recorded; None when empty."""
+        return self.budget.take(self.bad_log.take(batch))
+
+    def take_again(self, batch: Any) -> Any:
+        """``take`` for evaluation and reference passes: bad images are counted by training only."""
+        return self.budget.take(BadImageLog().take(batch))
 
     def _fixed_loader(self, dataset: PairDataset, collate: PairCollator) -> DataLoader:
         """This process's share of ``dataset``, in order (evaluation, reference caching)."""
@@ -260,7 +288,7 @@ class DpoTrainer:
         if self.reference is None:
             filler = send_to_device(self.filler, self.accelerator.device)
             self.reference = {
-                name: reference_cache(self.accelerator, model, loader, len(loader.dataset), filler, BadImageLog(),
+                name: reference_cache(self.accelerator, model, loader, len(loader.dataset), filler, self.take_again,
                                       f"reference ({name})")
                 for name, loader in (("train", self._fixed_loader(self.train_set, self.collate_train)),
                                      ("heldout", self.heldout_loader))
@@ -292,7 +320,7 @@ class DpoTrainer:
             return {}
         reference = self._cache(model)["heldout"] if self.cfg.cache_reference else None
         filler = send_to_device(self.filler, self.accelerator.device)
-        scores = score_pairs(self.accelerator, model, self.heldout_loader, filler, True, reference, BadImageLog(), "eval")
+        scores = score_pairs(self.accelerator, model, self.heldout_loader, filler, True, reference, self.take_again, "eval")
         return summarize(scores, self.types, self.cfg)
 
 
@@ -348,7 +376,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     out = Path(cfg.train.output_dir)
     accelerator = build_accelerator(cfg.train)
     policy = load_policy(cfg.policy, cfg.init_adapter or None, dtype=cfg.dtype, merge_adapter=True)
-    trainer = DpoTrainer(cfg, accelerator, policy.processor)
+    trainer = DpoTrainer(cfg, accelerator, policy)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "run_config.yaml")
@@ -359,7 +387,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     fill_deepspeed_sizes(accelerator, policy.model)
     model = apply_lora(policy.model, cfg.lora, cfg.train.gradient_checkpointing)
     result = train(cfg.train, accelerator, model, trainer.train_loader, trainer.loss, trainer.evaluate,
-                   processor=policy.processor, take_batch=trainer.bad_log.take)
+                   processor=policy.processor, take_batch=trainer.take)
     adapter = save_model(accelerator, result.model, out / "adapter", policy.processor)
     merged = None
     if cfg.merge:
@@ -368,14 +396,17 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
                 merged = merge_adapter(cfg, adapter, out / "merged")
         accelerator.wait_for_everyone()
     trainer.bad_log.write(accelerator, out / "bad_images.json")
+    budget = trainer.budget.merged(accelerator).summary()
     if accelerator.is_main_process:
         atomic_write_json(out / "bad_records.json", {"bad_records": bad_records_summary(trainer.bad_records)})
-    return {"metrics": result.metrics, "step": result.step, "adapter": adapter, "merged": merged}
+        atomic_write_json(out / "run_summary.json", {"step": result.step, "metrics": result.metrics, "budget": budget})
+    return {"metrics": result.metrics, "step": result.step, "adapter": adapter, "merged": merged, "budget": budget}
 
 
 def main() -> None:
     cfg = load_config(DpoConfig, description=__doc__)
     summary = run(cfg)
+    print(describe(summary["budget"]))
     print(f"adapter: {summary['adapter']}" + (f"; merged model: {summary['merged']}" if summary["merged"] else ""))
 
 

@@ -15,6 +15,7 @@ from dpo.evaluate import (
     main,
 )
 from dpo.plots import plot_clip_curves, plot_dpo_curves
+from dpo.policy import Policy
 from dpo.prompts import build_prompt
 
 # ---------------------------------------------------------------- hand-made files, scripted policy
@@ -74,11 +75,13 @@ def hand_world(tmp_path):
     return tmp_path
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(Policy):
     """Copies the first retrieved report's first word when there are references; otherwise reads
-    the image (bright: yes, dark: no). Reports: the first reference, or a fixed sentence."""
+    the image (bright: yes, dark: no). Reports: the first reference, or a fixed sentence. Counts
+    tokens with a real processor (the budget's)."""
 
-    def __init__(self):
+    def __init__(self, processor):
+        super().__init__(model=None, processor=processor)
         self.seen: list[tuple[str, np.ndarray]] = []
 
     def generate(self, images, prompts, max_new_tokens=64, batch_size=8, progress=False):
@@ -102,8 +105,8 @@ def _cfg(world: Path, **kw) -> EvalConfig:
     return EvalConfig(**{**base, **kw})
 
 
-def test_results_by_hand_on_scripted_policy(hand_world):
-    policy = ScriptedPolicy()
+def test_results_by_hand_on_scripted_policy(hand_world, toy_processor):
+    policy = ScriptedPolicy(toy_processor)
     results = evaluate(_cfg(hand_world), load=lambda path, adapter: policy)
     out = hand_world / "eval"
     saved = json.loads((out / "results.json").read_text())
@@ -145,28 +148,50 @@ def test_results_by_hand_on_scripted_policy(hand_world):
     assert (out / "conditions.png").stat().st_size > 0 and (out / "run_config.yaml").is_file()
 
 
-def test_noised_images_are_deterministic(hand_world):
+def test_noised_images_are_deterministic(hand_world, toy_processor):
     runs = []
     for _ in range(2):
-        policy = ScriptedPolicy()
+        policy = ScriptedPolicy(toy_processor)
         evaluate(_cfg(hand_world, conditions=["noised_rag"], plots=False), load=lambda p, a: policy)
         runs.append([img for _, img in policy.seen])
     assert all(np.array_equal(a, b) for a, b in zip(*runs)) and len(runs[0]) == 7
 
 
-def test_bad_query_records_are_skipped_and_named(hand_world):
+def test_bad_query_records_are_skipped_and_named(hand_world, toy_processor):
     vqa = hand_world / "radiology_test_vqa.jsonl"
     lines = vqa.read_text().splitlines()
     bad = dict(json.loads(lines[0]), question="<image>")  # the IU-Xray quirk: no question text
     lines[1:1] = [json.dumps(bad)]
     lines[4:4] = [json.dumps(bad)]
     vqa.write_text("\n".join(lines) + "\n")
-    results = evaluate(_cfg(hand_world, conditions=["no_rag"], plots=False), load=lambda p, a: ScriptedPolicy())
+    results = evaluate(_cfg(hand_world, conditions=["no_rag"], plots=False), load=lambda p, a: ScriptedPolicy(toy_processor))
     assert results["bad_records"] == {"count": 2, "records": [f"{vqa}:2: no text: `question` is missing or empty",
                                                               f"{vqa}:5: no text: `question` is missing or empty"]}
     assert json.loads((hand_world / "eval" / "results.json").read_text())["bad_records"]["count"] == 2
     with pytest.raises(InputError, match=f"{vqa}:2: no text"):
-        evaluate(_cfg(hand_world, bad_record="error", plots=False), load=lambda p, a: ScriptedPolicy())
+        evaluate(_cfg(hand_world, bad_record="error", plots=False), load=lambda p, a: ScriptedPolicy(toy_processor))
+
+
+def test_a_small_budget_cuts_references_and_refuses_what_cannot_fit(hand_world, toy_processor):
+    policy = ScriptedPolicy(toy_processor)
+    full = evaluate(_cfg(hand_world, conditions=["rag_fixed"], plots=False), load=lambda p, a: policy)
+    whole = {r["budget"]["prompt_tokens"] for r in _predictions(hand_world)}
+    assert full["budget"]["references_dropped"] == 0 and full["budget"]["prompts"] == 7
+    max_length = min(whole) + 16 - 1  # VQA answers get 16 new tokens; one token short for every VQA prompt
+    cut = evaluate(_cfg(hand_world, conditions=["rag_fixed"], plots=False, max_length=max_length),
+                   load=lambda p, a: policy)["budget"]
+    rows = _predictions(hand_world)
+    vqa = [r for r in rows if r["task"] == "vqa"]
+    assert all(r["k"] == 3 - r["budget"]["dropped"] and r["budget"]["prompt_tokens"] + 16 <= max_length for r in vqa)
+    assert cut["references_dropped"] == sum(r["budget"]["dropped"] for r in rows) >= len(vqa)
+    assert cut["refused"] == 2 and cut["prompts"] == 7  # the 2 report prompts need 96 new tokens: not run
+    assert {r["task"] for r in rows} == {"vqa"} and len(rows) == 5
+    results = json.loads((hand_world / "eval" / "results.json").read_text())
+    assert results["budget"] == cut and any("too long" in n for n in results["notes"])
+
+
+def _predictions(world: Path) -> list[dict]:
+    return [json.loads(line) for line in (world / "eval" / "predictions.jsonl").read_text().splitlines()]
 
 
 def test_diagnostics_by_hand():
@@ -266,6 +291,10 @@ def test_tiny_run_schema(tiny_run):
         assert {"copy_rate", "over_reliance_rate"} <= set(d) and 0 <= d["copy_rate"] <= 1
     preds = (tiny_run / "eval" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 2 * len(CONDITIONS) * len(files)
+    budget = results["budget"]
+    assert budget["max_length"] == 1024 and budget["prompts"] == len(preds) and budget["refused"] == 0
+    rows = [json.loads(p) for p in preds]
+    assert budget["prompt_tokens"]["max"] == max(r["budget"]["prompt_tokens"] for r in rows)
     assert (tiny_run / "eval" / "dpo_training.png").stat().st_size > 0
 
 

@@ -11,7 +11,9 @@ from PIL import Image
 
 from common.config import ConfigError, cli_main
 from common.io import InputError
+from dpo.budget import BudgetLog
 from dpo.infer import InferConfig, answer_queries, main, read_queries
+from dpo.policy import Policy
 from retriever.select_k import KRule
 
 BRIGHT, DARK = 220, 30
@@ -40,8 +42,11 @@ class StubRetriever:
         return [hits[: k_rule.k] for _ in images]
 
 
-class EchoPolicy:
+class EchoPolicy(Policy):
     """Answers with the prompt text, so the test sees what the policy was given."""
+
+    def __init__(self, processor):
+        super().__init__(model=None, processor=processor)
 
     def generate(self, images, prompts, max_new_tokens=64, batch_size=8, progress=False):
         return [p[0]["content"][1]["text"] for p in prompts]
@@ -71,7 +76,7 @@ def test_read_queries(tmp_path):
         read_queries(InferConfig(image="x.png", task="caption"))
 
 
-def test_answer_queries_routes_retrieves_and_prompts(tmp_path):
+def test_answer_queries_routes_retrieves_and_prompts(tmp_path, toy_processor):
     bright, dark = _image(tmp_path / "b.png", BRIGHT), _image(tmp_path / "d.png", DARK)
     cfg = InferConfig(queries="unused", k=KRule(rule="fixed", k=2))
     queries = [
@@ -81,7 +86,8 @@ def test_answer_queries_routes_retrieves_and_prompts(tmp_path):
         *read_queries(InferConfig(image=str(dark), question="Is there necrosis?", domain="radiology")),  # fixed
     ]
     retriever = StubRetriever()
-    rows = answer_queries(queries, retriever, EchoPolicy(), cfg)
+    echo = EchoPolicy(toy_processor)
+    rows = answer_queries(queries, retriever, echo, cfg, BudgetLog.of(echo, 0))
     assert [r.get("domain") for r in rows] == ["radiology", "pathology", None, "radiology"]
     assert "missing" in rows[2]["error"] and "prediction" not in rows[2]
     first = rows[0]
@@ -90,10 +96,10 @@ def test_answer_queries_routes_retrieves_and_prompts(tmp_path):
     assert "1. radiology report 0." in first["prediction"] and "Is there effusion?" in first["prediction"]
     assert rows[1]["task"] == "report" and "pathologist" in rows[1]["prediction"]
     assert sorted(d for d, _, _ in retriever.searched) == ["pathology", "radiology"]  # one search per domain
-    no_rag = answer_queries(queries[:1], retriever, EchoPolicy(), InferConfig(image="x", rag=False))
+    no_rag = answer_queries(queries[:1], retriever, echo, InferConfig(image="x", rag=False), BudgetLog.of(echo, 0))
     assert no_rag[0]["reference_reports"] == [] and "1. " not in no_rag[0]["prediction"]
     with pytest.raises(InputError, match="no retriever"):
-        answer_queries(queries[:1], None, EchoPolicy(), InferConfig(image="x", rag=False))
+        answer_queries(queries[:1], None, echo, InferConfig(image="x", rag=False), BudgetLog.of(echo, 0))
 
 
 # ---------------------------------------------------------------- the CLI on tiny trained stand-ins
@@ -148,6 +154,19 @@ def test_cli_end_to_end(tiny, monkeypatch, capsys):
     assert len(rows) == 3 and all(r["domain"] in ("radiology", "pathology", "ophthalmology") for r in rows)
     assert all(1 <= r["retrieve_k"] <= 5 and len(r["reference_scores"]) == r["retrieve_k"] for r in rows)
     assert all(isinstance(r["prediction"], str) and r["question_id"] for r in rows)
+    budget = json.loads(answers.with_suffix(".budget.json").read_text())
+    assert budget["max_length"] == 1024 and budget["prompts"] == 3 and budget["refused"] == 0
+    assert sorted(r["budget"]["prompt_tokens"] for r in rows)[1] == budget["prompt_tokens"]["p50"]
+    # a budget one token short of the shortest prompt with its 4 new tokens: every prompt loses a reference
+    max_length = min(r["budget"]["prompt_tokens"] for r in rows) + 4 - 1
+    assert _run(monkeypatch, "--queries", str(queries), "--image_root", str(world / "radiology" / "images"),
+                "--out", str(answers), "--max_length", str(max_length), *common) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    cut = [r["budget"] for r in rows]
+    assert all(c["dropped"] + c["shortened"] >= 1 and c["prompt_tokens"] + 4 <= max_length for c in cut)
+    budget = json.loads(answers.with_suffix(".budget.json").read_text())
+    assert budget["references_dropped"] == sum(c["dropped"] for c in cut)
+    assert budget["references_shortened"] == sum(c["shortened"] for c in cut) and budget["prompts_trimmed"] == 3
 
 
 def test_cli_missing_outputs_exit_2(tiny, monkeypatch, capsys, tmp_path):

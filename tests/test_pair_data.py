@@ -17,10 +17,12 @@ from PIL import Image
 from common.io import InputError
 from data.images import SKIPPED_KEY, SkippedSample
 from data.noise import pure_noise, stable_seed
+from dpo.budget import BUDGET_KEY
 from dpo.pair_data import (
     PairCollator, PairDataset, StagedSampler, is_heldout, load_pairs, pair_type_of, split_heldout, stage_indices,
 )
 from dpo.policy import IGNORE
+from dpo.prompts import load_prompt_templates
 from dpo.toy_policy import ToyPolicyConfig, build_toy_policy
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
@@ -209,7 +211,7 @@ def test_rejected_side_sees_noise_or_stored_image(ours, released):
 def test_collator_builds_one_2b_batch_with_per_side_pixels(ours, processor):
     records = load_pairs([ours])
     ds = PairDataset(records, ours.parent / "images")
-    collate = PairCollator(records, processor, ["cm", "oa1", "oa2"])
+    collate = PairCollator(records, processor, ["cm", "oa1", "oa2"], load_prompt_templates(), None)
     idx = [0, 1, 2]  # cm, oa1, oa2
     batch = collate([ds[i] for i in idx] + [SkippedSample("x.png", "missing")])
     inputs = batch["inputs"]
@@ -226,6 +228,7 @@ def test_collator_builds_one_2b_batch_with_per_side_pixels(ours, processor):
         assert got == answer
     assert (inputs["labels"][:, :5] == IGNORE).all()  # the prompt is never scored
     assert collate([SkippedSample("x.png", "missing")]) == {SKIPPED_KEY: [SkippedSample("x.png", "missing")]}
+    assert [name for name, _ in batch[BUDGET_KEY]] == [records[i].source for i in idx]
 
 
 def test_missing_file_names_itself(tmp_path):

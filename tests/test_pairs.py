@@ -21,10 +21,14 @@ from data.readers import read_records
 from data.toy import make_world, manifest_files
 from data.toy_retrieval import ToyRetrievalConfig, write_oracle_retrieval
 from data.validate import validate
+from dpo.budget import BudgetLog, PromptParts, fit_prompt
+from dpo.pair_data import load_pairs, prompt_parts
 from dpo.pairs import (
     GENERATIONS,
     NoiseConfig,
     PairsConfig,
+    answer_batch,
+    batches,
     build_pairs,
     correct_fn,
     find_inputs,
@@ -35,6 +39,7 @@ from dpo.pairs import (
     read_items,
     run,
 )
+from dpo.policy import load_policy
 from dpo.prompts import load_prompt_templates
 from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
@@ -140,10 +145,11 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
     noised.parent.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(noised)
     gens = {
-        vqa.key: {"key": vqa.key, "a": "Yes.", "b": "yes", "c": wrong},  # cm (copy) + oa1
-        rep.key: {"key": rep.key, "a": "Normal fundus.", "b": "Normal fundus.", "c": rep.truth},  # oa2
+        vqa.key: {"key": vqa.key, "a": "Yes.", "b": "yes", "c": wrong, "references": vqa.references},  # cm (copy) + oa1
+        rep.key: {"key": rep.key, "a": "Normal fundus.", "b": "Normal fundus.", "c": rep.truth,
+                  "references": rep.references},  # oa2
     }
-    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path)
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path, BudgetLog(None, None))
     assert [(p["pair_type"], p["task"]) for p in pairs] == [("cm", "vqa"), ("oa1", "vqa"), ("oa2", "report")]
     cm, oa1, oa2 = pairs
     assert cm["conversations"][1]["value"] == cm["rejected_conversations"][1]["value"] == vqa.truth
@@ -161,12 +167,13 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
     assert stats["conditions"][f"{rep.domain}/report"]["over_reliance_rate"] == 1
     # the wrong rule: a right, b wrong -> y over b, no noised image
     gens[vqa.key]["b"] = wrong
-    pairs, _ = build_pairs([vqa], gens, replace(cfg, cm_rule="wrong"), load_prompt_templates(cfg.prompts), tmp_path)
+    pairs, _ = build_pairs([vqa], gens, replace(cfg, cm_rule="wrong"), load_prompt_templates(cfg.prompts), tmp_path,
+                           BudgetLog(None, None))
     assert [(p["pair_type"], p["rejected_conversations"][1]["value"], p["rejected_noised"]) for p in pairs][0] == ("cm", wrong, 0)
     # a skipped record is counted, not paired; an empty answer drops its pair
     gens = {vqa.key: {"key": vqa.key, "skipped": {"path": "x.png", "reason": "missing", "detail": ""}},
-            rep.key: {"key": rep.key, "a": "", "b": "", "c": rep.truth}}
-    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path)
+            rep.key: {"key": rep.key, "a": "", "b": "", "c": rep.truth, "references": rep.references}}
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path, BudgetLog(None, None))
     assert pairs == [] and stats["skipped"] == 1 and stats["dropped_empty_answer"] == 1
 
 
@@ -182,8 +189,54 @@ def test_bad_input_record_is_skipped_and_named(tmp_path):
         read_items(find_inputs(PairsConfig(inputs=[str(path)])), PairsConfig(bad_record="error"))
 
 
+def test_a_small_budget_cuts_references_and_pairs_hold_what_the_answers_saw(world, tmp_path):
+    cfg = _cfg(world, tmp_path, report_threshold=0.0)
+    templates = load_prompt_templates(cfg.prompts)
+    items = read_items(find_inputs(cfg), cfg)
+    batch = next(b for b in batches(items, 2) if b[0].task == "vqa" and len(b) == 2)
+    policy = load_policy(world["policy"])
+    image = load_image(batch[0].image_path())
+    parts = PromptParts(batch[0].domain, "vqa", batch[0].question, tuple(batch[0].references))
+    full = fit_prompt(policy, parts, templates, [image], None, 0).note.prompt_tokens
+    max_length = full + cfg.max_new_tokens_vqa - 1  # one token short for the first record's references
+    rows = answer_batch(policy, batch, cfg, templates, other_candidates(items), tmp_path, max_length)
+    gens = {it.key: row for it, row in zip(batch, rows)}
+    first, refs = rows[0], batch[0].references
+    ab = first["budget"]["ab"]
+    assert ab["dropped"] + ab["shortened"] == 1 and first["budget"]["c"]["dropped"] == 0
+    assert ab["prompt_tokens"] + cfg.max_new_tokens_vqa <= max_length
+    kept = first["references"]
+    assert kept[:-1] == refs[:-1] and len(kept) == len(refs) - ab["dropped"]  # only the last one was cut
+    assert ab["dropped"] or refs[-1].split()[: len(kept[-1].split())] == kept[-1].split()
+    wrong = "No" if batch[0].truth.lower().startswith("yes") else "Yes"
+    first.update(a=batch[0].truth, b=batch[0].truth, c=wrong)  # cm + oa1 pairs, whatever the random policy said
+    pairs, stats = build_pairs(batch, gens, cfg, templates, tmp_path, BudgetLog(max_length, 1024))
+    mine = [p for p in pairs if p["id"].startswith(batch[0].key + "/")]
+    assert mine and all(p["references"] == kept and p["question"] == batch[0].question for p in mine)
+    assert all(p["conversations"][0]["value"] == "<image>\n" + templates.text(p["domain"], "vqa", p["question"], kept)
+               for p in mine)
+    budget = stats["budget"]
+    notes = [n for row in rows for n in row["budget"].values()]
+    assert budget["prompts"] == 4 and budget["refused"] == 0
+    assert budget["references_dropped"] == sum(n["dropped"] for n in notes)
+    assert budget["references_shortened"] == sum(n["shortened"] for n in notes)
+    assert budget["prompts_trimmed"] >= 1
+    assert budget["prompt_tokens"]["max"] == max(n["prompt_tokens"] for n in notes) <= max_length - cfg.max_new_tokens_vqa
+    # too small for even the question: skipped and counted, never generated on a cut prompt
+    rows = answer_batch(policy, batch, cfg, templates, other_candidates(items), tmp_path, 10)
+    assert [r["skipped"]["reason"] for r in rows] == ["too_long", "too_long"]
+    _, stats = build_pairs(batch, {it.key: r for it, r in zip(batch, rows)}, cfg, templates, tmp_path,
+                           BudgetLog(10, 1024))
+    assert stats["skipped_by_reason"] == {"too_long": 2} and stats["budget"]["refused"] == 4
+
+
 def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
     out, stats = baseline["out"], baseline["stats"]
+    budget = stats["budget"]
+    assert budget["max_length"] == budget["model_limit"] == 1024  # the toy's max_position_embeddings
+    assert budget["prompts"] == 2 * stats["answered"] and budget["refused"] == 0
+    templates = load_prompt_templates(_cfg(world, out).prompts)
+    assert all(prompt_parts(r, templates).text is None for r in load_pairs([out / "pairs.json"]))  # DPO can trim them
     pairs = json.loads((out / "pairs.json").read_text())
     assert pairs and stats["pairs"] == len(pairs) and stats["pairs_by_type"]["cm"] > 0
     assert all(p["rejected_image"] for p in pairs if p["pair_type"] == "cm")

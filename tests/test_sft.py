@@ -23,6 +23,7 @@ from data.records import VqaRecord
 from data.toy import make_world, manifest_files
 from data.toy_retrieval import ToyRetrievalConfig, load_corpus, oracle_references, write_oracle_retrieval
 from dpo.align import FindingAligner
+from dpo.budget import BUDGET_KEY, BudgetLog, answer_tokens
 from dpo.policy import IGNORE, load_policy
 from dpo.prompts import load_prompt_templates
 from dpo.sft import (
@@ -131,7 +132,7 @@ def test_examples_mix_references_and_mask_the_prompt(world, oracle, policy_dir):
     assert {e.task for e in examples} == {"vqa", "report"}
 
     policy = load_policy(policy_dir)
-    collate = SftCollate(policy, examples, load_prompt_templates(cfg.data.prompts), 0)
+    collate = SftCollate(policy, examples, load_prompt_templates(cfg.data.prompts), None)
     items = [{"index": i, "image": load_image(_path(examples[i]))} for i in range(4)]
     batch = collate(items)
     tok = policy.tokenizer
@@ -140,6 +141,25 @@ def test_examples_mix_references_and_mask_the_prompt(world, oracle, policy_dir):
         assert answer[-1] == tok.eos_token_id and len(answer) < (row != tok.pad_token_id).sum()
         first = (labels != IGNORE).nonzero()[0, 0]
         assert (labels[:first] == IGNORE).all()
+
+
+def test_sft_batches_fit_the_budget_with_whole_answers(world, oracle, policy_dir):
+    cfg = sft_config(policy_dir, oracle, world / "unused", "--data.no_reference_rate", "0")
+    examples = read_examples(training_sources(cfg.data), cfg.data, seed=0)[:4]
+    policy = load_policy(policy_dir)
+    templates = load_prompt_templates(cfg.data.prompts)
+    items = [{"index": i, "image": load_image(_path(examples[i]))} for i in range(4)]
+    whole = dict(SftCollate(policy, examples, templates, None)(items)[BUDGET_KEY])
+    sequences = [whole[e.record.source].prompt_tokens + answer_tokens(policy, [e.answer]) for e in examples]
+    max_length = min(sequences) - 1  # every record must lose something
+    batch = SftCollate(policy, examples, templates, max_length)(items)
+    notes = [note for _, note in batch[BUDGET_KEY]]
+    assert all(n.dropped + n.shortened >= 1 and not n.refused for n in notes)
+    assert batch["attention_mask"].sum(1).max() <= max_length
+    tok = policy.tokenizer
+    for row, e in zip(batch["labels"], examples):
+        assert tok.decode(row[row != IGNORE], skip_special_tokens=True) == e.answer
+    assert set(SftCollate(policy, examples, templates, 10)(items)) == {BUDGET_KEY}  # all refused: no batch
 
 
 def _path(example):
@@ -200,15 +220,20 @@ def test_lora_sft_adapter_reloads_with_peft_and_merges(world, oracle, policy_dir
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
     assert (out / "checkpoints" / "step-00000003" / "model" / "adapter_config.json").is_file()
+    budget = json.loads((out / "run_summary.json").read_text())["budget"]
+    assert budget["max_length"] == budget["model_limit"] == 1024 and budget["refused"] == 0
+    assert budget["prompts"] >= 8 and budget["prompt_tokens"]["max"] < 1024
 
 
 def test_measure_reliance_reports_three_accuracies(world, oracle, policy_dir):
     data = load_config(SftConfig, ["--data.retrieval_index", str(oracle), "--data.no_reference_rate", "0",
                                    "--data.limit", "6"]).data
     examples = read_examples(index_sources(oracle, ["test_vqa"]), data, seed=0, vqa_only=True)
-    result = measure_reliance(load_policy(policy_dir), examples, MeasureConfig(max_new_tokens=3),
-                              load_prompt_templates(data.prompts))
+    policy = load_policy(policy_dir)
+    result = measure_reliance(policy, examples, MeasureConfig(max_new_tokens=3), load_prompt_templates(data.prompts),
+                              BudgetLog.of(policy, 0))
     assert result["all"]["n"] == len(examples) == 6 * 4  # 4 test VQA files (radiology has two)
+    assert result["budget"]["prompts"] == 2 * len(examples) and result["budget"]["refused"] == 0  # with and without
     for c in ("no_retrieval", "retrieval", "noised_retrieval"):
         assert 0.0 <= result["all"][c] <= 1.0
     assert set(result) >= {"radiology", "pathology", "ophthalmology"}
@@ -248,7 +273,8 @@ def test_finding_aligner_labels_prior_and_a_loss_the_projector_can_lower(world, 
     projector = policy.model.model.multi_modal_projector
     opt = torch.optim.Adam(projector.parameters(), lr=1e-2)
     images = [load_image(str(_path(e))).convert("RGB") for e in examples]
-    batch = policy.encode_for_training([e.prompt(load_prompt_templates()) for e in examples], [e.answer for e in examples], images)
+    batch = policy.encode_for_training([e.parts().prompt(load_prompt_templates()) for e in examples],
+                                       [e.answer for e in examples], images)
     losses = []
     for _ in range(30):  # only the projector learns: the loss reaches it through the hooked features
         policy.model(**batch, use_cache=False)

@@ -6,6 +6,7 @@ The 2-process test runs this file as a module under torchrun (``-m tests.test_tr
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -21,9 +22,10 @@ from transformers import AutoModelForImageTextToText
 
 from common.engine import EngineConfig, LoraConfig
 from data.noise import pure_noise
-from dpo.pair_data import PairCollator, PairDataset, load_pairs, split_heldout
+from dpo.pair_data import PairCollator, PairDataset, is_heldout, load_pairs, split_heldout
 from dpo.policy import load_policy, sequence_logps
 from dpo.loss import dpo_loss
+from dpo.prompts import load_prompt_templates
 from dpo.train_dpo import DpoConfig, DpoTrainer, pair_logps, run, shard, step_loss, summarize
 from tests.test_pair_data import toy_policy, write_pairs
 
@@ -77,7 +79,8 @@ def _batch(world: Path, policy, indices=(0, 1, 2), rejected_image=None):
     if rejected_image is not None:
         for it in items:
             it["rejected_image"] = rejected_image
-    return records, items, PairCollator(records, policy.processor, ["cm", "oa1", "oa2"])(items)
+    collate = PairCollator(records, policy.processor, ["cm", "oa1", "oa2"], load_prompt_templates(), None)
+    return records, items, collate(items)
 
 
 def _sharpen(model) -> None:
@@ -123,14 +126,26 @@ def test_rejected_image_reaches_the_model(world):
 
 
 def test_released_format_trains_and_merged_model_loads(world, tmp_path):
-    """The released file as it is (+ one record whose image is missing: skipped, not fatal)."""
+    """The released file as it is (+ one record whose image is missing: skipped, not fatal; + one
+    held-out pair whose chosen answer is longer than the model's 1024 positions: refused, counted)."""
     records = json.loads((world / "released.json").read_text())
     records.append({**records[0], "id": "lost", "image": "missing.png"})
     records.append({**records[0], "id": "unusable", "conversations": []})  # a bad record: skipped, named
+    long_id = next(f"long{i}" for i in itertools.count() if is_heldout(f"long{i}", 0.25, 0))  # evaluated every time
+    chosen = " ".join(["Yes, the square is red."] * 400)
+    records.append({**records[0], "id": long_id, "conversations": [records[0]["conversations"][0],
+                                                                   {"from": "gpt", "value": chosen}]})
     (world / "released_plus.json").write_text(json.dumps(records))
     cfg = config(world, tmp_path / "run", pairs="released_plus.json", merge=True, train={"max_steps": 3})
     summary = run(cfg)
     tmp_path = tmp_path / "run"
+    budget = json.loads((tmp_path / "run_summary.json").read_text())["budget"]
+    assert budget == json.loads(json.dumps(summary["budget"]))
+    assert budget["max_length"] == budget["model_limit"] == 1024  # the default: the model's own limit
+    assert budget["refused"] == 1 and budget["refused_records"][0]["record"].endswith(f":[{len(records) - 1}]")
+    assert "plain-text" in budget["refused_records"][0]["reason"]
+    assert budget["references_dropped"] == budget["references_shortened"] == 0  # plain text: nothing to trim
+    assert budget["prompts"] > 1 and budget["prompt_tokens"]["max"] < 1024
     got = rows(tmp_path)
     train_rows = [r for r in got if "loss" in r]
     assert len(train_rows) == 3
@@ -142,7 +157,7 @@ def test_released_format_trains_and_merged_model_loads(world, tmp_path):
     assert (tmp_path / "run_config.yaml").is_file()
     bad = json.loads((tmp_path / "bad_records.json").read_text())["bad_records"]
     assert bad["count"] == 1
-    assert bad["records"][0].endswith(f"[{len(records) - 1}]: `conversations` needs a human turn followed by a gpt turn")
+    assert bad["records"][0].endswith(f"[{len(records) - 2}]: `conversations` needs a human turn followed by a gpt turn")
 
     merged = AutoModelForImageTextToText.from_pretrained(summary["merged"]).eval()
     base = load_policy(world / "policy")
