@@ -49,9 +49,13 @@ class DomainConfig:
 
 def clip_folder(clip_dir: str | Path, domain: str, checkpoint: str = "best") -> Path:
     """The exported open_clip folder of a domain's ``best``/``latest`` checkpoint (or of a path)."""
-    ckpt = CheckpointManager(Path(clip_dir) / domain / "checkpoints").resolve(checkpoint)
+    manager = CheckpointManager(Path(clip_dir) / domain / "checkpoints")
+    ckpt = manager.resolve(checkpoint)
     if ckpt is None:
-        raise FileNotFoundError(f"{clip_dir}/{domain}: no '{checkpoint}' checkpoint; run scripts/finetune_clip.sh first")
+        latest = manager.resolve("latest")
+        hint = (f"its latest is {latest.name}: retrieve with --checkpoint latest, or finish the run with "
+                "scripts/finetune_clip.sh --resume latest" if latest else "it has no checkpoint: run scripts/finetune_clip.sh first")
+        raise FileNotFoundError(f"{manager.root / checkpoint}.json: the {domain} retriever has no '{checkpoint}' checkpoint; {hint}")
     return ckpt / CLIP_SUBDIR
 
 

@@ -347,6 +347,14 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
         logger.log({"epoch": 0, **metrics}, step=0)
         _print(accelerator, domain, 0, metrics)
 
+    def validate_and_save(step: int, epoch: float, trainer_state: dict[str, Any]) -> dict[str, float]:
+        """Validate, log, and checkpoint with the selection metric (which may make it `best`)."""
+        m = validate(model, clip, val_records, val_ds, cfg, accelerator)
+        logger.log({"epoch": epoch, **m, "bad_images": bad_log.skipped}, step)
+        _print(accelerator, domain, epoch, m)
+        ckpt.save(accelerator, step, trainer_state, metric=selection_metric(m, cfg.select_by), export=export)
+        return m
+
     step = state["global_step"]
     model.train()
     done = cfg.max_steps and step >= cfg.max_steps
@@ -383,22 +391,19 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
                 logger.log({"epoch": epoch + b / micro_per_epoch, "train/loss": sum(running) / len(running),
                             "train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": seen / max(time.time() - t0, 1e-9)}, step)
                 running, t0, seen = [], time.time(), 0
-            stop = bool(cfg.max_steps) and step >= cfg.max_steps
-            if stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
-                ckpt.save(accelerator, step, {"epoch": epoch, "batches_done": b, "global_step": step}, export=export)
-            if stop:
+            at = {"epoch": epoch, "batches_done": b, "global_step": step}
+            if cfg.max_steps and step >= cfg.max_steps:  # stopped inside an epoch: validated, so it can be `best`
+                metrics = validate_and_save(step, epoch + b / micro_per_epoch, at)
                 done = True
                 break
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                ckpt.save(accelerator, step, at, export=export)
         bar.close()
         if done:
             break
         epoch += 1
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            metrics = validate(model, clip, val_records, val_ds, cfg, accelerator)
-            logger.log({"epoch": epoch, **metrics, "bad_images": bad_log.skipped}, step)
-            _print(accelerator, domain, epoch, metrics)
-            ckpt.save(accelerator, step, {"epoch": epoch, "batches_done": 0, "global_step": step},
-                      metric=selection_metric(metrics, cfg.select_by), export=export)
+            metrics = validate_and_save(step, epoch, {"epoch": epoch, "batches_done": 0, "global_step": step})
     logger.close()
     bad_log.write(accelerator, out / "bad_images.json")
     accelerator.free_memory()

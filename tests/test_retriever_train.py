@@ -93,3 +93,20 @@ def test_bad_config_is_refused(world, tmp_path):
     cfg = write_config(tmp_path, world)
     with pytest.raises(Exception, match="domain"):
         train.main([cfg, "--domains", "[dermatology]"])
+
+
+def test_run_stopped_by_max_steps_inside_an_epoch_leaves_a_best(world, tmp_path):
+    from retriever.domain import clip_folder
+
+    cfg = write_config(tmp_path, world, epochs=2)
+    train.main([cfg, "--max_steps", "2"])
+    ckpts = tmp_path / "clip" / "pathology" / "checkpoints"
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == 2  # well inside the first epoch
+    best = json.loads((ckpts / "best.json").read_text())
+    assert best["name"] == "step-00000002" and best["metric"] is not None  # validated at the stop
+    assert clip_folder(tmp_path / "clip", "pathology", "best") == ckpts / "step-00000002" / train.CLIP_SUBDIR
+    rows = [json.loads(line) for line in (tmp_path / "clip" / "pathology" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val/mean_recall" in r][-1] < 1
+    (ckpts / "best.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"best\.json: the pathology retriever has no 'best' checkpoint; its latest is step-00000002"):
+        clip_folder(tmp_path / "clip", "pathology", "best")
