@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from common.io import InputError
+from common.io import InputError, read_path
 from data.records import Kind, PreferenceRecord, Record, ReportRecord, VqaRecord
 
 IMAGE_MARK = "<image>"
@@ -133,7 +133,8 @@ def _load_json(path: Path) -> Any:
 
 
 def read_index(path: str | Path, roles: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
-    """The entries of a retrieval ``index.json`` whose ``role`` is in ``roles``, ``path`` made absolute.
+    """The entries of a retrieval ``index.json`` whose ``role`` is in ``roles``, with ``path``,
+    ``source`` and ``image_root`` joined to the index's folder (absolute ones stay as they are).
 
     The index (``{"files": [...]}`` or a bare list) is written by ``retriever.retrieve`` and
     ``data.toy_retrieval``; SFT, pair building and evaluation find their retrieval JSONL through it.
@@ -151,7 +152,8 @@ def read_index(path: str | Path, roles: list[str] | tuple[str, ...]) -> list[dic
         if not isinstance(e, dict) or not isinstance(e.get("path"), str):
             raise InputError(f"{path}: entry [{n}] needs a `path` (the retrieval JSONL)")
         if e.get("role") in roles:
-            found.append({**e, "path": path.parent / e["path"]})  # an absolute path stays as it is
+            found.append({**e, "path": path.parent / e["path"], "source": read_path(e.get("source"), path.parent),
+                          "image_root": read_path(e.get("image_root"), path.parent)})
     if not found:
         raise InputError(f"{path}: no entry with role in {list(roles)}")
     return found

@@ -9,6 +9,8 @@ and report files) the output JSONL (DESIGN.md contract 2) carries every query fi
 ``retrieve_error``. Files go to ``<output_dir>/<file domain>_<file stem>.jsonl``, listed in
 ``index.json`` (``path``, ``source``, ``domain``, ``role``, ``kind``, ``image_root``) for later stages, with ``retrieval_metrics.json``
 (routing accuracy; R@1/5/10 of the query's own report and of a report with the same findings).
+Paths in ``index.json`` are relative to its folder where they lie in the same outputs tree
+(common.io.write_path), so the outputs folder can be moved; ``data.readers.read_index`` reads them.
 
 A domain's corpus is its ``retriever_train`` reports, identical texts collapsed; its embeddings
 are cached in ``<cache_dir>/corpus-<key>.safetensors``, the key hashing the retriever's weights
@@ -37,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
-from common.io import InputError, atomic_path, atomic_write_json
+from common.io import InputError, atomic_path, atomic_write_json, read_path, write_path
 from data.images import BadImageLog
 from data.records import DOMAINS, ReportRecord, VqaRecord
 from retriever.domain import SUBDIR as CLASSIFIER_SUBDIR
@@ -161,7 +163,7 @@ class Retriever:
             corpus_files = {}
             for d in domains:
                 info = json.loads((clip_dir / d / "data.json").read_text())
-                corpus_files[d] = [tuple(x) for x in info["train_files"]]
+                corpus_files[d] = [(read_path(p, clip_dir / d), read_path(r, clip_dir / d)) for p, r in info["train_files"]]
         return cls(encoders, folders, router, corpus_files, cache_dir or clip_dir / "corpus_cache", accelerator, **index_options)
 
     # ---------------------------------------------------------------- corpus
@@ -422,8 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         m.setdefault("mean_k", 0.0)
         correct, known = correct + c, known + k
         per_file[name] = m
-        files.append({"path": str((out / name).resolve()), "source": str(Path(qf.path).resolve()), "domain": qf.domain or None,
-                      "role": qf.role or None, "kind": m["kind"], "records": len(rows), "image_root": qf.image_root or None})
+        files.append({"path": name, "source": write_path(qf.path, out), "domain": qf.domain or None,
+                      "role": qf.role or None, "kind": m["kind"], "records": len(rows), "image_root": write_path(qf.image_root or None, out)})
         tqdm.write(f"{name}: {len(rows)} records, routing {m.get('routing_accuracy', float('nan')):.3f}, "
                    f"findings R@5 {m.get('findings_R@5', float('nan')):.3f}, mean k {m['mean_k']:.2f}"
                    + (f", reference vote {m['reference_vote_accuracy']:.3f}" if "reference_vote_accuracy" in m else ""))
@@ -434,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         summary = {"routing": cfg.routing, "domain_accuracy": correct / known if known else None, "k_rule": to_dict(cfg.k), "files": per_file}
         atomic_write_json(out / "retrieval_metrics.json", summary)
-        atomic_write_json(out / "index.json", {"clip_dir": str(Path(cfg.clip_dir).resolve()), "routing": cfg.routing,
+        atomic_write_json(out / "index.json", {"clip_dir": write_path(cfg.clip_dir, out), "routing": cfg.routing,
                                                "k_rule": to_dict(cfg.k), "files": files})
         save_config(cfg, out / "run_config.yaml")
         acc = f"{summary['domain_accuracy']:.3f}" if known else "n/a"

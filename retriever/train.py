@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointManager
 from common.config import ConfigError, cli_main, doc, load_config, save_config
-from common.io import InputError, atomic_write_json
+from common.io import InputError, atomic_write_json, write_path
 from common.metrics import MetricsLogger
 from data.records import DOMAINS, ReportRecord
 from retriever.model import Clip, ClipSpec, build_clip, embed_images, embed_texts, export_clip, truncate
@@ -324,7 +324,8 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
     ckpt = CheckpointManager(out / "checkpoints", keep=cfg.keep)
     if is_main:
         save_config(cfg, out / "run_config.yaml")
-        atomic_write_json(out / "data.json", {"domain": domain, "train_files": cfg.data.files(domain, "retriever_train")})
+        atomic_write_json(out / "data.json", {"domain": domain, "train_files": [
+            [write_path(f, out), write_path(root, out)] for f, root in cfg.data.files(domain, "retriever_train")]})
     bad_log = BadImageLog()
 
     def export(folder: Path) -> None:

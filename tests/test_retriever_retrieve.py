@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from data.images import load_image
-from data.readers import read_records
+from data.readers import read_index, read_records
 from data.records import DOMAINS
 from data.toy import make_world, manifest_files
 from retriever import retrieve, train
@@ -38,10 +38,10 @@ def run(root: Path, world: Path, out: str, *extra: str) -> Path:
 def test_jsonl_per_query_file_follows_contract(trained):
     root, world = trained
     out = run(root, world, "ret", "--k.rule", "gap", "--k.k", "4", "--k.gamma", "0.05")
-    index = json.loads((out / "index.json").read_text())
+    entries = read_index(out / "index.json", retrieve.QUERY_ROLES)
     sources = {e["path"] for role in retrieve.QUERY_ROLES for e in manifest_files(world, role=role)}
-    assert {e["source"] for e in index["files"]} == sources
-    for entry in index["files"]:
+    assert {e["source"] for e in entries} == sources
+    for entry in entries:
         assert entry["role"] in retrieve.QUERY_ROLES and entry["domain"] in DOMAINS and entry["kind"] in ("vqa", "report")
         assert Path(entry["path"]).name.startswith(f"{entry['domain']}_")
         src = read_records(entry["source"])
@@ -115,3 +115,38 @@ def test_python_api(trained):
     corpus = r.corpus("ophthalmology")
     assert all(h.text in corpus.texts and h.id in corpus.ids for row in hits for h in row)
     assert hits[0][0].score >= hits[0][1].score >= hits[0][2].score
+
+
+def test_outputs_folder_can_be_moved(trained, tmp_path, monkeypatch):
+    """World, retriever and retrieval in one outputs/ tree: after moving it, index.json, the retrieval
+    JSONL, their images and the retriever's corpus (data.json) are all still found."""
+    import shutil
+
+    from data.images import resolve_image
+
+    _, world = trained
+    project = tmp_path / "project"
+    shutil.copytree(world, project / "outputs" / "world")
+    monkeypatch.chdir(project)
+    cfg = {"clip": {"model": "tiny-retrieve-test", "model_config": TINY_ARCH}, "data": {"world": "outputs/world"},
+           "domains": ["pathology"], "output_dir": "outputs/clip", "epochs": 1, "batch_size": 8, "max_steps": 1,
+           "domain_classifier": False}
+    Path("clip.yaml").write_text(yaml.safe_dump(cfg))
+    train.main(["clip.yaml"])
+    retrieve.main(["--clip_dir", "outputs/clip", "--data.world", "outputs/world", "--output_dir", "outputs/retrieval",
+                   "--domains", "[pathology]", "--routing", "fixed", "--domain", "pathology", "--query_roles", "[test_vqa]"])
+    moved = tmp_path / "elsewhere" / "outputs"
+    moved.parent.mkdir()
+    (project / "outputs").rename(moved)
+    monkeypatch.chdir(tmp_path)
+    index = moved / "retrieval" / "index.json"
+    assert (index.parent / json.loads(index.read_text())["clip_dir"]).resolve() == (moved / "clip").resolve()
+    entries = read_index(index, ["test_vqa"])
+    assert entries
+    for entry in entries:
+        assert Path(entry["source"]).is_file() and Path(entry["image_root"]).is_dir()
+        rows = read_records(entry["path"], default_image_root=entry["image_root"])
+        assert len(rows) == entry["records"] and all("reference_reports" in r.meta for r in rows)
+        assert resolve_image(rows[0].images[0], rows[0].image_root, entry["image_root"]).is_file()
+    corpus = retrieve.Retriever.load(moved / "clip", domains=["pathology"]).corpus("pathology")
+    assert corpus.texts
