@@ -129,8 +129,11 @@ def _labelled(cfg: DomainConfig, encoders: dict[str, Clip], role: str, accelerat
     xs, ys = [], []
     for label, d in enumerate(cfg.domains):
         x, _ = concat_features(encoders, cfg.data.records(d, role), cfg.data.bad_image, cfg.head.batch_size, accelerator, cfg.num_workers)
-        xs.append(x)
-        ys.append(torch.full((x.shape[0],), label, dtype=torch.long))
+        if x.shape[0]:  # a domain without files of this role (e.g. no validation file) adds nothing
+            xs.append(x)
+            ys.append(torch.full((x.shape[0],), label, dtype=torch.long))
+    if not xs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -171,7 +174,7 @@ def train_classifier(cfg: DomainConfig, accelerator: Any) -> dict[str, Any]:
     clf = fit_head(x_tr, y_tr, len(cfg.domains), cfg.head, cfg.seed)
     with torch.no_grad():
         train_acc = accuracy_report(clf(x_tr).argmax(1), y_tr, cfg.domains)
-        val_acc = accuracy_report(clf(x_va).argmax(1), y_va, cfg.domains)
+        val_acc = accuracy_report(clf(x_va).argmax(1) if y_va.numel() else y_va, y_va, cfg.domains)
     out = Path(cfg.clip_dir) / SUBDIR
     metrics = {"train_accuracy": train_acc["accuracy"], **{f"val_{k}": v for k, v in val_acc.items()}}
     if accelerator.is_main_process:

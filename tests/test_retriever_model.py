@@ -142,9 +142,11 @@ def test_offline_uncached_hub_weights_fail_fast_in_one_line(tmp_path, model, pre
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONWARNINGS": "ignore"}
     repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "train.json").write_text("[]")  # present; never read, the weights fail first
     proc = subprocess.run(
         [sys.executable, "-m", "retriever.train", "--clip.model", model, "--clip.pretrained", pretrained,
-         "--domains", "[pathology]", "--data.world", str(tmp_path / "no-world"), "--output_dir", str(tmp_path / "out")],
+         "--domains", "[pathology]", "--domain_classifier", "false", "--data.data_root", str(tmp_path),
+         "--data.train_files", "{pathology: [train.json]}", "--output_dir", str(tmp_path / "out")],
         cwd=repo, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2, proc.stderr

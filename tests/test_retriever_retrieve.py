@@ -150,3 +150,49 @@ def test_outputs_folder_can_be_moved(trained, tmp_path, monkeypatch):
         assert resolve_image(rows[0].images[0], rows[0].image_root, entry["image_root"]).is_file()
     corpus = retrieve.Retriever.load(moved / "clip", domains=["pathology"]).corpus("pathology")
     assert corpus.texts
+
+
+def test_real_config_on_a_partial_release(trained, tmp_path, capsys):
+    """configs/mmed_rag/pathology/retrieve.yaml: test queries from data_root, alignment queries from
+    sources_dir; an absent query file or corpus is named and left out; only nothing left stops the run."""
+    from common.io import InputError
+    from tests.test_retriever_train import release_from_world
+
+    root, world = trained
+    data, images = release_from_world(world, tmp_path, {
+        "training/retriever/radiology/radiology_train.json": "radiology/retriever_train_report_mimic.json",
+        "training/retriever/pathology/pathology_train.json": "pathology/retriever_train_report.json",
+        "training/retriever/ophthalmology/harvard_train_7000.json": "ophthalmology/retriever_train_report.json",
+        "test/vqa/pmc_test.jsonl": "pathology/test_vqa.jsonl",
+    })
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    (sources / "pathology_alignment_vqa.jsonl").write_bytes((world / "pathology" / "alignment_vqa.jsonl").read_bytes())
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "mmed_rag" / "pathology" / "retrieve.yaml")
+    common = ["--clip_dir", str(root / "clip"), "--data.data_root", str(data), "--data.image_roots", "{}",
+              "--data.image_root", str(images), "--sources_dir", str(sources), "--mixed_precision", "no", "--num_workers", "0"]
+    retrieve.main([config, *common, "--output_dir", str(tmp_path / "out")])
+    metrics = json.loads((tmp_path / "out" / "retrieval_metrics.json").read_text())
+    assert metrics["missing"] == [str(data / "test/vqa/quilt_test.jsonl")] and metrics["skipped_domains"] == []
+    assert f"warning: {data / 'test/vqa/quilt_test.jsonl'}: not found; going on without it" in capsys.readouterr().err
+    entries = read_index(tmp_path / "out" / "index.json", ["test_vqa", "alignment_vqa"])
+    assert [(e["path"].name, e["role"]) for e in entries] == [("pathology_pmc_test.jsonl", "test_vqa"),
+                                                              ("pathology_pathology_alignment_vqa.jsonl", "alignment_vqa")]
+    assert all(r["retrieve_k"] == 5 for r in map(json.loads, entries[0]["path"].read_text().splitlines()))
+
+    (data / "training/retriever/radiology/radiology_train.json").unlink()
+    retrieve.main([config, *common, "--routing", "oracle", "--output_dir", str(tmp_path / "oracle")])
+    metrics = json.loads((tmp_path / "oracle" / "retrieval_metrics.json").read_text())
+    assert metrics["skipped_domains"] == ["radiology"] and metrics["domains"] == ["pathology", "ophthalmology"]
+    assert "warning: radiology: none of its retriever_train files was found; domain skipped" in capsys.readouterr().err
+    with pytest.raises(InputError, match="routes to .'radiology'., which have no retriever or corpus here"):
+        retrieve.main([config, *common, "--output_dir", str(tmp_path / "routed")])
+
+    preference = [{"id": "p1", "image": "pmc_oa/x.png", "conversations": [{"from": "human", "value": "<image>\nIs it?"},
+                                                                         {"from": "gpt", "value": "Yes."}],
+                   "rejected_conversations": [{"from": "human", "value": "<image>\nIs it?"}, {"from": "gpt", "value": "No."}]}]
+    (sources / "pathology_alignment_vqa.jsonl").write_text(json.dumps(preference[0]) + "\n")
+    with pytest.raises(InputError, match=r"a preference record .*python -m dpo.release_sources --data_root .* --out "):
+        retrieve.main([config, *common, "--routing", "oracle", "--output_dir", str(tmp_path / "pref")])
+    with pytest.raises(InputError, match="no retriever_train file .* was found"):
+        retrieve.main([config, *common, "--data.data_root", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "none")])
