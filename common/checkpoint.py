@@ -110,6 +110,12 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         return final
 
+    def mark_best(self, folder: Path) -> None:
+        """Point ``best`` at ``folder`` with no metric: a run that could not validate still names its
+        final weights; any measured checkpoint replaces it. Main process only."""
+        step = json.loads((folder / STATE_FILE).read_text()).get("step")
+        atomic_write_json(self.root / "best.json", {"name": folder.name, "step": step, "metric": None})
+
     def _rotate(self) -> None:
         protected = {p["name"] for p in (self._pointer("latest"), self._pointer("best")) if p}
         steps = sorted(p for p in self.root.glob("step-*") if p.is_dir())

@@ -73,6 +73,31 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_path(value: Any, folder: str | Path) -> Any:
+    """How a file in ``folder`` names ``value`` (a path, a list of them, or None) so its outputs can move.
+
+    A path in the same outputs tree as ``folder`` (the top folder under the working directory that
+    holds ``folder``, e.g. ``outputs/``; ``folder`` itself if it lies elsewhere) is written relative
+    to ``folder``; any other path (the release, image sets) absolute. ``read_path`` undoes it.
+    """
+    if not value:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [write_path(v, folder) for v in value]
+    target, here, cwd = Path(value).resolve(), Path(folder).resolve(), Path.cwd().resolve()
+    tree = cwd / here.relative_to(cwd).parts[0] if here.is_relative_to(cwd) and here != cwd else here
+    return os.path.relpath(target, here) if target.is_relative_to(tree) else str(target)
+
+
+def read_path(value: Any, folder: str | Path) -> Any:
+    """A path (a list of them, or None) named by a file in ``folder``: a relative one lies under ``folder``."""
+    if not value:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [read_path(v, folder) for v in value]
+    return str(Path(folder) / value)
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file; a line that does not parse raises InputError naming FILE:LINE."""
     rows = []

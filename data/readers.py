@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from common.io import InputError
+from common.io import InputError, read_path
 from data.images import Roots, image_roots, pick_root
 from data.records import Kind, PreferenceRecord, Record, ReportRecord, VqaRecord
 
@@ -195,7 +195,8 @@ def _load_json(path: Path) -> Any:
 
 
 def read_index(path: str | Path, roles: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
-    """The entries of a retrieval ``index.json`` whose ``role`` is in ``roles``, ``path`` made absolute.
+    """The entries of a retrieval ``index.json`` whose ``role`` is in ``roles``, with ``path``,
+    ``source`` and ``image_root`` joined to the index's folder (absolute ones stay as they are).
 
     The index (``{"files": [...]}`` or a bare list) is written by ``retriever.retrieve`` and
     ``data.toy_retrieval``; SFT, pair building and evaluation find their retrieval JSONL through it.
@@ -213,7 +214,8 @@ def read_index(path: str | Path, roles: list[str] | tuple[str, ...]) -> list[dic
         if not isinstance(e, dict) or not isinstance(e.get("path"), str):
             raise InputError(f"{path}: entry [{n}] needs a `path` (the retrieval JSONL)")
         if e.get("role") in roles:
-            found.append({**e, "path": path.parent / e["path"]})  # an absolute path stays as it is
+            found.append({**e, "path": path.parent / e["path"], "source": read_path(e.get("source"), path.parent),
+                          "image_root": read_path(e.get("image_root"), path.parent)})
     if not found:
         raise InputError(f"{path}: no entry with role in {list(roles)}")
     return found

@@ -49,9 +49,13 @@ class DomainConfig:
 
 def clip_folder(clip_dir: str | Path, domain: str, checkpoint: str = "best") -> Path:
     """The exported open_clip folder of a domain's ``best``/``latest`` checkpoint (or of a path)."""
-    ckpt = CheckpointManager(Path(clip_dir) / domain / "checkpoints").resolve(checkpoint)
+    manager = CheckpointManager(Path(clip_dir) / domain / "checkpoints")
+    ckpt = manager.resolve(checkpoint)
     if ckpt is None:
-        raise FileNotFoundError(f"{clip_dir}/{domain}: no '{checkpoint}' checkpoint; run scripts/finetune_clip.sh first")
+        latest = manager.resolve("latest")
+        hint = (f"its latest is {latest.name}: retrieve with --checkpoint latest, or finish the run with "
+                "scripts/finetune_clip.sh --resume latest" if latest else "it has no checkpoint: run scripts/finetune_clip.sh first")
+        raise FileNotFoundError(f"{manager.root / checkpoint}.json: the {domain} retriever has no '{checkpoint}' checkpoint; {hint}")
     return ckpt / CLIP_SUBDIR
 
 
@@ -125,8 +129,11 @@ def _labelled(cfg: DomainConfig, encoders: dict[str, Clip], role: str, accelerat
     xs, ys = [], []
     for label, d in enumerate(cfg.domains):
         x, _ = concat_features(encoders, cfg.data.records(d, role), cfg.data.bad_image, cfg.head.batch_size, accelerator, cfg.num_workers)
-        xs.append(x)
-        ys.append(torch.full((x.shape[0],), label, dtype=torch.long))
+        if x.shape[0]:  # a domain without files of this role (e.g. no validation file) adds nothing
+            xs.append(x)
+            ys.append(torch.full((x.shape[0],), label, dtype=torch.long))
+    if not xs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -167,7 +174,7 @@ def train_classifier(cfg: DomainConfig, accelerator: Any) -> dict[str, Any]:
     clf = fit_head(x_tr, y_tr, len(cfg.domains), cfg.head, cfg.seed)
     with torch.no_grad():
         train_acc = accuracy_report(clf(x_tr).argmax(1), y_tr, cfg.domains)
-        val_acc = accuracy_report(clf(x_va).argmax(1), y_va, cfg.domains)
+        val_acc = accuracy_report(clf(x_va).argmax(1) if y_va.numel() else y_va, y_va, cfg.domains)
     out = Path(cfg.clip_dir) / SUBDIR
     metrics = {"train_accuracy": train_acc["accuracy"], **{f"val_{k}": v for k, v in val_acc.items()}}
     if accelerator.is_main_process:

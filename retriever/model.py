@@ -14,6 +14,13 @@ An exported folder (``export_clip``) is loadable three ways:
 * ``open_clip.add_model_config(folder / "<name>.json")`` then
   ``open_clip.create_model_and_transforms("<name>", pretrained=folder / "open_clip_model.safetensors")``;
 * ``open_clip.create_model_and_transforms("local-dir:" + folder)``.
+
+Starting weights (``ClipSpec.pretrained``) are a weights file on disk, a folder holding one
+(``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin``, ...: picked as open_clip's
+``local-dir:`` picks it), or an open_clip tag (``cc12m``), which open_clip fetches from the Hugging
+Face Hub into its cache. On a machine without network (``HF_HUB_OFFLINE=1``, or the Hub not
+reachable within ``PROBE_SECONDS``) a tag, or an ``hf-hub:`` model, must already be in that cache:
+otherwise the run stops at once with one line saying so, instead of a minute of retries.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common.config import doc
+from common.config import ConfigError, doc
 
 TOY_MODEL = "toy-clip"
 # Tiny enough to train on 2 CPU cores in about a minute per domain (64x64 toy images).
@@ -45,6 +54,7 @@ WEIGHTS = "open_clip_model.safetensors"
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # what open_clip's local-dir: schema reads
 INFO = "clip.json"  # ours: registered name, source spec
 HF_TEXT_DIR = "hf_text"  # HF text tower config, so a folder loads offline
+PROBE_SECONDS = 3.0  # how long the Hub (or the proxy) may take to accept a connection before we call it offline
 
 
 @dataclass
@@ -52,7 +62,7 @@ class ClipSpec:
     """Which open_clip model to build and where its starting weights come from."""
 
     model: str = doc(TOY_MODEL, "open_clip model name: built-in, registered, hf-hub:ORG/REPO or local-dir:PATH")
-    pretrained: str = doc("", "open_clip pretrained tag (e.g. cc12m) or weights file; empty = random init")
+    pretrained: str = doc("", "starting weights: a weights file, a folder holding open_clip_model.safetensors / open_clip_pytorch_model.bin, or an open_clip tag (e.g. cc12m; offline it must be cached); empty = random init")
     model_config: dict[str, Any] = doc({}, "architecture JSON registered under `model` (open_clip.add_model_config); empty = built-in")
     image_tower_from: str = doc("", "full CLIP checkpoint whose image tower (visual.*) initialises ours, e.g. RN50 CC12M beside an HF text tower")
     pretrained_text: bool = doc(True, "load the HF text tower's own pretrained weights (hf_model_name) when no CLIP checkpoint is given")
@@ -92,7 +102,7 @@ def resolve_model_config(spec: ClipSpec) -> tuple[str, dict[str, Any]]:
         register_model_config(TOY_MODEL, TOY_CONFIG)
     cfg = open_clip.get_model_config(spec.model)
     if cfg is None:
-        raise ValueError(f"unknown open_clip model {spec.model!r}; give model_config or one of open_clip.list_models()")
+        raise ConfigError(f"unknown open_clip model {spec.model!r}; give model_config or one of open_clip.list_models()")
     return spec.model, cfg
 
 
@@ -105,16 +115,113 @@ def _load_visual_from(model: torch.nn.Module, checkpoint: str) -> None:
     model.visual.load_state_dict(visual, strict=True)
 
 
+@contextlib.contextmanager
+def hub_offline(on: bool = True):
+    """huggingface_hub's offline mode (what HF_HUB_OFFLINE sets) for the block: cached files, no request."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or on
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def offline_reason(seconds: float = PROBE_SECONDS) -> str | None:
+    """Why the Hub cannot be used from here (HF_HUB_OFFLINE, or no connection within ``seconds``), or None.
+
+    The connection (to the Hub, or to the HTTPS proxy if one is set) is tried in a thread, so a name
+    lookup that hangs cannot hold the run longer than ``seconds`` either.
+    """
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    proxy = urllib.request.getproxies().get("https")
+    url = urllib.parse.urlsplit(proxy or constants.ENDPOINT)
+    done, answered = threading.Event(), []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=seconds).close()
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=connect, daemon=True).start()
+    done.wait(seconds)
+    return None if answered else f"{'proxy ' if proxy else ''}{url.hostname} not reachable within {seconds:g} s"
+
+
+def _hub_cached(hub_file: str) -> bool:
+    """Whether open_clip finds ``ORG/REPO/FILE`` (``ORG/REPO/``: its default weights) in the local cache."""
+    with hub_offline():
+        try:
+            return bool(open_clip.download_pretrained({"hf_hub": hub_file}))
+        except Exception:  # noqa: BLE001 - huggingface_hub and open_clip say "not cached" with several types
+            return False
+
+
+def _require_cached(what: str, hub_files: list[str], instead: str) -> bool:
+    """True if the Hub must be left alone (offline, ``hub_files`` cached); ConfigError if offline and not cached."""
+    from huggingface_hub import constants
+
+    reason = offline_reason()
+    if reason is None:
+        return False
+    if hub_files and all(_hub_cached(f) for f in hub_files):
+        return True
+    raise ConfigError(f"{what} is not in the local cache ({constants.HF_HUB_CACHE}) and this machine is offline "
+                      f"({reason}); fetch it once where there is network, or {instead}")
+
+
+def pretrained_source(model: str, pretrained: str) -> tuple[str | None, bool]:
+    """What open_clip gets as ``pretrained``, and whether to build with the Hub offline (all of it cached).
+
+    A folder stands for the weights file open_clip's ``local-dir:`` would pick in it. A tag, or an
+    ``hf-hub:`` model, is checked before open_clip tries to fetch it (see the module docstring).
+    """
+    on_disk = "point clip.pretrained at the weights on disk (a file, or a folder holding open_clip_pytorch_model.bin / open_clip_model.safetensors)"
+    if model.startswith("hf-hub:"):
+        repo = model.removeprefix("hf-hub:").rstrip("/")
+        return None, _require_cached(f"clip.model {model}", [f"{repo}/open_clip_config.json", f"{repo}/"],
+                                     "set clip.model to local-dir:FOLDER (a folder holding open_clip_config.json and the weights)")
+    if not pretrained or model.startswith("local-dir:"):
+        return pretrained or None, False
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        found = open_clip.factory._find_checkpoint_in_dir(path)
+        if found is None:
+            raise ConfigError(f"clip.pretrained {path}: no weights file (*.safetensors, *.bin, *.pth) in this folder")
+        return found, False
+    if path.is_file():
+        return str(path), False
+    tag = open_clip.get_pretrained_cfg(model, pretrained)
+    if not tag:
+        raise ConfigError(f"clip.pretrained {pretrained!r}: no such file or folder, and not an open_clip tag of {model} "
+                          f"(its tags: {open_clip.list_pretrained_tags_by_model(model)})")
+    return pretrained, _require_cached(f"clip.pretrained: open_clip tag {pretrained!r} of {model}",
+                                       [tag["hf_hub"]] if tag.get("hf_hub") else [], on_disk)
+
+
 def build_clip(spec: ClipSpec, device: str | torch.device = "cpu") -> Clip:
     """Create the model (fp32; mixed precision is accelerate's autocast) with transforms and tokenizer."""
-    name, cfg = resolve_model_config(spec)
-    model, pre_train, pre_val = open_clip.create_model_and_transforms(
-        name, pretrained=spec.pretrained or None, device=device, pretrained_text=spec.pretrained_text,
-        aug_cfg=spec.aug_cfg or None,
-    )
+    pretrained, offline = pretrained_source(spec.model, spec.pretrained)
+    with hub_offline(offline):
+        name, cfg = resolve_model_config(spec)
+        model, pre_train, pre_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, pretrained_text=spec.pretrained_text,
+            aug_cfg=spec.aug_cfg or None,
+        )
+        tokenizer = open_clip.get_tokenizer(name)
     if spec.image_tower_from:
         _load_visual_from(model, spec.image_tower_from)
-    tokenizer = open_clip.get_tokenizer(name)
     return Clip(model, pre_train, pre_val, tokenizer, _export_name(name), cfg)
 
 

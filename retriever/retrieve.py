@@ -9,6 +9,14 @@ and report files) the output JSONL (DESIGN.md contract 2) carries every query fi
 ``retrieve_error``. Files go to ``<output_dir>/<file domain>_<file stem>.jsonl``, listed in
 ``index.json`` (``path``, ``source``, ``domain``, ``role``, ``kind``, ``image_root``) for later stages, with ``retrieval_metrics.json``
 (routing accuracy; R@1/5/10 of the query's own report and of a report with the same findings).
+Paths in ``index.json`` are relative to its folder where they lie in the same outputs tree
+(common.io.write_path), so the outputs folder can be moved; ``data.readers.read_index`` reads them.
+
+Query paths are relative to ``data.data_root`` (the release's ``data/`` folder), or to
+``sources_dir`` for the alignment queries that ``python -m dpo.release_sources`` makes from the
+release's preference files (those are finished pairs, not queries). A query or corpus file that is
+absent is warned about (one line) and listed under ``missing`` in ``retrieval_metrics.json``; a
+domain without a corpus file is skipped; only a run left with nothing stops (exit 2).
 
 A domain's corpus is its ``retriever_train`` reports, identical texts collapsed; its embeddings
 are cached in ``<cache_dir>/corpus-<key>.safetensors``, the key hashing the retriever's weights
@@ -28,6 +36,7 @@ Python API (the inference CLI's)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
-from common.io import InputError, atomic_path, atomic_write_json
+from common.io import InputError, atomic_path, atomic_write_json, read_path, write_path
 from data.images import BadImageLog
 from data.readers import BadRecordPolicy, bad_records_summary
 from data.records import DOMAINS, ReportRecord, VqaRecord
@@ -47,7 +56,7 @@ from retriever.index import CorpusIndex, cache_key, cached_embeddings
 from retriever.model import Clip, embed_images, embed_texts, load_clip, truncate, weights_fingerprint
 from retriever.recall import KS, findings_label, label_ids, recall_at_k, reference_vote_accuracy
 from retriever.select_k import KRule, log_gap_quantiles, select_k
-from retriever.train import DataSpec, _with_root
+from retriever.train import DataSpec, Roots, _with_root, present_domains, warn
 
 QUERY_ROLES = ["test_vqa", "test_report", "val_vqa", "alignment_vqa", "alignment_report"]
 
@@ -60,11 +69,12 @@ class Hit(NamedTuple):
 
 @dataclass
 class QueryFile:
-    path: str = doc("", "a VQA JSONL or report JSON file")
+    path: str = doc("", "a VQA JSONL or report JSON file; a relative path lies under `base`")
+    base: Literal["data_root", "sources_dir"] = doc("data_root", "where a relative path lies: data.data_root (the release) or sources_dir (dpo.release_sources output)")
     domain: str = doc("", "the file's domain (oracle routing, output name, routing accuracy); empty = unknown")
     role: str = doc("", "a label carried into index.json (e.g. test_vqa)")
     kind: str = doc("", "vqa | report; empty = told by the keys")
-    image_root: str = doc("", "folder for records without their own image_root")
+    image_root: str | list[str] = doc("", "image folder(s) for records without their own image_root; empty = data.image_roots, then data.image_root")
 
 
 @dataclass
@@ -74,6 +84,7 @@ class RetrieveConfig:
     data: DataSpec = doc(DataSpec(), "each domain's corpus: its retriever_train files")
     domains: list[str] = doc(list(DOMAINS), "domains with a retriever and a corpus")
     queries: list[QueryFile] = doc([], "query files; empty = the toy world's files of `query_roles`")
+    sources_dir: str = doc("outputs/mmed_rag/sources", "query files made from the release's alignment (preference) files by `python -m dpo.release_sources --data_root D --out SOURCES_DIR`")
     query_roles: list[str] = doc(QUERY_ROLES, "toy world roles used when `queries` is empty")
     routing: Literal["classifier", "oracle", "fixed"] = doc("classifier", "classifier F(x_v) | oracle (the file's domain) | fixed (`domain` for all)")
     domain: str = doc("", "routing=fixed: the domain every query goes to")
@@ -98,7 +109,7 @@ class Corpus:
 
 
 def read_corpus(
-    files: Sequence[tuple[str, str | None]], bad_record: BadRecordPolicy = "skip", skipped: list[str] | None = None
+    files: Sequence[tuple[str, Roots]], bad_record: BadRecordPolicy = "skip", skipped: list[str] | None = None
 ) -> Corpus:
     """Report texts of the files, identical texts collapsed (the first record's id and findings
     kept); bad records go to ``skipped`` (data.readers)."""
@@ -120,7 +131,7 @@ class Retriever:
 
     def __init__(
         self, encoders: dict[str, Clip], folders: dict[str, Path], router: Router | None,
-        corpus_files: dict[str, list[tuple[str, str | None]]], cache_dir: str | Path, accelerator: Any = None,
+        corpus_files: dict[str, list[tuple[str, Roots]]], cache_dir: str | Path, accelerator: Any = None,
         backend: str = "torch", faiss_factory: str = "Flat", dim: int = 0, query_chunk: int = 2048,
         corpus_chunk: int = 8192, batch_size: int = 256, bad_record: BadRecordPolicy = "skip",
     ):
@@ -140,7 +151,7 @@ class Retriever:
     @classmethod
     def load(
         cls, clip_dir: str | Path, checkpoint: str = "best", domains: Sequence[str] | None = None,
-        corpus_files: dict[str, list[tuple[str, str | None]]] | None = None, cache_dir: str | Path | None = None,
+        corpus_files: dict[str, list[tuple[str, Roots]]] | None = None, cache_dir: str | Path | None = None,
         accelerator: Any = None, require_router: bool = False, **index_options: Any,
     ) -> "Retriever":
         """Load from a finetune_clip.sh output folder.
@@ -159,15 +170,17 @@ class Retriever:
         if (clip_dir / CLASSIFIER_SUBDIR / "config.json").is_file():
             router = Router.load(clip_dir / CLASSIFIER_SUBDIR, folders)
             missing = set(router.domains) - set(domains)
-            if missing:
-                raise ValueError(f"the domain classifier routes to {sorted(missing)}, which are not loaded")
+            if missing and require_router:
+                raise InputError(f"{clip_dir}/{CLASSIFIER_SUBDIR} routes to {sorted(missing)}, which have no retriever or "
+                                 "corpus here: route with routing=oracle or fixed, or retrain it on the domains you have")
+            router = None if missing else router
         elif require_router:
             raise FileNotFoundError(f"{clip_dir}/{CLASSIFIER_SUBDIR}: no domain classifier; run scripts/finetune_clip.sh")
         if corpus_files is None:
             corpus_files = {}
             for d in domains:
                 info = json.loads((clip_dir / d / "data.json").read_text())
-                corpus_files[d] = [tuple(x) for x in info["train_files"]]
+                corpus_files[d] = [(read_path(p, clip_dir / d), read_path(r, clip_dir / d)) for p, r in info["train_files"]]
         return cls(encoders, folders, router, corpus_files, cache_dir or clip_dir / "corpus_cache", accelerator, **index_options)
 
     # ---------------------------------------------------------------- corpus
@@ -239,16 +252,28 @@ class Retriever:
 # ---------------------------------------------------------------- the CLI
 
 
-def query_files(cfg: RetrieveConfig) -> list[QueryFile]:
+def query_files(cfg: RetrieveConfig) -> tuple[list[QueryFile], list[str]]:
+    """(the query files that exist, with their paths and image folders resolved; the listed ones that do not)."""
     if cfg.queries:
-        return cfg.queries
+        files = [dataclasses.replace(qf, path=str(Path(cfg.sources_dir) / qf.path) if qf.base == "sources_dir" else cfg.data.path(qf.path),
+                                     image_root=qf.image_root or cfg.data.roots() or "") for qf in cfg.queries]
+        missing = [qf.path for qf in files if not Path(qf.path).is_file()]
+        for qf in files:
+            if qf.path in missing:
+                made_by = f" (made by {release_sources_command(cfg)})" if qf.base == "sources_dir" else ""
+                warn(f"{qf.path}: not found{made_by}; going on without it")
+        return [qf for qf in files if qf.path not in missing], missing
     from data.toy import manifest_files
 
-    files = [QueryFile(e["path"], e["domain"], e["role"], e["kind"], e["image_root"])
+    files = [QueryFile(path=e["path"], domain=e["domain"], role=e["role"], kind=e["kind"], image_root=e["image_root"])
              for role in cfg.query_roles for e in manifest_files(cfg.data.world, role=role)]
     if not files:
         raise InputError(f"{cfg.data.world}/manifest.json: no files of roles {cfg.query_roles}")
-    return files
+    return files, []
+
+
+def release_sources_command(cfg: RetrieveConfig) -> str:
+    return f"`python -m dpo.release_sources --data_root {cfg.data.data_root or 'DATA_ROOT'} --out {cfg.sources_dir}`"
 
 
 def _unique_images(records: list[Any]) -> tuple[list[Any], list[int]]:
@@ -266,17 +291,16 @@ def _unique_images(records: list[Any]) -> tuple[list[Any], list[int]]:
     return reps, pos
 
 
-def read_queries(
-    qf: QueryFile, bad_record: BadRecordPolicy = "skip", skipped: list[str] | None = None
-) -> list[ReportRecord | VqaRecord]:
+def read_queries(qf: QueryFile, cfg: RetrieveConfig, skipped: list[str] | None = None) -> list[ReportRecord | VqaRecord]:
     """The usable records of one query file (bad records go to ``skipped``); read for every file
     before any work, so a bad file stops the run before hours of encoding, not after."""
     from data.readers import read_records
 
-    records = read_records(qf.path, qf.kind or None, qf.image_root or None, bad_record, skipped)
+    records = read_records(qf.path, qf.kind or None, qf.image_root or None, cfg.data.bad_record, skipped)
     bad_kind = [r.source for r in records if not isinstance(r, (ReportRecord, VqaRecord))]
     if bad_kind:
-        raise InputError(f"{bad_kind[0]}: not a VQA or report record (preference files are not queries)")
+        raise InputError(f"{bad_kind[0]}: a preference record (a finished pair), not a query; turn the release's alignment "
+                         f"files into query files with {release_sources_command(cfg)} and list those (base: sources_dir)")
     return records
 
 
@@ -388,7 +412,11 @@ def _recall(q_labels: list, retrieved: list[list], prefix: str) -> dict[str, flo
 
 
 def _output_name(qf: QueryFile, taken: set[str]) -> str:
+    """``<domain>_<stem>.jsonl``; a stem taken already gets its folder's name (the release's
+    test/vqa/iuxray_test.jsonl and test/report/iuxray_test.json), then a number."""
     base = f"{qf.domain or 'any'}_{Path(qf.path).stem}"
+    if f"{base}.jsonl" in taken:
+        base = f"{qf.domain or 'any'}_{Path(qf.path).parent.name}_{Path(qf.path).stem}"
     name, n = f"{base}.jsonl", 2
     while name in taken:
         name, n = f"{base}_{n}.jsonl", n + 1
@@ -402,20 +430,32 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(RetrieveConfig, argv, description=__doc__)
     if cfg.routing == "fixed" and cfg.domain not in cfg.domains:
         raise ConfigError(f"routing=fixed needs --domain, one of {cfg.domains}")
+    domains, missing = present_domains(cfg.data, cfg.domains, roles=("retriever_train",))
+    found, absent = query_files(cfg)
+    missing += absent
+    if cfg.routing == "oracle":
+        for qf in [qf for qf in found if qf.domain not in domains]:
+            warn(f"{qf.path}: routing=oracle, and its domain {qf.domain!r} has no retriever corpus here; left out")
+            found.remove(qf)
+    if not domains or (cfg.routing == "fixed" and cfg.domain not in domains):
+        raise InputError(f"no retriever_train file (the corpus) of {[cfg.domain] if cfg.routing == 'fixed' else cfg.domains} "
+                         f"was found; missing: {missing}")
+    if not found:
+        raise InputError(f"no query file was found; missing: {missing}")
     accelerator = make_accelerator(cfg.mixed_precision, 1, 0)
     out = Path(cfg.output_dir)
     bad_records: list[str] = []
-    queries = [(qf, read_queries(qf, cfg.data.bad_record, bad_records)) for qf in query_files(cfg)]
+    queries = [(qf, read_queries(qf, cfg, bad_records)) for qf in found]
     try:
         retriever = Retriever.load(
-            cfg.clip_dir, cfg.checkpoint, cfg.domains, {d: cfg.data.files(d, "retriever_train") for d in cfg.domains},
+            cfg.clip_dir, cfg.checkpoint, domains, {d: cfg.data.files(d, "retriever_train") for d in domains},
             cfg.cache_dir or out / "cache", accelerator, require_router=cfg.routing == "classifier",
             backend=cfg.backend, faiss_factory=cfg.faiss_factory, dim=cfg.dim, query_chunk=cfg.query_chunk,
             corpus_chunk=cfg.corpus_chunk, batch_size=cfg.batch_size, bad_record=cfg.data.bad_record,
         )
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
-    for d in cfg.domains:  # every process takes part in encoding a corpus that is not cached
+    for d in domains:  # every process takes part in encoding a corpus that is not cached
         retriever.index(d)
     files, per_file, taken = [], {}, set()
     correct = known = 0
@@ -431,8 +471,8 @@ def main(argv: list[str] | None = None) -> None:
         m.setdefault("mean_k", 0.0)
         correct, known = correct + c, known + k
         per_file[name] = m
-        files.append({"path": str((out / name).resolve()), "source": str(Path(qf.path).resolve()), "domain": qf.domain or None,
-                      "role": qf.role or None, "kind": m["kind"], "records": len(rows), "image_root": qf.image_root or None})
+        files.append({"path": name, "source": write_path(qf.path, out), "domain": qf.domain or None,
+                      "role": qf.role or None, "kind": m["kind"], "records": len(rows), "image_root": write_path(qf.image_root or None, out)})
         tqdm.write(f"{name}: {len(rows)} records, routing {m.get('routing_accuracy', float('nan')):.3f}, "
                    f"findings R@5 {m.get('findings_R@5', float('nan')):.3f}, mean k {m['mean_k']:.2f}"
                    + (f", reference vote {m['reference_vote_accuracy']:.3f}" if "reference_vote_accuracy" in m else ""))
@@ -441,10 +481,11 @@ def main(argv: list[str] | None = None) -> None:
                        f"query; this retriever's log-gaps between consecutive scores are {m['log_gap_p50']:.4f} "
                        f"(median) to {m['log_gap_p99']:.4f} (p99), so a gamma on that scale is needed to cut")
     if accelerator.is_main_process:
-        summary = {"routing": cfg.routing, "domain_accuracy": correct / known if known else None, "k_rule": to_dict(cfg.k), "files": per_file,
-                   "bad_records": bad_records_summary(bad_records + retriever.bad_records)}
+        summary = {"routing": cfg.routing, "domain_accuracy": correct / known if known else None, "k_rule": to_dict(cfg.k),
+                   "domains": domains, "skipped_domains": [d for d in cfg.domains if d not in domains], "missing": missing,
+                   "files": per_file, "bad_records": bad_records_summary(bad_records + retriever.bad_records)}
         atomic_write_json(out / "retrieval_metrics.json", summary)
-        atomic_write_json(out / "index.json", {"clip_dir": str(Path(cfg.clip_dir).resolve()), "routing": cfg.routing,
+        atomic_write_json(out / "index.json", {"clip_dir": write_path(cfg.clip_dir, out), "routing": cfg.routing,
                                                "k_rule": to_dict(cfg.k), "files": files})
         save_config(cfg, out / "run_config.yaml")
         acc = f"{summary['domain_accuracy']:.3f}" if known else "n/a"

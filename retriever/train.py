@@ -5,10 +5,18 @@
 Each domain in ``domains`` gets its own model, trained on that domain's ``retriever_train``
 files (one image-text pair per view) and validated on its ``retriever_val`` files, into
 ``<output_dir>/<domain>/``: ``metrics.jsonl`` + TensorBoard (epoch-0 row first), ``run_config.yaml``,
-``checkpoints/`` (``best`` by mean validation recall, ``latest``, rotated; each holds the full
-accelerate state for ``--resume`` and an ``open_clip/`` folder loadable by open_clip, see
-retriever.model). After the last domain the domain classifier F(x_v) is trained on all domains
+``data.json`` (the files trained on: retrieval's default corpus), ``checkpoints/`` (``latest``,
+``best`` by mean validation recall, rotated; each holds the full accelerate state for ``--resume``
+and an ``open_clip/`` folder loadable by open_clip, see retriever.model). A run stopped by
+``max_steps`` validates where it stops, so every run leaves a ``best``; a domain without any
+validation file has its final checkpoint marked ``best``. After the last domain the domain
+classifier F(x_v) is trained on every domain of ``classifier_domains`` that has training files
 (retriever.domain), into ``<output_dir>/domain_classifier/``.
+
+Annotation files are named relative to ``data.data_root`` (the release's ``data/`` folder). A named
+file that is absent is warned about (one line) and left out; a domain with no training file is
+skipped; only a run left with nothing stops (exit 2). ``<output_dir>/run_summary.json`` lists
+the domains trained and skipped, the missing files and what became of the domain classifier.
 
 The loss is open_clip's ``ClipLoss`` (features gathered across processes with gradient, local
 loss), optionally Matryoshka: the same loss at several embedding prefixes, summed or one sampled
@@ -22,7 +30,9 @@ the batches already seen.
 from __future__ import annotations
 
 import math
+import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +45,9 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointManager
 from common.config import ConfigError, cli_main, doc, load_config, save_config
-from common.io import InputError, atomic_write_json
+from common.io import InputError, atomic_write_json, write_path
 from common.metrics import MetricsLogger
+from data.images import Roots
 from data.readers import bad_records_summary
 from data.records import DOMAINS, ReportRecord
 from retriever.model import Clip, ClipSpec, build_clip, embed_images, embed_texts, export_clip, truncate
@@ -48,46 +59,94 @@ CLIP_SUBDIR = "open_clip"  # inside each checkpoint folder
 # ---------------------------------------------------------------- data
 
 
+ROLES = ("retriever_train", "retriever_val")
+
+
 @dataclass
 class DataSpec:
-    """Where each domain's retriever files are; any file not given comes from the toy world."""
+    """Where each domain's retriever files and their images are.
 
-    world: str = doc("outputs/toy/world", "toy world (manifest.json) supplying every file not listed below")
-    train_files: dict[str, list[str]] = doc({}, "domain -> retriever train annotation files (empty: the world's retriever_train)")
-    val_files: dict[str, list[str]] = doc({}, "domain -> retriever validation files (empty: the world's retriever_val)")
-    image_root: dict[str, str] = doc({}, "domain -> image folder for records without their own image_root")
+    With ``data_root`` (the release's ``data/`` folder) the files are the ones listed, relative to
+    it; a listed file that is absent is left out (``missing`` names it). Without it, any domain and
+    role not listed comes from the toy world.
+    """
+
+    world: str = doc("outputs/toy/world", "toy world (manifest.json) supplying every file not listed below (when data_root is empty)")
+    data_root: str = doc("", "the MMed-RAG release's data/ folder; relative train_files, val_files and retrieval query paths are read from it; empty = the working directory, and the toy world fills in")
+    train_files: dict[str, list[str]] = doc({}, "domain -> retriever train annotation files (release: training/retriever/<domain>/...)")
+    val_files: dict[str, list[str]] = doc({}, "domain -> retriever validation files (none found: the domain trains without validation)")
+    image_root: str = doc("", "one folder under which the records' image paths are found, looked in after image_roots")
+    image_roots: dict[str, str] = doc({}, "image set (mimic, iuxray, harvard, pmc, quilt) -> its folder; each is looked in, in turn, for every record")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the sample (counted) or stop with an error")
     bad_record: Literal["skip", "error"] = doc("skip", "an annotation record that cannot be used: skip it (named in the run summary) or stop")
 
-    def files(self, domain: str, role: Literal["retriever_train", "retriever_val"]) -> list[tuple[str, str | None]]:
-        """(annotation file, default image root) pairs of one domain and role."""
+    def path(self, path: str) -> str:
+        """A configured annotation path: a relative one lies under ``data_root``."""
+        return str(Path(self.data_root) / path) if self.data_root else path
+
+    def roots(self) -> Roots:
+        """The configured image folders, in search order (one folder as itself)."""
+        from data.release import image_search_path
+
+        found = image_search_path(self.image_root, self.image_roots)
+        return found[0] if len(found) == 1 else found or None
+
+    def _listed(self, domain: str, role: str) -> list[str] | None:
         given = (self.train_files if role == "retriever_train" else self.val_files).get(domain)
-        if given:
-            return [(f, self.image_root.get(domain)) for f in given]
+        return [self.path(f) for f in given or []] if given or self.data_root else None
+
+    def files(self, domain: str, role: Literal["retriever_train", "retriever_val"]) -> list[tuple[str, Roots]]:
+        """(annotation file, image folders) pairs of one domain and role, of the files that exist."""
+        listed = self._listed(domain, role)
+        if listed is not None:
+            return [(f, self.roots()) for f in listed if Path(f).is_file()]
         from data.toy import manifest_files
 
         found = manifest_files(self.world, role=role, domain=domain)
         if not found:
             raise InputError(f"{self.world}/manifest.json: no {role} file for domain {domain!r}")
-        return [(e["path"], self.image_root.get(domain) or e["image_root"]) for e in found]
+        return [(e["path"], self.roots() or e["image_root"]) for e in found]
+
+    def missing(self, domain: str, role: str) -> list[str]:
+        """The files listed for a domain and role that do not exist."""
+        return [f for f in self._listed(domain, role) or [] if not Path(f).is_file()]
 
     def records(
         self, domain: str, role: Literal["retriever_train", "retriever_val"], skipped: list[str] | None = None
-    ) -> list[tuple[ReportRecord, str | None]]:
-        """Every usable report record of a domain and role, with the image root to resolve it
+    ) -> list[tuple[ReportRecord, Roots]]:
+        """Every usable report record of a domain and role, with the image folders to resolve it
         against; bad records go to ``skipped`` (data.readers)."""
         from data.readers import read_records
 
         out = []
-        for path, root in self.files(domain, role):
+        files = self.files(domain, role)
+        for path, root in files:
             recs = read_records(path, "report", root, self.bad_record, skipped)
             out += [(r, root) for r in recs]
-        if not out:
-            raise InputError(f"{domain} {role}: the files {[p for p, _ in self.files(domain, role)]} hold no records")
+        if files and not out:
+            raise InputError(f"{domain} {role}: the files {[p for p, _ in files]} hold no records")
         return out
 
 
-def image_text_dataset(pairs: list[tuple[ReportRecord, str | None]], transform: Any, bad_image: str) -> Dataset:
+def warn(message: str) -> None:
+    """One line on stderr, from the first process only (torchrun and accelerate set RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def present_domains(data: DataSpec, domains: list[str], roles: tuple[str, ...] = ROLES) -> tuple[list[str], list[str]]:
+    """(the domains with a retriever_train file, the listed files that are absent), each absence warned about in one line."""
+    missing = list(dict.fromkeys(f for d in domains for role in roles for f in data.missing(d, role)))
+    for f in missing:
+        warn(f"{f}: not found; going on without it")
+    present = [d for d in domains if data.files(d, "retriever_train")]
+    for d in domains:
+        if d not in present:
+            warn(f"{d}: none of its retriever_train files was found; domain skipped")
+    return present, missing
+
+
+def image_text_dataset(pairs: list[tuple[ReportRecord, Roots]], transform: Any, bad_image: str) -> Dataset:
     """One (image, text) item per view. Records carry their own root, so one dataset serves all files."""
     from data.datasets import ImageTextDataset
 
@@ -95,7 +154,7 @@ def image_text_dataset(pairs: list[tuple[ReportRecord, str | None]], transform: 
     return ImageTextDataset(records, None, transform, bad_image=bad_image)
 
 
-def _with_root(record: ReportRecord, root: str | None) -> ReportRecord:
+def _with_root(record: ReportRecord, root: Roots) -> ReportRecord:
     """The record with the file's default image root filled in where it has none of its own.
 
     A record's own root that does not exist here still falls back to the file's default (as in
@@ -330,8 +389,9 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
     ckpt = CheckpointManager(out / "checkpoints", keep=cfg.keep)
     if is_main:
         save_config(cfg, out / "run_config.yaml")
-        atomic_write_json(out / "data.json", {"domain": domain, "train_files": cfg.data.files(domain, "retriever_train"),
-                                              "bad_records": bad_records_summary(bad_records)})
+        atomic_write_json(out / "data.json", {"domain": domain, "train_files": [
+            [write_path(f, out), write_path(root, out)] for f, root in cfg.data.files(domain, "retriever_train")],
+            "bad_records": bad_records_summary(bad_records)})
     bad_log = BadImageLog()
 
     def export(folder: Path) -> None:
@@ -349,10 +409,21 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
         state["global_step"] = state.get("step", state["global_step"])
     logger = MetricsLogger(out, enabled=is_main, resumed_at=state["global_step"] if resume else None)
     metrics: dict[str, float] = {}
-    if not resume:  # the untrained row, so the gain is visible
+    if not resume and val_records:  # the untrained row, so the gain is visible
         metrics = validate(model, clip, val_records, val_ds, cfg, accelerator)
         logger.log({"epoch": 0, **metrics}, step=0)
         _print(accelerator, domain, 0, metrics)
+
+    def validate_and_save(step: int, epoch: float, trainer_state: dict[str, Any]) -> dict[str, float]:
+        """Validate (if there is validation data), log, and checkpoint with the selection metric (which may make it `best`)."""
+        if not val_records:
+            ckpt.save(accelerator, step, trainer_state, export=export)
+            return {}
+        m = validate(model, clip, val_records, val_ds, cfg, accelerator)
+        logger.log({"epoch": epoch, **m, "bad_images": bad_log.skipped}, step)
+        _print(accelerator, domain, epoch, m)
+        ckpt.save(accelerator, step, trainer_state, metric=selection_metric(m, cfg.select_by), export=export)
+        return m
 
     step = state["global_step"]
     model.train()
@@ -390,22 +461,22 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
                 logger.log({"epoch": epoch + b / micro_per_epoch, "train/loss": sum(running) / len(running),
                             "train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": seen / max(time.time() - t0, 1e-9)}, step)
                 running, t0, seen = [], time.time(), 0
-            stop = bool(cfg.max_steps) and step >= cfg.max_steps
-            if stop or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
-                ckpt.save(accelerator, step, {"epoch": epoch, "batches_done": b, "global_step": step}, export=export)
-            if stop:
+            at = {"epoch": epoch, "batches_done": b, "global_step": step}
+            if cfg.max_steps and step >= cfg.max_steps:  # stopped inside an epoch: validated, so it can be `best`
+                metrics = validate_and_save(step, epoch + b / micro_per_epoch, at)
                 done = True
                 break
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                ckpt.save(accelerator, step, at, export=export)
         bar.close()
         if done:
             break
         epoch += 1
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            metrics = validate(model, clip, val_records, val_ds, cfg, accelerator)
-            logger.log({"epoch": epoch, **metrics, "bad_images": bad_log.skipped}, step)
-            _print(accelerator, domain, epoch, metrics)
-            ckpt.save(accelerator, step, {"epoch": epoch, "batches_done": 0, "global_step": step},
-                      metric=selection_metric(metrics, cfg.select_by), export=export)
+            metrics = validate_and_save(step, epoch, {"epoch": epoch, "batches_done": 0, "global_step": step})
+    final = ckpt.resolve("latest")
+    if is_main and final is not None and ckpt.resolve("best") is None:  # never validated: the final weights stand for it
+        ckpt.mark_best(final)
     logger.close()
     bad_log.write(accelerator, out / "bad_images.json")
     accelerator.free_memory()
@@ -450,19 +521,37 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(cfg.domains) - set(DOMAINS))
     if unknown:
         raise ConfigError(f"unknown domain(s) {unknown}; expected some of {list(DOMAINS)}")
+    checked = list(dict.fromkeys(cfg.domains + (cfg.classifier_domains if cfg.domain_classifier else [])))
+    present, missing = present_domains(cfg.data, checked)
+    domains = [d for d in cfg.domains if d in present]
+    if not domains:
+        raise InputError(f"no retriever_train file found for any of {cfg.domains} (missing: {missing}); nothing to train")
     accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.seed)
-    for domain in cfg.domains:
+    for domain in domains:
         train_domain(cfg, domain, accelerator)
+    summary = {"domains": domains, "skipped": [d for d in cfg.domains if d not in present], "missing": missing, "classifier": None}
     if cfg.domain_classifier:
-        from retriever.domain import DomainConfig, clip_folder, train_classifier
+        summary["classifier"] = _train_classifier(cfg, [d for d in cfg.classifier_domains if d in present], accelerator)
+    if accelerator.is_main_process:
+        atomic_write_json(Path(cfg.output_dir) / "run_summary.json", summary)
 
-        missing = [d for d in cfg.classifier_domains if not _has_checkpoint(clip_folder, cfg.output_dir, d)]
-        if missing:
-            if accelerator.is_main_process:
-                print(f"domain classifier: not yet, no retriever for {missing} in {cfg.output_dir} (trained after the last domain)")
-            return
-        train_classifier(DomainConfig(clip_dir=cfg.output_dir, domains=cfg.classifier_domains, data=cfg.data,
-                                      head=cfg.classifier, num_workers=cfg.num_workers, seed=cfg.seed), accelerator)
+
+def _train_classifier(cfg: ClipTrainConfig, domains: list[str], accelerator: Any) -> dict[str, Any]:
+    """Train F(x_v) on the classifier domains that have training files, once each has a retriever."""
+    from retriever.domain import DomainConfig, clip_folder, train_classifier
+
+    if len(domains) < 2:
+        if accelerator.is_main_process:
+            print(f"domain classifier: skipped, it needs two domains with retriever_train files, found {domains}")
+        return {"domains": domains, "status": "skipped"}
+    waiting = [d for d in domains if not _has_checkpoint(clip_folder, cfg.output_dir, d)]
+    if waiting:
+        if accelerator.is_main_process:
+            print(f"domain classifier: not yet, no retriever for {waiting} in {cfg.output_dir} (trained after the last domain)")
+        return {"domains": domains, "status": "waiting", "waiting_for": waiting}
+    train_classifier(DomainConfig(clip_dir=cfg.output_dir, domains=domains, data=cfg.data, head=cfg.classifier,
+                                  num_workers=cfg.num_workers, seed=cfg.seed), accelerator)
+    return {"domains": domains, "status": "trained"}
 
 
 def _has_checkpoint(clip_folder: Any, clip_dir: str, domain: str) -> bool:

@@ -43,3 +43,24 @@ def test_real_data_stages_chain(domain):
     dpo_out = Path(cfg["dpo"].train.output_dir)
     assert Path(cfg["evaluate"].adapter) == dpo_out / "adapter" and Path(cfg["evaluate"].dpo_dir) == dpo_out
     assert domain in str(retrieval)  # one folder per domain: a second domain's run must not overwrite it
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_real_configs_follow_the_release_layout(domain):
+    """Every annotation path is a release file relative to data.data_root, in the role it has there;
+    the alignment (preference) files are queried through dpo.release_sources' output, not directly."""
+    from data.release import DATASETS, release_files
+
+    clip, retrieve = (_load(CONFIGS / "mmed_rag" / domain / f"{stem}.yaml") for stem in ("clip", "retrieve"))
+    for cfg in (clip, retrieve):
+        assert cfg.data.data_root and set(cfg.data.image_roots) == set(DATASETS)
+    for d in DOMAINS:
+        assert clip.data.train_files[d] == retrieve.data.train_files[d] == [f.path for f in release_files(d, "retriever_train")]
+        assert clip.data.val_files[d] == [f.path for f in release_files(d, "retriever_val")]
+    test = [(q.path, q.role) for q in retrieve.queries if q.base == "data_root"]
+    assert test == [(f.path, f.role) for f in release_files(domain, "test_vqa") + release_files(domain, "test_report")]
+    alignment = [(q.path, q.role) for q in retrieve.queries if q.base == "sources_dir"]
+    tasks = ["vqa" if "vqa" in Path(f.path).stem else "report" for f in release_files(domain, "alignment")]
+    assert alignment == [(f"{domain}_alignment_{t}.{'jsonl' if t == 'vqa' else 'json'}", f"alignment_{t}") for t in tasks]
+    assert all(q.domain == domain and not q.image_root for q in retrieve.queries)
+    assert {role for _, role in alignment} <= set(_load(CONFIGS / "mmed_rag" / domain / "pairs.yaml").roles)

@@ -106,3 +106,52 @@ def test_matryoshka_loss_prefixes():
     assert sampled.dims_for(7) == sampled.dims_for(7)
     with pytest.raises(ValueError):
         ContrastiveLoss(16, MatryoshkaConfig(dims=[32]), seed=0)
+
+
+TINY_SPEC = {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_pretrained_loads_from_a_local_file_or_folder(tmp_path):
+    torch.manual_seed(0)
+    source = build_clip(ClipSpec(model="tiny-pretrained-test", model_config=TINY_SPEC))
+    export_clip(source, source.model, tmp_path / "weights")
+    want = source.model.state_dict()
+    for path in (tmp_path / "weights" / "open_clip_model.safetensors", tmp_path / "weights"):
+        torch.manual_seed(1)  # a different random init, so equal weights prove they were loaded
+        got = build_clip(ClipSpec(model="tiny-pretrained-test", model_config=TINY_SPEC, pretrained=str(path))).model.state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want), path
+
+
+def test_pretrained_that_is_neither_file_nor_tag_is_a_config_error(tmp_path):
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no such file or folder, and not an open_clip tag"):
+        build_clip(ClipSpec(model="tiny-pretrained-test", model_config=TINY_SPEC, pretrained=str(tmp_path / "nowhere.pt")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no weights file"):
+        build_clip(ClipSpec(model="tiny-pretrained-test", model_config=TINY_SPEC, pretrained=str(tmp_path / "empty")))
+
+
+@pytest.mark.parametrize("model, pretrained", [("RN50-quickgelu", "cc12m"), ("hf-hub:org/not-cached-clip", "")])
+def test_offline_uncached_hub_weights_fail_fast_in_one_line(tmp_path, model, pretrained):
+    """HF_HUB_OFFLINE and an empty cache: exit 2 and one line naming the tag, before any download."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONWARNINGS": "ignore"}
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "train.json").write_text("[]")  # present; never read, the weights fail first
+    proc = subprocess.run(
+        [sys.executable, "-m", "retriever.train", "--clip.model", model, "--clip.pretrained", pretrained,
+         "--domains", "[pathology]", "--domain_classifier", "false", "--data.data_root", str(tmp_path),
+         "--data.train_files", "{pathology: [train.json]}", "--output_dir", str(tmp_path / "out")],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("error: ") and "not in the local cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert (repr(pretrained) if pretrained else model) in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from data.images import load_image
-from data.readers import read_records
+from data.readers import read_index, read_records
 from data.records import DOMAINS
 from data.toy import make_world, manifest_files
 from retriever import retrieve, train
@@ -38,10 +38,10 @@ def run(root: Path, world: Path, out: str, *extra: str) -> Path:
 def test_jsonl_per_query_file_follows_contract(trained):
     root, world = trained
     out = run(root, world, "ret", "--k.rule", "gap", "--k.k", "4", "--k.gamma", "0.05")
-    index = json.loads((out / "index.json").read_text())
+    entries = read_index(out / "index.json", retrieve.QUERY_ROLES)
     sources = {e["path"] for role in retrieve.QUERY_ROLES for e in manifest_files(world, role=role)}
-    assert {e["source"] for e in index["files"]} == sources
-    for entry in index["files"]:
+    assert {e["source"] for e in entries} == sources
+    for entry in entries:
         assert entry["role"] in retrieve.QUERY_ROLES and entry["domain"] in DOMAINS and entry["kind"] in ("vqa", "report")
         assert Path(entry["path"]).name.startswith(f"{entry['domain']}_")
         src = read_records(entry["source"])
@@ -118,3 +118,84 @@ def test_python_api(trained):
     corpus = r.corpus("ophthalmology")
     assert all(h.text in corpus.texts and h.id in corpus.ids for row in hits for h in row)
     assert hits[0][0].score >= hits[0][1].score >= hits[0][2].score
+
+
+def test_outputs_folder_can_be_moved(trained, tmp_path, monkeypatch):
+    """World, retriever and retrieval in one outputs/ tree: after moving it, index.json, the retrieval
+    JSONL, their images and the retriever's corpus (data.json) are all still found."""
+    import shutil
+
+    from data.images import resolve_image
+
+    _, world = trained
+    project = tmp_path / "project"
+    shutil.copytree(world, project / "outputs" / "world")
+    monkeypatch.chdir(project)
+    cfg = {"clip": {"model": "tiny-retrieve-test", "model_config": TINY_ARCH}, "data": {"world": "outputs/world"},
+           "domains": ["pathology"], "output_dir": "outputs/clip", "epochs": 1, "batch_size": 8, "max_steps": 1,
+           "domain_classifier": False}
+    Path("clip.yaml").write_text(yaml.safe_dump(cfg))
+    train.main(["clip.yaml"])
+    retrieve.main(["--clip_dir", "outputs/clip", "--data.world", "outputs/world", "--output_dir", "outputs/retrieval",
+                   "--domains", "[pathology]", "--routing", "fixed", "--domain", "pathology", "--query_roles", "[test_vqa]"])
+    moved = tmp_path / "elsewhere" / "outputs"
+    moved.parent.mkdir()
+    (project / "outputs").rename(moved)
+    monkeypatch.chdir(tmp_path)
+    index = moved / "retrieval" / "index.json"
+    assert (index.parent / json.loads(index.read_text())["clip_dir"]).resolve() == (moved / "clip").resolve()
+    entries = read_index(index, ["test_vqa"])
+    assert entries
+    for entry in entries:
+        assert Path(entry["source"]).is_file() and Path(entry["image_root"]).is_dir()
+        rows = read_records(entry["path"], default_image_root=entry["image_root"])
+        assert len(rows) == entry["records"] and all("reference_reports" in r.meta for r in rows)
+        assert resolve_image(rows[0].images[0], rows[0].image_root, entry["image_root"]).is_file()
+    corpus = retrieve.Retriever.load(moved / "clip", domains=["pathology"]).corpus("pathology")
+    assert corpus.texts
+
+
+def test_real_config_on_a_partial_release(trained, tmp_path, capsys):
+    """configs/mmed_rag/pathology/retrieve.yaml: test queries from data_root, alignment queries from
+    sources_dir; an absent query file or corpus is named and left out; only nothing left stops the run."""
+    from common.io import InputError
+    from tests.test_retriever_train import release_from_world
+
+    root, world = trained
+    data, images = release_from_world(world, tmp_path, {
+        "training/retriever/radiology/radiology_train.json": "radiology/retriever_train_report_mimic.json",
+        "training/retriever/pathology/pathology_train.json": "pathology/retriever_train_report.json",
+        "training/retriever/ophthalmology/harvard_train_7000.json": "ophthalmology/retriever_train_report.json",
+        "test/vqa/pmc_test.jsonl": "pathology/test_vqa.jsonl",
+    })
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    (sources / "pathology_alignment_vqa.jsonl").write_bytes((world / "pathology" / "alignment_vqa.jsonl").read_bytes())
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "mmed_rag" / "pathology" / "retrieve.yaml")
+    common = ["--clip_dir", str(root / "clip"), "--data.data_root", str(data), "--data.image_roots", "{}",
+              "--data.image_root", str(images), "--sources_dir", str(sources), "--mixed_precision", "no", "--num_workers", "0"]
+    retrieve.main([config, *common, "--output_dir", str(tmp_path / "out")])
+    metrics = json.loads((tmp_path / "out" / "retrieval_metrics.json").read_text())
+    assert metrics["missing"] == [str(data / "test/vqa/quilt_test.jsonl")] and metrics["skipped_domains"] == []
+    assert f"warning: {data / 'test/vqa/quilt_test.jsonl'}: not found; going on without it" in capsys.readouterr().err
+    entries = read_index(tmp_path / "out" / "index.json", ["test_vqa", "alignment_vqa"])
+    assert [(e["path"].name, e["role"]) for e in entries] == [("pathology_pmc_test.jsonl", "test_vqa"),
+                                                              ("pathology_pathology_alignment_vqa.jsonl", "alignment_vqa")]
+    assert all(r["retrieve_k"] == 5 for r in map(json.loads, entries[0]["path"].read_text().splitlines()))
+
+    (data / "training/retriever/radiology/radiology_train.json").unlink()
+    retrieve.main([config, *common, "--routing", "oracle", "--output_dir", str(tmp_path / "oracle")])
+    metrics = json.loads((tmp_path / "oracle" / "retrieval_metrics.json").read_text())
+    assert metrics["skipped_domains"] == ["radiology"] and metrics["domains"] == ["pathology", "ophthalmology"]
+    assert "warning: radiology: none of its retriever_train files was found; domain skipped" in capsys.readouterr().err
+    with pytest.raises(InputError, match="routes to .'radiology'., which have no retriever or corpus here"):
+        retrieve.main([config, *common, "--output_dir", str(tmp_path / "routed")])
+
+    preference = [{"id": "p1", "image": "pmc_oa/x.png", "conversations": [{"from": "human", "value": "<image>\nIs it?"},
+                                                                         {"from": "gpt", "value": "Yes."}],
+                   "rejected_conversations": [{"from": "human", "value": "<image>\nIs it?"}, {"from": "gpt", "value": "No."}]}]
+    (sources / "pathology_alignment_vqa.jsonl").write_text(json.dumps(preference[0]) + "\n")
+    with pytest.raises(InputError, match=r"a preference record .*python -m dpo.release_sources --data_root .* --out "):
+        retrieve.main([config, *common, "--routing", "oracle", "--output_dir", str(tmp_path / "pref")])
+    with pytest.raises(InputError, match="no retriever_train file .* was found"):
+        retrieve.main([config, *common, "--data.data_root", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "none")])

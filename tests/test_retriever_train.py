@@ -94,3 +94,73 @@ def test_bad_config_is_refused(world, tmp_path):
     cfg = write_config(tmp_path, world)
     with pytest.raises(Exception, match="domain"):
         train.main([cfg, "--domains", "[dermatology]"])
+
+
+def test_run_stopped_by_max_steps_inside_an_epoch_leaves_a_best(world, tmp_path):
+    from retriever.domain import clip_folder
+
+    cfg = write_config(tmp_path, world, epochs=2)
+    train.main([cfg, "--max_steps", "2"])
+    ckpts = tmp_path / "clip" / "pathology" / "checkpoints"
+    assert json.loads((ckpts / "latest.json").read_text())["step"] == 2  # well inside the first epoch
+    best = json.loads((ckpts / "best.json").read_text())
+    assert best["name"] == "step-00000002" and best["metric"] is not None  # validated at the stop
+    assert clip_folder(tmp_path / "clip", "pathology", "best") == ckpts / "step-00000002" / train.CLIP_SUBDIR
+    rows = [json.loads(line) for line in (tmp_path / "clip" / "pathology" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val/mean_recall" in r][-1] < 1
+    (ckpts / "best.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"best\.json: the pathology retriever has no 'best' checkpoint; its latest is step-00000002"):
+        clip_folder(tmp_path / "clip", "pathology", "best")
+
+
+def release_from_world(world: Path, root: Path, files: dict[str, str]) -> tuple[Path, Path]:
+    """A release data/ folder holding toy world files under release names ({release path: world path}),
+    and one image folder holding every domain's image sets."""
+    import shutil
+
+    data = root / "data"
+    for release_path, world_path in files.items():
+        (data / release_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(world / world_path, data / release_path)
+    images = root / "images"
+    images.mkdir()
+    for domain in ("radiology", "pathology", "ophthalmology"):
+        for image_set in (world / domain / "images").iterdir():
+            (images / image_set.name).symlink_to(image_set)
+    return data, images
+
+
+def test_real_config_on_a_partial_release_trains_what_it_has(world, tmp_path, capsys):
+    """configs/mmed_rag/pathology/clip.yaml on a release without radiology and without the ophthalmology
+    validation file: both named, radiology skipped, ophthalmology trained unvalidated (its final checkpoint
+    is `best`), the domain classifier fitted on the two domains there are."""
+    data, images = release_from_world(world, tmp_path, {
+        "training/retriever/pathology/pathology_train.json": "pathology/retriever_train_report.json",
+        "training/retriever/pathology/pathology_val.json": "pathology/retriever_val_report.json",
+        "training/retriever/ophthalmology/harvard_train_7000.json": "ophthalmology/retriever_train_report.json",
+    })
+    config = Path(__file__).resolve().parent.parent / "configs" / "mmed_rag" / "pathology" / "clip.yaml"
+    tiny = ["--clip", json.dumps({"model": "tiny-release-test", "model_config": TINY_ARCH, "pretrained": ""}),
+            "--epochs", "1", "--batch_size", "4", "--val_every", "1", "--val_batch_size", "64", "--num_workers", "0",
+            "--mixed_precision", "no", "--optim.warmup_steps", "2", "--classifier.steps", "20"]
+    out = tmp_path / "clip"
+    train.main([str(config), *tiny, "--data.data_root", str(data), "--data.image_roots", "{}", "--data.image_root", str(images),
+                "--domains", "[radiology,pathology,ophthalmology]", "--output_dir", str(out)])
+    absent = [str(data / p) for p in ("training/retriever/radiology/radiology_train.json",
+                                      "training/retriever/radiology/radiology_val.json",
+                                      "training/retriever/ophthalmology/harvard_val_1000.json")]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["domains"] == ["pathology", "ophthalmology"] and summary["skipped"] == ["radiology"]
+    assert summary["missing"] == absent
+    assert summary["classifier"] == {"domains": ["pathology", "ophthalmology"], "status": "trained"}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {p}: not found; going on without it" for p in absent] + [
+        "warning: radiology: none of its retriever_train files was found; domain skipped"]
+    assert json.loads((out / "pathology" / "checkpoints" / "best.json").read_text())["metric"] is not None
+    unvalidated = json.loads((out / "ophthalmology" / "checkpoints" / "best.json").read_text())
+    assert unvalidated == {**json.loads((out / "ophthalmology" / "checkpoints" / "latest.json").read_text()), "metric": None}
+    assert json.loads((out / "domain_classifier" / "config.json").read_text())["domains"] == ["pathology", "ophthalmology"]
+    from common.io import InputError
+
+    with pytest.raises(InputError, match=r"no retriever_train file found for any of \['radiology'\]"):
+        train.main([str(config), *tiny, "--data.data_root", str(data), "--domains", "[radiology]", "--output_dir", str(out)])
