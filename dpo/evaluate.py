@@ -51,7 +51,7 @@ from data.records import ReportRecord, VqaRecord
 from dpo.answers import yes_no
 from dpo.pairs import NoiseConfig, make_x_v_star
 from dpo.metrics import copy_rate, over_reliance_rate, report_metrics, tokenize, vqa_metrics
-from dpo.prompts import DEFAULT_PROMPTS, build_prompt, load_prompt_templates
+from dpo.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, build_prompt, load_prompt_templates, own_options
 from retriever.select_k import KRule, select_k
 
 CONDITIONS = ("no_rag", "rag_fixed", "rag_adaptive", "noised_rag")
@@ -77,6 +77,7 @@ class EvalConfig:
     adaptive: KRule = doc(KRule(rule="gap", k=10, gamma=0.1), "k rule of rag_adaptive, applied to the stored reference_scores")
     noise: NoiseConfig = doc(NoiseConfig(), "x_v* of noised_rag, made as the pair builder makes it (dpo.pairs)")
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML (dpo.prompts)")
+    option_text: bool = doc(False, OPTION_TEXT_HELP)
     max_new_tokens_vqa: int = doc(16, "answer length cap for VQA")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
     batch_size: int = doc(16, "generation batch size")
@@ -252,11 +253,13 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
             image, real, noised = loaded
             reports, ids, scores = references(r)
             domain = r.meta.get("domain") or f.domain or "default"
+            question = _question(r)
+            options = own_options(r.meta.get("text"), question, cfg.option_text)
             base = {"policy": name, "file": f.name, "task": f.task, "index": index, "id": r.id,
-                    "domain": domain, "image": image, "question": _question(r), "answer": _gold(r)}
+                    "domain": domain, "image": image, "question": question, "answer": _gold(r)}
             for cond in cfg.conditions:
                 k = condition_k(cond, scores, len(reports), cfg)
-                prompt = build_prompt(domain, f.task, _question(r), reports[:k] or None, templates)
+                prompt = build_prompt(domain, f.task, question, reports[:k] or None, templates, options)
                 row = {**base, "condition": cond, "k": k, "reference_ids": ids[:k]}
                 jobs.append((noised if cond == "noised_rag" else real, prompt, row))
         answers = policy.generate([j[0] for j in jobs], [j[1] for j in jobs], max_new_tokens=max_new,

@@ -32,7 +32,7 @@ from common.config import ConfigError, cli_main, doc, load_config
 from common.io import InputError, atomic_write_jsonl, read_jsonl
 from data.images import BadImageError, inside_root, load_image
 from dpo.evaluate import check_adapter_base, find_adapter, load_with_adapters
-from dpo.prompts import DEFAULT_PROMPTS, build_prompt, load_prompt_templates
+from dpo.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, build_prompt, load_prompt_templates, own_options
 from retriever.select_k import KRule
 
 TASKS = ("vqa", "report")
@@ -56,6 +56,7 @@ class InferConfig:
     adapter: str = doc("", "PEFT adapter; empty = outputs/toy/dpo/adapter if present; `none` = the base policy")
     init_adapter: str = doc("", "adapter merged into the policy before `adapter` (train_dpo's init_adapter, e.g. SFT)")
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
+    option_text: bool = doc(False, OPTION_TEXT_HELP)
     max_new_tokens_vqa: int = doc(16, "answer length cap for questions")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
     batch_size: int = doc(8, "generation batch size")
@@ -70,6 +71,7 @@ class Query:
     question: str | None
     task: str
     domain: str | None
+    options: str | None = None  # the row's own option text, when option_text is on
 
 
 # ---------------------------------------------------------------- inputs
@@ -108,8 +110,9 @@ def read_queries(cfg: InferConfig) -> list[Query]:
             raise InputError(f"{where}: `question` must be a string")
         question = (question or "").replace("<image>", "").strip() or None
         resolved = str(inside_root(image, cfg.image_root or None)) if not Path(image).is_absolute() else image
+        options = own_options(row.get("text"), question, cfg.option_text)
         queries.append(Query(row, resolved, question, _task(cfg.task or row.get("task") or "", question, where),
-                             cfg.domain or row.get("domain") or None))
+                             cfg.domain or row.get("domain") or None, options))
     if not queries:
         raise InputError(f"{path}: no queries")
     return queries
@@ -190,7 +193,7 @@ def answer_queries(queries: list[Query], retriever: Any, policy: Any, cfg: Infer
         if not idx:
             continue
         prompts = [build_prompt(domains[j], task, queries[good[j]].question, [h.text for h in hits[j]] or None,
-                                templates) for j in idx]
+                                templates, queries[good[j]].options) for j in idx]
         max_new = cfg.max_new_tokens_vqa if task == "vqa" else cfg.max_new_tokens_report
         answers = policy.generate([images[j] for j in idx], prompts, max_new_tokens=max_new,
                                   batch_size=cfg.batch_size, progress=True)

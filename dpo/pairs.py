@@ -48,7 +48,9 @@ from data.records import VqaRecord
 from dpo.answers import is_correct
 from dpo.metrics import copy_rate, over_reliance_rate
 from dpo.pair_rules import CmRule, Pair, pairs_for_record
-from dpo.prompts import DEFAULT_PROMPTS, PromptTemplates, build_prompt, load_prompt_templates
+from dpo.prompts import (
+    DEFAULT_PROMPTS, OPTION_TEXT_HELP, PromptTemplates, build_prompt, load_prompt_templates, own_options,
+)
 
 PAIR_TYPES = ("cm", "oa1", "oa2")
 CONDITIONS = ("a", "b", "c")
@@ -81,6 +83,7 @@ class PairsConfig:
                           "default: the index entry's")
     domain: str = doc("", "domain of every record; default: the index entry's, else the record's routed `domain`")
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
+    option_text: bool = doc(False, OPTION_TEXT_HELP)
     out: str = doc("outputs/toy/pairs", "output folder")
     noise: NoiseConfig = doc(NoiseConfig(), "the noised image x_v*")
     cm_rule: CmRule = doc("copy", "D_cm rule: copy (a and b right) | wrong (a right, b wrong) | both")
@@ -114,6 +117,7 @@ class Item:
     source: str
     file: int  # position of the input file (batches never span files)
     error: str = ""  # the retriever could not serve this record (its `retrieve_error`)
+    options: str | None = None  # the record's own option text, when option_text is on
 
     def image_path(self) -> Path:
         return resolve_image(self.image, self.record_root, self.default_root).absolute()
@@ -167,14 +171,15 @@ def read_items(inputs: list[Input], cfg: PairsConfig) -> list[Item]:
             if not image:
                 raise InputError(f"{rec.source}: no image")
             task = "vqa" if isinstance(rec, VqaRecord) else "report"
+            question = rec.question if isinstance(rec, VqaRecord) else None
             key = f"{task}/{domain}/{rec.id}"
             seen[key] += 1
             if seen[key] > 1:
                 key = f"{key}#{seen[key]}"
             root = cfg.image_root.format(domain=domain) if cfg.image_root else inp.image_root
             items.append(Item(
-                key=key, id=rec.id, task=task, domain=domain,
-                question=rec.question if isinstance(rec, VqaRecord) else None,
+                key=key, id=rec.id, task=task, domain=domain, question=question,
+                options=own_options(rec.meta.get("text"), question, cfg.option_text),
                 truth=rec.answer if isinstance(rec, VqaRecord) else rec.text,
                 references=refs, image=image, record_root=rec.image_root, default_root=root,
                 source=rec.source, file=n, error=error,
@@ -274,11 +279,11 @@ def answer_batch(policy: Any, batch: list[Item], cfg: PairsConfig, templates: Pr
         rows[it.key] = {"key": it.key, "id": it.id, "task": it.task, "domain": it.domain,
                         "rejected_image": name, "reference": it.truth}
         answered.append(it)
-        prompt = build_prompt(it.domain, it.task, it.question, it.references, templates)
+        prompt = build_prompt(it.domain, it.task, it.question, it.references, templates, it.options)
         with_refs[0].extend([real, noised])
         with_refs[1].extend([prompt, prompt])
         without[0].append(real)
-        without[1].append(build_prompt(it.domain, it.task, it.question, None, templates))
+        without[1].append(build_prompt(it.domain, it.task, it.question, None, templates, it.options))
     if answered:
         # Two generation calls, each one batch: prompts with references are several times longer
         # than those without, and padding one to the other would waste most of the compute.
@@ -336,7 +341,10 @@ def settings_of(cfg: PairsConfig, inputs: list[Input]) -> dict[str, Any]:
     keys = ("policy", "adapter", "dtype", "prompts", "noise", "max_new_tokens_vqa",
             "max_new_tokens_report", "limit", "image_root", "domain")
     plain = to_dict(cfg)
-    return {**{k: plain[k] for k in keys}, "inputs": [os.path.abspath(i.path) for i in inputs]}
+    settings = {**{k: plain[k] for k in keys}, "inputs": [os.path.abspath(i.path) for i in inputs]}
+    if cfg.option_text:  # only when on: answers made before the option existed stay reusable
+        settings["option_text"] = True
+    return settings
 
 
 def settings_differ(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
@@ -376,7 +384,7 @@ def pair_record(it: Item, pair: Pair, templates: PromptTemplates, out: Path) -> 
     ``image_root`` becomes the deepest folder holding both the real image and the stored x_v*,
     because readers resolve ``rejected_image`` against the record's one root."""
     refs = it.references if pair.with_retrieval else None
-    human = {"from": "human", "value": "<image>\n" + templates.text(it.domain, it.task, it.question, refs)}
+    human = {"from": "human", "value": "<image>\n" + templates.text(it.domain, it.task, it.question, refs, it.options)}
     root, image = it.root_and_image()
     rejected_image = None
     if pair.rejected_noised:

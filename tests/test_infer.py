@@ -96,6 +96,22 @@ def test_answer_queries_routes_retrieves_and_prompts(tmp_path):
         answer_queries(queries[:1], None, EchoPolicy(), InferConfig(image="x", rag=False))
 
 
+def test_option_text_of_a_query_row(tmp_path):
+    _image(tmp_path / "a.png", BRIGHT)
+    options = "Please choose from the following two options: [yes, no]"
+    rows = [{"question": "Is there effusion?", "image": "a.png", "text": options},
+            {"question": "Is there effusion?", "image": "a.png", "text": "Is there effusion?"},  # only the question
+            {"question": "Is there effusion?", "image": "a.png"}]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for enabled in (True, False):
+        cfg = InferConfig(queries=str(path), image_root=str(tmp_path), rag=False, domain="radiology",
+                          option_text=enabled)
+        texts = [r["prediction"] for r in answer_queries(read_queries(cfg), None, EchoPolicy(), cfg)]
+        assert ("Is there effusion? " + options in texts[0]) is enabled
+        assert texts[1] == texts[2] and options not in texts[2] and texts[2].count("Is there effusion?") == 1
+
+
 # ---------------------------------------------------------------- the CLI on tiny trained stand-ins
 
 

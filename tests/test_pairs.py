@@ -17,12 +17,13 @@ from PIL import Image
 from common.io import InputError
 from data.images import BadImageError, load_image
 from data.noise import pick_other
-from data.readers import read_records
+from data.readers import detect_kind, read_records
 from data.toy import make_world, manifest_files
 from data.toy_retrieval import ToyRetrievalConfig, write_oracle_retrieval
 from data.validate import validate
 from dpo.pairs import (
     GENERATIONS,
+    Input,
     NoiseConfig,
     PairsConfig,
     build_pairs,
@@ -92,6 +93,25 @@ def test_correct_decides_vqa_by_yes_no_and_reports_by_threshold():
     assert report(ref, ref) and report("There is a small pleural effusion.", ref)
     assert not report("Normal fundus.", ref) and not report("", ref)
     assert correct_fn("report", replace(cfg, report_threshold=0.0))("Normal fundus.", ref)
+
+
+def test_option_text_follows_the_question_once(world, tmp_path):
+    """The toy world's radiology `text` is the question itself: no option text, no doubled
+    question. A record whose `text` holds options gets them after its question, in every prompt."""
+    cfg = _cfg(world, tmp_path, option_text=True)
+    source = next(i for i in find_inputs(cfg) if i.domain == "radiology" and detect_kind(i.path) == "vqa")
+    rows = [json.loads(line) for line in Path(source.path).read_text().splitlines()]
+    assert rows[0]["text"] == rows[0]["question"].replace("\n<image>", "")
+    options = "Please choose from the following two options: [yes, no]"
+    rows[1]["text"] = options
+    path = tmp_path / "with_options.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_items([Input(str(path), "radiology", source.image_root)], cfg)
+    assert items[0].options is None and items[1].options == options
+    text = load_prompt_templates(cfg.prompts).text("radiology", "vqa", items[1].question, None, items[1].options)
+    assert f"{items[1].question} {options}" in text and text.count(items[1].question) == 1
+    plain = read_items([Input(str(path), "radiology", source.image_root)], replace(cfg, option_text=False))
+    assert all(it.options is None for it in plain)
 
 
 def test_x_v_star_is_deterministic_and_another_image(world, tmp_path):

@@ -5,11 +5,13 @@ from dpo.prompts import (
     build_prompt,
     enumerate_references,
     load_prompt_templates,
+    own_options,
     plain_text,
 )
 
 Q = "Is there pleural effusion in this image?"
 REFS = ["The heart size is normal.\nNo   effusion.", "Small left pleural effusion."]
+OPTIONS = "Please choose from the following two options: [yes, no]"
 
 
 def _text(messages):
@@ -88,3 +90,15 @@ def test_plain_text_fallback():
     text = plain_text(messages, "<img>")
     assert text.startswith("USER: <img>\n") and text.endswith("\nASSISTANT:")
     assert Q in text
+
+
+def test_option_text_follows_the_question_once():
+    with_options = _text(build_prompt("radiology", "vqa", Q, REFS, options=own_options(OPTIONS, Q)))
+    assert f"{Q} {OPTIONS}" in with_options and with_options.count("[yes, no]") == 1
+    plain = _text(build_prompt("radiology", "vqa", Q, REFS))
+    assert _text(build_prompt("radiology", "vqa", Q, REFS, options=own_options(OPTIONS, Q, False))) == plain
+    assert OPTIONS not in plain
+    assert own_options(None, Q) is None  # a record without `text`: its prompt is unchanged
+    assert own_options(f"{Q}\n<image>", Q) is None  # `text` that only repeats the question
+    assert own_options(f"<image>\n{Q}  {OPTIONS}", Q) == OPTIONS  # the question is not doubled
+    assert own_options(OPTIONS, None) is None  # a report has no question to follow
