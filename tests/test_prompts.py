@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from common.io import InputError
@@ -11,6 +14,7 @@ from dpo.prompts import (
 
 Q = "Is there pleural effusion in this image?"
 REFS = ["The heart size is normal.\nNo   effusion.", "Small left pleural effusion."]
+MMED_RAG = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "mmed_rag.yaml"
 OPTIONS = "Please choose from the following two options: [yes, no]"
 
 
@@ -90,6 +94,33 @@ def test_plain_text_fallback():
     text = plain_text(messages, "<img>")
     assert text.startswith("USER: <img>\n") and text.endswith("\nASSISTANT:")
     assert Q in text
+
+
+def _released_pattern(template: str) -> str:
+    """A regex as a converter of released prompts builds it from a with_references template:
+    the literal text escaped, {references} and {question} as groups."""
+    parts = re.split(r"\{(references|question)\}", template)
+    assert parts[1::2] == ["references", "question"]  # each once, the question after the references
+    return "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
+
+
+@pytest.mark.parametrize("task", ["vqa", "report"])
+def test_mmed_rag_wording_matches_back_and_drops_only_the_references(task):
+    templates = load_prompt_templates(MMED_RAG)
+    fill = templates.domains["radiology"]
+    t = templates.tasks[task]
+    question = Q if task == "vqa" else None
+    text = _text(build_prompt("radiology", task, question, REFS, MMED_RAG))
+    assert fill["expert"] in text and fill["image"] in text
+    template = t.with_references.replace("{expert}", fill["expert"]).replace("{image}", fill["image"])
+    match = re.fullmatch(_released_pattern(template), text, re.S)
+    assert match and match["references"] == enumerate_references(REFS)
+    assert match["question"] == (question or t.default_question)
+    with_lines, without_lines = t.with_references.splitlines(), t.without_references.splitlines()
+    dropped = [line for line in with_lines if line not in without_lines]
+    assert [line for line in with_lines if line not in dropped] == without_lines
+    assert dropped and all("reference" in line.lower() for line in dropped)
+    assert "reference" not in _text(build_prompt("radiology", task, question, None, MMED_RAG)).lower()
 
 
 def test_option_text_follows_the_question_once():
