@@ -17,7 +17,9 @@ input field plus ``domain``, ``reference_reports``, ``reference_ids``, ``referen
 
 Defaults are the toy pipeline's outputs (outputs/toy/clip, outputs/toy/policy, the DPO adapter
 in outputs/toy/dpo/adapter when there is one); a missing one stops with exit code 2 naming the
-script that makes it.
+script that makes it. That adapter is applied only to the toy policy: another ``--policy`` gets
+an adapter only from ``--adapter PATH``. The first line printed names the policy and the adapter
+used, and why.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dpo.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, build_prompt, load_pr
 from retriever.select_k import KRule
 
 TASKS = ("vqa", "report")
+TOY_POLICY = "outputs/toy/policy"
 
 
 @dataclass
@@ -52,8 +55,9 @@ class InferConfig:
     clip_dir: str = doc("outputs/toy/clip", "the retrievers and domain classifier (bash scripts/finetune_clip.sh)")
     checkpoint: str = doc("best", "which checkpoint of each retriever: best | latest")
     cache_dir: str = doc("outputs/toy/retrieval/cache", "corpus embedding cache (shared with the retrieval stage)")
-    policy: str = doc("outputs/toy/policy", "policy checkpoint folder (bash scripts/make_toy_policy.sh)")
-    adapter: str = doc("", "PEFT adapter; empty = outputs/toy/dpo/adapter if present; `none` = the base policy")
+    policy: str = doc(TOY_POLICY, "policy checkpoint folder (bash scripts/make_toy_policy.sh)")
+    adapter: str = doc("", "PEFT adapter; empty = outputs/toy/dpo/adapter if present and the policy is the toy one, "
+                           "else none; `none` = the base policy")
     init_adapter: str = doc("", "adapter merged into the policy before `adapter` (train_dpo's init_adapter, e.g. SFT)")
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
     option_text: bool = doc(False, OPTION_TEXT_HELP)
@@ -134,15 +138,29 @@ def load_retriever(cfg: InferConfig) -> Any:
         raise InputError(f"{e} (`bash scripts/finetune_clip.sh` makes it)") from None
 
 
-def load_answerer(cfg: InferConfig) -> tuple[Any, str | None]:
-    """The policy (with its adapters, merged) and the DPO adapter used."""
+def pick_adapter(cfg: InferConfig) -> tuple[str | None, str]:
+    """The DPO adapter to apply and why (for the header). The toy's adapter is a default only for
+    the toy policy: on any other policy it would change the answers unasked."""
+    if cfg.adapter == "none":
+        return None, "--adapter none"
+    if cfg.adapter:
+        return find_adapter(cfg.adapter), "--adapter"
+    if Path(cfg.policy).resolve() != Path(TOY_POLICY).resolve():
+        return None, "not the toy policy: pass --adapter PATH to apply one"
+    adapter = find_adapter("")
+    return adapter, "the toy policy's DPO adapter" if adapter else "no toy DPO adapter yet: bash scripts/train_dpo.sh"
+
+
+def load_answerer(cfg: InferConfig) -> tuple[Any, str]:
+    """The policy (with its adapters, merged) and the header line naming the policy and adapter."""
     if not Path(cfg.policy).is_dir():
         raise InputError(f"{cfg.policy}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
-    adapter = None if cfg.adapter == "none" else find_adapter(cfg.adapter)
+    adapter, why = pick_adapter(cfg)
     if adapter:
         check_adapter_base(adapter, cfg.init_adapter)
     policy = load_with_adapters(cfg.policy, cfg.init_adapter, adapter, cfg.dtype, cfg.device)
-    return policy, adapter
+    used = f" + adapter {adapter}" if adapter else ", no DPO adapter"
+    return policy, f"policy: {cfg.policy}{used} ({why})"
 
 
 # ---------------------------------------------------------------- the path
@@ -229,8 +247,8 @@ def main() -> None:
         load_image(cfg.image)  # one bad image is refused before any model loads (exit 2)
     need_retriever = cfg.rag or any(q.domain is None for q in queries)
     retriever = load_retriever(cfg) if need_retriever else None
-    policy, adapter = load_answerer(cfg)
-    print(f"policy: {cfg.policy}" + (f" + adapter {adapter}" if adapter else " (no DPO adapter: base policy)"))
+    policy, header = load_answerer(cfg)
+    print(header)
     rows = answer_queries(queries, retriever, policy, cfg)
     if cfg.queries:
         out = Path(cfg.out or f"outputs/toy/infer/{Path(cfg.queries).stem}.answers.jsonl")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from common.config import ConfigError, cli_main
 from common.io import InputError
-from dpo.infer import InferConfig, answer_queries, main, read_queries
+from dpo.infer import InferConfig, answer_queries, main, pick_adapter, read_queries
 from retriever.select_k import KRule
 
 BRIGHT, DARK = 220, 30
@@ -112,6 +112,29 @@ def test_option_text_of_a_query_row(tmp_path):
         assert texts[1] == texts[2] and options not in texts[2] and texts[2].count("Is there effusion?") == 1
 
 
+def _toy_adapter(root: Path) -> Path:
+    """A toy DPO adapter where the defaults look for it (relative to the working directory)."""
+    adapter = root / "outputs" / "toy" / "dpo" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (root / "outputs" / "toy" / "policy").mkdir()
+    return adapter
+
+
+def test_toy_adapter_only_for_the_toy_policy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _toy_adapter(tmp_path)
+    mine = tmp_path / "mine"
+    (mine / "adapter_config.json").parent.mkdir()
+    (mine / "adapter_config.json").write_text("{}")
+    assert pick_adapter(InferConfig())[0] == "outputs/toy/dpo/adapter"
+    assert pick_adapter(InferConfig(policy=str(tmp_path / "outputs/toy/policy")))[0] == "outputs/toy/dpo/adapter"
+    adapter, why = pick_adapter(InferConfig(policy=str(tmp_path / "llava-med")))
+    assert adapter is None and "--adapter PATH" in why
+    assert pick_adapter(InferConfig(policy=str(tmp_path / "llava-med"), adapter=str(mine)))[0] == str(mine)
+    assert pick_adapter(InferConfig(adapter="none"))[0] is None
+
+
 # ---------------------------------------------------------------- the CLI on tiny trained stand-ins
 
 
@@ -188,3 +211,15 @@ def test_cli_bad_image_exits_2_once_before_loading_models(monkeypatch, capsys, t
     captured = capsys.readouterr()
     assert str(text) in captured.err and "finetune_clip.sh" not in captured.err
     assert "error" not in captured.out
+
+
+def test_cli_other_policy_gets_no_toy_adapter(tiny, monkeypatch, capsys, tmp_path):
+    """A toy DPO adapter sits in outputs/toy/dpo/adapter; a run with another policy does not apply it."""
+    root, world = tiny
+    monkeypatch.chdir(tmp_path)
+    _toy_adapter(tmp_path)
+    image = str(next((world / "pathology" / "images").rglob("*.png")))
+    assert _run(monkeypatch, "--image", image, "--rag", "false", "--domain", "pathology", "--policy",
+                str(root / "policy"), "--max_new_tokens_report", "2") == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"policy: {root / 'policy'}, no DPO adapter (") and "--adapter PATH" in header
