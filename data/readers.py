@@ -17,6 +17,7 @@ questions on an image) are stored once per file. Treat records as read-only.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,12 +71,16 @@ def read_records(
 
     ``default_image_root`` becomes the ``image_root`` of records that carry none of their own (a
     record's own root that does not exist here still falls back to it: data.images.resolve_image).
+    A record's own relative ``image_root`` is taken relative to the file's folder, as index.json
+    paths are (dpo.pairs writes them so, and a moved folder of outputs still reads); an absolute
+    one is kept as written.
     """
     path = Path(path)
     if kind is not None and kind not in _PARSERS:
         raise InputError(f"{path}: unknown kind {kind!r}; expected one of {sorted(_PARSERS)}")
     default_root = str(default_image_root) if default_image_root is not None else None
     shared: dict[Any, Any] = {}  # one stored copy of each repeated value (see _text, _images)
+    beside_file: dict[str, str] = {}  # a record's relative image_root -> that root under the file's folder
     parse = _PARSERS[kind] if kind else None
     records: list[Record] = []
     for where, raw in _iter_raw(path):
@@ -90,6 +95,11 @@ def read_records(
         rec = parse(raw, where, shared)
         if rec.image_root is None:
             rec.image_root = default_root
+        elif not os.path.isabs(rec.image_root):
+            root = rec.image_root
+            if root not in beside_file:
+                beside_file[root] = os.path.normpath(os.path.join(path.parent, root))
+            rec.image_root = beside_file[root]
         records.append(rec)
     return records
 

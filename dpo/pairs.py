@@ -379,10 +379,21 @@ def correct_fn(task: str, cfg: PairsConfig) -> Callable[[str, str], bool]:
     return lambda pred, ref: is_correct(pred, ref, task, cfg.report_threshold, cfg.report_metric)
 
 
+def written_root(root: str, out: Path) -> str:
+    """An absolute image folder as pairs.json names it: relative to pairs.json when it lies in the
+    folder that holds ``out`` (the toy's outputs/toy/ holds world/ and pairs/), so that folder can
+    be moved or shared (data.readers resolves it against the file); elsewhere (a dataset on its
+    own disk) absolute, as it stays when the outputs move."""
+    pairs_dir = os.path.abspath(out)
+    beside = os.path.dirname(pairs_dir)
+    return os.path.relpath(root, pairs_dir) if os.path.commonpath([root, beside]) == beside else root
+
+
 def pair_record(it: Item, pair: Pair, templates: PromptTemplates, out: Path) -> dict[str, Any]:
     """One preference record (contract 3). The image keeps its root; for a noised rejected side
     ``image_root`` becomes the deepest folder holding both the real image and the stored x_v*,
-    because readers resolve ``rejected_image`` against the record's one root."""
+    because readers resolve ``rejected_image`` against the record's one root. The root is written
+    by ``written_root``."""
     refs = it.references if pair.with_retrieval else None
     human = {"from": "human", "value": "<image>\n" + templates.text(it.domain, it.task, it.question, refs, it.options)}
     root, image = it.root_and_image()
@@ -394,7 +405,7 @@ def pair_record(it: Item, pair: Pair, templates: PromptTemplates, out: Path) -> 
     rec: dict[str, Any] = {
         "id": f"{it.key}/{pair.pair_type}",
         "image": image,
-        "image_root": root,
+        "image_root": written_root(root, out),
         "conversations": [human, {"from": "gpt", "value": pair.chosen}],
         "rejected_conversations": [human, {"from": "gpt", "value": pair.rejected}],
         "rejected_noised": int(pair.rejected_noised),

@@ -35,7 +35,9 @@ from dpo.pairs import (
     read_generations,
     read_items,
     run,
+    written_root,
 )
+from dpo.pair_data import PairDataset, load_pairs
 from dpo.prompts import load_prompt_templates
 from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
@@ -78,7 +80,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def baseline(world):
-    """One uninterrupted run; the other runs reuse its folder (pairs name absolute image roots)."""
+    """One uninterrupted run; the other runs reuse its folder and compare their bytes with it."""
     out = world["base"] / "out"
     stats = run(_cfg(world, out))
     return {"out": out, "stats": stats, "bytes": _outputs(out)}
@@ -167,9 +169,11 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
     assert [(p["pair_type"], p["task"]) for p in pairs] == [("cm", "vqa"), ("oa1", "vqa"), ("oa2", "report")]
     cm, oa1, oa2 = pairs
     assert cm["conversations"][1]["value"] == cm["rejected_conversations"][1]["value"] == vqa.truth
-    assert cm["rejected_noised"] == 1 and Path(cm["image_root"], cm["rejected_image"]) == noised
-    assert Path(cm["image_root"], cm["image"]) == vqa.image_path()
+    root = tmp_path / cm["image_root"]  # written relative to pairs.json's folder, here tmp_path
+    assert cm["rejected_noised"] == 1 and Path(os.path.normpath(root / cm["rejected_image"])) == noised
+    assert Path(os.path.normpath(root / cm["image"])) == vqa.image_path()
     assert (oa1["conversations"][1]["value"], oa1["rejected_conversations"][1]["value"]) == ("Yes.", wrong)
+    assert Path(os.path.normpath(tmp_path / oa1["image_root"] / oa1["image"])) == vqa.image_path()
     assert "rejected_image" not in oa1 and oa1["rejected_noised"] == 0
     assert (oa2["conversations"][1]["value"], oa2["rejected_conversations"][1]["value"]) == (rep.truth, "Normal fundus.")
     human = oa2["conversations"][0]["value"]
@@ -203,6 +207,30 @@ def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
     assert not list(out.glob("generations.rank*"))
     cmd = [sys.executable, "-m", "data.validate", str(out / "pairs.json"), "--kind", "preference", "--check-images"]
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+
+
+def test_image_roots_outside_the_outputs_stay_absolute(tmp_path):
+    out = tmp_path / "outputs" / "pairs"
+    assert written_root(str(tmp_path / "outputs" / "world" / "images"), out) == "../world/images"
+    assert written_root(str(tmp_path / "outputs"), out) == ".."
+    assert written_root("/data/mimic-cxr/files", out) == "/data/mimic-cxr/files"
+
+
+def test_moved_outputs_still_chain_to_training(world, baseline, tmp_path):
+    """pairs.json names its images relative to itself: the world and the pairs moved together
+    elsewhere still give every image (and stored x_v*) to train_dpo's loader, from the new place."""
+    text = (baseline["out"] / "pairs.json").read_text()
+    assert str(world["base"]) not in text  # no absolute path into the folder being moved
+    moved = tmp_path / "elsewhere" / "deeper"
+    for name in ("world", baseline["out"].name):
+        shutil.copytree(world["base"] / name, moved / name)
+    records = load_pairs([moved / baseline["out"].name / "pairs.json"])
+    assert any(r.rejected_image for r in records)
+    dataset = PairDataset(records, None, bad_image="error")
+    assert all(root.startswith(str(moved)) for root in dataset._roots)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item["image"].size and item["rejected_image"].size
 
 
 def test_resume_after_sigkill_gives_identical_outputs(world, baseline):
