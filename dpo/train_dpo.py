@@ -16,8 +16,9 @@ checkpoints and exact resume are common.engine. Outputs in ``train.output_dir``:
   (``eval/...``) and per pair type (``eval/cm/...``);
 - ``checkpoints/`` (resume with ``--train.resume latest``), ``run_config.yaml``.
 
-Several processes: ``accelerate launch -m dpo.train_dpo ...`` or ``torchrun --nproc_per_node N
--m dpo.train_dpo ...`` with ``--train.deepspeed configs/deepspeed/zero2.json`` (or zero3).
+Several processes: ``NPROC=N bash scripts/train_dpo.sh ...`` (accelerate launch) or ``torchrun
+--nproc_per_node N -m dpo.train_dpo ...``, with ``--train.deepspeed configs/deepspeed/zero2.json``
+(or zero3). A DeepSpeed config also runs in one process started without a launcher.
 """
 
 from __future__ import annotations
