@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -110,15 +111,34 @@ class TrainResult:
     best_checkpoint: Path | None = None
 
 
+def one_process_world() -> None:
+    """Describe a world of one process when no launcher did.
+
+    DeepSpeed (ZeRO-2/3) needs a process group even for one process, and accelerate creates it
+    only from a launcher's variables; these are the ones ``accelerate launch --num_processes 1``
+    sets: rank 0 of 1, on a free local port (a MASTER_ADDR / MASTER_PORT already set is kept).
+    """
+    if "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
 def build_accelerator(cfg: EngineConfig) -> Accelerator:
     """The Accelerator for ``cfg``: precision, accumulation, seeded data order, DeepSpeed.
 
     Build it before loading the model: under ZeRO-3 transformers then loads the weights sharded.
+    A DeepSpeed run started without a launcher (``python -m ...``) runs as a world of one process.
     """
     plugin = None
     if cfg.deepspeed:
         if not Path(cfg.deepspeed).is_file():
             raise ConfigError(f"deepspeed: {cfg.deepspeed}: file does not exist")
+        one_process_world()
         # "auto" entries of the JSON are filled from here and, in prepare(), from the model and loader.
         plugin = DeepSpeedPlugin(
             hf_ds_config=str(cfg.deepspeed),
@@ -209,6 +229,16 @@ def param_groups(model: torch.nn.Module, lr: float, projector_lr: float = 0.0, w
     ]
 
 
+def _one_trained_dtype(model: torch.nn.Module) -> None:
+    """Cast trained weights to the frozen weights' dtype. DeepSpeed's ZeRO optimizers hold every
+    trained weight in one dtype (and keep fp32 master copies themselves), while PEFT makes LoRA
+    weights float32 on a bf16/fp16 model; without DeepSpeed they stay float32 for AdamW."""
+    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    for p in model.parameters():
+        if dtype is not None and p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def _trainable_only_checkpoints(accelerator: Accelerator) -> list:
     """Checkpoints hold only trainable weights (the LoRA adapter, not a copy of the frozen 7B base).
 
@@ -278,6 +308,8 @@ def train(
     # that draw out of the global RNG, which checkpoints restore (dropout continues exactly).
     if train_loader.generator is None:
         train_loader.generator = torch.Generator().manual_seed(cfg.seed)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _one_trained_dtype(model)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.lr, cfg.projector_lr, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.adam_betas)
     )

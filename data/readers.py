@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -94,6 +95,10 @@ def read_records(
 
     A bad record (see module doc) is skipped and its ``FILE:LINE: why`` appended to ``skipped``
     when ``bad_record`` is ``skip``; with ``error`` it raises InputError.
+
+    A record's own relative ``image_root`` is taken relative to the file's folder, as index.json
+    paths are (dpo.pairs writes them so, and a moved folder of outputs still reads); an absolute
+    one is kept as written.
     """
     path = Path(path)
     if kind is not None and kind not in _PARSERS:
@@ -103,6 +108,7 @@ def read_records(
     roots = image_roots(default_image_root)
     default_root = roots[0] if len(roots) == 1 else None
     shared: dict[Any, Any] = {}  # one stored copy of each repeated value (see _text, _images)
+    beside_file: dict[str, str] = {}  # a record's relative image_root -> that root under the file's folder
     parse = _PARSERS[kind] if kind else None
     records: list[Record] = []
     n_bad = 0
@@ -119,6 +125,11 @@ def read_records(
             _skip(str(e), n_bad, path, skipped)
             continue
         parse = record_parse
+        if rec.image_root is not None and not os.path.isabs(rec.image_root):
+            root = rec.image_root
+            if root not in beside_file:
+                beside_file[root] = os.path.normpath(os.path.join(path.parent, root))
+            rec.image_root = beside_file[root]
         if len(roots) > 1:
             rec.image_root = pick_root(rec.image_root, roots, _first_ref(rec))
         elif rec.image_root is None:

@@ -47,13 +47,14 @@ class PromptParts:
     question: str | None = None
     references: tuple[str, ...] = ()
     text: str | None = None
+    options: str | None = None  # the record's own option text (dpo.prompts.own_options)
 
     def prompt(self, templates: PromptTemplates, references: Sequence[str] | None = None) -> Prompt:
         """The user turn holding ``references`` (default: all of this prompt's)."""
         if self.text is not None:
             return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.text}]}]
         refs = self.references if references is None else references
-        return build_prompt(self.domain, self.task, self.question, list(refs) or None, templates)
+        return build_prompt(self.domain, self.task, self.question, list(refs) or None, templates, self.options)
 
 
 class Note(NamedTuple):

@@ -57,7 +57,7 @@ from dpo.answers import yes_no
 from dpo.budget import BudgetLog, PromptParts, fit_prompt
 from dpo.pairs import NoiseConfig, make_x_v_star
 from dpo.metrics import copy_rate, over_reliance_rate, report_metrics, tokenize, vqa_metrics
-from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
+from dpo.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule, select_k
 
 CONDITIONS = ("no_rag", "rag_fixed", "rag_adaptive", "noised_rag")
@@ -83,6 +83,7 @@ class EvalConfig:
     adaptive: KRule = doc(KRule(rule="gap", k=10, gamma=0.1), "k rule of rag_adaptive, applied to the stored reference_scores")
     noise: NoiseConfig = doc(NoiseConfig(), "x_v* of noised_rag, made as the pair builder makes it (dpo.pairs)")
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML (dpo.prompts)")
+    option_text: bool = doc(False, OPTION_TEXT_HELP)
     max_new_tokens_vqa: int = doc(16, "answer length cap for VQA")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
     max_length: int = doc(0, "token budget of prompt (image tokens included) + max_new_tokens; references are dropped or "
@@ -264,12 +265,14 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
             image, real, noised = loaded
             reports, ids, scores = references(r)
             domain = r.meta.get("domain") or f.domain or "default"
+            question = _question(r)
+            options = own_options(r.meta.get("text"), question, cfg.option_text)
             base = {"policy": name, "file": f.name, "task": f.task, "index": index, "id": r.id,
-                    "domain": domain, "image": image, "question": _question(r), "answer": _gold(r)}
+                    "domain": domain, "image": image, "question": question, "answer": _gold(r)}
             for cond in cfg.conditions:
                 k = condition_k(cond, scores, len(reports), cfg)
                 image = noised if cond == "noised_rag" else real
-                parts = PromptParts(domain, f.task, _question(r), tuple(reports[:k]))
+                parts = PromptParts(domain, f.task, question, tuple(reports[:k]), options=options)
                 fit = fit_prompt(policy, parts, templates, [image], budget.max_length, max_new)
                 budget.record(f"{r.source}/{name}/{cond}", fit.note)
                 if fit.refused:

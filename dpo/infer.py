@@ -20,7 +20,9 @@ says what was cut, and ``<out>.budget.json`` sums it over the queries.
 
 Defaults are the toy pipeline's outputs (outputs/toy/clip, outputs/toy/policy, the DPO adapter
 in outputs/toy/dpo/adapter when there is one); a missing one stops with exit code 2 naming the
-script that makes it.
+script that makes it. That adapter is applied only to the toy policy: another ``--policy`` gets
+an adapter only from ``--adapter PATH``. The first line printed names the policy and the adapter
+used, and why.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ from common.io import InputError, atomic_write_json, atomic_write_jsonl, read_js
 from data.images import BadImageError, inside_root, load_image
 from dpo.budget import BudgetLog, PromptParts, describe, fit_prompt
 from dpo.evaluate import check_adapter_base, find_adapter, load_with_adapters
-from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
+from dpo.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule
 
 TASKS = ("vqa", "report")
+TOY_POLICY = "outputs/toy/policy"
 
 
 @dataclass
@@ -56,10 +59,12 @@ class InferConfig:
     clip_dir: str = doc("outputs/toy/clip", "the retrievers and domain classifier (bash scripts/finetune_clip.sh)")
     checkpoint: str = doc("best", "which checkpoint of each retriever: best | latest")
     cache_dir: str = doc("outputs/toy/retrieval/cache", "corpus embedding cache (shared with the retrieval stage)")
-    policy: str = doc("outputs/toy/policy", "policy checkpoint folder (bash scripts/make_toy_policy.sh)")
-    adapter: str = doc("", "PEFT adapter; empty = outputs/toy/dpo/adapter if present; `none` = the base policy")
+    policy: str = doc(TOY_POLICY, "policy checkpoint folder (bash scripts/make_toy_policy.sh)")
+    adapter: str = doc("", "PEFT adapter; empty = outputs/toy/dpo/adapter if present and the policy is the toy one, "
+                           "else none; `none` = the base policy")
     init_adapter: str = doc("", "adapter merged into the policy before `adapter` (train_dpo's init_adapter, e.g. SFT)")
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
+    option_text: bool = doc(False, OPTION_TEXT_HELP)
     max_new_tokens_vqa: int = doc(16, "answer length cap for questions")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
     max_length: int = doc(0, "token budget of prompt (image tokens included) + max_new_tokens; references are dropped or "
@@ -76,6 +81,7 @@ class Query:
     question: str | None
     task: str
     domain: str | None
+    options: str | None = None  # the row's own option text, when option_text is on
 
 
 # ---------------------------------------------------------------- inputs
@@ -114,8 +120,9 @@ def read_queries(cfg: InferConfig) -> list[Query]:
             raise InputError(f"{where}: `question` must be a string")
         question = (question or "").replace("<image>", "").strip() or None
         resolved = str(inside_root(image, cfg.image_root or None)) if not Path(image).is_absolute() else image
+        options = own_options(row.get("text"), question, cfg.option_text)
         queries.append(Query(row, resolved, question, _task(cfg.task or row.get("task") or "", question, where),
-                             cfg.domain or row.get("domain") or None))
+                             cfg.domain or row.get("domain") or None, options))
     if not queries:
         raise InputError(f"{path}: no queries")
     return queries
@@ -137,15 +144,29 @@ def load_retriever(cfg: InferConfig) -> Any:
         raise InputError(f"{e} (`bash scripts/finetune_clip.sh` makes it)") from None
 
 
-def load_answerer(cfg: InferConfig) -> tuple[Any, str | None]:
-    """The policy (with its adapters, merged) and the DPO adapter used."""
+def pick_adapter(cfg: InferConfig) -> tuple[str | None, str]:
+    """The DPO adapter to apply and why (for the header). The toy's adapter is a default only for
+    the toy policy: on any other policy it would change the answers unasked."""
+    if cfg.adapter == "none":
+        return None, "--adapter none"
+    if cfg.adapter:
+        return find_adapter(cfg.adapter), "--adapter"
+    if Path(cfg.policy).resolve() != Path(TOY_POLICY).resolve():
+        return None, "not the toy policy: pass --adapter PATH to apply one"
+    adapter = find_adapter("")
+    return adapter, "the toy policy's DPO adapter" if adapter else "no toy DPO adapter yet: bash scripts/train_dpo.sh"
+
+
+def load_answerer(cfg: InferConfig) -> tuple[Any, str]:
+    """The policy (with its adapters, merged) and the header line naming the policy and adapter."""
     if not Path(cfg.policy).is_dir():
         raise InputError(f"{cfg.policy}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
-    adapter = None if cfg.adapter == "none" else find_adapter(cfg.adapter)
+    adapter, why = pick_adapter(cfg)
     if adapter:
         check_adapter_base(adapter, cfg.init_adapter)
     policy = load_with_adapters(cfg.policy, cfg.init_adapter, adapter, cfg.dtype, cfg.device)
-    return policy, adapter
+    used = f" + adapter {adapter}" if adapter else ", no DPO adapter"
+    return policy, f"policy: {cfg.policy}{used} ({why})"
 
 
 # ---------------------------------------------------------------- the path
@@ -201,7 +222,7 @@ def answer_queries(queries: list[Query], retriever: Any, policy: Any, cfg: Infer
         fits = {}
         for j in idx:
             q = queries[good[j]]
-            parts = PromptParts(domains[j], task, q.question, tuple(h.text for h in hits[j]))
+            parts = PromptParts(domains[j], task, q.question, tuple(h.text for h in hits[j]), options=q.options)
             fit = fit_prompt(policy, parts, templates, [images[j]], budget.max_length, max_new)
             budget.record(f"query {good[j] + 1}: {q.image_path}", fit.note)
             if fit.refused:
@@ -247,8 +268,8 @@ def main() -> None:
         load_image(cfg.image)  # one bad image is refused before any model loads (exit 2)
     need_retriever = cfg.rag or any(q.domain is None for q in queries)
     retriever = load_retriever(cfg) if need_retriever else None
-    policy, adapter = load_answerer(cfg)
-    print(f"policy: {cfg.policy}" + (f" + adapter {adapter}" if adapter else " (no DPO adapter: base policy)"))
+    policy, header = load_answerer(cfg)
+    print(header)
     budget = BudgetLog.of(policy, cfg.max_length)
     rows = answer_queries(queries, retriever, policy, cfg, budget)
     if cfg.queries:

@@ -167,17 +167,18 @@ class PairDataset(PreferenceDataset):
 
 
 def prompt_parts(record: PreferenceRecord, templates: PromptTemplates) -> PromptParts:
-    """The parts of a pair's prompt: structured when the record names its ``question`` and
-    ``references`` (dpo.pairs writes them) and ``templates`` write exactly its prompt from them;
+    """The parts of a pair's prompt: structured when the record names its ``question``,
+    ``references`` and ``options`` (dpo.pairs writes them) and ``templates`` write exactly its prompt from them;
     else its prompt as plain text (released pairs, pairs written with other templates)."""
-    refs, question = record.meta.get("references"), record.meta.get("question")
+    refs, question, options = (record.meta.get(k) for k in ("references", "question", "options"))
     plain = PromptParts(text=record.prompt)
     if not (record.domain and record.task in templates.tasks and isinstance(refs, list)
-            and all(isinstance(r, str) for r in refs) and isinstance(question, (str, type(None)))):
+            and all(isinstance(r, str) for r in refs) and isinstance(question, (str, type(None)))
+            and isinstance(options, (str, type(None)))):
         return plain
-    if templates.text(record.domain, record.task, question, refs) != record.prompt:
+    if templates.text(record.domain, record.task, question, refs, options) != record.prompt:
         return plain
-    return PromptParts(record.domain, record.task, question, tuple(refs))
+    return PromptParts(record.domain, record.task, question, tuple(refs), options=options)
 
 
 class CpuEncoder(Policy):

@@ -55,7 +55,9 @@ from dpo.answers import is_correct
 from dpo.budget import BudgetLog, Note, PromptParts, budget_for, checkpoint_limit, describe, fit_prompt
 from dpo.metrics import copy_rate, over_reliance_rate
 from dpo.pair_rules import CmRule, Pair, pairs_for_record
-from dpo.prompts import DEFAULT_PROMPTS, PromptTemplates, load_prompt_templates
+from dpo.prompts import (
+    DEFAULT_PROMPTS, OPTION_TEXT_HELP, PromptTemplates, load_prompt_templates, own_options,
+)
 
 PAIR_TYPES = ("cm", "oa1", "oa2")
 CONDITIONS = ("a", "b", "c")
@@ -88,6 +90,7 @@ class PairsConfig:
                           "default: the index entry's")
     domain: str = doc("", "domain of every record; default: the index entry's, else the record's routed `domain`")
     prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
+    option_text: bool = doc(False, OPTION_TEXT_HELP)
     out: str = doc("outputs/toy/pairs", "output folder")
     noise: NoiseConfig = doc(NoiseConfig(), "the noised image x_v*")
     cm_rule: CmRule = doc("copy", "D_cm rule: copy (a and b right) | wrong (a right, b wrong) | both")
@@ -125,6 +128,7 @@ class Item:
     source: str
     file: int  # position of the input file (batches never span files)
     error: str = ""  # the retriever could not serve this record (its `retrieve_error`)
+    options: str | None = None  # the record's own option text, when option_text is on
 
     def image_path(self) -> Path:
         return resolve_image(self.image, self.record_root, self.default_root).absolute()
@@ -179,14 +183,15 @@ def read_items(inputs: list[Input], cfg: PairsConfig, skipped: list[str] | None 
             if not image:
                 raise InputError(f"{rec.source}: no image")
             task = "vqa" if isinstance(rec, VqaRecord) else "report"
+            question = rec.question if isinstance(rec, VqaRecord) else None
             key = f"{task}/{domain}/{rec.id}"
             seen[key] += 1
             if seen[key] > 1:
                 key = f"{key}#{seen[key]}"
             root = cfg.image_root.format(domain=domain) if cfg.image_root else inp.image_root
             items.append(Item(
-                key=key, id=rec.id, task=task, domain=domain,
-                question=rec.question if isinstance(rec, VqaRecord) else None,
+                key=key, id=rec.id, task=task, domain=domain, question=question,
+                options=own_options(rec.meta.get("text"), question, cfg.option_text),
                 truth=rec.answer if isinstance(rec, VqaRecord) else rec.text,
                 references=refs, image=image, record_root=rec.image_root, default_root=root,
                 source=rec.source, file=n, error=error,
@@ -280,9 +285,9 @@ def answer_batch(policy: Any, batch: list[Item], cfg: PairsConfig, templates: Pr
                 raise
             rows[it.key] = {"key": it.key, "skipped": {"path": e.path, "reason": e.reason, "detail": e.detail}}
             continue
-        parts = PromptParts(it.domain, it.task, it.question, tuple(it.references))
+        parts = PromptParts(it.domain, it.task, it.question, tuple(it.references), options=it.options)
         ab = fit_prompt(policy, parts, templates, [real, noised], max_length, max_new)
-        c = fit_prompt(policy, PromptParts(it.domain, it.task, it.question), templates, [real], max_length, max_new)
+        c = fit_prompt(policy, PromptParts(it.domain, it.task, it.question, options=it.options), templates, [real], max_length, max_new)
         notes = {"ab": ab.note._asdict(), "c": c.note._asdict()}
         if ab.refused or c.refused:
             rows[it.key] = {"key": it.key, "budget": notes,
@@ -357,7 +362,10 @@ def settings_of(cfg: PairsConfig, inputs: list[Input]) -> dict[str, Any]:
     keys = ("policy", "adapter", "dtype", "prompts", "noise", "max_new_tokens_vqa",
             "max_new_tokens_report", "max_length", "limit", "image_root", "domain")
     plain = to_dict(cfg)
-    return {**{k: plain[k] for k in keys}, "inputs": [os.path.abspath(i.path) for i in inputs]}
+    settings = {**{k: plain[k] for k in keys}, "inputs": [os.path.abspath(i.path) for i in inputs]}
+    if cfg.option_text:  # only when on: answers made before the option existed stay reusable
+        settings["option_text"] = True
+    return settings
 
 
 def settings_differ(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
@@ -392,13 +400,24 @@ def correct_fn(task: str, cfg: PairsConfig) -> Callable[[str, str], bool]:
     return lambda pred, ref: is_correct(pred, ref, task, cfg.report_threshold, cfg.report_metric)
 
 
+def written_root(root: str, out: Path) -> str:
+    """An absolute image folder as pairs.json names it: relative to pairs.json when it lies in the
+    folder that holds ``out`` (the toy's outputs/toy/ holds world/ and pairs/), so that folder can
+    be moved or shared (data.readers resolves it against the file); elsewhere (a dataset on its
+    own disk) absolute, as it stays when the outputs move."""
+    pairs_dir = os.path.abspath(out)
+    beside = os.path.dirname(pairs_dir)
+    return os.path.relpath(root, pairs_dir) if os.path.commonpath([root, beside]) == beside else root
+
+
 def pair_record(it: Item, pair: Pair, references: list[str], templates: PromptTemplates, out: Path) -> dict[str, Any]:
     """One preference record (contract 3) whose prompt holds ``references`` (those the answers were
     generated with) and names them with its ``question``. The image keeps its root; for a noised
     rejected side ``image_root`` becomes the deepest folder holding both the real image and the
-    stored x_v*, because readers resolve ``rejected_image`` against the record's one root."""
+    stored x_v*, because readers resolve ``rejected_image`` against the record's one root; the root
+    is written by ``written_root``."""
     refs = references if pair.with_retrieval else []
-    human = {"from": "human", "value": "<image>\n" + templates.text(it.domain, it.task, it.question, refs)}
+    human = {"from": "human", "value": "<image>\n" + templates.text(it.domain, it.task, it.question, refs, it.options)}
     root, image = it.root_and_image()
     rejected_image = None
     if pair.rejected_noised:
@@ -408,7 +427,7 @@ def pair_record(it: Item, pair: Pair, references: list[str], templates: PromptTe
     rec: dict[str, Any] = {
         "id": f"{it.key}/{pair.pair_type}",
         "image": image,
-        "image_root": root,
+        "image_root": written_root(root, out),
         "conversations": [human, {"from": "gpt", "value": pair.chosen}],
         "rejected_conversations": [human, {"from": "gpt", "value": pair.rejected}],
         "rejected_noised": int(pair.rejected_noised),
@@ -418,6 +437,8 @@ def pair_record(it: Item, pair: Pair, references: list[str], templates: PromptTe
         "question": it.question,
         "references": refs,
     }
+    if it.options:
+        rec["options"] = it.options
     if rejected_image:
         rec["rejected_image"] = rejected_image
     return rec

@@ -5,6 +5,10 @@ module only fills it in and returns chat messages in the role/content form that 
 processors' chat templates take. The image is a content item ``{"type": "image"}``, so the
 processor places its own image token; ``plain_text`` is the fallback for processors that have
 no chat template.
+
+A question may carry its record's own option text (IU-Xray's ``text``: "Please choose from the
+following two options: [yes, no]"): ``own_options`` takes it from the record and ``options``
+puts it right after the question, in every template (callers enable it with ``option_text``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from typing import Any
 import yaml
 
 from common.io import InputError
+from data.readers import strip_image_mark
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "default.yaml"
 TASKS = ("vqa", "report")
 FIELDS = {"expert", "image", "question", "references"}
+OPTION_TEXT_HELP = ("put the record's own option text (its `text` field, e.g. IU-Xray's \"Please choose from the "
+                    "following two options: [yes, no]\") after the question")
 Message = dict[str, Any]
 
 
@@ -41,15 +48,22 @@ class PromptTemplates:
     source: str = ""
 
     def text(
-        self, domain: str, task: str, question: str | None, references: list[str] | None
+        self,
+        domain: str,
+        task: str,
+        question: str | None,
+        references: list[str] | None,
+        options: str | None = None,
     ) -> str:
-        """The filled-in user text (no image token)."""
+        """The filled-in user text (no image token); ``options`` follows the question."""
         if task not in self.tasks:
             known = sorted(self.tasks)
             raise ValueError(f"{self.source}: no templates for task {task!r}; known: {known}")
         t = self.tasks[task]
         fill = self.domains.get(domain) or self.domains["default"]
         question = (question or "").strip() or t.default_question
+        if options:
+            question = f"{question} {options}"
         template = t.with_references if references else t.without_references
         return template.format(
             expert=fill["expert"], image=fill["image"], question=question,
@@ -67,6 +81,16 @@ class PromptTemplates:
 def enumerate_references(references: list[str]) -> str:
     """``1. first report\\n2. second report`` (whitespace inside each report collapsed)."""
     return "\n".join(f"{i}. {' '.join(r.split())}" for i, r in enumerate(references, 1))
+
+
+def own_options(text: Any, question: str | None, enabled: bool = True) -> str | None:
+    """The option text a record carries for its question (its ``text`` field, without the
+    question it may repeat), when ``enabled`` (a run's ``option_text``). None without a question,
+    without ``text``, or when ``text`` is only the question (as in the toy world)."""
+    asked = " ".join((question or "").split())
+    if not (enabled and asked and isinstance(text, str)):
+        return None
+    return " ".join(strip_image_mark(text).split()).replace(asked, "").strip() or None
 
 
 def _check_template(text: Any, where: str) -> str:
@@ -127,14 +151,16 @@ def build_prompt(
     question: str | None,
     references: list[str] | None,
     templates: PromptTemplates | str | Path | None = None,
+    options: str | None = None,
 ) -> list[Message]:
     """One user turn holding the image and the filled-in template.
 
-    ``references`` None or empty gives the no-retrieval prompt (condition c of the pair builder).
+    ``references`` None or empty gives the no-retrieval prompt (condition c of the pair builder);
+    ``options`` is the record's own option text (``own_options``).
     """
     if not isinstance(templates, PromptTemplates):
         templates = load_prompt_templates(templates or DEFAULT_PROMPTS)
-    text = templates.text(domain, task, question, references)
+    text = templates.text(domain, task, question, references, options)
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 

@@ -19,8 +19,9 @@ checkpoints and exact resume are common.engine. Outputs in ``train.output_dir``:
 - ``run_summary.json``: the step reached, the last evaluation and ``budget``: what fitting the pairs
   to ``max_length`` cut or refused (dpo.budget; an answer is never cut).
 
-Several processes: ``accelerate launch -m dpo.train_dpo ...`` or ``torchrun --nproc_per_node N
--m dpo.train_dpo ...`` with ``--train.deepspeed configs/deepspeed/zero2.json`` (or zero3).
+Several processes: ``NPROC=N bash scripts/train_dpo.sh ...`` (accelerate launch) or ``torchrun
+--nproc_per_node N -m dpo.train_dpo ...``, with ``--train.deepspeed configs/deepspeed/zero2.json``
+(or zero3). A DeepSpeed config also runs in one process started without a launcher.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 # scores and the answer; --queries FILE.jsonl writes a JSONL of answers instead.
 # Usage: bash scripts/infer.sh --image PATH [--question TEXT] [--key value ...]
 #        bash scripts/infer.sh --queries FILE.jsonl [--out FILE.jsonl]
-# Defaults: outputs/toy/clip, outputs/toy/policy, outputs/toy/dpo/adapter if present. `--help` lists every option.
+# Defaults: outputs/toy/clip, outputs/toy/policy, outputs/toy/dpo/adapter if present (only with the toy
+# policy: another --policy gets an adapter only from --adapter PATH). `--help` lists every option.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

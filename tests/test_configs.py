@@ -43,6 +43,9 @@ def test_real_data_stages_chain(domain):
     dpo_out = Path(cfg["dpo"].train.output_dir)
     assert Path(cfg["evaluate"].adapter) == dpo_out / "adapter" and Path(cfg["evaluate"].dpo_dir) == dpo_out
     assert domain in str(retrieval)  # one folder per domain: a second domain's run must not overwrite it
+    # pairs (and the released pairs) and evaluation prompt in one wording, with the question's own options
+    assert cfg["pairs"].prompts == cfg["evaluate"].prompts == "configs/prompts/mmed_rag.yaml"
+    assert cfg["pairs"].option_text and cfg["evaluate"].option_text
 
 
 @pytest.mark.parametrize("domain", DOMAINS)

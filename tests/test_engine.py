@@ -24,6 +24,7 @@ from common.engine import (
     LoraConfig,
     apply_lora,
     build_accelerator,
+    one_process_world,
     param_groups,
     save_model,
     train,
@@ -256,3 +257,19 @@ def _deepspeed_worker(out: Path) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ds"]:
     _deepspeed_worker(Path(sys.argv[2]))
+
+
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_one_process_world_only_without_a_launcher(monkeypatch):
+    for var in LAUNCHER_VARS:  # set first, so that monkeypatch also removes what the test sets
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MASTER_PORT", "29999")  # the user's choice is kept
+    one_process_world()
+    assert [os.environ[v] for v in LAUNCHER_VARS] == ["0", "0", "1", "1", "127.0.0.1", "29999"]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher's world is left as it is
+    monkeypatch.setenv("RANK", "1")
+    one_process_world()
+    assert (os.environ["WORLD_SIZE"], os.environ["RANK"]) == ("2", "1")

@@ -322,3 +322,20 @@ def test_prompt_layout_the_scripted_policy_reads():
     assert "Question:" in text and re.search(r"^1\. Yes finding\.$", text, re.M)
     report = build_prompt("radiology", "report", None, None)[0]["content"][1]["text"]
     assert "Question:" not in report
+
+
+def test_option_text_of_a_record(hand_world, toy_processor):
+    """A record's own option text follows its question when option_text is on; a record whose
+    `text` is only its question, or that has none, keeps the plain prompt."""
+    options = "Please choose from the following two options: [yes, no]"
+    path = hand_world / "radiology_test_vqa.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["text"], rows[1]["text"] = options, "Is there a finding?"
+    _write_jsonl(path, rows)
+    for enabled in (True, False):
+        policy = ScriptedPolicy(toy_processor)
+        evaluate(_cfg(hand_world, conditions=["no_rag"], plots=False, option_text=enabled),
+                 load=lambda p, a: policy)
+        texts = [text for text, _ in policy.seen]
+        assert ("Question: Is there a finding? " + options in texts[0]) is enabled
+        assert texts[1] == texts[2] and options not in texts[1] and texts[1].count("Is there a finding?") == 1

@@ -12,7 +12,7 @@ from PIL import Image
 from common.config import ConfigError, cli_main
 from common.io import InputError
 from dpo.budget import BudgetLog
-from dpo.infer import InferConfig, answer_queries, main, read_queries
+from dpo.infer import InferConfig, answer_queries, main, pick_adapter, read_queries
 from dpo.policy import Policy
 from retriever.select_k import KRule
 
@@ -100,6 +100,46 @@ def test_answer_queries_routes_retrieves_and_prompts(tmp_path, toy_processor):
     assert no_rag[0]["reference_reports"] == [] and "1. " not in no_rag[0]["prediction"]
     with pytest.raises(InputError, match="no retriever"):
         answer_queries(queries[:1], None, echo, InferConfig(image="x", rag=False), BudgetLog.of(echo, 0))
+
+
+def test_option_text_of_a_query_row(tmp_path, toy_processor):
+    _image(tmp_path / "a.png", BRIGHT)
+    options = "Please choose from the following two options: [yes, no]"
+    rows = [{"question": "Is there effusion?", "image": "a.png", "text": options},
+            {"question": "Is there effusion?", "image": "a.png", "text": "Is there effusion?"},  # only the question
+            {"question": "Is there effusion?", "image": "a.png"}]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for enabled in (True, False):
+        cfg = InferConfig(queries=str(path), image_root=str(tmp_path), rag=False, domain="radiology",
+                          option_text=enabled)
+        texts = [r["prediction"] for r in answer_queries(read_queries(cfg), None, EchoPolicy(toy_processor), cfg,
+                                                                BudgetLog(None, None))]
+        assert ("Is there effusion? " + options in texts[0]) is enabled
+        assert texts[1] == texts[2] and options not in texts[2] and texts[2].count("Is there effusion?") == 1
+
+
+def _toy_adapter(root: Path) -> Path:
+    """A toy DPO adapter where the defaults look for it (relative to the working directory)."""
+    adapter = root / "outputs" / "toy" / "dpo" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (root / "outputs" / "toy" / "policy").mkdir()
+    return adapter
+
+
+def test_toy_adapter_only_for_the_toy_policy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _toy_adapter(tmp_path)
+    mine = tmp_path / "mine"
+    (mine / "adapter_config.json").parent.mkdir()
+    (mine / "adapter_config.json").write_text("{}")
+    assert pick_adapter(InferConfig())[0] == "outputs/toy/dpo/adapter"
+    assert pick_adapter(InferConfig(policy=str(tmp_path / "outputs/toy/policy")))[0] == "outputs/toy/dpo/adapter"
+    adapter, why = pick_adapter(InferConfig(policy=str(tmp_path / "llava-med")))
+    assert adapter is None and "--adapter PATH" in why
+    assert pick_adapter(InferConfig(policy=str(tmp_path / "llava-med"), adapter=str(mine)))[0] == str(mine)
+    assert pick_adapter(InferConfig(adapter="none"))[0] is None
 
 
 # ---------------------------------------------------------------- the CLI on tiny trained stand-ins
@@ -191,3 +231,15 @@ def test_cli_bad_image_exits_2_once_before_loading_models(monkeypatch, capsys, t
     captured = capsys.readouterr()
     assert str(text) in captured.err and "finetune_clip.sh" not in captured.err
     assert "error" not in captured.out
+
+
+def test_cli_other_policy_gets_no_toy_adapter(tiny, monkeypatch, capsys, tmp_path):
+    """A toy DPO adapter sits in outputs/toy/dpo/adapter; a run with another policy does not apply it."""
+    root, world = tiny
+    monkeypatch.chdir(tmp_path)
+    _toy_adapter(tmp_path)
+    image = str(next((world / "pathology" / "images").rglob("*.png")))
+    assert _run(monkeypatch, "--image", image, "--rag", "false", "--domain", "pathology", "--policy",
+                str(root / "policy"), "--max_new_tokens_report", "2") == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"policy: {root / 'policy'}, no DPO adapter (") and "--adapter PATH" in header

@@ -17,7 +17,7 @@ from PIL import Image
 from common.io import InputError
 from data.images import BadImageError, load_image
 from data.noise import pick_other
-from data.readers import read_records
+from data.readers import detect_kind, read_records
 from data.toy import make_world, manifest_files
 from data.toy_retrieval import ToyRetrievalConfig, write_oracle_retrieval
 from data.validate import validate
@@ -25,6 +25,7 @@ from dpo.budget import BudgetLog, PromptParts, fit_prompt
 from dpo.pair_data import load_pairs, prompt_parts
 from dpo.pairs import (
     GENERATIONS,
+    Input,
     NoiseConfig,
     PairsConfig,
     answer_batch,
@@ -38,8 +39,10 @@ from dpo.pairs import (
     read_generations,
     read_items,
     run,
+    written_root,
 )
 from dpo.policy import load_policy
+from dpo.pair_data import PairDataset, load_pairs
 from dpo.prompts import load_prompt_templates
 from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
@@ -82,7 +85,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def baseline(world):
-    """One uninterrupted run; the other runs reuse its folder (pairs name absolute image roots)."""
+    """One uninterrupted run; the other runs reuse its folder and compare their bytes with it."""
     out = world["base"] / "out"
     stats = run(_cfg(world, out))
     return {"out": out, "stats": stats, "bytes": _outputs(out)}
@@ -97,6 +100,25 @@ def test_correct_decides_vqa_by_yes_no_and_reports_by_threshold():
     assert report(ref, ref) and report("There is a small pleural effusion.", ref)
     assert not report("Normal fundus.", ref) and not report("", ref)
     assert correct_fn("report", replace(cfg, report_threshold=0.0))("Normal fundus.", ref)
+
+
+def test_option_text_follows_the_question_once(world, tmp_path):
+    """The toy world's radiology `text` is the question itself: no option text, no doubled
+    question. A record whose `text` holds options gets them after its question, in every prompt."""
+    cfg = _cfg(world, tmp_path, option_text=True)
+    source = next(i for i in find_inputs(cfg) if i.domain == "radiology" and detect_kind(i.path) == "vqa")
+    rows = [json.loads(line) for line in Path(source.path).read_text().splitlines()]
+    assert rows[0]["text"] == rows[0]["question"].replace("\n<image>", "")
+    options = "Please choose from the following two options: [yes, no]"
+    rows[1]["text"] = options
+    path = tmp_path / "with_options.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = read_items([Input(str(path), "radiology", source.image_root)], cfg)
+    assert items[0].options is None and items[1].options == options
+    text = load_prompt_templates(cfg.prompts).text("radiology", "vqa", items[1].question, None, items[1].options)
+    assert f"{items[1].question} {options}" in text and text.count(items[1].question) == 1
+    plain = read_items([Input(str(path), "radiology", source.image_root)], replace(cfg, option_text=False))
+    assert all(it.options is None for it in plain)
 
 
 def test_x_v_star_is_deterministic_and_another_image(world, tmp_path):
@@ -153,9 +175,11 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
     assert [(p["pair_type"], p["task"]) for p in pairs] == [("cm", "vqa"), ("oa1", "vqa"), ("oa2", "report")]
     cm, oa1, oa2 = pairs
     assert cm["conversations"][1]["value"] == cm["rejected_conversations"][1]["value"] == vqa.truth
-    assert cm["rejected_noised"] == 1 and Path(cm["image_root"], cm["rejected_image"]) == noised
-    assert Path(cm["image_root"], cm["image"]) == vqa.image_path()
+    root = tmp_path / cm["image_root"]  # written relative to pairs.json's folder, here tmp_path
+    assert cm["rejected_noised"] == 1 and Path(os.path.normpath(root / cm["rejected_image"])) == noised
+    assert Path(os.path.normpath(root / cm["image"])) == vqa.image_path()
     assert (oa1["conversations"][1]["value"], oa1["rejected_conversations"][1]["value"]) == ("Yes.", wrong)
+    assert Path(os.path.normpath(tmp_path / oa1["image_root"] / oa1["image"])) == vqa.image_path()
     assert "rejected_image" not in oa1 and oa1["rejected_noised"] == 0
     assert (oa2["conversations"][1]["value"], oa2["rejected_conversations"][1]["value"]) == (rep.truth, "Normal fundus.")
     human = oa2["conversations"][0]["value"]
@@ -249,6 +273,30 @@ def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
     assert stats["bad_records"] == {"count": 0, "records": []}
     cmd = [sys.executable, "-m", "data.validate", str(out / "pairs.json"), "--kind", "preference", "--check-images"]
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+
+
+def test_image_roots_outside_the_outputs_stay_absolute(tmp_path):
+    out = tmp_path / "outputs" / "pairs"
+    assert written_root(str(tmp_path / "outputs" / "world" / "images"), out) == "../world/images"
+    assert written_root(str(tmp_path / "outputs"), out) == ".."
+    assert written_root("/data/mimic-cxr/files", out) == "/data/mimic-cxr/files"
+
+
+def test_moved_outputs_still_chain_to_training(world, baseline, tmp_path):
+    """pairs.json names its images relative to itself: the world and the pairs moved together
+    elsewhere still give every image (and stored x_v*) to train_dpo's loader, from the new place."""
+    text = (baseline["out"] / "pairs.json").read_text()
+    assert str(world["base"]) not in text  # no absolute path into the folder being moved
+    moved = tmp_path / "elsewhere" / "deeper"
+    for name in ("world", baseline["out"].name):
+        shutil.copytree(world["base"] / name, moved / name)
+    records = load_pairs([moved / baseline["out"].name / "pairs.json"])
+    assert any(r.rejected_image for r in records)
+    dataset = PairDataset(records, None, bad_image="error")
+    assert all(root.startswith(str(moved)) for roots in dataset._roots for root in roots)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item["image"].size and item["rejected_image"].size
 
 
 def test_resume_after_sigkill_gives_identical_outputs(world, baseline):

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from common.io import InputError
@@ -5,11 +8,14 @@ from dpo.prompts import (
     build_prompt,
     enumerate_references,
     load_prompt_templates,
+    own_options,
     plain_text,
 )
 
 Q = "Is there pleural effusion in this image?"
 REFS = ["The heart size is normal.\nNo   effusion.", "Small left pleural effusion."]
+MMED_RAG = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "mmed_rag.yaml"
+OPTIONS = "Please choose from the following two options: [yes, no]"
 
 
 def _text(messages):
@@ -88,3 +94,42 @@ def test_plain_text_fallback():
     text = plain_text(messages, "<img>")
     assert text.startswith("USER: <img>\n") and text.endswith("\nASSISTANT:")
     assert Q in text
+
+
+def _released_pattern(template: str) -> str:
+    """A regex as a converter of released prompts builds it from a with_references template:
+    the literal text escaped, {references} and {question} as groups."""
+    parts = re.split(r"\{(references|question)\}", template)
+    assert parts[1::2] == ["references", "question"]  # each once, the question after the references
+    return "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
+
+
+@pytest.mark.parametrize("task", ["vqa", "report"])
+def test_mmed_rag_wording_matches_back_and_drops_only_the_references(task):
+    templates = load_prompt_templates(MMED_RAG)
+    fill = templates.domains["radiology"]
+    t = templates.tasks[task]
+    question = Q if task == "vqa" else None
+    text = _text(build_prompt("radiology", task, question, REFS, MMED_RAG))
+    assert fill["expert"] in text and fill["image"] in text
+    template = t.with_references.replace("{expert}", fill["expert"]).replace("{image}", fill["image"])
+    match = re.fullmatch(_released_pattern(template), text, re.S)
+    assert match and match["references"] == enumerate_references(REFS)
+    assert match["question"] == (question or t.default_question)
+    with_lines, without_lines = t.with_references.splitlines(), t.without_references.splitlines()
+    dropped = [line for line in with_lines if line not in without_lines]
+    assert [line for line in with_lines if line not in dropped] == without_lines
+    assert dropped and all("reference" in line.lower() for line in dropped)
+    assert "reference" not in _text(build_prompt("radiology", task, question, None, MMED_RAG)).lower()
+
+
+def test_option_text_follows_the_question_once():
+    with_options = _text(build_prompt("radiology", "vqa", Q, REFS, options=own_options(OPTIONS, Q)))
+    assert f"{Q} {OPTIONS}" in with_options and with_options.count("[yes, no]") == 1
+    plain = _text(build_prompt("radiology", "vqa", Q, REFS))
+    assert _text(build_prompt("radiology", "vqa", Q, REFS, options=own_options(OPTIONS, Q, False))) == plain
+    assert OPTIONS not in plain
+    assert own_options(None, Q) is None  # a record without `text`: its prompt is unchanged
+    assert own_options(f"{Q}\n<image>", Q) is None  # `text` that only repeats the question
+    assert own_options(f"<image>\n{Q}  {OPTIONS}", Q) == OPTIONS  # the question is not doubled
+    assert own_options(OPTIONS, None) is None  # a report has no question to follow

@@ -106,6 +106,13 @@ def test_several_default_roots_pick_the_folder_holding_the_image(tmp_path):
     assert [r.image_root for r in recs] == [str(iu), str(iu)]
 
 
+def test_a_relative_image_root_is_taken_beside_the_file(tmp_path):
+    rows = [dict(PREFERENCE_RECORDS[0], image_root="../images"), dict(PREFERENCE_RECORDS[0], image_root="/abs/root")]
+    (tmp_path / "run").mkdir()
+    recs = read_records(write_json(tmp_path / "run" / "p.json", rows), default_image_root="/configured")
+    assert [r.image_root for r in recs] == [str(tmp_path / "images"), "/abs/root"]
+
+
 def test_repeated_values_are_stored_once(tmp_path):
     rows = [dict(VQA_RECORDS[0], question_id=i) for i in range(3)]
     recs = read_records(write_jsonl(tmp_path / "v.jsonl", rows))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from dpo.policy import load_policy, sequence_logps
 from dpo.loss import dpo_loss
 from dpo.prompts import load_prompt_templates
 from dpo.train_dpo import DpoConfig, DpoTrainer, pair_logps, run, shard, step_loss, summarize
+from tests.test_engine import LAUNCHER_VARS
 from tests.test_pair_data import toy_policy, write_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,6 +274,45 @@ def test_shards_cover_everything_in_equal_counts():
     parts = [shard(10, Acc(r)) for r in range(3)]
     assert {len(p) for p in parts} == {4}
     assert set().union(*parts) == set(range(10))
+
+
+def test_shipped_deepspeed_config_runs_in_one_process(world, tmp_path):
+    """configs/mmed_rag/radiology/dpo.yaml (ZeRO-3, bf16, LoRA r 128 + projector) started as
+    `bash scripts/train_dpo.sh CONFIG` starts it: one process, no launcher. It trains.
+
+    The first DeepSpeed run on a machine builds its CPU communication op with gcc.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "dpo.train_dpo", "configs/mmed_rag/radiology/dpo.yaml", "--pairs",
+           f"[{world / 'pairs.json'}]", "--image_root", str(world / "images"), "--policy", str(world / "policy"),
+           "--train.output_dir", str(tmp_path), "--train.max_steps", "2", "--train.num_workers", "0",
+           "--train.progress", "false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "1 process(es)" in proc.stdout
+    assert len([r for r in rows(tmp_path) if "loss" in r]) == 2
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_train_dpo_sh_launches_several_processes_with_accelerate(tmp_path):
+    """NPROC=N bash scripts/train_dpo.sh CONFIG runs accelerate launch with N processes (the script
+    runs in a copy whose .venv/bin programs print their arguments)."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "train_dpo.sh", tmp_path / "scripts")
+    (tmp_path / "scripts" / "setup.sh").write_text("")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    for program in ("accelerate", "python"):
+        (tmp_path / ".venv" / "bin" / program).write_text(f'#!/bin/sh\necho {program} "$@"\n')
+        (tmp_path / ".venv" / "bin" / program).chmod(0o755)
+
+    def launch(nproc: str) -> str:
+        env = {**os.environ, "NPROC": nproc}
+        return subprocess.run(["bash", str(tmp_path / "scripts" / "train_dpo.sh"), "my.yaml", "--beta", "0.2"],
+                              env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert launch("3") == "accelerate launch --multi_gpu --num_processes 3 -m dpo.train_dpo my.yaml --beta 0.2"
+    assert launch("1") == "python -m dpo.train_dpo my.yaml --beta 0.2"
 
 
 @pytest.mark.slow
