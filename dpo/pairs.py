@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
 from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl
-from data.images import BadImageError, load_image, pick_root, resolve_image
+from data.images import BadImageError, Roots, load_image, pick_root, resolve_image
 from data.noise import MODES, make_noised, pick_other, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records
 from data.records import VqaRecord
@@ -124,7 +124,7 @@ class Item:
     references: list[str]
     image: str  # first view, as written
     record_root: str | None
-    default_root: str | None
+    default_root: Roots  # one folder or several, looked in turn (data.images.pick_root)
     source: str
     file: int  # position of the input file (batches never span files)
     error: str = ""  # the retriever could not serve this record (its `retrieve_error`)
@@ -135,7 +135,7 @@ class Item:
 
     def root_and_image(self) -> tuple[str, str]:
         """(absolute image folder, image path relative to it): the written path when a root is known."""
-        root = pick_root(self.record_root, self.default_root)
+        root = pick_root(self.record_root, self.default_root, self.image)
         if root is None:
             path = str(self.image_path())
             return os.path.dirname(path), os.path.basename(path)

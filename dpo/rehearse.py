@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from common.config import ConfigError, cli_main, doc, load_config
 from common.io import InputError, atomic_write_json, atomic_write_text
@@ -51,6 +51,8 @@ class RehearseConfig:
     domains: list[str] = doc(list(DOMAINS), "domains to rehearse")
     configs: str = doc("configs/mmed_rag", "the chain's configs: <configs>/<domain>/{clip,retrieve,pairs,dpo,evaluate}.yaml")
     steps: int = doc(4, "optimizer steps of each CLIP and DPO run")
+    max_length: int = doc(0, "token budget of pairs, DPO, evaluation and inference (0 = each config's own)")
+    toy: bool = doc(False, "no release at hand: rehearse on the toy world written in the release's layout (<out>/toy_release)")
     timeout: int = doc(900, "seconds one stage may take before it counts as failed")
 
 
@@ -160,12 +162,12 @@ def py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def clip_command(cfg: RehearseConfig, domain: str, roots_args: list[str]) -> list[str]:
+def clip_command(cfg: RehearseConfig, domain: str) -> list[str]:
     """finetune_clip of one domain; the last domain's run also trains the domain classifier."""
     out = Path(cfg.out).resolve()
     return py(
-        "retriever.train", str(Path(cfg.configs) / domain / "clip.yaml"), "--data_root", str(out / "sample"),
-        *roots_args, "--clip.model", "toy-clip", "--clip.pretrained", "", "--output_dir", str(out / "outputs" / "clip"),
+        "retriever.train", str(Path(cfg.configs) / domain / "clip.yaml"), "--data.data_root", str(out / "sample"),
+        *roots_arguments(cfg, "data."), "--clip.model", "toy-clip", "--clip.pretrained", "", "--output_dir", str(out / "outputs" / "clip"),
         "--epochs", "1", "--max_steps", str(cfg.steps), "--batch_size", "8", "--val_batch_size", "16",
         "--num_workers", "0", "--mixed_precision", "no", "--val_every", "1",
         "--domain_classifier", "true" if domain == cfg.domains[-1] else "false",
@@ -173,46 +175,56 @@ def clip_command(cfg: RehearseConfig, domain: str, roots_args: list[str]) -> lis
     )
 
 
-def chain_commands(
-    cfg: RehearseConfig, domain: str, retrievers: list[str], policy: str, roots_args: list[str]
-) -> list[tuple[str, list[str]]]:
-    """The stages after CLIP of one domain: the shipped config, sizes and output folders overridden."""
+def chain_commands(cfg: RehearseConfig, domain: str, retrievers: list[str], policy: str) -> Iterator[tuple[str, list[str]]]:
+    """The stages after CLIP of one domain: the shipped config, sizes and output folders overridden.
+
+    A generator, so each command is made after the stage before it ran (DPO takes our pairs only
+    when the pair builder made some)."""
     out = Path(cfg.out).resolve()
     conf = Path(cfg.configs) / domain
     clip_dir, run = str(out / "outputs" / "clip"), out / "outputs" / domain
     adapter = str(run / "dpo" / "adapter")
-    return [
-        ("retrieve", py(
-            "retriever.retrieve", str(conf / "retrieve.yaml"), "--data_root", str(out / "sample"), *roots_args,
-            "--domains", json.dumps(retrievers), "--sources_dir", str(out / "sources"), "--clip_dir", clip_dir,
-            "--output_dir", str(run / "retrieval"), "--batch_size", "16", "--num_workers", "0", "--mixed_precision", "no",
-        )),
-        ("build_pairs", py(
-            "dpo.pairs", str(conf / "pairs.yaml"), "--policy", policy, "--device", "cpu", "--dtype", "float32",
-            *roots_args, "--retrieval_index", str(run / "retrieval" / "index.json"), "--out", str(run / "pairs"),
-            "--limit", "6", "--batch_size", "4", "--max_new_tokens_report", "24", "--progress", "false",
-        )),
-        ("train_dpo", py(
-            "dpo.train_dpo", str(conf / "dpo.yaml"), "--policy", policy, "--dtype", "float32", *roots_args,
-            "--pairs", json.dumps([str(run / "pairs" / "pairs.json")] + released_pairs(cfg, domain)),
-            "--lora.r", "4", "--lora.alpha", "8", "--train.output_dir", str(run / "dpo"), "--train.deepspeed", "",
-            "--train.mixed_precision", "no", "--train.gradient_checkpointing", "false", "--train.max_steps", str(cfg.steps),
-            "--train.batch_size", "2", "--train.num_workers", "0", "--train.save_every", str(cfg.steps),
-            "--train.eval_every", str(cfg.steps), "--train.progress", "false",
-        )),
-        ("evaluate", py(
-            "dpo.evaluate", str(conf / "evaluate.yaml"), "--policy", policy, "--adapter", adapter, "--device", "cpu",
-            "--dtype", "float32", *roots_args, "--retrieval_dir", str(run / "retrieval"), "--clip_dir", clip_dir,
-            "--dpo_dir", str(run / "dpo"), "--out", str(run / "eval"), "--limit", "4", "--batch_size", "4",
-            "--meteor", "false", "--max_new_tokens_report", "24",
-        )),
-        ("infer", py(
-            "dpo.infer", "--queries", str(run / "infer_queries.jsonl"), "--out", str(run / "infer" / "answers.jsonl"),
-            "--policy", policy, "--adapter", adapter, "--clip_dir", clip_dir,
-            "--cache_dir", str(run / "retrieval" / "cache"), "--prompts", "configs/prompts/mmed_rag.yaml",
-            "--device", "cpu", "--dtype", "float32", "--max_new_tokens_report", "24",
-        )),
-    ]
+    budget = ["--max_length", str(cfg.max_length)] if cfg.max_length else []
+    yield "retrieve", py(
+        "retriever.retrieve", str(conf / "retrieve.yaml"), "--data.data_root", str(out / "sample"),
+        *roots_arguments(cfg, "data."),
+        "--domains", json.dumps(retrievers), "--sources_dir", str(out / "sources"), "--clip_dir", clip_dir,
+        "--output_dir", str(run / "retrieval"), "--batch_size", "16", "--num_workers", "0", "--mixed_precision", "no",
+    )
+    yield "build_pairs", py(
+        "dpo.pairs", str(conf / "pairs.yaml"), "--policy", policy, "--device", "cpu", "--dtype", "float32",
+        "--retrieval_index", str(run / "retrieval" / "index.json"), "--out", str(run / "pairs"),
+        "--limit", "6", "--batch_size", "4", "--max_new_tokens_report", "24", "--progress", "false", *budget,
+    )
+    ours = [str(run / "pairs" / "pairs.json")] if built_pairs(run / "pairs") else []
+    yield "train_dpo", py(
+        "dpo.train_dpo", str(conf / "dpo.yaml"), "--policy", policy, "--dtype", "float32", *roots_arguments(cfg),
+        "--pairs", json.dumps(ours + released_pairs(cfg, domain)),
+        "--lora.r", "4", "--lora.alpha", "8", "--train.output_dir", str(run / "dpo"), "--train.deepspeed", "",
+        "--train.mixed_precision", "no", "--train.gradient_checkpointing", "false", "--train.max_steps", str(cfg.steps),
+        "--train.batch_size", "2", "--train.num_workers", "0", "--train.save_every", str(cfg.steps),
+        "--train.eval_every", str(cfg.steps), "--train.progress", "false", *budget,
+    )
+    yield "evaluate", py(
+        "dpo.evaluate", str(conf / "evaluate.yaml"), "--policy", policy, "--adapter", adapter, "--device", "cpu",
+        "--dtype", "float32", "--retrieval_dir", str(run / "retrieval"), "--clip_dir", clip_dir,
+        "--dpo_dir", str(run / "dpo"), "--out", str(run / "eval"), "--limit", "4", "--batch_size", "4",
+        "--meteor", "false", "--max_new_tokens_report", "24", *budget,
+    )
+    yield "infer", py(
+        "dpo.infer", "--queries", str(run / "infer_queries.jsonl"), "--out", str(run / "infer" / "answers.jsonl"),
+        "--policy", policy, "--adapter", adapter, "--clip_dir", clip_dir,
+        "--cache_dir", str(run / "retrieval" / "cache"), "--prompts", "configs/prompts/mmed_rag.yaml",
+        "--device", "cpu", "--dtype", "float32", "--max_new_tokens_report", "24", *budget,
+    )
+
+
+def built_pairs(folder: Path) -> int:
+    """How many pairs the pair builder wrote (an untrained policy, rarely right, may make none)."""
+    try:
+        return int(json.loads((folder / "pairs_stats.json").read_text())["pairs"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def released_pairs(cfg: RehearseConfig, domain: str) -> list[str]:
@@ -239,11 +251,9 @@ def infer_queries(sample: Path, domain: str, roots: list[str], out: Path) -> boo
     return bool(rows)
 
 
-def roots_arguments(cfg: RehearseConfig) -> list[str]:
-    args = ["--image_root", cfg.image_root] if cfg.image_root else []
-    if cfg.image_roots:
-        args += ["--image_roots", json.dumps(cfg.image_roots)]
-    return args
+def roots_arguments(cfg: RehearseConfig, prefix: str = "") -> list[str]:
+    """The user's image folders as a stage's overrides (the configs' placeholders replaced)."""
+    return [f"--{prefix}image_root", cfg.image_root, f"--{prefix}image_roots", json.dumps(cfg.image_roots)]
 
 
 # ---------------------------------------------------------------- report
@@ -267,14 +277,28 @@ def complete(stages: list[dict[str, Any]]) -> list[str]:
     return [name for name in STAGES if not any(s["stage"] == name and s["ok"] for s in stages)]
 
 
+def toy_release(out: Path) -> tuple[str, str]:
+    """(data_root, image_root) of the tiny toy world written in the release's layout under ``out``."""
+    from data.toy import make_world
+    from dpo.toy_release import write_release
+
+    world = make_world(out / "world", seed=0, size="tiny", progress=False)
+    write_release(world, out / "release", "configs/prompts/mmed_rag.yaml")
+    return str(out / "release" / "data"), str(out / "release" / "images")
+
+
 def rehearse(cfg: RehearseConfig) -> dict[str, Any]:
+    if cfg.toy:
+        if cfg.data_root:
+            raise ConfigError("--toy makes its own release: give it without --data_root")
+        cfg.data_root, cfg.image_root = toy_release(Path(cfg.out).resolve() / "toy_release")
     data_root, out = Path(cfg.data_root), Path(cfg.out).resolve()
     if not cfg.data_root or not data_root.is_dir():
         raise ConfigError(f"--data_root {cfg.data_root!r}: not a folder (the release's data/ folder)")
     unknown = set(cfg.domains) - set(DOMAINS)
     if unknown:
         raise ConfigError(f"--domains: unknown {sorted(unknown)}; known: {list(DOMAINS)}")
-    roots, roots_args = image_search_path(cfg.image_root, cfg.image_roots), roots_arguments(cfg)
+    roots = image_search_path(cfg.image_root, cfg.image_roots)
     files, missing = inventory(data_root)
     print(f"release: {len(files)} files present, {len(missing)} missing; sampling {cfg.records} records each", flush=True)
     sample, logs = out / "sample", out / "logs"
@@ -301,19 +325,23 @@ def rehearse(cfg: RehearseConfig) -> dict[str, Any]:
     record(run_stage("sources", None, py("dpo.release_sources", "--data_root", str(sample), "--out", str(out / "sources")),
                      logs, cfg.timeout))
     retrievers = [d for d in cfg.domains
-                  if record(run_stage("finetune_clip", d, clip_command(cfg, d, roots_args), logs, cfg.timeout))]
+                  if record(run_stage("finetune_clip", d, clip_command(cfg, d), logs, cfg.timeout))]
     for domain in cfg.domains:
         if domain not in retrievers:
             stages.extend(_row(name, domain, False, 0.0, "not run: finetune_clip failed") for name in STAGES[4:])
             continue
         has_queries = infer_queries(sample, domain, roots, out / "outputs" / domain / "infer_queries.jsonl")
         failed = None
-        for name, cmd in chain_commands(cfg, domain, retrievers, policy, roots_args):
+        for name, cmd in chain_commands(cfg, domain, retrievers, policy):
             if failed or (name == "infer" and not has_queries):
                 why = f"{failed} failed" if failed else "no test file of this domain in the sample"
                 record(_row(name, domain, False, 0.0, f"not run: {why}"))
             elif not record(run_stage(name, domain, cmd, logs, cfg.timeout)):
                 failed = name
+            elif name == "build_pairs":
+                stages[-1]["pairs"] = n = built_pairs(out / "outputs" / domain / "pairs")
+                if not n:
+                    print(f"  {domain}: the policy's answers made no pair; DPO trains on the released pairs alone")
     return {"missing": missing, "files": files, "stages": stages}
 
 

@@ -47,6 +47,7 @@ from data.images import BadImageLog
 from data.loader import make_loader
 from data.noise import pure_noise
 from data.readers import bad_records_summary
+from data.release import image_search_path
 from dpo.budget import BUDGET_KEY, BudgetLog, describe
 from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss
 from dpo.pair_data import (
@@ -60,7 +61,8 @@ from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
 @dataclass
 class DpoConfig:
     pairs: list[str] = doc(["outputs/toy/pairs/pairs.json"], "preference JSON files: ours (dpo.pairs) or the released MMed-RAG ones")
-    image_root: str = doc("", "image folder for records whose own image_root is absent or does not exist here")
+    image_root: str = doc("", "image folder for records whose own image_root is absent or does not exist here (or one holding a folder per image set)")
+    image_roots: dict[str, str] = doc({}, "image set (mimic, iuxray, harvard, pmc, quilt) -> its folder, looked in before image_root (the released pairs)")
     policy: str = doc("outputs/toy/policy", "policy checkpoint folder (Hugging Face model + processor)")
     init_adapter: str = doc("", "PEFT adapter merged into the policy first (e.g. an SFT one); the reference is then that model")
     dtype: str = doc("float32", "weights dtype when loading: float32 | bfloat16 | float16")
@@ -238,20 +240,21 @@ class DpoTrainer:
         self.cfg = cfg
         self.accelerator = accelerator
         self.bad_records: list[str] = []
-        records = load_pairs(cfg.pairs, cfg.image_root or None, cfg.bad_record, self.bad_records)
+        roots = image_search_path(cfg.image_root, cfg.image_roots) or None
+        records = load_pairs(cfg.pairs, roots, cfg.bad_record, self.bad_records)
         self.train_records, self.heldout_records = split_heldout(records, cfg.heldout_fraction, cfg.heldout_seed)
         self.types = sorted({pair_type_of(r) for r in records})
         stages = stage_indices(self.train_records, cfg.stages)
         templates = load_prompt_templates(cfg.prompts)
         self.budget = BudgetLog.of(policy, cfg.max_length)
         self.bad_log = BadImageLog()
-        self.train_set = PairDataset(self.train_records, cfg.image_root or None, cfg.noise_seed, cfg.bad_image)
+        self.train_set = PairDataset(self.train_records, roots, cfg.noise_seed, cfg.bad_image)
         self.collate_train = PairCollator(self.train_records, policy.processor, self.types, templates,
                                           self.budget.max_length)
         self.train_loader = make_loader(self.train_set, cfg.train.batch_size, num_workers=cfg.train.num_workers,
                                         collate_fn=self.collate_train, seed=cfg.train.seed,
                                         sampler=StagedSampler(stages, cfg.train.seed))
-        self.heldout_set = PairDataset(self.heldout_records, cfg.image_root or None, cfg.noise_seed, cfg.bad_image)
+        self.heldout_set = PairDataset(self.heldout_records, roots, cfg.noise_seed, cfg.bad_image)
         self.collate_heldout = PairCollator(self.heldout_records, policy.processor, self.types, templates,
                                             self.budget.max_length)
         self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout)

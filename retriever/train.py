@@ -157,12 +157,14 @@ def image_text_dataset(pairs: list[tuple[ReportRecord, Roots]], transform: Any, 
 def _with_root(record: ReportRecord, root: Roots) -> ReportRecord:
     """The record with the file's default image root filled in where it has none of its own.
 
-    A record's own root that does not exist here still falls back to the file's default (as in
-    data.images.pick_root), decided now because one dataset holds records of several files.
+    A record's own root that does not exist here still falls back to the file's default folders
+    (the first holding its image, as in data.images.pick_root), decided now because one dataset
+    holds records of several files.
     """
     from data.images import pick_root
 
-    chosen = pick_root(record.image_root, root)
+    first = record.images[0] if record.images else getattr(record, "npz", None)
+    chosen = pick_root(record.image_root, root, first)
     if chosen == record.image_root:
         return record
     import dataclasses

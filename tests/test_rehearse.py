@@ -73,10 +73,10 @@ def test_markdown_lists_failures_and_missing():
 
 
 @pytest.mark.slow
-def test_rehearsal_runs_the_whole_chain_on_the_toy_release(release, tmp_path):
+def test_rehearsal_runs_the_whole_chain_on_the_toy_release(tmp_path):
+    """scripts/rehearse.sh as a user runs it without a release: the toy world in its layout."""
     out = tmp_path / "rehearsal"
-    cmd = [sys.executable, "-m", "dpo.rehearse", "--data_root", str(release / "data"),
-           "--image_root", str(release / "images"), "--out", str(out), "--records", "12", "--steps", "2"]
+    cmd = ["bash", "scripts/rehearse.sh", "--toy", "true", "--out", str(out), "--records", "12", "--steps", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     report = json.loads((out / "rehearsal.json").read_text())
     failed = [s for s in report["stages"] if not s["ok"]]
