@@ -46,7 +46,7 @@ HOW = ("template", "last_question_line", "default_question")  # how a question w
 @dataclass
 class ReleaseSourcesConfig:
     data_root: str = doc("", "the release's data/ folder (holding training/alignment/<domain>/)")
-    out: str = doc("outputs/mmed_rag/release_sources", "folder for the query files and sources.json")
+    out: str = doc("outputs/mmed_rag/sources", "folder for the query files and sources.json (retrieve.yaml's sources_dir)")
     prompts: str = doc(str(MMED_RAG_PROMPTS), "prompt templates YAML the release's prompts follow (with references)")
     domains: list[str] = doc(list(DOMAINS), "domains whose alignment files are read")
     bad_record: Literal["skip", "error"] = doc("skip", "a pair that cannot be used: skip it (named in sources.json) or stop")
