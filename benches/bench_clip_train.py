@@ -1,4 +1,4 @@
-"""CLIP fine-tuning throughput: ours (retriever.train) against open_clip's own trainer.
+"""CLIP fine-tuning throughput: ours (retriever.finetune_clip) against open_clip's own trainer.
 
 The anchor is ``open_clip_train.main`` (shipped in open_clip_torch; its imports need the
 ``[training]`` extra's ``braceexpand`` and ``webdataset``), run from a three-line wrapper that
@@ -43,7 +43,7 @@ def _world(tmp: Path, quick: bool) -> Path:
 def export_csv(world: Path, out: Path) -> int:
     """One row per (image view, report) of the domain's retriever_train files; returns the row count."""
     from data.images import resolve_image
-    from retriever.train import DataSpec
+    from retriever.clip_data import DataSpec
 
     rows = [(str(resolve_image(view, r.image_root, root)), r.text)
             for r, root in DataSpec(world=str(world)).records(DOMAIN, "retriever_train") for view in r.images]
@@ -62,7 +62,7 @@ def _timed(cmd: list[str]) -> float:
 
 def ours(world: Path, tmp: Path, epochs: int) -> float:
     return _timed([
-        sys.executable, "-m", "retriever.train", "configs/toy/clip.yaml", "--data.world", str(world),
+        sys.executable, "-m", "retriever.finetune_clip", "configs/toy/clip.yaml", "--data.world", str(world),
         "--domains", f"[{DOMAIN}]", "--output_dir", str(tmp / f"ours{epochs}"), "--epochs", str(epochs),
         "--val_every", "1000", "--domain_classifier", "false", "--batch_size", str(BATCH),
         "--optim.lr", str(LR), "--optim.weight_decay", str(WD), "--optim.warmup_steps", str(WARMUP),

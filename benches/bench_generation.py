@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from data.manifest import manifest_files
 from data.readers import read_records
-from data.toy import make_world, manifest_files
+from data.toy import make_world
 from dpo.pairs import Item, PairsConfig, answer_batch, batches, other_candidates
 from dpo.policy import load_policy
 from dpo.prompts import load_prompt_templates

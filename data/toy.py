@@ -8,7 +8,7 @@ metadata by readers and used by later stages for oracle retrieval and recall.
 
 Every random draw is seeded from (seed, domain, split, index, purpose), so a record does not
 depend on generation order and the same seed gives byte-identical files. Later stages find the
-files only through ``manifest.json`` (``load_manifest``, ``manifest_files``).
+files only through ``manifest.json`` (data.manifest: ``load_manifest``, ``manifest_files``).
 
     bash scripts/make_toy.sh [--out DIR] [--seed N] [--size tiny|small|medium|large]
 """
@@ -28,7 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, to_dict
-from common.io import InputError, atomic_dir
+from common.io import atomic_dir
+from data.manifest import load_manifest
 from data.records import DOMAINS
 from data.toy_render import render_study
 
@@ -552,33 +553,6 @@ def _write_split(
                     }
                 )
     return entries
-
-
-def load_manifest(root: str | Path) -> dict[str, Any]:
-    """The world's manifest; InputError naming the file if it is missing or broken."""
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise InputError(
-            f"{path}: no toy world here; make one with `bash scripts/make_toy.sh --out {root}`"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-
-
-def manifest_files(
-    root: str | Path, role: str | None = None, domain: str | None = None, kind: str | None = None
-) -> list[dict[str, Any]]:
-    """Manifest file entries matching the filters, with absolute ``path`` and ``image_root``."""
-    root = Path(root).resolve()
-    return [
-        {**e, "path": str(root / e["path"]), "image_root": str(root / e["image_root"])}
-        for e in load_manifest(root)["files"]
-        if (role is None or e["role"] == role)
-        and (domain is None or e["domain"] == domain)
-        and (kind is None or e["kind"] == kind)
-    ]
 
 
 @dataclass

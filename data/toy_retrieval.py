@@ -29,10 +29,11 @@ import numpy as np
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_write_json, atomic_write_jsonl
+from data.manifest import manifest_files
 from data.noise import stable_seed
 from data.readers import read_records
 from data.records import ReportRecord, VqaRecord
-from data.toy import ROLES, manifest_files
+from data.toy import ROLES
 
 
 class Reference(NamedTuple):

@@ -166,7 +166,7 @@ def clip_command(cfg: RehearseConfig, domain: str) -> list[str]:
     """finetune_clip of one domain; the last domain's run also trains the domain classifier."""
     out = Path(cfg.out).resolve()
     return py(
-        "retriever.train", str(Path(cfg.configs) / domain / "clip.yaml"), "--data.data_root", str(out / "sample"),
+        "retriever.finetune_clip", str(Path(cfg.configs) / domain / "clip.yaml"), "--data.data_root", str(out / "sample"),
         *roots_arguments(cfg, "data."), "--clip.model", "toy-clip", "--clip.pretrained", "", "--output_dir", str(out / "outputs" / "clip"),
         "--epochs", "1", "--max_steps", str(cfg.steps), "--batch_size", "8", "--val_batch_size", "16",
         "--num_workers", "0", "--mixed_precision", "no", "--val_every", "1",

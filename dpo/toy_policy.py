@@ -13,7 +13,7 @@ closed vocabulary nearly every word ends up a single token, so sequences stay sh
 
 Run: ``python -m dpo.toy_policy --world outputs/toy/world --out outputs/toy/policy_init``
 (or ``--texts FILE`` with one text per line instead of / besides a world folder).
-The world's files are found through its manifest (``data.toy.manifest_files``).
+The world's files are found through its manifest (``data.manifest.manifest_files``).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from transformers import (
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_dir
+from data.manifest import manifest_files
 from data.readers import read_records
 from data.records import Record, ReportRecord, VqaRecord
-from data.toy import manifest_files
 from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"

@@ -30,8 +30,8 @@ from typing import Any
 
 from common.config import cli_main, doc, load_config
 from common.io import atomic_dir
+from data.manifest import load_manifest
 from data.release import RELEASE_FILES, ReleaseFile
-from data.toy import load_manifest
 from dpo.prompts import PromptTemplates, load_prompt_templates
 
 # toy image folder (under <domain>/images/) -> release image set; ophthalmology has no prefix

@@ -31,8 +31,8 @@ from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_path, atomic_write_json
 from common.metrics import MetricsLogger
 from data.records import DOMAINS
+from retriever.clip_data import CLIP_SUBDIR, ClassifierConfig, DataSpec, image_text_dataset, make_accelerator
 from retriever.model import Clip, embed_images, load_clip, weights_fingerprint
-from retriever.train import CLIP_SUBDIR, ClassifierConfig, DataSpec, image_text_dataset
 
 SUBDIR = "domain_classifier"
 
@@ -196,8 +196,6 @@ def train_classifier(cfg: DomainConfig, accelerator: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from retriever.train import make_accelerator
-
     cfg = load_config(DomainConfig, argv, description=__doc__)
     try:
         train_classifier(cfg, make_accelerator("no", 1, cfg.seed))

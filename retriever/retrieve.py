@@ -47,16 +47,16 @@ from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
 from common.io import InputError, atomic_path, atomic_write_json, read_path, write_path
-from data.images import BadImageLog
+from data.images import BadImageLog, Roots
 from data.readers import BadRecordPolicy, bad_records_summary
 from data.records import DOMAINS, ReportRecord, VqaRecord
+from retriever.clip_data import DataSpec, make_accelerator, present_domains, warn, with_root
 from retriever.domain import SUBDIR as CLASSIFIER_SUBDIR
 from retriever.domain import Router, clip_folder
 from retriever.index import CorpusIndex, cache_key, cached_embeddings
 from retriever.model import Clip, embed_images, embed_texts, load_clip, truncate, weights_fingerprint
 from retriever.recall import KS, findings_label, label_ids, recall_at_k, reference_vote_accuracy
 from retriever.select_k import KRule, log_gap_quantiles, select_k
-from retriever.train import DataSpec, Roots, _with_root, present_domains, warn
 
 QUERY_ROLES = ["test_vqa", "test_report", "val_vqa", "alignment_vqa", "alignment_report"]
 
@@ -263,7 +263,7 @@ def query_files(cfg: RetrieveConfig) -> tuple[list[QueryFile], list[str]]:
                 made_by = f" (made by {release_sources_command(cfg)})" if qf.base == "sources_dir" else ""
                 warn(f"{qf.path}: not found{made_by}; going on without it")
         return [qf for qf in files if qf.path not in missing], missing
-    from data.toy import manifest_files
+    from data.manifest import manifest_files
 
     files = [QueryFile(path=e["path"], domain=e["domain"], role=e["role"], kind=e["kind"], image_root=e["image_root"])
              for role in cfg.query_roles for e in manifest_files(cfg.data.world, role=role)]
@@ -313,7 +313,7 @@ def retrieve_file(
     kind = qf.kind or ("vqa" if records and isinstance(records[0], VqaRecord) else "report")
     if not records:
         return [], {"source": qf.path, "domain": qf.domain, "kind": kind, "records": 0}
-    records = [_with_root(r, qf.image_root or None) for r in records]
+    records = [with_root(r, qf.image_root or None) for r in records]
     reps, pos = _unique_images(records)
     if cfg.routing == "classifier":
         needed = retriever.router.domains
@@ -425,8 +425,6 @@ def _output_name(qf: QueryFile, taken: set[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from retriever.train import make_accelerator
-
     cfg = load_config(RetrieveConfig, argv, description=__doc__)
     if cfg.routing == "fixed" and cfg.domain not in cfg.domains:
         raise ConfigError(f"routing=fixed needs --domain, one of {cfg.domains}")

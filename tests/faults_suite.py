@@ -251,14 +251,14 @@ def bad_images_clip(w: Worlds) -> list[Row]:
     rows = []
     shutil.rmtree(w.base / "clip_bad", ignore_errors=True)
     cfg = w.clip_config(w.base / "clip_bad", world)
-    res = cli("retriever.train", cfg, "--output_dir", str(w.base / "clip_bad" / "out"))
+    res = cli("retriever.finetune_clip", cfg, "--output_dir", str(w.base / "clip_bad" / "out"))
     named, why = named_check(res.stdout + res.stderr, injected)
     metrics = w.base / "clip_bad" / "out" / "pathology" / "metrics.jsonl"
     counted = [json.loads(x).get("bad_images") for x in metrics.read_text().splitlines()] if metrics.exists() else []
     n = max([c for c in counted if c is not None], default=0)
     ok = res.returncode == 0 and named and n >= len(BAD_KINDS)
     rows.append(Row("bad images x8 (skip)", "CLIP fine-tuning", f"rc {res.returncode}, bad_images counted {n}; {why or 'all 6 bad named, 16-bit/CMYK used'}", ok))
-    res = cli("retriever.train", cfg, "--output_dir", str(w.base / "clip_bad" / "err"), "--data.bad_image", "error")
+    res = cli("retriever.finetune_clip", cfg, "--output_dir", str(w.base / "clip_bad" / "err"), "--data.bad_image", "error")
     named_any = any(str(p) in res.stderr for k, p in injected.items() if k in BAD_KINDS)
     no_ckpt = not list((w.base / "clip_bad" / "err").rglob("step-*"))
     rows.append(Row("bad images, policy error", "CLIP fine-tuning",
@@ -364,7 +364,7 @@ def bad_images_dpo(w: Worlds) -> list[Row]:
 
 # per CLI: the option naming its output folder, and an int field for the wrong-type case
 CLIS = {
-    "retriever.train": ("--output_dir", "--epochs"),
+    "retriever.finetune_clip": ("--output_dir", "--epochs"),
     "retriever.retrieve": ("--output_dir", "--k.k"),
     "dpo.pairs": ("--out", "--limit"),
     "dpo.train_dpo": ("--train.output_dir", "--train.max_steps"),
@@ -422,8 +422,8 @@ def malformed_annotations(w: Worlds) -> list[Row]:
     rows.append(exit2_row("annotation path does not exist", "DPO training", cli(*dpo_args(d, out, tmp / "none.json")),
                           out, "none.json"))
     out = tmp / "out_world"
-    rows.append(exit2_row("world path does not exist", "retriever.train",
-                          cli("retriever.train", "--data.world", str(tmp / "noworld"), "--output_dir", str(out)),
+    rows.append(exit2_row("world path does not exist", "retriever.finetune_clip",
+                          cli("retriever.finetune_clip", "--data.world", str(tmp / "noworld"), "--output_dir", str(out)),
                           out, "noworld"))
     rows += malformed_retriever_files(w, tmp)
     index = tmp / "index.json"
@@ -463,7 +463,7 @@ def malformed_retriever_files(w: Worlds, tmp: Path) -> list[Row]:
     for fault, text in cases.items():
         train_json.write_text(text)
         out = tmp / f"clip_out{len(rows)}"
-        res = cli("retriever.train", w.clip_config(tmp / f"clip_cfg{len(rows)}", world), "--output_dir", str(out),
+        res = cli("retriever.finetune_clip", w.clip_config(tmp / f"clip_cfg{len(rows)}", world), "--output_dir", str(out),
                   "--data.bad_record", "error")
         rows.append(exit2_row(f"retriever training JSON: {fault}", "CLIP fine-tuning", res, out, str(train_json)))
     queries = tmp / "queries.jsonl"
@@ -484,7 +484,7 @@ def clip_reference(w: Worlds) -> Path:
     """Uninterrupted tiny CLIP run (2 epochs, a checkpoint every step); returns its output_dir."""
     folder = w.base / "clip_ref"
     if not (folder / "clip" / "pathology" / "checkpoints" / "latest.json").exists():
-        res = cli("retriever.train", w.clip_config(folder, w.world(), epochs=2, save_every_steps=1, keep=50))
+        res = cli("retriever.finetune_clip", w.clip_config(folder, w.world(), epochs=2, save_every_steps=1, keep=50))
         assert res.returncode == 0, res.stderr[-2000:]
     return folder / "clip"
 
@@ -493,14 +493,14 @@ CLIP_WEIGHTS = "clip/open_clip_model.safetensors"
 
 
 def _clip_weights(out: Path) -> Path:
-    from retriever.train import CLIP_SUBDIR
+    from retriever.clip_data import CLIP_SUBDIR
 
     info = json.loads((out / "pathology" / "checkpoints" / "latest.json").read_text())
     return out / "pathology" / "checkpoints" / info["name"] / CLIP_SUBDIR / "open_clip_model.safetensors"
 
 
 def sigkill_clip(w: Worlds, during_save: bool = False) -> Row:
-    from retriever.train import CLIP_SUBDIR
+    from retriever.clip_data import CLIP_SUBDIR
 
     ref = clip_reference(w)
     folder = w.base / ("clip_kill_save" if during_save else "clip_kill")
@@ -511,9 +511,9 @@ def sigkill_clip(w: Worlds, during_save: bool = False) -> Row:
         pred = lambda: any(ckpts.glob(".step-*.tmp/*")) and (ckpts / "latest.json").exists()  # noqa: E731
     else:
         pred = lambda: (ckpts / "latest.json").exists() and json.loads((ckpts / "latest.json").read_text() or "{}").get("step", 0) >= 2  # noqa: E731
-    what = kill_when(["retriever.train", cfg], pred)
+    what = kill_when(["retriever.finetune_clip", cfg], pred)
     loads, n = all_checkpoints_load(ckpts, f"{CLIP_SUBDIR}/open_clip_model.safetensors") if ckpts.exists() else (False, 0)
-    res = cli("retriever.train", cfg, "--resume", "latest")
+    res = cli("retriever.finetune_clip", cfg, "--resume", "latest")
     same = res.returncode == 0 and safetensors_equal(_clip_weights(ref), _clip_weights(folder / "clip"))
     steps = [json.loads((p / "trainer_state.json").read_text())["step"] for p in (folder / "clip" / "pathology" / "checkpoints").glob("step-*")]
     ref_steps = [json.loads((p / "trainer_state.json").read_text())["step"] for p in (ref / "pathology" / "checkpoints").glob("step-*")]
@@ -650,7 +650,7 @@ def unwritable(w: Worlds) -> list[Row]:
             if stage == "DPO training":
                 res = cli(*dpo_args(d, full / "run", **{"--train.save_every": "1", "--train.max_steps": "3"}))
             else:
-                res = cli("retriever.train", w.clip_config(w.base / "clip_full", w.world(), save_every_steps=1),
+                res = cli("retriever.finetune_clip", w.clip_config(w.base / "clip_full", w.world(), save_every_steps=1),
                           "--output_dir", str(full / "clip"))
             bad = corrupt_files(full)
             ckpts = next(full.rglob("checkpoints"), None)

@@ -13,8 +13,8 @@ from dpo.pairs import PairsConfig
 from dpo.sft import SftConfig
 from dpo.toy_policy import ToyPolicyConfig
 from dpo.train_dpo import DpoConfig
+from retriever.finetune_clip import ClipTrainConfig
 from retriever.retrieve import RetrieveConfig
-from retriever.train import ClipTrainConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CLASSES = {"clip": ClipTrainConfig, "retrieve": RetrieveConfig, "pairs": PairsConfig, "dpo": DpoConfig,

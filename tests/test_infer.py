@@ -150,7 +150,7 @@ def tiny(tmp_path_factory):
     """Tiny world, three one-epoch retrievers + domain classifier, an untrained tiny policy."""
     from data.toy import make_world
     from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
-    from retriever import train
+    from retriever import finetune_clip
     from tests.test_retriever_train import TINY_ARCH
 
     root = tmp_path_factory.mktemp("infer")
@@ -159,7 +159,7 @@ def tiny(tmp_path_factory):
            "output_dir": str(root / "clip"), "epochs": 1, "batch_size": 8, "val_every": 1,
            "classifier": {"steps": 50}}
     (root / "clip.yaml").write_text(yaml.safe_dump(cfg))
-    train.main([str(root / "clip.yaml")])
+    finetune_clip.main([str(root / "clip.yaml")])
     torch.manual_seed(0)
     build_toy_policy(world_texts(world), root / "policy",
                      ToyPolicyConfig(vocab_size=400, vision_width=32, vision_layers=1, text_width=32, text_layers=1))

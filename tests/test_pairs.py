@@ -16,13 +16,15 @@ from PIL import Image
 
 from common.io import InputError
 from data.images import BadImageError, load_image
+from data.manifest import manifest_files
 from data.noise import pick_other
 from data.readers import detect_kind, read_records
-from data.toy import make_world, manifest_files
+from data.toy import make_world
 from data.toy_retrieval import ToyRetrievalConfig, write_oracle_retrieval
 from data.validate import validate
 from dpo.budget import BudgetLog, PromptParts, fit_prompt
 from dpo.pair_data import load_pairs, prompt_parts
+from dpo.pair_data import PairDataset, load_pairs
 from dpo.pairs import (
     GENERATIONS,
     Input,
@@ -42,7 +44,6 @@ from dpo.pairs import (
     written_root,
 )
 from dpo.policy import load_policy
-from dpo.pair_data import PairDataset, load_pairs
 from dpo.prompts import load_prompt_templates
 from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 

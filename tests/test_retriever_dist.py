@@ -50,8 +50,8 @@ def test_two_processes_match_one(tmp_path):
         "domains": ["pathology"], "epochs": 3, "val_every": 3, "domain_classifier": False,
         "optim": {"lr": 1e-3, "warmup_steps": 1},
     }))
-    launch(1, "retriever.train", str(cfg), "--batch_size", "8", "--output_dir", str(tmp_path / "one"))
-    launch(2, "retriever.train", str(cfg), "--batch_size", "4", "--output_dir", str(tmp_path / "two"))
+    launch(1, "retriever.finetune_clip", str(cfg), "--batch_size", "8", "--output_dir", str(tmp_path / "one"))
+    launch(2, "retriever.finetune_clip", str(cfg), "--batch_size", "4", "--output_dir", str(tmp_path / "two"))
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -6,8 +6,8 @@ import open_clip
 import pytest
 import torch
 
+from retriever.finetune_clip import ContrastiveLoss, MatryoshkaConfig
 from retriever.model import TOY_MODEL, ClipSpec, build_clip, export_clip, load_clip, truncate
-from retriever.train import ContrastiveLoss, MatryoshkaConfig
 
 VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}
 TEXTS = ["no acute findings", "mild cardiomegaly is present", "small left pleural effusion", "there is a nodule"]
@@ -144,7 +144,7 @@ def test_offline_uncached_hub_weights_fail_fast_in_one_line(tmp_path, model, pre
     repo = Path(__file__).resolve().parent.parent
     (tmp_path / "train.json").write_text("[]")  # present; never read, the weights fail first
     proc = subprocess.run(
-        [sys.executable, "-m", "retriever.train", "--clip.model", model, "--clip.pretrained", pretrained,
+        [sys.executable, "-m", "retriever.finetune_clip", "--clip.model", model, "--clip.pretrained", pretrained,
          "--domains", "[pathology]", "--domain_classifier", "false", "--data.data_root", str(tmp_path),
          "--data.train_files", "{pathology: [train.json]}", "--output_dir", str(tmp_path / "out")],
         cwd=repo, env=env, capture_output=True, text=True, timeout=300,

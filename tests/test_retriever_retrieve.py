@@ -7,10 +7,11 @@ import pytest
 import yaml
 
 from data.images import load_image
+from data.manifest import manifest_files
 from data.readers import read_index, read_records
 from data.records import DOMAINS
-from data.toy import make_world, manifest_files
-from retriever import retrieve, train
+from data.toy import make_world
+from retriever import finetune_clip, retrieve
 from retriever.select_k import KRule
 from tests.test_retriever_train import TINY_ARCH
 
@@ -26,7 +27,7 @@ def trained(tmp_path_factory):
            "output_dir": str(root / "clip"), "epochs": 1, "batch_size": 8, "val_every": 1,
            "classifier": {"steps": 50}}
     (root / "clip.yaml").write_text(yaml.safe_dump(cfg))
-    train.main([str(root / "clip.yaml")])
+    finetune_clip.main([str(root / "clip.yaml")])
     return root, world
 
 
@@ -135,7 +136,7 @@ def test_outputs_folder_can_be_moved(trained, tmp_path, monkeypatch):
            "domains": ["pathology"], "output_dir": "outputs/clip", "epochs": 1, "batch_size": 8, "max_steps": 1,
            "domain_classifier": False}
     Path("clip.yaml").write_text(yaml.safe_dump(cfg))
-    train.main(["clip.yaml"])
+    finetune_clip.main(["clip.yaml"])
     retrieve.main(["--clip_dir", "outputs/clip", "--data.world", "outputs/world", "--output_dir", "outputs/retrieval",
                    "--domains", "[pathology]", "--routing", "fixed", "--domain", "pathology", "--query_roles", "[test_vqa]"])
     moved = tmp_path / "elsewhere" / "outputs"

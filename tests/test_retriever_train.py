@@ -10,7 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from data.toy import make_world
-from retriever import train
+from retriever import finetune_clip
+from retriever.clip_data import CLIP_SUBDIR
 
 TINY_ARCH = {
     "embed_dim": 16,
@@ -46,20 +47,20 @@ def write_config(folder: Path, world: Path, **over) -> str:
 
 def latest_weights(out: Path) -> dict[str, torch.Tensor]:
     info = json.loads((out / "checkpoints" / "latest.json").read_text())
-    return load_file(str(out / "checkpoints" / info["name"] / train.CLIP_SUBDIR / "open_clip_model.safetensors"))
+    return load_file(str(out / "checkpoints" / info["name"] / CLIP_SUBDIR / "open_clip_model.safetensors"))
 
 
 def test_resume_continues_exactly(world, tmp_path):
     """Same weights after N steps with and without an interruption (mid-epoch, mid-accumulation schedule)."""
     opts = {"grad_accum": 2, "matryoshka": {"dims": [8], "sample": True}}
     whole = write_config(tmp_path / "whole", world, **opts)
-    train.main([whole])
+    finetune_clip.main([whole])
     split = write_config(tmp_path / "split", world, **opts)
-    train.main([split, "--max_steps", "3"])
+    finetune_clip.main([split, "--max_steps", "3"])
     out = tmp_path / "split" / "clip" / "pathology"
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 3
     stopped = latest_weights(out)
-    train.main([split, "--resume", "latest"])
+    finetune_clip.main([split, "--resume", "latest"])
     a, b = latest_weights(tmp_path / "whole" / "clip" / "pathology"), latest_weights(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -68,7 +69,7 @@ def test_resume_continues_exactly(world, tmp_path):
 
 def test_outputs_metrics_and_checkpoints(world, tmp_path):
     cfg = write_config(tmp_path, world, epochs=2, val_every=1, keep=1)
-    train.main([cfg])
+    finetune_clip.main([cfg])
     out = tmp_path / "clip" / "pathology"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/i2t_R@5" in r]
@@ -84,7 +85,7 @@ def test_outputs_metrics_and_checkpoints(world, tmp_path):
     latest = json.loads((ckpts / "latest.json").read_text())
     kept = sorted(p.name for p in ckpts.glob("step-*"))
     assert set(kept) == {best["name"], latest["name"]}  # older ones rotated away
-    weights = ckpts / latest["name"] / train.CLIP_SUBDIR
+    weights = ckpts / latest["name"] / CLIP_SUBDIR
     open_clip.add_model_config(weights / "tiny-train-test.json")
     model, _, _ = open_clip.create_model_and_transforms("tiny-train-test", pretrained=str(weights / "open_clip_model.safetensors"))
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -93,19 +94,19 @@ def test_outputs_metrics_and_checkpoints(world, tmp_path):
 def test_bad_config_is_refused(world, tmp_path):
     cfg = write_config(tmp_path, world)
     with pytest.raises(Exception, match="domain"):
-        train.main([cfg, "--domains", "[dermatology]"])
+        finetune_clip.main([cfg, "--domains", "[dermatology]"])
 
 
 def test_run_stopped_by_max_steps_inside_an_epoch_leaves_a_best(world, tmp_path):
     from retriever.domain import clip_folder
 
     cfg = write_config(tmp_path, world, epochs=2)
-    train.main([cfg, "--max_steps", "2"])
+    finetune_clip.main([cfg, "--max_steps", "2"])
     ckpts = tmp_path / "clip" / "pathology" / "checkpoints"
     assert json.loads((ckpts / "latest.json").read_text())["step"] == 2  # well inside the first epoch
     best = json.loads((ckpts / "best.json").read_text())
     assert best["name"] == "step-00000002" and best["metric"] is not None  # validated at the stop
-    assert clip_folder(tmp_path / "clip", "pathology", "best") == ckpts / "step-00000002" / train.CLIP_SUBDIR
+    assert clip_folder(tmp_path / "clip", "pathology", "best") == ckpts / "step-00000002" / CLIP_SUBDIR
     rows = [json.loads(line) for line in (tmp_path / "clip" / "pathology" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "val/mean_recall" in r][-1] < 1
     (ckpts / "best.json").unlink()
@@ -144,7 +145,7 @@ def test_real_config_on_a_partial_release_trains_what_it_has(world, tmp_path, ca
             "--epochs", "1", "--batch_size", "4", "--val_every", "1", "--val_batch_size", "64", "--num_workers", "0",
             "--mixed_precision", "no", "--optim.warmup_steps", "2", "--classifier.steps", "20"]
     out = tmp_path / "clip"
-    train.main([str(config), *tiny, "--data.data_root", str(data), "--data.image_roots", "{}", "--data.image_root", str(images),
+    finetune_clip.main([str(config), *tiny, "--data.data_root", str(data), "--data.image_roots", "{}", "--data.image_root", str(images),
                 "--domains", "[radiology,pathology,ophthalmology]", "--output_dir", str(out)])
     absent = [str(data / p) for p in ("training/retriever/radiology/radiology_train.json",
                                       "training/retriever/radiology/radiology_val.json",
@@ -163,4 +164,4 @@ def test_real_config_on_a_partial_release_trains_what_it_has(world, tmp_path, ca
     from common.io import InputError
 
     with pytest.raises(InputError, match=r"no retriever_train file found for any of \['radiology'\]"):
-        train.main([str(config), *tiny, "--data.data_root", str(data), "--domains", "[radiology]", "--output_dir", str(out)])
+        finetune_clip.main([str(config), *tiny, "--data.data_root", str(data), "--domains", "[radiology]", "--output_dir", str(out)])

@@ -18,9 +18,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from common.config import load_config
 from common.io import InputError
 from data.images import load_image, resolve_image
+from data.manifest import manifest_files
 from data.readers import read_records
 from data.records import VqaRecord
-from data.toy import make_world, manifest_files
+from data.toy import make_world
 from data.toy_retrieval import ToyRetrievalConfig, load_corpus, oracle_references, write_oracle_retrieval
 from dpo.align import FindingAligner
 from dpo.budget import BUDGET_KEY, BudgetLog, answer_tokens

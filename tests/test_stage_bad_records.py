@@ -11,8 +11,8 @@ from dpo.evaluate import EvalConfig
 from dpo.pairs import PairsConfig
 from dpo.sft import SftConfig
 from dpo.train_dpo import DpoConfig
+from retriever.finetune_clip import ClipTrainConfig
 from retriever.retrieve import RetrieveConfig
-from retriever.train import ClipTrainConfig
 
 # (config class, the dotted key of its bad_record field)
 STAGES = [(ClipTrainConfig, "data.bad_record"), (RetrieveConfig, "data.bad_record"), (PairsConfig, "bad_record"),

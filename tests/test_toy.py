@@ -14,7 +14,8 @@ from PIL import Image
 from common.config import cli_main
 from common.io import InputError
 from data import toy
-from data.toy import FINDINGS, ROLES, make_world, manifest_files
+from data.manifest import manifest_files
+from data.toy import FINDINGS, ROLES, make_world
 from data.toy_render import render_study
 
 
