@@ -35,7 +35,7 @@ def _world(tmp: Path, quick: bool) -> Path:
     default = Path("outputs/toy/world")
     if (default / "manifest.json").is_file():
         return default
-    from data.toy import make_world
+    from toy.make_toy import make_world
 
     return make_world(tmp / "world", size="tiny" if quick else "small", progress=False)
 

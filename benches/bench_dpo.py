@@ -12,7 +12,7 @@ peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the whole process). Row
 - ``dpo peak RSS vs TRL``: ours / TRL's (lower is better);
 - ``dpo cached reference``: ours with reference log-probs cached / ours computing them each step.
 
-Usage: python -m benches.bench_dpo [--quick]   (or through benches.run)
+Usage: python -m benches.bench_dpo [--quick]   (or through benches.bench)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ LR = 1e-4
 
 def make_data(root: Path, n: int) -> tuple[Path, Path]:
     """``n`` preference pairs (released JSON format, no noised side) with PNGs, and a tiny LLaVA."""
-    from dpo.toy_policy import ToyPolicyConfig, build_toy_policy
+    from toy.toy_policy import ToyPolicyConfig, build_toy_policy
 
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True, exist_ok=True)

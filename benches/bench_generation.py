@@ -1,7 +1,7 @@
 """Pair-builder generation: batches of 16 records against one record at a time (records/s).
 
 Each record is answered under the builder's three conditions (a, b, c) through
-``dpo.pairs.answer_batch``, the builder's own path (image loading, x_v*, prompts, generation).
+``pairs.build_pairs.answer_batch``, the builder's own path (image loading, x_v*, prompts, generation).
 Policy: ``outputs/toy/policy`` if present, else an untrained policy of the same architecture
 (``configs/toy/toy_policy.yaml``), which costs the same per token. Records are toy VQA
 alignment questions with three retrieved reports of their domain each. Target: >= 4x.
@@ -24,10 +24,10 @@ import torch
 
 from data.manifest import manifest_files
 from data.readers import read_records
-from data.toy import make_world
-from dpo.pairs import Item, PairsConfig, answer_batch, batches, other_candidates
-from dpo.policy import load_policy
-from dpo.prompts import load_prompt_templates
+from pairs.build_pairs import Item, PairsConfig, answer_batch, batches, other_candidates
+from policy.policy import load_policy
+from policy.prompts import load_prompt_templates
+from toy.make_toy import make_world
 
 TOY_POLICY = Path("outputs/toy/policy")
 TOY_POLICY_CONFIG = Path("configs/toy/toy_policy.yaml")
@@ -38,7 +38,7 @@ def _policy_dir(tmp: Path, world: Path) -> tuple[Path, str]:
     if (TOY_POLICY / "config.json").is_file():
         return TOY_POLICY, "toy policy"
     from common.config import load_config
-    from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+    from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
     argv = [str(TOY_POLICY_CONFIG)] if TOY_POLICY_CONFIG.is_file() else []
     cfg = load_config(ToyPolicyConfig, argv)

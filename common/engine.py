@@ -6,7 +6,7 @@ accumulation and clipping, mixed precision, gradient checkpointing, DeepSpeed fr
 LoRA through PEFT, logging (tqdm, ``metrics.jsonl``, TensorBoard), periodic evaluation, and
 checkpoints that resume exactly (weights, optimizer, scheduler, RNG, step and data order).
 
-Use (see dpo/sft.py)::
+Use (see policy/train_sft.py)::
 
     accelerator = build_accelerator(cfg.train)   # first: ZeRO-3 must be set up before the model loads
     model = apply_lora(load_model(...), cfg.lora, cfg.train.gradient_checkpointing)

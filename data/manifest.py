@@ -1,8 +1,8 @@
 """Reading a world's ``manifest.json``: which annotation file holds which role, domain and kind.
 
-The toy world (data.toy) writes the manifest; later stages find the world's files only
-through it. The retriever's toy-world fallback (``DataSpec``) and retrieval's default queries
-import this module, not the generator.
+The toy world (toy.make_toy) writes the manifest; later stages find the world's files only
+through it. Reading it is data, so the lower layers (retriever's toy-world fallback in
+``DataSpec``, retrieval's default queries) import this module, never toy/.
 """
 
 from __future__ import annotations

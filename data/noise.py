@@ -1,4 +1,4 @@
-"""The noised image x_v* of DESIGN.md, made deterministically from a seed.
+"""The noised image x_v* of docs/DESIGN.md, made deterministically from a seed.
 
 - ``other_image+gaussian`` (our default): a different real image of the same domain plus
   Gaussian pixel noise, so x_v* is plausible but not the original;

@@ -1,4 +1,4 @@
-"""Read every MMed-RAG annotation format into typed records (DESIGN.md, file contracts 1-3).
+"""Read every MMed-RAG annotation format into typed records (docs/DESIGN.md, file contracts 1-3).
 
 A file is either a JSON list (``[{...}, ...]``) or JSONL (one object per line); which one is told
 by its first character, not its name. Its kind (report, VQA, preference) is told by the keys of
@@ -97,7 +97,7 @@ def read_records(
     when ``bad_record`` is ``skip``; with ``error`` it raises InputError.
 
     A record's own relative ``image_root`` is taken relative to the file's folder, as index.json
-    paths are (dpo.pairs writes them so, and a moved folder of outputs still reads); an absolute
+    paths are (pairs.build_pairs writes them so, and a moved folder of outputs still reads); an absolute
     one is kept as written.
     """
     path = Path(path)
@@ -210,12 +210,12 @@ def read_index(path: str | Path, roles: list[str] | tuple[str, ...]) -> list[dic
     ``source`` and ``image_root`` joined to the index's folder (absolute ones stay as they are).
 
     The index (``{"files": [...]}`` or a bare list) is written by ``retriever.retrieve`` and
-    ``data.toy_retrieval``; SFT, pair building and evaluation find their retrieval JSONL through it.
+    ``toy.oracle_retrieval``; SFT, pair building and evaluation find their retrieval JSONL through it.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: retrieval index does not exist (run scripts/retrieve.sh or "
-                         "python -m data.toy_retrieval)")
+                         "python -m toy.oracle_retrieval)")
     data = _load_json(path)
     entries = data.get("files") if isinstance(data, dict) else data
     if not isinstance(entries, list):

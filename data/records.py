@@ -1,4 +1,4 @@
-"""Typed records: what every annotation format becomes once read (DESIGN.md, file contract 1).
+"""Typed records: what every annotation format becomes once read (docs/DESIGN.md, file contract 1).
 
 Readers in ``data/readers.py`` turn any MMed-RAG annotation file into lists of these. Each keeps
 the untouched source object in ``raw`` (so retrieval JSONL can carry every query field) and
@@ -46,7 +46,7 @@ class VqaRecord:
 
 @dataclass(slots=True)
 class PreferenceRecord:
-    """A preference pair in LLaVA conversation format (+ our additions, DESIGN.md contract 3)."""
+    """A preference pair in LLaVA conversation format (+ our additions, docs/DESIGN.md contract 3)."""
 
     id: str
     image: str

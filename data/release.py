@@ -1,7 +1,7 @@
 """The layout of the MMed-RAG release's ``data/`` folder, and where its images are looked up.
 
 Every path here is relative to ``data_root``, the release's ``data/`` folder. The configs in
-``configs/mmed_rag/`` name these files; ``data.toy_release`` writes the toy world in this layout
+``configs/mmed_rag/`` name these files; ``toy.toy_release`` writes the toy world in this layout
 (with the release's quirks) so the whole real chain can be rehearsed without the real data.
 
 Images are not part of the release. A user keeps each image set in its own folder and names it

@@ -8,9 +8,9 @@ record in every run, worker and process: ``pure_noise(size, stable_seed(id, seed
 ``chosen_noised`` = 1 puts noise on the chosen side the same way.
 
 A batch holds 2B rows for ONE forward pass: rows [0, B) are the chosen answers with their images,
-rows [B, 2B) the rejected answers with theirs (dpo.policy.Policy.encode_preference).
+rows [B, 2B) the rejected answers with theirs (policy.policy.Policy.encode_preference).
 
-Every pair is fitted to the token budget (dpo.budget) with its longer answer: our pairs name their
+Every pair is fitted to the token budget (policy.budget) with its longer answer: our pairs name their
 question and references, so references are dropped or shortened; a released pair is plain text
 and is refused when it does not fit. Neither answer is ever cut.
 """
@@ -33,9 +33,9 @@ from data.images import BadImagePolicy, Roots
 from data.noise import pure_noise, stable_seed
 from data.readers import BadRecordPolicy, read_records
 from data.records import PreferenceRecord
-from dpo.budget import BUDGET_KEY, PromptParts, answer_tokens, fit_prompt
-from dpo.policy import IGNORE, Policy
-from dpo.prompts import PromptTemplates
+from policy.budget import BUDGET_KEY, PromptParts, answer_tokens, fit_prompt
+from policy.policy import IGNORE, Policy
+from policy.prompts import PromptTemplates
 
 PAIR_TYPES = ("cm", "oa1", "oa2")
 
@@ -168,7 +168,7 @@ class PairDataset(PreferenceDataset):
 
 def prompt_parts(record: PreferenceRecord, templates: PromptTemplates) -> PromptParts:
     """The parts of a pair's prompt: structured when the record names its ``question``,
-    ``references`` and ``options`` (dpo.pairs writes them) and ``templates`` write exactly its prompt from them;
+    ``references`` and ``options`` (pairs.build_pairs writes them) and ``templates`` write exactly its prompt from them;
     else its prompt as plain text (released pairs, pairs written with other templates)."""
     refs, question, options = (record.meta.get(k) for k in ("references", "question", "options"))
     plain = PromptParts(text=record.prompt)

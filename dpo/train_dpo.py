@@ -1,4 +1,4 @@
-"""Stage 3: DPO on the preference pairs D_pt, LoRA on the policy (DESIGN.md).
+"""Stage 3: DPO on the preference pairs D_pt, LoRA on the policy (docs/DESIGN.md).
 
     bash scripts/train_dpo.sh [CONFIG.yaml] [--key value ...]     (default configs/toy/dpo.yaml)
 
@@ -17,7 +17,7 @@ checkpoints and exact resume are common.engine. Outputs in ``train.output_dir``:
 - ``checkpoints/`` (resume with ``--train.resume latest``), ``run_config.yaml``;
 - ``bad_records.json``: the pair records skipped as unusable (data.readers), beside ``bad_images.json``;
 - ``run_summary.json``: the step reached, the last evaluation and ``budget``: what fitting the pairs
-  to ``max_length`` cut or refused (dpo.budget; an answer is never cut).
+  to ``max_length`` cut or refused (policy.budget; an answer is never cut).
 
 Several processes: ``NPROC=N bash scripts/train_dpo.sh ...`` (accelerate launch) or ``torchrun
 --nproc_per_node N -m dpo.train_dpo ...``, with ``--train.deepspeed configs/deepspeed/zero2.json``
@@ -48,19 +48,19 @@ from data.loader import make_loader
 from data.noise import pure_noise
 from data.readers import bad_records_summary
 from data.release import image_search_path
-from dpo.budget import BUDGET_KEY, BudgetLog, describe
 from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss
 from dpo.pair_data import (
     PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_type_of, split_heldout,
     stage_indices,
 )
-from dpo.policy import Policy, load_policy, sequence_logps
-from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
+from policy.budget import BUDGET_KEY, BudgetLog, describe
+from policy.policy import Policy, load_policy, sequence_logps
+from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
 
 
 @dataclass
 class DpoConfig:
-    pairs: list[str] = doc(["outputs/toy/pairs/pairs.json"], "preference JSON files: ours (dpo.pairs) or the released MMed-RAG ones")
+    pairs: list[str] = doc(["outputs/toy/pairs/pairs.json"], "preference JSON files: ours (pairs.build_pairs) or the released MMed-RAG ones")
     image_root: str = doc("", "image folder for records whose own image_root is absent or does not exist here (or one holding a folder per image set)")
     image_roots: dict[str, str] = doc({}, "image set (mimic, iuxray, harvard, pmc, quilt) -> its folder, looked in before image_root (the released pairs)")
     policy: str = doc("outputs/toy/policy", "policy checkpoint folder (Hugging Face model + processor)")

@@ -3,7 +3,7 @@
     bash scripts/retrieve.sh [CONFIG.yaml] [--key value ...]     # = python -m retriever.retrieve
 
 For every query record of the configured files (default: the toy world's test and alignment VQA
-and report files) the output JSONL (DESIGN.md contract 2) carries every query field plus
+and report files) the output JSONL (docs/DESIGN.md contract 2) carries every query field plus
 ``reference_reports`` (best first), ``retrieve_k``, ``domain`` (routed), ``reference_ids`` and
 ``reference_scores``; a record whose image cannot be read gets empty lists and
 ``retrieve_error``. Files go to ``<output_dir>/<file domain>_<file stem>.jsonl``, listed in
@@ -13,7 +13,7 @@ Paths in ``index.json`` are relative to its folder where they lie in the same ou
 (common.io.write_path), so the outputs folder can be moved; ``data.readers.read_index`` reads them.
 
 Query paths are relative to ``data.data_root`` (the release's ``data/`` folder), or to
-``sources_dir`` for the alignment queries that ``python -m dpo.release_sources`` makes from the
+``sources_dir`` for the alignment queries that ``python -m pairs.release_sources`` makes from the
 release's preference files (those are finished pairs, not queries). A query or corpus file that is
 absent is warned about (one line) and listed under ``missing`` in ``retrieval_metrics.json``; a
 domain without a corpus file is skipped; only a run left with nothing stops (exit 2).
@@ -70,7 +70,7 @@ class Hit(NamedTuple):
 @dataclass
 class QueryFile:
     path: str = doc("", "a VQA JSONL or report JSON file; a relative path lies under `base`")
-    base: Literal["data_root", "sources_dir"] = doc("data_root", "where a relative path lies: data.data_root (the release) or sources_dir (dpo.release_sources output)")
+    base: Literal["data_root", "sources_dir"] = doc("data_root", "where a relative path lies: data.data_root (the release) or sources_dir (pairs.release_sources output)")
     domain: str = doc("", "the file's domain (oracle routing, output name, routing accuracy); empty = unknown")
     role: str = doc("", "a label carried into index.json (e.g. test_vqa)")
     kind: str = doc("", "vqa | report; empty = told by the keys")
@@ -84,7 +84,7 @@ class RetrieveConfig:
     data: DataSpec = doc(DataSpec(), "each domain's corpus: its retriever_train files")
     domains: list[str] = doc(list(DOMAINS), "domains with a retriever and a corpus")
     queries: list[QueryFile] = doc([], "query files; empty = the toy world's files of `query_roles`")
-    sources_dir: str = doc("outputs/mmed_rag/sources", "query files made from the release's alignment (preference) files by `python -m dpo.release_sources --data_root D --out SOURCES_DIR`")
+    sources_dir: str = doc("outputs/mmed_rag/sources", "query files made from the release's alignment (preference) files by `python -m pairs.release_sources --data_root D --out SOURCES_DIR`")
     query_roles: list[str] = doc(QUERY_ROLES, "toy world roles used when `queries` is empty")
     routing: Literal["classifier", "oracle", "fixed"] = doc("classifier", "classifier F(x_v) | oracle (the file's domain) | fixed (`domain` for all)")
     domain: str = doc("", "routing=fixed: the domain every query goes to")
@@ -273,7 +273,7 @@ def query_files(cfg: RetrieveConfig) -> tuple[list[QueryFile], list[str]]:
 
 
 def release_sources_command(cfg: RetrieveConfig) -> str:
-    return f"`python -m dpo.release_sources --data_root {cfg.data.data_root or 'DATA_ROOT'} --out {cfg.sources_dir}`"
+    return f"`python -m pairs.release_sources --data_root {cfg.data.data_root or 'DATA_ROOT'} --out {cfg.sources_dir}`"
 
 
 def _unique_images(records: list[Any]) -> tuple[list[Any], list[int]]:

@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ $# -eq 0 ] || [[ "$1" == --* ]]; then set -- configs/toy/pairs.yaml "$@"; fi
 if [ "${NPROC:-1}" -gt 1 ]; then
-  exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m dpo.pairs "$@"
+  exec .venv/bin/torchrun --standalone --nproc_per_node "$NPROC" -m pairs.build_pairs "$@"
 fi
-exec .venv/bin/python -m dpo.pairs "$@"
+exec .venv/bin/python -m pairs.build_pairs "$@"

@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ $# -eq 0 ] || [[ "$1" == -* ]]; then set -- configs/toy/evaluate.yaml "$@"; fi
-exec .venv/bin/python -m dpo.evaluate "$@"
+exec .venv/bin/python -m evaluation.evaluate "$@"

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
-exec .venv/bin/python -m tests.faults_suite "$@"
+exec .venv/bin/python -m tests.faults "$@"

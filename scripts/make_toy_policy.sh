@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The toy base policy (the GPU-free stand-in for LLaVA-Med): an untrained tiny LLaVA with a
-# tokenizer trained on the toy text (dpo.toy_policy), then full SFT on the toy world's
-# policy_train split with oracle references in most prompts (data.toy_retrieval), so that it
+# tokenizer trained on the toy text (toy.toy_policy), then full SFT on the toy world's
+# policy_train split with oracle references in most prompts (toy.oracle_retrieval), so that it
 # answers from the image and leans on retrieved text; finally its reliance is measured on val_vqa.
 # Usage: bash scripts/make_toy_policy.sh [--world DIR] [--out DIR] [--key value ...]
 #   --world  toy world (default outputs/toy/world; made with scripts/make_toy.sh if absent)
@@ -22,8 +22,8 @@ while [ $# -gt 0 ]; do
 done
 base=$(dirname "$out")
 [ -f "$world/manifest.json" ] || bash scripts/make_toy.sh --out "$world"
-.venv/bin/python -m data.toy_retrieval --world "$world" --out "$base/oracle_retrieval"
-.venv/bin/python -m dpo.toy_policy configs/toy/toy_policy.yaml --world "$world" --out "$base/policy_init"
+.venv/bin/python -m toy.oracle_retrieval --world "$world" --out "$base/oracle_retrieval"
+.venv/bin/python -m toy.toy_policy configs/toy/toy_policy.yaml --world "$world" --out "$base/policy_init"
 rm -rf "$out"
-exec .venv/bin/python -m dpo.sft configs/toy/sft.yaml --model "$base/policy_init" \
+exec .venv/bin/python -m policy.train_sft configs/toy/sft.yaml --model "$base/policy_init" \
   --data.retrieval_index "$base/oracle_retrieval/index.json" --train.output_dir "$out" "$@"

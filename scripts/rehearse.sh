@@ -9,4 +9,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m dpo.rehearse "$@"
+exec .venv/bin/python -m pipeline.rehearse "$@"

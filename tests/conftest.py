@@ -12,8 +12,8 @@ def toy_processor():
 
     Its tokenizer's ``model_max_length`` (1024) is then the stand-in's own limit.
     """
-    from dpo.prompts import DEFAULT_PROMPTS
-    from dpo.toy_policy import ToyPolicyConfig, build_processor, template_texts, train_tokenizer
+    from policy.prompts import DEFAULT_PROMPTS
+    from toy.toy_policy import ToyPolicyConfig, build_processor, template_texts, train_tokenizer
 
     texts = template_texts(DEFAULT_PROMPTS) + ["Is there a finding? Yes finding. No finding. Normal study."] * 5
     return build_processor(train_tokenizer(texts, 400, 1024), ToyPolicyConfig())

@@ -1,6 +1,6 @@
 import pytest
 
-from dpo.answers import (
+from policy.answers import (
     corpus_report_scores,
     is_correct,
     report_correct,

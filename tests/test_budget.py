@@ -1,4 +1,4 @@
-"""The token budget (dpo.budget) on a tiny toy LLaVA and a tiny Qwen2-VL: counting as the processor
+"""The token budget (policy.budget) on a tiny toy LLaVA and a tiny Qwen2-VL: counting as the processor
 expands images, dropping and shortening references, refusing what cannot fit, the default budget,
 training pairs, generation and the summary."""
 
@@ -16,19 +16,19 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from common.config import ConfigError
 from data.images import BadImageLog
-from dpo.budget import (
+from dpo.pair_data import PairCollator, load_pairs, prompt_parts
+from evaluation.infer import InferConfig, answer_queries, read_queries
+from policy.budget import (
     BUDGET_KEY, MIN_WORDS, BudgetLog, Note, PromptParts, answer_tokens, budget_for, fit_prompt, percentiles,
     policy_limit,
 )
-from dpo.infer import InferConfig, answer_queries, read_queries
-from dpo.pair_data import PairCollator, load_pairs, prompt_parts
-from dpo.policy import IGNORE, Policy, load_policy
-from dpo.prompts import load_prompt_templates
-from dpo.toy_policy import ToyPolicyConfig, build_toy_policy
+from policy.policy import IGNORE, Policy, load_policy
+from policy.prompts import load_prompt_templates
 from retriever.select_k import KRule
 from tests.test_infer import StubRetriever
 from tests.test_policy import _images, _texts
 from tests.tiny_qwen2vl import build_tiny_qwen2vl
+from toy.toy_policy import ToyPolicyConfig, build_toy_policy
 
 POSITIONS = 400  # the toy's own limit: its text config's max_position_embeddings
 QUESTION = "Is there pleural effusion in this image?"

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from dpo.evaluate import EvalConfig
-from dpo.pairs import PairsConfig
-from dpo.sft import SftConfig
-from dpo.toy_policy import ToyPolicyConfig
 from dpo.train_dpo import DpoConfig
+from evaluation.evaluate import EvalConfig
+from pairs.build_pairs import PairsConfig
+from policy.train_sft import SftConfig
 from retriever.finetune_clip import ClipTrainConfig
 from retriever.retrieve import RetrieveConfig
+from toy.toy_policy import ToyPolicyConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CLASSES = {"clip": ClipTrainConfig, "retrieve": RetrieveConfig, "pairs": PairsConfig, "dpo": DpoConfig,
@@ -51,7 +51,7 @@ def test_real_data_stages_chain(domain):
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_real_configs_follow_the_release_layout(domain):
     """Every annotation path is a release file relative to data.data_root, in the role it has there;
-    the alignment (preference) files are queried through dpo.release_sources' output, not directly."""
+    the alignment (preference) files are queried through pairs.release_sources' output, not directly."""
     from data.release import DATASETS, release_files
 
     clip, retrieve = (_load(CONFIGS / "mmed_rag" / domain / f"{stem}.yaml") for stem in ("clip", "retrieve"))

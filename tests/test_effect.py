@@ -1,4 +1,4 @@
-"""The effect table's aggregation over seeds (dpo.effect)."""
+"""The effect table's aggregation over seeds (evaluation.effect)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dpo.effect import paired_differences, question_outcomes, summarise, table
+from evaluation.effect import paired_differences, question_outcomes, summarise, table
 
 
 def test_summarise_means_and_sample_std_per_policy_and_metric():

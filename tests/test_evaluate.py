@@ -10,13 +10,13 @@ from PIL import Image
 
 from common.config import ConfigError, cli_main
 from common.io import InputError
-from dpo.evaluate import (
+from evaluation.evaluate import (
     CONDITIONS, METRIC_KEYS, EvalConfig, check_adapter_base, check_java, condition_k, diagnostics, eval_files, evaluate,
     main,
 )
-from dpo.plots import plot_clip_curves, plot_dpo_curves
-from dpo.policy import Policy
-from dpo.prompts import build_prompt
+from evaluation.plots import plot_clip_curves, plot_dpo_curves
+from policy.policy import Policy
+from policy.prompts import build_prompt
 
 # ---------------------------------------------------------------- hand-made files, scripted policy
 
@@ -225,7 +225,7 @@ def test_adapter_trained_on_another_base_is_refused(tmp_path):
 
 
 def test_missing_java_fails_before_generation(hand_world, monkeypatch):
-    monkeypatch.setattr("dpo.evaluate.shutil.which", lambda name: None)
+    monkeypatch.setattr("evaluation.evaluate.shutil.which", lambda name: None)
     cfg = _cfg(hand_world, meteor=True)
     with pytest.raises(ConfigError, match="java"):
         check_java(cfg, eval_files(cfg))
@@ -255,10 +255,10 @@ def tiny_run(tmp_path_factory):
     """Tiny toy world, oracle retrieval, an untrained tiny policy and a random LoRA adapter."""
     from peft import LoraConfig, get_peft_model
 
-    from data.toy import make_world
-    from data.toy_retrieval import ToyRetrievalConfig, write_oracle_retrieval
-    from dpo.policy import load_policy
-    from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+    from policy.policy import load_policy
+    from toy.make_toy import make_world
+    from toy.oracle_retrieval import ToyRetrievalConfig, write_oracle_retrieval
+    from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
     root = tmp_path_factory.mktemp("tiny")
     world = make_world(root / "world", size="tiny", progress=False)

@@ -1,10 +1,11 @@
-"""Fault cases that run in seconds; the end-to-end scenarios (tests/faults_suite.py) are
+"""Fault cases that run in seconds; the end-to-end scenarios (tests/faults.py) are
 wrapped at the bottom as slow tests.
 
 Covered elsewhere and not repeated here: each bad image kind through load_image (test_images.py),
-bad-image skipping in the pair builder and pairs SIGKILL + resume (test_pairs.py), DPO resume after
-a crash (test_train_dpo.py, in-process), CLIP exact resume (test_retriever_train.py), half-written
-checkpoint folders (test_checkpoint.py), config parsing errors (test_config.py).
+bad-image skipping in the pair builder and pairs SIGKILL + resume (test_build_pairs.py), DPO
+resume after a crash (test_train_dpo.py, in-process), CLIP exact resume
+(test_retriever_train.py), half-written checkpoint folders (test_checkpoint.py), config parsing
+errors (test_config.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from common.checkpoint import CheckpointManager
 from common.config import cli_main
 from common.io import InputError, atomic_write_text
 from data.images import BadImageError, load_image
-from tests import faults_suite as fs
+from tests import faults as fs
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("common", "data", "retriever", "dpo")
+PACKAGES = ("common", "data", "retriever", "policy", "pairs", "dpo", "evaluation", "pipeline", "toy")
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +136,7 @@ def test_every_torch_load_is_weights_only_and_remote_code_is_off_by_default():
                     "True" in ast.unparse(node.value or ast.Constant(None)):
                 offenders.append(f"{py.relative_to(ROOT)}:{node.lineno} trust_remote_code field defaults to True")
     assert offenders == []
-    from dpo.policy import load_policy
+    from policy.policy import load_policy
 
     assert inspect.signature(load_policy).parameters["trust_remote_code"].default is False
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 from common.config import ConfigError, cli_main
 from common.io import InputError
-from dpo.budget import BudgetLog
-from dpo.infer import InferConfig, answer_queries, main, pick_adapter, read_queries
-from dpo.policy import Policy
+from evaluation.infer import InferConfig, answer_queries, main, pick_adapter, read_queries
+from policy.budget import BudgetLog
+from policy.policy import Policy
 from retriever.select_k import KRule
 
 BRIGHT, DARK = 220, 30
@@ -148,10 +148,10 @@ def test_toy_adapter_only_for_the_toy_policy(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Tiny world, three one-epoch retrievers + domain classifier, an untrained tiny policy."""
-    from data.toy import make_world
-    from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
     from retriever import finetune_clip
     from tests.test_retriever_train import TINY_ARCH
+    from toy.make_toy import make_world
+    from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
     root = tmp_path_factory.mktemp("infer")
     world = make_world(root / "world", size="tiny", progress=False)

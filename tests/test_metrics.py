@@ -3,7 +3,8 @@ import shutil
 
 import pytest
 
-from dpo.metrics import copy_rate, over_reliance_rate, report_metrics, tokenize, vqa_metrics
+from evaluation.metrics import report_metrics, tokenize, vqa_metrics
+from pairs.rules import copy_rate, over_reliance_rate
 
 
 def test_vqa_accuracy_f1_by_hand():

@@ -17,13 +17,13 @@ from PIL import Image
 from common.io import InputError
 from data.images import SKIPPED_KEY, SkippedSample
 from data.noise import pure_noise, stable_seed
-from dpo.budget import BUDGET_KEY
 from dpo.pair_data import (
     PairCollator, PairDataset, StagedSampler, is_heldout, load_pairs, pair_type_of, split_heldout, stage_indices,
 )
-from dpo.policy import IGNORE
-from dpo.prompts import load_prompt_templates
-from dpo.toy_policy import ToyPolicyConfig, build_toy_policy
+from policy.budget import BUDGET_KEY
+from policy.policy import IGNORE
+from policy.prompts import load_prompt_templates
+from toy.toy_policy import ToyPolicyConfig, build_toy_policy
 
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 QUESTION = "Is the square red?"

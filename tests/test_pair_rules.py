@@ -1,6 +1,6 @@
 import pytest
 
-from dpo.pair_rules import pairs_for_record
+from pairs.rules import pairs_for_record
 
 
 def same(ans, y):

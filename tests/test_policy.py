@@ -7,9 +7,9 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from common.io import InputError
-from dpo.policy import IGNORE, concat_batches, load_policy, sequence_logps
-from dpo.prompts import build_prompt, plain_text
-from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+from policy.policy import IGNORE, concat_batches, load_policy, sequence_logps
+from policy.prompts import build_prompt, plain_text
+from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
 FINDINGS = ["pleural effusion", "cardiomegaly", "pneumothorax", "nodule", "edema"]
 
@@ -121,7 +121,7 @@ def test_stray_image_tokens_in_texts_are_neutralised(policy):
 
 
 def test_model_free_encoder_matches(policy):
-    from dpo.policy import Policy
+    from policy.policy import Policy
 
     images, prompts = _images(2), _prompts(2)
     want = policy.encode_for_training(prompts, ["Yes.", "No"], images)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from common.io import InputError
-from dpo.prompts import (
+from policy.prompts import (
     build_prompt,
     enumerate_references,
     load_prompt_templates,

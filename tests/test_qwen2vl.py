@@ -17,8 +17,8 @@ from transformers import AutoModelForImageTextToText
 
 from common.engine import LoraConfig, apply_lora
 from data.noise import pure_noise
-from dpo.policy import concat_batches, load_policy
 from dpo.train_dpo import pair_logps, run
+from policy.policy import concat_batches, load_policy
 from tests.test_pair_data import policy_texts, write_pairs
 from tests.test_policy import _images, _prompts
 from tests.test_train_dpo import (  # noqa: F401 (fresh_accelerate, one_thread: fixtures)
@@ -101,8 +101,8 @@ def test_a_prefix_lm_is_refused_for_training_not_trained_wrong():
     from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
 
     from common.io import InputError
-    from dpo.policy import Policy
-    from dpo.toy_policy import train_tokenizer
+    from policy.policy import Policy
+    from toy.toy_policy import train_tokenizer
 
     bpe = train_tokenizer(policy_texts(), 300, 512).backend_tokenizer
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",

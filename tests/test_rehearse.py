@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from data.toy import make_world
-from dpo.rehearse import STAGES, _spread, complete, inventory, markdown, write_sample
-from dpo.toy_release import write_release
+from pipeline.rehearse import STAGES, _spread, complete, inventory, markdown, write_sample
+from toy.make_toy import make_world
+from toy.toy_release import write_release
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""dpo.release_sources: the release's alignment pairs back into query files (synthetic files only)."""
+"""pairs.release_sources: the release's alignment pairs back into query files (synthetic files only)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from common.io import InputError
 from data.readers import read_records
 from data.records import ReportRecord, VqaRecord
-from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
-from dpo.release_sources import ReleaseSourcesConfig, main, recover_question, run, template_regex
+from pairs.release_sources import ReleaseSourcesConfig, main, recover_question, run, template_regex
+from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = load_prompt_templates(DEFAULT_PROMPTS)
@@ -121,7 +121,7 @@ def test_cli(release, tmp_path, capsys):
     assert "radiology_vqa.json: 5 pairs -> 3 new queries" in printed and "missing" not in printed
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "dpo.release_sources", "--data_root", str(empty), "--out",
+    proc = subprocess.run([sys.executable, "-m", "pairs.release_sources", "--data_root", str(empty), "--out",
                            str(tmp_path / "o2"), "--prompts", str(DEFAULT_PROMPTS)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "none of the release's alignment files" in proc.stderr

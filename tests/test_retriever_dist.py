@@ -16,8 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from data.toy import make_world
 from tests.test_retriever_train import TINY_ARCH
+from toy.make_toy import make_world
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ from data.images import load_image
 from data.manifest import manifest_files
 from data.readers import read_index, read_records
 from data.records import DOMAINS
-from data.toy import make_world
 from retriever import finetune_clip, retrieve
 from retriever.select_k import KRule
 from tests.test_retriever_train import TINY_ARCH
+from toy.make_toy import make_world
 
 ADDED = ("reference_reports", "retrieve_k", "domain", "reference_ids", "reference_scores")
 
@@ -196,7 +196,7 @@ def test_real_config_on_a_partial_release(trained, tmp_path, capsys):
                                                                          {"from": "gpt", "value": "Yes."}],
                    "rejected_conversations": [{"from": "human", "value": "<image>\nIs it?"}, {"from": "gpt", "value": "No."}]}]
     (sources / "pathology_alignment_vqa.jsonl").write_text(json.dumps(preference[0]) + "\n")
-    with pytest.raises(InputError, match=r"a preference record .*python -m dpo.release_sources --data_root .* --out "):
+    with pytest.raises(InputError, match=r"a preference record .*python -m pairs.release_sources --data_root .* --out "):
         retrieve.main([config, *common, "--routing", "oracle", "--output_dir", str(tmp_path / "pref")])
     with pytest.raises(InputError, match="no retriever_train file .* was found"):
         retrieve.main([config, *common, "--data.data_root", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "none")])

@@ -9,9 +9,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from data.toy import make_world
 from retriever import finetune_clip
 from retriever.clip_data import CLIP_SUBDIR
+from toy.make_toy import make_world
 
 TINY_ARCH = {
     "embed_dim": 16,

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from common.config import ConfigError, load_config
-from dpo.evaluate import EvalConfig
-from dpo.pairs import PairsConfig
-from dpo.sft import SftConfig
 from dpo.train_dpo import DpoConfig
+from evaluation.evaluate import EvalConfig
+from pairs.build_pairs import PairsConfig
+from policy.train_sft import SftConfig
 from retriever.finetune_clip import ClipTrainConfig
 from retriever.retrieve import RetrieveConfig
 

@@ -13,10 +13,10 @@ from PIL import Image
 
 from common.config import cli_main
 from common.io import InputError
-from data import toy
-from data.manifest import manifest_files
-from data.toy import FINDINGS, ROLES, make_world
-from data.toy_render import render_study
+from data.manifest import load_manifest, manifest_files
+from toy import make_toy
+from toy.make_toy import FINDINGS, ROLES, make_world
+from toy.render import render_study
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_studies_disjoint_across_splits(world):
         for b in keys[i + 1 :]:
             assert not by_split[a] & by_split[b], (a, b)
     counts = {k.split("/")[1]: len(v) for k, v in by_split.items()}
-    assert counts == toy.SIZES["tiny"]
+    assert counts == make_toy.SIZES["tiny"]
 
 
 def test_yes_no_balanced_and_answers_match_truth(world):
@@ -145,7 +145,7 @@ def test_every_format_variant(world):
 
 
 def test_manifest_counts_and_images(world):
-    manifest = toy.load_manifest(world)
+    manifest = load_manifest(world)
     assert manifest["seed"] == 0 and manifest["size"] == "tiny"
     assert {d: v["findings"] for d, v in manifest["domains"].items()} == FINDINGS
     for d in FINDINGS:
@@ -165,7 +165,7 @@ def test_manifest_counts_and_images(world):
 
 def test_reports_mention_every_present_finding(world):
     def said(domain: str, name: str, text: str) -> bool:
-        finding = next(f for f in toy.VOCAB[domain] if f.name == name)
+        finding = next(f for f in make_toy.VOCAB[domain] if f.name == name)
         patterns = (
             re.escape(t).replace(r"\{sev\}", ".+").replace(r"\{Sev\}", ".+") for t in finding.says
         )
@@ -176,7 +176,7 @@ def test_reports_mention_every_present_finding(world):
             text = r.get("report") or r.get("caption") or r.get("gpt4_summary")
             assert all(said(e["domain"], n, text) for n in r["findings"]), (r["findings"], text)
             if not r["findings"]:
-                assert any(s in text for s in toy.NORMAL[e["domain"]]), text
+                assert any(s in text for s in make_toy.NORMAL[e["domain"]]), text
 
 
 @pytest.mark.parametrize("domain", sorted(FINDINGS))
@@ -205,7 +205,7 @@ def test_failed_run_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return render_study(*args, **kwargs)
 
-    monkeypatch.setattr(toy, "render_study", broken)
+    monkeypatch.setattr(make_toy, "render_study", broken)
     with pytest.raises(RuntimeError):
         make_world(tmp_path / "world", size="tiny", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -213,7 +213,7 @@ def test_failed_run_leaves_nothing(tmp_path, monkeypatch):
 
 def test_cli_errors_exit_2(tmp_path):
     with pytest.raises(SystemExit) as e:
-        cli_main(lambda: toy.main(["--out", str(tmp_path / "w"), "--size", "huge"]))
+        cli_main(lambda: make_toy.main(["--out", str(tmp_path / "w"), "--size", "huge"]))
     assert e.value.code == 2
     with pytest.raises(InputError, match="manifest.json"):
-        toy.load_manifest(tmp_path)
+        load_manifest(tmp_path)

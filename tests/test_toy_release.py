@@ -10,8 +10,8 @@ import pytest
 from data.images import resolve_image
 from data.readers import read_records
 from data.release import RELEASE_FILES, image_search_path
-from data.toy import make_world
-from dpo.toy_release import BAD_IUXRAY_LINES, write_release
+from toy.make_toy import make_world
+from toy.toy_release import BAD_IUXRAY_LINES, write_release
 
 PROMPTS = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "default.yaml"
 

@@ -23,11 +23,11 @@ from transformers import AutoModelForImageTextToText
 
 from common.engine import EngineConfig, LoraConfig
 from data.noise import pure_noise
-from dpo.pair_data import PairCollator, PairDataset, is_heldout, load_pairs, split_heldout
-from dpo.policy import load_policy, sequence_logps
 from dpo.loss import dpo_loss
-from dpo.prompts import load_prompt_templates
+from dpo.pair_data import PairCollator, PairDataset, is_heldout, load_pairs, split_heldout
 from dpo.train_dpo import DpoConfig, DpoTrainer, pair_logps, run, shard, step_loss, summarize
+from policy.policy import load_policy, sequence_logps
+from policy.prompts import load_prompt_templates
 from tests.test_engine import LAUNCHER_VARS
 from tests.test_pair_data import toy_policy, write_pairs
 

@@ -128,7 +128,7 @@ def test_help():
 
 
 def test_manifest_validates_every_file_of_a_world(tmp_path):
-    from data.toy import make_world
+    from toy.make_toy import make_world
 
     root = make_world(tmp_path / "world", seed=0, size="tiny")
     r = subprocess.run([sys.executable, "-m", "data.validate", "--manifest", str(root / "manifest.json"),

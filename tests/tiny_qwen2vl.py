@@ -24,8 +24,8 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from dpo.toy_policy import template_texts, train_tokenizer
-from dpo.prompts import DEFAULT_PROMPTS
+from policy.prompts import DEFAULT_PROMPTS
+from toy.toy_policy import template_texts, train_tokenizer
 
 SPECIAL = {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
            "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}

@@ -2,10 +2,10 @@
 
 Each seed trains DPO (``dpo.train_dpo`` with the given config, ``train.seed`` and ``noise_seed``
 set to the seed) on the same pairs and base policy, then evaluates base and DPO
-(``dpo.evaluate``). A seed whose ``results.json`` exists is not redone. The spread is therefore
+(``evaluation.evaluate``). A seed whose ``results.json`` exists is not redone. The spread is therefore
 that of DPO training (LoRA init, sample order, noise images), not of the world or the base policy.
 
-Run: ``python -m dpo.effect [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50]``. The same
+Run: ``python -m evaluation.effect [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50]``. The same
 driver compares settings on the validation questions without touching test, e.g.
 ``--roles val_vqa --dpo_args "--stages [[cm],[oa1,oa2]]" --out outputs/toy/sweep/stages``.
 Writes ``<out>/seed<N>/{dpo,eval}/``, ``effect.json`` (per-seed figures) and ``effect.md``
@@ -40,14 +40,14 @@ def run_seed(seed: int, out: Path, dpo_config: str, eval_config: str, limit: int
         dpo_dir = out / f"seed{seed}" / "dpo"
         _python("dpo.train_dpo", dpo_config, "--train.output_dir", str(dpo_dir), "--train.seed", str(seed),
                 "--noise_seed", str(seed), *dpo_args)
-        _python("dpo.evaluate", eval_config, "--adapter", str(dpo_dir / "adapter"), "--dpo_dir", str(dpo_dir),
+        _python("evaluation.evaluate", eval_config, "--adapter", str(dpo_dir / "adapter"), "--dpo_dir", str(dpo_dir),
                 "--out", str(results.parent), "--limit", str(limit), "--roles", f"[{','.join(roles)}]", *eval_args)
     return json.loads(results.read_text())["diagnostics"]
 
 
 def question_outcomes(predictions: Path) -> dict[str, dict[str, np.ndarray]]:
     """{policy: {metric: 0/1 per question}} over the yes/no questions both policies answered in
-    no_rag, rag_fixed and noised_rag, in one question order (``dpo.evaluate`` predictions)."""
+    no_rag, rag_fixed and noised_rag, in one question order (``evaluation.evaluate`` predictions)."""
     correct: dict[tuple, bool] = {}
     for row in read_jsonl(predictions):
         if row["task"] == "vqa" and row.get("correct") is not None:

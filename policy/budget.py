@@ -25,8 +25,8 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from common.config import ConfigError
 from common.io import InputError
-from dpo.policy import Policy, Prompt
-from dpo.prompts import PromptTemplates, build_prompt
+from policy.policy import Policy, Prompt
+from policy.prompts import PromptTemplates, build_prompt
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class PromptParts:
     question: str | None = None
     references: tuple[str, ...] = ()
     text: str | None = None
-    options: str | None = None  # the record's own option text (dpo.prompts.own_options)
+    options: str | None = None  # the record's own option text (policy.prompts.own_options)
 
     def prompt(self, templates: PromptTemplates, references: Sequence[str] | None = None) -> Prompt:
         """The user turn holding ``references`` (default: all of this prompt's)."""

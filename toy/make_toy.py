@@ -1,7 +1,7 @@
 """The toy medical world: three domains of procedural studies in every MMed-RAG annotation format.
 
 Each study has 0-3 findings from its domain's vocabulary, drawn at a severity in (0, 1] (about
-30% subtle: small and low-contrast). Its image (``data.toy_render``) shows them; its report and
+30% subtle: small and low-contrast). Its image (``toy.render``) shows them; its report and
 yes/no questions are generated from them with paraphrases, shuffled sentences and filler. Every
 record also carries the ground truth (``findings``; for VQA ``finding`` and ``study``), kept as
 metadata by readers and used by later stages for oracle retrieval and recall.
@@ -31,7 +31,7 @@ from common.config import ConfigError, cli_main, doc, load_config, to_dict
 from common.io import atomic_dir
 from data.manifest import load_manifest
 from data.records import DOMAINS
-from data.toy_render import render_study
+from toy.render import render_study
 
 VERSION = 1
 SPLITS = ("policy_train", "retriever_train", "retriever_val", "alignment", "test")

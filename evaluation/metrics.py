@@ -1,5 +1,6 @@
-"""Evaluation metrics: yes/no VQA accuracy and F1, report-generation text metrics, and the
-misalignment diagnostics (copy rate, over-reliance rate).
+"""Evaluation metrics: yes/no VQA accuracy and F1 and report-generation text metrics. The
+misalignment diagnostics (copy rate, over-reliance rate) are in pairs.rules, beside the pair rules
+they mirror, because the pair builder reports them too.
 
 Report metrics are pycocoevalcap's, the suite the report-generation literature reports:
 BLEU-1..4 (coco-caption BLEU: corpus-level, closest-reference brevity penalty; ``bleu`` is
@@ -76,16 +77,3 @@ def report_metrics(pred: Sequence[str], ref: Sequence[str], meteor: bool = True)
 
         out["meteor"] = float(Meteor().compute_score(gts, res)[0])  # the jar exits with the scorer
     return out
-
-
-def copy_rate(noised_correct: Sequence[bool]) -> float:
-    """Accuracy with a noised image plus retrieval: how often the answer survives losing the image."""
-    return sum(noised_correct) / len(noised_correct) if noised_correct else 0.0
-
-
-def over_reliance_rate(correct_without: Sequence[bool], correct_with: Sequence[bool]) -> float:
-    """Share of questions right without retrieval and wrong with it."""
-    n = len(correct_without)
-    if n != len(correct_with):
-        raise ValueError("condition answers differ in length")
-    return sum(c and not a for c, a in zip(correct_without, correct_with)) / n if n else 0.0

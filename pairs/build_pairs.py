@@ -1,14 +1,14 @@
-"""Stage 2: build the preference pairs D_pt = D_cm + D_oa1 + D_oa2 (DESIGN.md).
+"""Stage 2: build the preference pairs D_pt = D_cm + D_oa1 + D_oa2 (docs/DESIGN.md).
 
 The released MMed-RAG code never shipped this step, so it is written here from the paper and
-the released data. For every alignment record (retrieval JSONL, DESIGN.md contract 2) the policy
+the released data. For every alignment record (retrieval JSONL, docs/DESIGN.md contract 2) the policy
 answers three times, in batches:
 
     a = M(x_v,  (x_t, x_r))   real image, with the retrieved reports
     b = M(x_v*, (x_t, x_r))   noised image, with the retrieved reports
     c = M(x_v,  x_t)          real image, no retrieval
 
-and ``dpo.pair_rules`` turns the three answers into pairs. x_v* is stored as a PNG under
+and ``pairs.rules`` turns the three answers into pairs. x_v* is stored as a PNG under
 ``OUT/noised/`` and named in the pair (``rejected_image``), so training sees exactly the pixels
 the policy saw. Outputs in ``OUT`` (default ``outputs/toy/pairs``):
 
@@ -17,7 +17,7 @@ the policy saw. Outputs in ``OUT`` (default ``outputs/toy/pairs``):
   over-reliance rate, skipped records, ``budget`` (what fitting the prompts cut or refused);
 - ``generations.jsonl``: every record's three answers and the references a and b saw, for audit.
 
-Prompts are fitted to ``max_length`` with ``max_new_tokens`` after them (dpo.budget): references are
+Prompts are fitted to ``max_length`` with ``max_new_tokens`` after them (policy.budget): references are
 dropped from the last one or the last kept one shortened, the same for a and b (fitted with both
 images); a record whose prompt cannot fit is skipped (reason ``too_long``). A pair's prompt holds the
 references its answers were generated with, and names them (``question``, ``references``) so that
@@ -26,8 +26,8 @@ training can shorten it further without guessing where the references are.
 Resumable: answers are appended per batch of records and a rerun answers only the missing
 records (a half-written last line is dropped). Batches are fixed by record position, never by
 what is left, so a resumed or multi-process run gives the same bytes as one uninterrupted run.
-Several processes split the batches (``torchrun --nproc_per_node N -m dpo.pairs`` or
-``accelerate launch -m dpo.pairs``); each appends to its own shard and rank 0 merges.
+Several processes split the batches (``torchrun --nproc_per_node N -m pairs.build_pairs`` or
+``accelerate launch -m pairs.build_pairs``); each appends to its own shard and rank 0 merges.
 
     bash scripts/build_pairs.sh [CONFIG.yaml] [--key value ...]
 """
@@ -51,11 +51,10 @@ from data.images import BadImageError, Roots, load_image, pick_root, resolve_ima
 from data.noise import MODES, make_noised, pick_other, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records
 from data.records import VqaRecord
-from dpo.answers import is_correct
-from dpo.budget import BudgetLog, Note, PromptParts, budget_for, checkpoint_limit, describe, fit_prompt
-from dpo.metrics import copy_rate, over_reliance_rate
-from dpo.pair_rules import CmRule, Pair, pairs_for_record
-from dpo.prompts import (
+from pairs.rules import CmRule, Pair, copy_rate, over_reliance_rate, pairs_for_record
+from policy.answers import is_correct
+from policy.budget import BudgetLog, Note, PromptParts, budget_for, checkpoint_limit, describe, fit_prompt
+from policy.prompts import (
     DEFAULT_PROMPTS, OPTION_TEXT_HELP, PromptTemplates, load_prompt_templates, own_options,
 )
 
@@ -565,7 +564,7 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
     todo = [b for b in batches(items, cfg.batch_size) if any(it.key not in done for it in b)]
     mine = todo[state.process_index :: state.num_processes]
     if mine:
-        from dpo.policy import load_policy
+        from policy.policy import load_policy
 
         device = str(state.device) if cfg.device != "cpu" else "cpu"
         policy = load_policy(cfg.policy, cfg.adapter or None, dtype=cfg.dtype, device=device)

@@ -11,7 +11,7 @@ byte, which answer matching and BLEU/ROUGE depend on) and any text -- a user's o
 template, an unseen word in a reference -- still encodes without <unk>. On the toy world's
 closed vocabulary nearly every word ends up a single token, so sequences stay short.
 
-Run: ``python -m dpo.toy_policy --world outputs/toy/world --out outputs/toy/policy_init``
+Run: ``python -m toy.toy_policy --world outputs/toy/world --out outputs/toy/policy_init``
 (or ``--texts FILE`` with one text per line instead of / besides a world folder).
 The world's files are found through its manifest (``data.manifest.manifest_files``).
 """
@@ -40,7 +40,7 @@ from common.io import InputError, atomic_dir
 from data.manifest import manifest_files
 from data.readers import read_records
 from data.records import Record, ReportRecord, VqaRecord
-from dpo.prompts import DEFAULT_PROMPTS, load_prompt_templates
+from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 

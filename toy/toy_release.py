@@ -16,7 +16,7 @@ and the release's quirks, each seen in the real files:
 
 Nothing of the real release is used: every text and image comes from the toy world.
 
-    python -m dpo.toy_release --world outputs/toy/world --out outputs/toy/release
+    python -m toy.toy_release --world outputs/toy/world --out outputs/toy/release
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from common.config import cli_main, doc, load_config
 from common.io import atomic_dir
 from data.manifest import load_manifest
 from data.release import RELEASE_FILES, ReleaseFile
-from dpo.prompts import PromptTemplates, load_prompt_templates
+from policy.prompts import PromptTemplates, load_prompt_templates
 
 # toy image folder (under <domain>/images/) -> release image set; ophthalmology has no prefix
 IMAGE_SETS = {"iu_xray": "iuxray", "mimic": "mimic", "pmc_oa": "pmc", "quilt": "quilt"}

@@ -8,14 +8,14 @@ the same domain's corpus (its ``retriever_train`` reports); each is, with probab
 question asks about, else the most similar finding set), otherwise a uniformly random report.
 Draws depend only on (seed, domain, record id), never on file order.
 
-Output as retrieve.sh writes it (DESIGN.md contract 2): ``<out>/<domain>_<file stem>.jsonl``
+Output as retrieve.sh writes it (docs/DESIGN.md contract 2): ``<out>/<domain>_<file stem>.jsonl``
 with every query field plus ``reference_reports``, ``retrieve_k``, ``domain``,
 ``reference_ids``, ``reference_scores`` (the findings agreement, Jaccard: an oracle's
 similarity), and ``<out>/index.json`` listing the files (path, source, domain, role, kind,
 records, image_root). References stay in draw order, so position tells nothing about
 correctness.
 
-    python -m data.toy_retrieval --world outputs/toy/world --out outputs/toy/oracle_retrieval \\
+    python -m toy.oracle_retrieval --world outputs/toy/world --out outputs/toy/oracle_retrieval \\
         [--roles [policy_train,test_vqa]] [--k 3] [--p_correct 0.8] [--seed 0]
 """
 
@@ -33,7 +33,7 @@ from data.manifest import manifest_files
 from data.noise import stable_seed
 from data.readers import read_records
 from data.records import ReportRecord, VqaRecord
-from data.toy import ROLES
+from toy.make_toy import ROLES
 
 
 class Reference(NamedTuple):

@@ -103,7 +103,7 @@ def write_sample(data_root: Path, out: Path, files: dict[str, dict], n: int) -> 
 
 def sample_texts(sample: Path) -> list[str]:
     """Every natural-language field of the sample's non-test files (the toy tokenizer's corpus)."""
-    from dpo.toy_policy import record_texts
+    from toy.toy_policy import record_texts
 
     texts = []
     for f in RELEASE_FILES:
@@ -192,7 +192,7 @@ def chain_commands(cfg: RehearseConfig, domain: str, retrievers: list[str], poli
         "--output_dir", str(run / "retrieval"), "--batch_size", "16", "--num_workers", "0", "--mixed_precision", "no",
     )
     yield "build_pairs", py(
-        "dpo.pairs", str(conf / "pairs.yaml"), "--policy", policy, "--device", "cpu", "--dtype", "float32",
+        "pairs.build_pairs", str(conf / "pairs.yaml"), "--policy", policy, "--device", "cpu", "--dtype", "float32",
         "--retrieval_index", str(run / "retrieval" / "index.json"), "--out", str(run / "pairs"),
         "--limit", "6", "--batch_size", "4", "--max_new_tokens_report", "24", "--progress", "false", *budget,
     )
@@ -206,13 +206,13 @@ def chain_commands(cfg: RehearseConfig, domain: str, retrievers: list[str], poli
         "--train.eval_every", str(cfg.steps), "--train.progress", "false", *budget,
     )
     yield "evaluate", py(
-        "dpo.evaluate", str(conf / "evaluate.yaml"), "--policy", policy, "--adapter", adapter, "--device", "cpu",
+        "evaluation.evaluate", str(conf / "evaluate.yaml"), "--policy", policy, "--adapter", adapter, "--device", "cpu",
         "--dtype", "float32", "--retrieval_dir", str(run / "retrieval"), "--clip_dir", clip_dir,
         "--dpo_dir", str(run / "dpo"), "--out", str(run / "eval"), "--limit", "4", "--batch_size", "4",
         "--meteor", "false", "--max_new_tokens_report", "24", *budget,
     )
     yield "infer", py(
-        "dpo.infer", "--queries", str(run / "infer_queries.jsonl"), "--out", str(run / "infer" / "answers.jsonl"),
+        "evaluation.infer", "--queries", str(run / "infer_queries.jsonl"), "--out", str(run / "infer" / "answers.jsonl"),
         "--policy", policy, "--adapter", adapter, "--clip_dir", clip_dir,
         "--cache_dir", str(run / "retrieval" / "cache"), "--prompts", "configs/prompts/mmed_rag.yaml",
         "--device", "cpu", "--dtype", "float32", "--max_new_tokens_report", "24", *budget,
@@ -234,7 +234,7 @@ def released_pairs(cfg: RehearseConfig, domain: str) -> list[str]:
 
 
 def infer_queries(sample: Path, domain: str, roots: list[str], out: Path) -> bool:
-    """Two test queries of the domain (a question, a report request) for dpo.infer; False if none."""
+    """Two test queries of the domain (a question, a report request) for evaluation.infer; False if none."""
     from data.images import resolve_image
     from data.records import VqaRecord
 
@@ -279,8 +279,8 @@ def complete(stages: list[dict[str, Any]]) -> list[str]:
 
 def toy_release(out: Path) -> tuple[str, str]:
     """(data_root, image_root) of the tiny toy world written in the release's layout under ``out``."""
-    from data.toy import make_world
-    from dpo.toy_release import write_release
+    from toy.make_toy import make_world
+    from toy.toy_release import write_release
 
     world = make_world(out / "world", seed=0, size="tiny", progress=False)
     write_release(world, out / "release", "configs/prompts/mmed_rag.yaml")
@@ -318,11 +318,11 @@ def rehearse(cfg: RehearseConfig) -> dict[str, Any]:
         texts = out / "policy_texts.txt"
         atomic_write_text(texts, "".join(t + "\n" for t in sample_texts(sample)))
         policy = str(out / "policy")
-        record(run_stage("policy", None, py("dpo.toy_policy", "configs/toy/toy_policy.yaml", "--texts", str(texts),
+        record(run_stage("policy", None, py("toy.toy_policy", "configs/toy/toy_policy.yaml", "--texts", str(texts),
                                            "--out", policy, "--prompts", "configs/prompts/mmed_rag.yaml"), logs, cfg.timeout))
     else:
         stages.append(_row("policy", None, Path(policy).is_dir(), 0.0, None if Path(policy).is_dir() else f"{policy}: not a folder"))
-    record(run_stage("sources", None, py("dpo.release_sources", "--data_root", str(sample), "--out", str(out / "sources")),
+    record(run_stage("sources", None, py("pairs.release_sources", "--data_root", str(sample), "--out", str(out / "sources")),
                      logs, cfg.timeout))
     retrievers = [d for d in cfg.domains
                   if record(run_stage("finetune_clip", d, clip_command(cfg, d), logs, cfg.timeout))]

@@ -1,14 +1,17 @@
-"""The preference-pair rules of DESIGN.md, on the three answers of one record.
+"""The preference-pair rules of docs/DESIGN.md, on the three answers of one record.
 
 a = M(x_v, (x_t, x_r)), b = M(x_v*, (x_t, x_r)), c = M(x_v, x_t); y the ground truth. The
 released MMed-RAG code never shipped this step; these rules are ours, written to match the
 released data (the default ``copy`` rule) and the paper's wording (``wrong``).
+
+The misalignment diagnostics over the same conditions, reported by the pair builder and by
+evaluation: the copy rate (accuracy under b) and the over-reliance rate (c right, a wrong).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 CmRule = Literal["copy", "wrong", "both"]
 
@@ -42,3 +45,16 @@ def pairs_for_record(
     if ok_c and not ok_a:
         pairs.append(Pair("oa2", c, a, rejected_noised=False, with_retrieval=True))
     return pairs
+
+
+def copy_rate(noised_correct: Sequence[bool]) -> float:
+    """Accuracy with a noised image plus retrieval: how often the answer survives losing the image."""
+    return sum(noised_correct) / len(noised_correct) if noised_correct else 0.0
+
+
+def over_reliance_rate(correct_without: Sequence[bool], correct_with: Sequence[bool]) -> float:
+    """Share of questions right without retrieval and wrong with it."""
+    n = len(correct_without)
+    if n != len(correct_with):
+        raise ValueError("condition answers differ in length")
+    return sum(c and not a for c, a in zip(correct_without, correct_with)) / n if n else 0.0

@@ -1,4 +1,4 @@
-"""The pair builder (dpo/pairs.py) on a tiny toy world with a tiny random-weight policy."""
+"""The pair builder (pairs/build_pairs.py) on a tiny toy world with a tiny random-weight policy."""
 
 import json
 import os
@@ -19,13 +19,10 @@ from data.images import BadImageError, load_image
 from data.manifest import manifest_files
 from data.noise import pick_other
 from data.readers import detect_kind, read_records
-from data.toy import make_world
-from data.toy_retrieval import ToyRetrievalConfig, write_oracle_retrieval
 from data.validate import validate
-from dpo.budget import BudgetLog, PromptParts, fit_prompt
 from dpo.pair_data import load_pairs, prompt_parts
 from dpo.pair_data import PairDataset, load_pairs
-from dpo.pairs import (
+from pairs.build_pairs import (
     GENERATIONS,
     Input,
     NoiseConfig,
@@ -43,9 +40,12 @@ from dpo.pairs import (
     run,
     written_root,
 )
-from dpo.policy import load_policy
-from dpo.prompts import load_prompt_templates
-from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+from policy.budget import BudgetLog, PromptParts, fit_prompt
+from policy.policy import load_policy
+from policy.prompts import load_prompt_templates
+from toy.make_toy import make_world
+from toy.oracle_retrieval import ToyRetrievalConfig, write_oracle_retrieval
+from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def _cfg(world, out, **kw) -> PairsConfig:
 
 
 def _argv(cfg: PairsConfig) -> list[str]:
-    return [sys.executable, "-m", "dpo.pairs", "--policy", cfg.policy, "--retrieval_index", cfg.retrieval_index,
+    return [sys.executable, "-m", "pairs.build_pairs", "--policy", cfg.policy, "--retrieval_index", cfg.retrieval_index,
             "--out", cfg.out, "--limit", str(cfg.limit), "--batch_size", str(cfg.batch_size),
             "--max_new_tokens_vqa", str(cfg.max_new_tokens_vqa), "--max_new_tokens_report",
             str(cfg.max_new_tokens_report), "--report_threshold", str(cfg.report_threshold), "--progress", "false"]

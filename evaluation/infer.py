@@ -5,7 +5,7 @@
 
 Steps: F(x_v) names the image's domain (or ``--domain`` fixes it); that domain's CLIP retrieves
 reports from its corpus; the k rule (``k``; by default the paper's adaptive gap rule, at most 5)
-keeps some; the prompt (dpo.prompts) joins question and reports; the policy with its DPO adapter
+keeps some; the prompt (policy.prompts) joins question and reports; the policy with its DPO adapter
 answers. Without ``--question`` the policy writes a report. Printed per query: the domain, the
 kept reports with their scores, the answer.
 
@@ -15,7 +15,7 @@ VQA JSONL works as it is. Relative image paths are taken under ``image_root``. O
 input field plus ``domain``, ``reference_reports``, ``reference_ids``, ``reference_scores``,
 ``retrieve_k``, ``budget`` and ``prediction`` (``error`` for a query whose image cannot be read or
 whose prompt cannot fit). The prompt is fitted to ``max_length`` with ``max_new_tokens`` after it
-(dpo.budget): references are dropped from the last one or the last kept one shortened; ``budget``
+(policy.budget): references are dropped from the last one or the last kept one shortened; ``budget``
 says what was cut, and ``<out>.budget.json`` sums it over the queries.
 
 Defaults are the toy pipeline's outputs (outputs/toy/clip, outputs/toy/policy, the DPO adapter
@@ -36,9 +36,9 @@ from PIL import Image
 from common.config import ConfigError, cli_main, doc, load_config
 from common.io import InputError, atomic_write_json, atomic_write_jsonl, read_jsonl
 from data.images import BadImageError, inside_root, load_image
-from dpo.budget import BudgetLog, PromptParts, describe, fit_prompt
-from dpo.evaluate import check_adapter_base, find_adapter, load_with_adapters
-from dpo.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
+from evaluation.evaluate import check_adapter_base, find_adapter, load_with_adapters
+from policy.budget import BudgetLog, PromptParts, describe, fit_prompt
+from policy.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule
 
 TASKS = ("vqa", "report")

@@ -2,8 +2,8 @@
 
 The loss is on the answer only (labels -100 on prompt and padding: ``Policy.encode_for_training``).
 Training records come from
-- retrieval JSONL (DESIGN.md contract 2: VQA or report records + ``reference_reports``), found by
-  role in an ``index.json`` (scripts/retrieve.sh, ``python -m data.toy_retrieval``) or given as
+- retrieval JSONL (docs/DESIGN.md contract 2: VQA or report records + ``reference_reports``), found by
+  role in an ``index.json`` (scripts/retrieve.sh, ``python -m toy.oracle_retrieval``) or given as
   ``data.files``: the prompt lists the references, except for a ``no_reference_rate`` share of
   records (fixed by seed and record id) trained without them, so the model answers both ways;
 - plain VQA JSONL / report JSON (prompts without references);
@@ -12,7 +12,7 @@ Training records come from
 Writes into ``train.output_dir`` the model as from_pretrained loads it (a PEFT adapter with
 LoRA, else a full model) with its processor, ``merged/`` with ``--merge`` (LoRA folded in), and
 run_config.yaml, metrics.jsonl, tensorboard/, checkpoints/, run_summary.json (the step reached and
-``budget``: what fitting prompts to ``data.max_length`` cut or refused, dpo.budget; answers are never
+``budget``: what fitting prompts to ``data.max_length`` cut or refused, policy.budget; answers are never
 cut). With ``measure.roles`` set, the
 trained model is then measured (``reliance.json``, see ``measure_reliance``); ``--eval_only``
 measures ``model`` (+ ``adapter``) without training.
@@ -40,13 +40,13 @@ from data.loader import make_loader
 from data.noise import make_noised, pick_other, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records, strip_image_mark
 from data.records import ReportRecord, VqaRecord
-from dpo.align import FindingAligner
-from dpo.answers import vqa_correct, yes_no
-from dpo.budget import (
+from policy.align import FindingAligner
+from policy.answers import vqa_correct, yes_no
+from policy.budget import (
     BUDGET_KEY, BudgetLog, PromptParts, answer_tokens, budget_for, describe, fit_prompt, policy_limit,
 )
-from dpo.policy import Policy, load_policy
-from dpo.prompts import DEFAULT_PROMPTS, PromptTemplates, load_prompt_templates
+from policy.policy import Policy, load_policy
+from policy.prompts import DEFAULT_PROMPTS, PromptTemplates, load_prompt_templates
 
 
 @dataclass
@@ -85,7 +85,7 @@ class SftConfig:
     dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
     merge: bool = doc(False, "LoRA: also write the merged full model to <output_dir>/merged")
     eval_only: bool = doc(False, "only measure `model` (+ adapter) on measure.roles; no training")
-    align_findings: float = doc(0.0, "weight of the finding-alignment loss (dpo.align; records need `findings`): the toy policy's stand-in for LLaVA's stage-1 alignment")
+    align_findings: float = doc(0.0, "weight of the finding-alignment loss (policy.align; records need `findings`): the toy policy's stand-in for LLaVA's stage-1 alignment")
     data: SftDataConfig = doc(SftDataConfig(), "training data")
     train: EngineConfig = doc(EngineConfig(output_dir="outputs/sft"), "optimization, checkpoints, logging")
     lora: LoraConfig = doc(LoraConfig(), "what is trained")
@@ -118,7 +118,7 @@ class Source:
 
 
 def index_sources(index: str | Path, roles: list[str], domain: str = "") -> list[Source]:
-    """The files of ``roles`` listed in an ``index.json`` (retrieve.sh, data.toy_retrieval)."""
+    """The files of ``roles`` listed in an ``index.json`` (retrieve.sh, toy.oracle_retrieval)."""
     return [Source(str(e["path"]), domain or e.get("domain"), e.get("image_root"), e.get("role"))
             for e in read_index(index, roles)]
 
@@ -210,9 +210,9 @@ FINDING_LABELS = "finding_labels"  # batch key of the alignment targets (popped 
 class SftCollate:
     """Dataset items (images) + their examples (prompts, answers) -> a training batch.
 
-    Each prompt is fitted to ``max_length`` with its answer (dpo.budget); the notes ride in the
+    Each prompt is fitted to ``max_length`` with its answer (policy.budget); the notes ride in the
     batch under ``budget`` (named by the record's source) and a refused record is left out.
-    With an ``aligner`` the batch also carries each image's finding labels (dpo.align).
+    With an ``aligner`` the batch also carries each image's finding labels (policy.align).
     """
 
     def __init__(self, policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int | None,

@@ -1,10 +1,10 @@
 """Query files for the pair builder, recovered from the release's alignment files.
 
-    bash scripts/release_sources.sh [CONFIG.yaml] --data_root D --out O   # = python -m dpo.release_sources
+    bash scripts/release_sources.sh [CONFIG.yaml] --data_root D --out O   # = python -m pairs.release_sources
 
 The MMed-RAG release's alignment files (``training/alignment/<domain>/*.json``) are finished
 preference pairs: the human turn is an instruction with retrieved reference reports and the
-question, the gpt turn of ``conversations`` the gold answer. The pair builder (dpo.pairs) starts
+question, the gpt turn of ``conversations`` the gold answer. The pair builder (pairs.build_pairs) starts
 one step earlier, from queries that retrieval runs on; this turns the pairs back into queries.
 Whether a file is VQA or report is told by its name (``*_vqa.json`` / ``*_report.json``).
 
@@ -37,7 +37,7 @@ from common.io import InputError, atomic_write_json, atomic_write_jsonl
 from data.readers import BadRecordPolicy, bad_records_summary, read_records
 from data.records import DOMAINS, PreferenceRecord
 from data.release import ReleaseFile, release_files
-from dpo.prompts import PromptTemplates, load_prompt_templates
+from policy.prompts import PromptTemplates, load_prompt_templates
 
 MMED_RAG_PROMPTS = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "mmed_rag.yaml"
 HOW = ("template", "last_question_line", "default_question")  # how a question was recovered

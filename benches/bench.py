@@ -1,7 +1,7 @@
 """Run every benchmark (benches/bench_*.py, each with ``run(quick) -> list[row]``) and write
 benches/RESULTS.md: benchmark, ours, anchor, ratio, machine. Never part of the test suite.
 
-Usage: python -m benches.run [--quick] [--only NAME ...]
+Usage: python -m benches.bench [--quick] [--only NAME ...]
 """
 
 from __future__ import annotations

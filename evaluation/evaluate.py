@@ -1,6 +1,6 @@
 """Evaluate policies (the base, and the base + DPO adapter) on the test VQA and report files.
 
-    bash scripts/evaluate.sh [CONFIG.yaml] [--key value ...]     # = python -m dpo.evaluate
+    bash scripts/evaluate.sh [CONFIG.yaml] [--key value ...]     # = python -m evaluation.evaluate
 
 Every query record of the test retrieval JSONL files (listed by ``<retrieval_dir>/index.json``,
 or given as ``files``) is answered under four conditions:
@@ -23,13 +23,13 @@ METEOR runs a Java jar: without ``java`` the run stops before generating, or set
 ``over_reliance_rate_adaptive`` against ``rag_adaptive``). Retrieval recall is copied from the
 retrieval stage's ``retrieval_metrics.json``.
 
-Every prompt is fitted to ``max_length`` with ``max_new_tokens`` after it (dpo.budget): references
+Every prompt is fitted to ``max_length`` with ``max_new_tokens`` after it (policy.budget): references
 are dropped from the last one or the last kept one shortened, and a prompt that cannot fit is not
 run. A row's ``k`` is the references its prompt held; ``results.json``'s ``budget`` counts what was
 cut and names what was refused.
 
 Writes into ``out`` (replaced atomically): ``results.json``, ``results.md``, ``predictions.jsonl``
-(every record x condition x policy), PNG plots (dpo.plots) and ``run_config.yaml``.
+(every record x condition x policy), PNG plots (evaluation.plots) and ``run_config.yaml``.
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ from data.datasets import first_image
 from data.images import BadImageError, BadImageLog, load_image, resolve_image
 from data.readers import bad_records_summary, read_index, read_records
 from data.records import ReportRecord, VqaRecord
-from dpo.answers import yes_no
-from dpo.budget import BudgetLog, PromptParts, fit_prompt
-from dpo.pairs import NoiseConfig, make_x_v_star
-from dpo.metrics import copy_rate, over_reliance_rate, report_metrics, tokenize, vqa_metrics
-from dpo.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
+from evaluation.metrics import report_metrics, tokenize, vqa_metrics
+from pairs.build_pairs import NoiseConfig, make_x_v_star
+from pairs.rules import copy_rate, over_reliance_rate
+from policy.answers import yes_no
+from policy.budget import BudgetLog, PromptParts, fit_prompt
+from policy.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule, select_k
 
 CONDITIONS = ("no_rag", "rag_fixed", "rag_adaptive", "noised_rag")
@@ -81,8 +82,8 @@ class EvalConfig:
     conditions: list[str] = doc(list(CONDITIONS), f"conditions to run, from {list(CONDITIONS)}")
     fixed_k: int = doc(5, "reports in the prompt for rag_fixed and noised_rag (at most as many as retrieved)")
     adaptive: KRule = doc(KRule(rule="gap", k=10, gamma=0.1), "k rule of rag_adaptive, applied to the stored reference_scores")
-    noise: NoiseConfig = doc(NoiseConfig(), "x_v* of noised_rag, made as the pair builder makes it (dpo.pairs)")
-    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML (dpo.prompts)")
+    noise: NoiseConfig = doc(NoiseConfig(), "x_v* of noised_rag, made as the pair builder makes it (pairs.build_pairs)")
+    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML (policy.prompts)")
     option_text: bool = doc(False, OPTION_TEXT_HELP)
     max_new_tokens_vqa: int = doc(16, "answer length cap for VQA")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
@@ -175,7 +176,7 @@ def condition_k(condition: str, scores: list[float], n_refs: int, cfg: EvalConfi
 
 @dataclass(frozen=True)
 class _Shown:
-    """What dpo.pairs.make_x_v_star reads of a record: its image as written and its domain."""
+    """What pairs.build_pairs.make_x_v_star reads of a record: its image as written and its domain."""
 
     image: str
     domain: str
@@ -183,7 +184,7 @@ class _Shown:
 
 class ImageSource:
     """Loads the records' images and makes x_v* exactly as the pair builder does
-    (dpo.pairs.make_x_v_star: same other-image pool per domain, same seeds).
+    (pairs.build_pairs.make_x_v_star: same other-image pool per domain, same seeds).
 
     A record whose image (or every other image for its x_v*) is bad is skipped under every
     policy and condition: logged once (``bad``) and counted per file (``skipped``); with
@@ -298,7 +299,7 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
 
 class MeteorSession:
     """One METEOR jar for the whole run: pycocoevalcap's Meteor() starts Java and loads its
-    paraphrase tables (~10 s) on construction, and dpo.metrics.report_metrics builds one per
+    paraphrase tables (~10 s) on construction, and evaluation.metrics.report_metrics builds one per
     call, so a 32-group evaluation would spend minutes starting Java. Scores are computed on
     the same tokenisation as report_metrics."""
 
@@ -466,7 +467,7 @@ def results_markdown(results: dict[str, Any]) -> str:
 def load_with_adapters(path: str, init_adapter: str | None, adapter: str | None, dtype: str = "float32",
                        device: str = "cpu") -> Any:
     """The policy with ``init_adapter`` and then ``adapter`` merged in, as train_dpo stacks them."""
-    from dpo.policy import load_policy
+    from policy.policy import load_policy
 
     if not init_adapter:
         return load_policy(path, adapter=adapter, dtype=dtype, device=device, merge_adapter=True)
@@ -531,7 +532,7 @@ def policy_plan(cfg: EvalConfig) -> tuple[list[tuple[str, str | None]], list[str
 def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
     """Run every planned policy on every file; returns results (also written to ``cfg.out``).
 
-    ``load(path, adapter)`` returns a policy with ``.generate`` (default dpo.policy.load_policy).
+    ``load(path, adapter)`` returns a policy with ``.generate`` (default policy.policy.load_policy).
     """
     if load is None:
 
@@ -603,7 +604,7 @@ def write_outputs(cfg: EvalConfig, results: dict[str, Any], predictions: list[di
         atomic_write_jsonl(tmp / "predictions.jsonl", predictions)
         save_config(cfg, tmp / "run_config.yaml")
         if cfg.plots:
-            from dpo.plots import plot_all
+            from evaluation.plots import plot_all
 
             plot_all(tmp, results, clip_dir=cfg.clip_dir, dpo_dir=cfg.dpo_dir)
 

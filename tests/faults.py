@@ -1,6 +1,6 @@
 """Reliability fault suite: every stage end to end on a tiny toy world, under faults.
 
-    python -m tests.faults_suite [--out DIR] [--only SUBSTRING ...]
+    python -m tests.faults [--out DIR] [--only SUBSTRING ...]
 
 Each scenario runs the real CLIs as subprocesses and decides "nothing lost?" by a check on
 what the run left behind (exit code, summaries, files on disk, weights compared bit for bit),
@@ -187,7 +187,7 @@ class Worlds:
         base.mkdir(parents=True, exist_ok=True)
 
     def world(self, name: str = "clean") -> Path:
-        from data.toy import make_world
+        from toy.make_toy import make_world
 
         path = self.base / f"world_{name}"
         if not (path / "manifest.json").exists():
@@ -210,8 +210,8 @@ class Worlds:
         return root
 
     def pairs_world(self) -> dict[str, Path]:
-        from data.toy_retrieval import ToyRetrievalConfig, write_oracle_retrieval
-        from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+        from toy.oracle_retrieval import ToyRetrievalConfig, write_oracle_retrieval
+        from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
         world = self.world("pairs")
         index = self.base / "pairs_retrieval" / "index.json"
@@ -239,7 +239,7 @@ def pairs_args(p: dict[str, Path], out: Path, **over: str) -> list[str]:
             "--domain": "pathology", "--out": str(out), "--limit": "0", "--batch_size": "4",
             "--max_new_tokens_vqa": "3", "--max_new_tokens_report": "4", "--report_threshold": "0",
             "--progress": "false", "--threads": "1", **over}
-    return ["dpo.pairs", *[x for kv in opts.items() for x in kv]]
+    return ["pairs.build_pairs", *[x for kv in opts.items() for x in kv]]
 
 
 # ---------------------------------------------------------------- bad images
@@ -366,9 +366,9 @@ def bad_images_dpo(w: Worlds) -> list[Row]:
 CLIS = {
     "retriever.finetune_clip": ("--output_dir", "--epochs"),
     "retriever.retrieve": ("--output_dir", "--k.k"),
-    "dpo.pairs": ("--out", "--limit"),
+    "pairs.build_pairs": ("--out", "--limit"),
     "dpo.train_dpo": ("--train.output_dir", "--train.max_steps"),
-    "dpo.sft": ("--train.output_dir", "--train.epochs"),
+    "policy.train_sft": ("--train.output_dir", "--train.epochs"),
 }
 
 
@@ -430,7 +430,7 @@ def malformed_annotations(w: Worlds) -> list[Row]:
     index.write_text("{ not json")
     out = tmp / "out_pairs"
     rows.append(exit2_row("retrieval index: broken JSON", "pair building",
-                          cli("dpo.pairs", "--retrieval_index", str(index), "--out", str(out)), out, str(index)))
+                          cli("pairs.build_pairs", "--retrieval_index", str(index), "--out", str(out)), out, str(index)))
     return rows
 
 
@@ -698,7 +698,7 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tests.faults_suite", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tests.faults", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs/faults", help="folder for FAULTS.md and the scenario runs")
     ap.add_argument("--only", nargs="*", default=[], help=f"run only scenarios whose name contains one of these: {list(SCENARIOS)}")
     args = ap.parse_args(argv)

@@ -21,13 +21,11 @@ from data.images import load_image, resolve_image
 from data.manifest import manifest_files
 from data.readers import read_records
 from data.records import VqaRecord
-from data.toy import make_world
-from data.toy_retrieval import ToyRetrievalConfig, load_corpus, oracle_references, write_oracle_retrieval
-from dpo.align import FindingAligner
-from dpo.budget import BUDGET_KEY, BudgetLog, answer_tokens
-from dpo.policy import IGNORE, load_policy
-from dpo.prompts import load_prompt_templates
-from dpo.sft import (
+from policy.align import FindingAligner
+from policy.budget import BUDGET_KEY, BudgetLog, answer_tokens
+from policy.policy import IGNORE, load_policy
+from policy.prompts import load_prompt_templates
+from policy.train_sft import (
     MeasureConfig,
     SftCollate,
     SftConfig,
@@ -37,7 +35,9 @@ from dpo.sft import (
     run_sft,
     training_sources,
 )
-from dpo.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+from toy.make_toy import make_world
+from toy.oracle_retrieval import ToyRetrievalConfig, load_corpus, oracle_references, write_oracle_retrieval
+from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 RETRIEVAL_KEYS = {"reference_reports", "retrieve_k", "domain", "reference_ids", "reference_scores"}
@@ -255,7 +255,7 @@ def test_make_toy_policy(tmp_path):
     assert reliance["all"]["n"] > 0
 
 
-# ---------------------------------------------------------------- finding alignment (dpo.align)
+# ---------------------------------------------------------------- finding alignment (policy.align)
 
 
 def test_finding_aligner_labels_prior_and_a_loss_the_projector_can_lower(world, oracle, policy_dir):

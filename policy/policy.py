@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 from common.io import InputError
-from dpo.prompts import Message, plain_text
+from policy.prompts import Message, plain_text
 
 IGNORE = -100  # label value the loss skips (prompt and padding)
 # Prefix LMs whose token_type_ids mark the answer (1) against the prompt (0, attended both ways):
@@ -188,7 +188,7 @@ class Policy:
 
         ``labels`` are the answer tokens + EOS; prompt and padding are IGNORE (-100). Prompt and
         answer are tokenized apart and joined, exactly the split generation sees. Nothing is cut:
-        prompts are fitted to the token budget before (dpo.budget).
+        prompts are fitted to the token budget before (policy.budget).
         """
         if not (len(prompts) == len(answers) == len(images)):
             raise ValueError(
