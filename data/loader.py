@@ -1,10 +1,7 @@
 """The one DataLoader factory: seeded, bad-sample aware, worker options set only where they apply.
 
-Distributed runs: under accelerate (the project's way, with DeepSpeed), build the loader here
-with ``distributed=None`` and pass it to ``accelerator.prepare``, which shards it across
-processes itself (and seeds its sampler). For a plain ``torch.distributed`` run, pass
-``distributed=(rank, world_size)``: a DistributedSampler shards it here; call
-``loader.sampler.set_epoch(epoch)`` each epoch so that shuffling differs between epochs.
+Distributed runs: build the loader here and pass it to ``accelerator.prepare`` (accelerate,
+with DeepSpeed), which shards it across processes itself and seeds its sampler.
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from data.datasets import CollateSkip
 
@@ -26,7 +23,6 @@ def make_loader(
     drop_last: bool = False,
     collate_fn: Callable[[list], Any] | None = None,
     seed: int = 0,
-    distributed: tuple[int, int] | None = None,
     prefetch_factor: int = 2,
     sampler: Sampler[int] | Sequence[int] | None = None,
 ) -> DataLoader:
@@ -37,16 +33,11 @@ def make_loader(
     The order is reproducible from ``seed`` (workers are seeded from it by torch). ``sampler``
     gives the order itself (a staged sampler, a shard's positions) instead of ``shuffle``.
     """
-    if sampler is not None and (shuffle or distributed is not None):
-        raise ValueError("make_loader: give `sampler`, or `shuffle` / `distributed`, not both")
+    if sampler is not None and shuffle:
+        raise ValueError("make_loader: give `sampler` or `shuffle`, not both")
     collate = collate_fn or default_collate
     if not isinstance(collate, CollateSkip):
         collate = CollateSkip(collate)
-    if distributed is not None:
-        rank, world_size = distributed
-        sampler = DistributedSampler(
-            dataset, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
     workers: dict[str, Any] = {}
     if num_workers > 0:
         workers = {"persistent_workers": True, "prefetch_factor": prefetch_factor}

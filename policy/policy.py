@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
@@ -249,24 +248,6 @@ def _per_token_keys(batch: Any) -> list[str]:
     """Keys of a processor or training batch that hold one value per token (shaped as input_ids)."""
     shape = batch["input_ids"].shape
     return [k for k, v in batch.items() if torch.is_tensor(v) and v.shape == shape]
-
-
-def concat_batches(batches: Sequence[Batch], pad_token_id: int) -> Batch:
-    """Right-pad ``encode_for_training`` batches to a common length and stack them along dim 0.
-
-    Image tensors are stacked as they are: LLaVA's (images, C, H, W) and Qwen2-VL's flattened
-    patches with their ``image_grid_thw`` rows both concatenate along dim 0.
-    """
-    width = max(b["input_ids"].shape[1] for b in batches)
-    fill = {"input_ids": pad_token_id, "labels": IGNORE}  # other per-token keys: 0
-    per_token = set(_per_token_keys(batches[0]))
-    out: Batch = {}
-    for key in batches[0]:
-        parts = [b[key] for b in batches]
-        if key in per_token:
-            parts = [F.pad(p, (0, width - p.shape[1]), value=fill.get(key, 0)) for p in parts]
-        out[key] = torch.cat(parts, dim=0)
-    return out
 
 
 def sequence_logps(model: Any, batch: Batch, average: bool = False) -> torch.Tensor:

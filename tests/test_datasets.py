@@ -160,12 +160,3 @@ def test_loader_options_and_seeded_shuffle(tmp_path, root):
     assert loader.persistent_workers and loader.prefetch_factor == 2
     assert loader.pin_memory == torch.cuda.is_available()
     assert not make_loader(ds, batch_size=4).persistent_workers
-
-
-def test_distributed_shards_are_disjoint(tmp_path, root):
-    ds = QueryDataset(vqa_records(tmp_path, ["rgb.png"] * 10), root, TF)
-    seen = [
-        [i for b in make_loader(ds, batch_size=2, shuffle=True, distributed=(rank, 2)) for i in b["index"].tolist()]
-        for rank in (0, 1)
-    ]
-    assert len(seen[0]) == len(seen[1]) == 5 and sorted(seen[0] + seen[1]) == list(range(10))
