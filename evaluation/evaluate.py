@@ -299,8 +299,8 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
 
 class MeteorSession:
     """One METEOR jar for the whole run: pycocoevalcap's Meteor() starts Java and loads its
-    paraphrase tables (~10 s) on construction, and evaluation.metrics.report_metrics builds one per
-    call, so a 32-group evaluation would spend minutes starting Java. Scores are computed on
+    paraphrase tables (~10 s) on construction; one per group would make a 32-group evaluation
+    spend minutes starting Java. Scores are computed on
     the same tokenisation as report_metrics."""
 
     def __init__(self) -> None:
@@ -332,7 +332,7 @@ def score_group(rows: list[dict[str, Any]], task: str, meteor: MeteorSession | N
         out.update(vqa_metrics([r["pred_label"] for r in rows], [r["gold_label"] for r in rows]))
     else:
         pred, ref = [r["prediction"] for r in rows], [r["answer"] for r in rows]
-        out.update(report_metrics(pred, ref, meteor=False))
+        out.update(report_metrics(pred, ref))
         if meteor is not None and rows:
             out["meteor"] = meteor.score(pred, ref)
     out["n_records"] = len(rows)

@@ -4,7 +4,8 @@ they mirror, because the pair builder reports them too.
 
 Report metrics are pycocoevalcap's, the suite the report-generation literature reports:
 BLEU-1..4 (coco-caption BLEU: corpus-level, closest-reference brevity penalty; ``bleu`` is
-BLEU-4), METEOR 1.5 (runs the jar shipped in the wheel: needs Java), ROUGE-L, CIDEr-D. Texts are
+BLEU-4), ROUGE-L, CIDEr-D; METEOR 1.5 (runs the jar shipped in the wheel: needs Java) is
+evaluation.evaluate's MeteorSession, which starts the jar once per run. Texts are
 lower-cased and split into words and punctuation with a regex instead of the suite's PTB
 tokenizer (which also needs Java and a CoreNLP jar).
 """
@@ -12,7 +13,6 @@ tokenizer (which also needs Java and a CoreNLP jar).
 from __future__ import annotations
 
 import re
-import shutil
 from typing import Sequence
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*|[^\sa-z0-9]")
@@ -49,8 +49,10 @@ def vqa_metrics(pred: Sequence[str], gold: Sequence[str]) -> dict[str, float | i
     }
 
 
-def report_metrics(pred: Sequence[str], ref: Sequence[str], meteor: bool = True) -> dict[str, float | int]:
-    """Corpus-level BLEU-1..4, ROUGE-L, CIDEr-D and (with Java) METEOR of ``pred`` against ``ref``."""
+def report_metrics(pred: Sequence[str], ref: Sequence[str]) -> dict[str, float | int]:
+    """Corpus-level BLEU-1..4, ROUGE-L and CIDEr-D of ``pred`` against ``ref``.
+
+    METEOR is evaluation.evaluate's ``MeteorSession``: one Java jar for the whole run."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -67,13 +69,4 @@ def report_metrics(pred: Sequence[str], ref: Sequence[str], meteor: bool = True)
     out["bleu"] = out["bleu_4"]
     out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     out["cider"] = float(Cider().compute_score(gts, res)[0])
-    if meteor:
-        if shutil.which("java") is None:
-            raise RuntimeError(
-                "METEOR runs pycocoevalcap's Java jar and no `java` is on PATH: install a JRE "
-                "(e.g. apt-get install default-jre-headless) or turn METEOR off (meteor: false)"
-            )
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        out["meteor"] = float(Meteor().compute_score(gts, res)[0])  # the jar exits with the scorer
     return out
