@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,26 +25,13 @@ from typing import Any
 from tqdm import tqdm
 
 from common.config import cli_main
+from data.answers import is_yes_no_question, yes_no
 from data.images import BadImageError, Roots, inside_root, load_image, pick_root
 from data.readers import read_records
 from data.records import DOMAINS, PreferenceRecord, Record, ReportRecord, VqaRecord
 
-_AUX = {"is", "are", "was", "were", "does", "do", "did", "has", "have", "had", "can", "could",
-        "will", "would", "should", "shall", "may", "might", "must"}
 PAIR_TYPES = ("cm", "oa1", "oa2")
 TASKS = ("vqa", "report")
-
-
-def is_yes_no_question(question: str) -> bool:
-    """A closed question: it opens with an auxiliary verb and offers no alternatives (" or ")."""
-    words = re.findall(r"[a-z']+", question.lower())
-    return bool(words) and words[0] in _AUX and "or" not in words
-
-
-def yes_no(answer: str) -> str | None:
-    """"yes"/"no" when the answer starts with one ("Yes.", "no, there is not"), else None."""
-    first = re.match(r"\W*([a-z]+)", answer.lower())
-    return first.group(1) if first and first.group(1) in ("yes", "no") else None
 
 
 def record_warnings(rec: Record) -> Iterator[str]:
@@ -56,7 +42,7 @@ def record_warnings(rec: Record) -> Iterator[str]:
     if isinstance(rec, VqaRecord):
         if not rec.answer:
             yield "no answer"
-        elif is_yes_no_question(rec.question) and yes_no(rec.answer) is None:
+        elif is_yes_no_question(rec.question) and yes_no(rec.answer) == "other":
             yield f"yes/no question but the answer is {rec.answer!r:.60}"
     elif isinstance(rec, PreferenceRecord):
         if rec.pair_type is not None and rec.pair_type not in PAIR_TYPES:

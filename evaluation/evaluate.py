@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from data.answers import yes_no
 from data.datasets import first_image
 from data.images import BadImageError, BadImageLog, load_image, resolve_image
 from data.readers import bad_records_summary, read_index, read_records
@@ -56,7 +57,6 @@ from data.records import ReportRecord, VqaRecord
 from evaluation.metrics import report_metrics, tokenize, vqa_metrics
 from pairs.build_pairs import NoiseConfig, make_x_v_star
 from pairs.rules import copy_rate, over_reliance_rate
-from policy.answers import yes_no
 from policy.budget import BudgetLog, PromptParts, fit_prompt
 from policy.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule, select_k

@@ -1,7 +1,7 @@
 """Answer matching: is a generated answer the ground truth?
 
 The pair builder's rules ("a == y", "c != y") and VQA accuracy rest on these functions:
-- yes/no questions compare the leading yes/no of both texts ("No, there is no effusion." == "No");
+- yes/no questions compare the leading yes/no of both texts (data.answers.yes_no) ("No, there is no effusion." == "No");
 - other short answers ("Cardiomegaly.") are right when every word of the reference appears in the
   prediction (LLaVA-Med's open-question recall, required to be complete);
 - reports are right when ROUGE-L (or BLEU) against the reference reaches a threshold.
@@ -18,19 +18,10 @@ from typing import Literal, Sequence
 from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.rouge.rouge import Rouge
 
-YesNo = Literal["yes", "no", "other"]
+from data.answers import yes_no
+
 Metric = Literal["rouge_l", "bleu"]
-_LEADING = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-
-
-def yes_no(text: str) -> YesNo:
-    """The leading yes/no of an answer: "Yes.", "yes, there is ..." -> yes; "No, there is no" -> no.
-
-    Anything else ("Cardiomegaly.", "There is no effusion.", "Not sure", "") is "other".
-    """
-    m = _LEADING.match(text or "")
-    return m.group(1).lower() if m else "other"  # type: ignore[return-value]
 
 
 def words(text: str) -> list[str]:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, LoraConfig, apply_lora, build_accelerator, save_model, train
 from common.io import InputError, atomic_dir, atomic_write_json
+from data.answers import yes_no
 from data.datasets import QueryDataset
 from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
 from data.loader import make_loader
@@ -41,7 +42,7 @@ from data.noise import make_noised, pick_other, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records, strip_image_mark
 from data.records import ReportRecord, VqaRecord
 from policy.align import FindingAligner
-from policy.answers import vqa_correct, yes_no
+from policy.answers import vqa_correct
 from policy.budget import (
     BUDGET_KEY, BudgetLog, PromptParts, answer_tokens, budget_for, describe, fit_prompt, policy_limit,
 )

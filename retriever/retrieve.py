@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
 from common.io import InputError, atomic_path, atomic_write_json, read_path, write_path
+from data.answers import yes_no
 from data.images import BadImageLog, Roots
 from data.readers import BadRecordPolicy, bad_records_summary
 from data.records import DOMAINS, ReportRecord, VqaRecord
@@ -374,7 +375,7 @@ def retrieve_file(
         fin_r.append([by_text[x.text] for x in h[: max(KS)]])
         if isinstance(r, VqaRecord):
             asked.append(r.meta.get("finding"))
-            truth_yes.append(_yes_no(r.answer))
+            truth_yes.append({"yes": True, "no": False}.get(yes_no(r.answer)))
             ref_findings.append([by_text[x.text] for x in h[:k]])
     metrics: dict[str, Any] = {"source": qf.path, "domain": qf.domain, "kind": kind,
                                "records": len(records), "images": len(reps),
@@ -389,12 +390,6 @@ def retrieve_file(
     metrics.update(reference_vote_accuracy(asked, truth_yes, ref_findings))
     metrics.update(log_gap_quantiles([[x.score for x in h] for h in hits.values()], cfg.k))
     return out_rows, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-
-
-def _yes_no(answer: str) -> bool | None:
-    first = answer.strip().lower().split(maxsplit=1)[:1]
-    word = first[0].strip(".,!") if first else ""
-    return {"yes": True, "no": False}.get(word)
 
 
 def _recall(q_labels: list, retrieved: list[list], prefix: str) -> dict[str, float]:

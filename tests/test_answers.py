@@ -1,5 +1,8 @@
 import pytest
 
+from data.answers import is_yes_no_question, yes_no
+from data.records import VqaRecord
+from data.validate import record_warnings
 from policy.answers import (
     corpus_report_scores,
     is_correct,
@@ -7,7 +10,6 @@ from policy.answers import (
     report_score,
     vqa_correct,
     words,
-    yes_no,
 )
 
 
@@ -32,6 +34,45 @@ from policy.answers import (
 )
 def test_yes_no_normalises_real_phrasings(text, expected):
     assert yes_no(text) == expected
+
+
+
+# Inputs on which the three former parsers disagreed (policy.answers, the evaluation's: first
+# column; data.validate: None for "other", "yes" for "yes_no"/"yes2"; retriever.retrieve's reference
+# vote: None unless the first whitespace word stripped of ".,!" was yes/no). All now read as the
+# evaluation did.
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("No, there is no effusion", "no"),
+        ("Yes.", "yes"),
+        ("nope", "other"),
+        ("yes/no", "yes"),  # retrieve: None
+        ("Yes;", "yes"),  # retrieve: None
+        ("(yes)", "yes"),  # retrieve: None
+        ("'Yes'", "yes"),  # retrieve: None
+        ("Yes,it is", "yes"),  # retrieve: None
+        ("yes_no", "other"),  # validate: yes
+        ("yes2", "other"),  # validate: yes
+        ("Noted", "other"),
+        ("", "other"),
+    ],
+)
+def test_one_yes_no_parser_for_every_caller(text, expected):
+    from retriever import retrieve
+
+    assert yes_no(text) == expected
+    # data.validate warns on a yes/no question whose answer is not yes/no, by the same parser
+    rec = VqaRecord(id="q", images=["x.png"], question="Is there an effusion?", answer=text or "?")
+    warned = any("yes/no question" in w for w in record_warnings(rec))
+    assert warned == (yes_no(text or "?") == "other")
+    assert retrieve.yes_no is yes_no and not hasattr(retrieve, "_yes_no")
+
+
+def test_is_yes_no_question():
+    assert is_yes_no_question("Is there an effusion?") and is_yes_no_question("Does the heart look enlarged?")
+    assert not is_yes_no_question("Is it the left or the right lung?")
+    assert not is_yes_no_question("What organ is shown?") and not is_yes_no_question("")
 
 
 @pytest.mark.parametrize(
