@@ -5,21 +5,17 @@ they mirror, because the pair builder reports them too.
 Report metrics are pycocoevalcap's, the suite the report-generation literature reports:
 BLEU-1..4 (coco-caption BLEU: corpus-level, closest-reference brevity penalty; ``bleu`` is
 BLEU-4), ROUGE-L, CIDEr-D; METEOR 1.5 (runs the jar shipped in the wheel: needs Java) is
-evaluation.evaluate's MeteorSession, which starts the jar once per run. Texts are
-lower-cased and split into words and punctuation with a regex instead of the suite's PTB
-tokenizer (which also needs Java and a CoreNLP jar).
+evaluation.evaluate's MeteorSession, which starts the jar once per run. Texts go through
+policy.answers.tokenize (lower-cased words and punctuation, a regex instead of the suite's PTB
+tokenizer, which also needs Java and a CoreNLP jar), and ROUGE-L is the mean of
+policy.answers.rouge_l, the score the pair builder's report threshold reads.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*|[^\sa-z0-9]")
-
-
-def tokenize(text: str) -> str:
-    return " ".join(_TOKEN.findall(text.lower()))
+from policy.answers import rouge_l, tokenize
 
 
 def vqa_metrics(pred: Sequence[str], gold: Sequence[str]) -> dict[str, float | int]:
@@ -55,18 +51,17 @@ def report_metrics(pred: Sequence[str], ref: Sequence[str]) -> dict[str, float |
     METEOR is evaluation.evaluate's ``MeteorSession``: one Java jar for the whole run."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
 
     if len(pred) != len(ref):
         raise ValueError(f"{len(pred)} predictions for {len(ref)} references")
     if not pred:
         return {"n": 0}
-    # an empty prediction would make the scorers fail; score it as a lone full stop instead
+    # an empty prediction would make BLEU and CIDEr fail: they score it as a lone full stop
     res = {i: [tokenize(p) or "."] for i, p in enumerate(pred)}
     gts = {i: [tokenize(r) or "."] for i, r in enumerate(ref)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out: dict[str, float | int] = {"n": len(pred), **{f"bleu_{i + 1}": float(b) for i, b in enumerate(bleu)}}
     out["bleu"] = out["bleu_4"]
-    out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    out["rouge_l"] = sum(rouge_l(p, r) for p, r in zip(pred, ref)) / len(pred)
     out["cider"] = float(Cider().compute_score(gts, res)[0])
     return out

@@ -1,19 +1,21 @@
-"""Answer matching: is a generated answer the ground truth?
+"""Answer matching: is a generated answer the ground truth? And the one report-text measure.
 
 The pair builder's rules ("a == y", "c != y") and VQA accuracy rest on these functions:
-- yes/no questions compare the leading yes/no of both texts (data.answers.yes_no) ("No, there is no effusion." == "No");
+- yes/no questions compare the leading yes/no of both texts (data.answers.yes_no)
+  ("No, there is no effusion." == "No");
 - other short answers ("Cardiomegaly.") are right when every word of the reference appears in the
   prediction (LLaVA-Med's open-question recall, required to be complete);
 - reports are right when ROUGE-L (or BLEU) against the reference reaches a threshold.
 BLEU and ROUGE-L come from pycocoevalcap (the COCO caption scorers, pure Python); its PTB
-tokenizer needs Java, so ``words`` stands in for it: lower case, punctuation dropped, as the
-PTB step of the COCO pipeline leaves the text.
+tokenizer needs Java, so ``tokenize`` stands in for it: lower case, words (x-ray, crohn's kept
+whole) and punctuation marks as tokens. ``tokenize`` and ``rouge_l`` are also what
+evaluation.metrics reports, so the pair builder's "ROUGE-L >= threshold" is the evaluation's ROUGE-L.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal, Sequence
+from typing import Literal
 
 from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.rouge.rouge import Rouge
@@ -21,12 +23,24 @@ from pycocoevalcap.rouge.rouge import Rouge
 from data.answers import yes_no
 
 Metric = Literal["rouge_l", "bleu"]
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_TOKEN = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*|[^\sa-z0-9]")
+
+
+def tokenize(text: str) -> str:
+    """Lower-cased words and punctuation marks, space-separated: the text the COCO scorers read."""
+    return " ".join(_TOKEN.findall((text or "").lower()))
 
 
 def words(text: str) -> list[str]:
-    """Lower-case word tokens, punctuation dropped."""
-    return _WORD.findall((text or "").lower())
+    """The word tokens of ``tokenize`` (punctuation marks left out)."""
+    return [t for t in tokenize(text).split() if t[0].isalnum()]
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """Sentence ROUGE-L F (beta 1.2, pycocoevalcap's) of a prediction vs one reference, both
+    ``tokenize``d; 0.0 when either has no token (an empty report earns nothing)."""
+    p, r = tokenize(pred), tokenize(ref)
+    return float(Rouge().calc_score([p], [r])) if p and r else 0.0
 
 
 def vqa_correct(pred: str, ref: str) -> bool:
@@ -39,13 +53,13 @@ def vqa_correct(pred: str, ref: str) -> bool:
 
 
 def report_score(pred: str, ref: str, metric: Metric = "rouge_l", bleu_n: int = 4) -> float:
-    """ROUGE-L F (beta 1.2, as COCO) or sentence BLEU-``bleu_n`` of a prediction vs a reference."""
-    p, r = " ".join(words(pred)), " ".join(words(ref))
-    if not p or not r:
-        return 0.0
+    """``rouge_l`` or sentence BLEU-``bleu_n`` of a prediction vs a reference (``tokenize``d)."""
     if metric == "rouge_l":
-        return float(Rouge().calc_score([p], [r]))
+        return rouge_l(pred, ref)
     if metric == "bleu":
+        p, r = tokenize(pred), tokenize(ref)
+        if not p or not r:
+            return 0.0
         scorer = BleuScorer(n=bleu_n)
         scorer += (p, [r])
         scores, _ = scorer.compute_score(option="closest", verbose=0)
@@ -68,21 +82,3 @@ def is_correct(
         return report_correct(pred, ref, threshold, metric)
     raise ValueError(f"unknown task {task!r}; use 'vqa' or 'report'")
 
-
-def corpus_report_scores(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU-1..4 and mean ROUGE-L, the report-generation numbers of the evaluation table."""
-    if len(preds) != len(refs):
-        raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
-    if not preds:
-        return {}
-    # pycocoevalcap cannot score an empty string; distinct placeholders never match anything.
-    res = {i: [" ".join(words(p)) or "<empty-prediction>"] for i, p in enumerate(preds)}
-    gts = {i: [" ".join(words(r)) or "<empty-reference>"] for i, r in enumerate(refs)}
-    scorer = BleuScorer(n=4)
-    for i in res:
-        scorer += (res[i][0], gts[i])
-    bleu, _ = scorer.compute_score(option="closest", verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
-    out = {f"bleu_{n}": float(b) for n, b in enumerate(bleu, 1)}
-    out["rouge_l"] = float(rouge)
-    return out

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from evaluation.metrics import report_metrics, tokenize, vqa_metrics
+from evaluation.metrics import report_metrics, vqa_metrics
 from pairs.rules import copy_rate, over_reliance_rate
 
 
@@ -17,12 +17,6 @@ def test_vqa_accuracy_f1_by_hand():
     assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(1 / 3)
     assert m["f1"] == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
     assert vqa_metrics([], [])["accuracy"] == 0.0
-
-
-def test_tokenize():
-    assert tokenize("No pleural effusion. Heart size is X-ray normal!") == (
-        "no pleural effusion . heart size is x-ray normal !"
-    )
 
 
 def test_report_metrics_identity_and_bleu_by_hand():
