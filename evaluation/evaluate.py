@@ -51,10 +51,10 @@ from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from data.datasets import first_image
 from data.images import BadImageError, BadImageLog, load_image, resolve_image
+from data.noise import NoiseConfig, make_x_v_star
 from data.readers import bad_records_summary, read_index, read_records
 from data.records import ReportRecord, VqaRecord
 from evaluation.metrics import report_metrics, tokenize, vqa_metrics
-from pairs.build_pairs import NoiseConfig, make_x_v_star
 from pairs.rules import copy_rate, over_reliance_rate
 from policy.answers import yes_no
 from policy.budget import BudgetLog, PromptParts, fit_prompt
@@ -174,17 +174,9 @@ def condition_k(condition: str, scores: list[float], n_refs: int, cfg: EvalConfi
 # ---------------------------------------------------------------- images
 
 
-@dataclass(frozen=True)
-class _Shown:
-    """What pairs.build_pairs.make_x_v_star reads of a record: its image as written and its domain."""
-
-    image: str
-    domain: str
-
-
 class ImageSource:
     """Loads the records' images and makes x_v* exactly as the pair builder does
-    (pairs.build_pairs.make_x_v_star: same other-image pool per domain, same seeds).
+    (data.noise.make_x_v_star: same other-image pool per domain, same seeds).
 
     A record whose image (or every other image for its x_v*) is bad is skipped under every
     policy and condition: logged once (``bad``) and counted per file (``skipped``); with
@@ -225,8 +217,8 @@ class ImageSource:
             img = self._load(rel, record.image_root, f.image_root)
             noised = None
             if "noised_rag" in self.cfg.conditions:
-                noised = make_x_v_star(_Shown(rel, f.domain or ""), img, self.cfg.noise, self.pool[f.domain or ""],
-                                       lambda other: self._load(*other))
+                noised = make_x_v_star(rel, img, self.cfg.noise, self.pool[f.domain or ""],
+                                       lambda other: self._load(*other), domain=f.domain or "")
             return rel, img, noised
         except BadImageError as e:
             if self.cfg.bad_image == "error":

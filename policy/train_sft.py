@@ -37,7 +37,7 @@ from common.io import InputError, atomic_dir, atomic_write_json
 from data.datasets import QueryDataset
 from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
 from data.loader import make_loader
-from data.noise import make_noised, pick_other, stable_seed
+from data.noise import NoiseConfig, make_x_v_star, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records, strip_image_mark
 from data.records import ReportRecord, VqaRecord
 from policy.align import FindingAligner
@@ -301,18 +301,18 @@ def measure_reliance(policy: Policy, examples: list[Example], cfg: MeasureConfig
     model that answers the same whatever it sees.
     """
     examples = [e for e in examples if e.task == "vqa" and e.references]
-    pool: dict[str, list[str]] = {}
+    pool: dict[str, dict[str, str]] = {}  # domain -> image path -> itself: x_v*'s other images
     for e in examples:
-        pool.setdefault(e.domain, []).append(str(_image_path(e)))
+        pool.setdefault(e.domain, {})[str(_image_path(e))] = str(_image_path(e))
     images, prompts, keys = [], [], []
+    noise = NoiseConfig("other_image+gaussian", sigma=cfg.sigma, seed=cfg.seed)
     for e in tqdm(examples, desc="measure: images", disable=len(examples) < 200):
         path = str(_image_path(e))
         try:
             real = load_image(path)
-            other = load_image(pick_other(path, sorted(set(pool[e.domain])), cfg.seed))
-        except (BadImageError, ValueError):
+            noised = make_x_v_star(path, real, noise, pool[e.domain], load_image, domain=e.domain, salt="measure")
+        except BadImageError:
             continue
-        noised = make_noised("other_image+gaussian", real, stable_seed("measure", path, cfg.seed), other=other, sigma=cfg.sigma)
         parts = e.parts()
         with_refs = fit_prompt(policy, parts, templates, [real, noised], budget.max_length, cfg.max_new_tokens)
         without = fit_prompt(policy, dataclasses.replace(parts, references=()), templates, [real], budget.max_length,
