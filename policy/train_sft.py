@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, LoraConfig, apply_lora, build_accelerator, save_model, train
-from common.io import InputError, atomic_dir, atomic_write_json
+from common.io import InputError, atomic_write_json
 from data.datasets import QueryDataset
 from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
 from data.loader import make_loader
 from data.noise import NoiseConfig, make_x_v_star, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records, strip_image_mark
 from data.records import ReportRecord, VqaRecord
+from policy.adapters import load_with_adapters, save_merged
 from policy.align import FindingAligner
 from policy.answers import vqa_correct, yes_no
 from policy.budget import (
@@ -415,10 +416,7 @@ def run_sft(cfg: SftConfig) -> Path:
     accelerator.print(describe(summary))
     accelerator.print(f"SFT: {result.step} steps in {time.perf_counter() - start:.0f} s -> {out}")
     if accelerator.is_main_process and cfg.lora.enabled and cfg.merge:
-        merged = load_policy(cfg.model, adapter=out, dtype=cfg.dtype, merge_adapter=True)
-        with atomic_dir(out / "merged") as tmp:
-            merged.model.save_pretrained(tmp, safe_serialization=True)
-            merged.processor.save_pretrained(tmp)
+        save_merged(load_with_adapters(cfg.model, None, out, cfg.dtype), out / "merged")
     if accelerator.is_main_process and cfg.measure.roles:
         run_measure(cfg, cfg.model if cfg.lora.enabled else str(out), str(out) if cfg.lora.enabled else None)
     accelerator.wait_for_everyone()
