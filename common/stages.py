@@ -2,8 +2,11 @@
 
 A stage is a command with an output folder. When it succeeds, a stamp file is written in that
 folder holding its fingerprint: a hash of its command, the text of the config files it reads,
-and the fingerprints of the stages before it. A rerun skips a stage whose stamp matches, so a
-changed config (or a redone upstream stage) redoes it and everything after it.
+the text of its code (every ``.py`` file under the folders it names, and any file it names), a
+listing of its inputs (a file by its content; a folder by the relative path, size and mtime of
+every file under it, not their content, to stay fast; stamp files left out) and the fingerprints
+of the stages before it. A rerun skips a stage whose stamp matches, so a changed config, code
+file or input (or a redone upstream stage) redoes it and everything after it.
 """
 
 from __future__ import annotations
@@ -26,18 +29,49 @@ class Stage:
     cmd: list[str]  # the command, run from the repository root
     output: Path  # folder the stage writes; holds the stamp
     configs: list[Path] = field(default_factory=list)  # files whose content is part of the fingerprint
+    code: list[Path] = field(default_factory=list)  # source: a folder's .py files (content) or a file (content)
+    inputs: list[Path] = field(default_factory=list)  # data read: a file (content) or a folder (paths, sizes, mtimes)
 
 
 def stamp_path(stage: Stage) -> Path:
     return stage.output / f".stage-{stage.name}.json"
 
 
+def _hash_file(h: "hashlib._Hash", path: Path) -> None:
+    h.update(str(path).encode())
+    h.update(path.read_bytes() if path.is_file() else b"<missing>")
+
+
+def _hash_code(h: "hashlib._Hash", path: Path) -> None:
+    """A file's content, or the content of every .py file under a folder (sorted by path)."""
+    if not path.is_dir():
+        return _hash_file(h, path)
+    for f in sorted(path.rglob("*.py")):
+        _hash_file(h, f)
+
+
+def _hash_input(h: "hashlib._Hash", path: Path) -> None:
+    """A file's content, or a folder's listing: relative path, size and mtime of each file under it."""
+    if not path.is_dir():
+        return _hash_file(h, path)
+    h.update(f"{path}/".encode())
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and not (f.name.startswith(".stage-") and f.name.endswith(".json")):
+            st = f.stat()
+            h.update(json.dumps([str(f.relative_to(path)), st.st_size, st.st_mtime_ns]).encode())
+
+
 def fingerprint(stage: Stage, upstream: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([stage.name, stage.cmd, upstream]).encode())
     for cfg in stage.configs:
-        h.update(str(cfg).encode())
-        h.update(Path(cfg).read_bytes() if Path(cfg).is_file() else b"<missing>")
+        _hash_file(h, Path(cfg))
+    h.update(b"code")
+    for code in stage.code:
+        _hash_code(h, Path(code))
+    h.update(b"inputs")
+    for inp in stage.inputs:
+        _hash_input(h, Path(inp))
     return h.hexdigest()
 
 

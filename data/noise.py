@@ -6,17 +6,37 @@
 - ``diffusion``: the forward diffusion q(x_t | x_0) at step t (linear DDPM schedule, 1000 steps),
   as the released code offers.
 All work in pixel space on PIL images, so the result can be stored as a file and seen again
-exactly by the trainer.
+exactly by the trainer. ``make_x_v_star`` is the one place x_v* is made from a record's image,
+its NoiseConfig and its domain's pool of other images: the pair builder (pairs.build_pairs),
+the evaluation's noised_rag (evaluation.evaluate) and the SFT reliance check (policy.train_sft)
+all call it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal, TypeVar
 
 import numpy as np
 from PIL import Image
 
+from common.config import doc
+from data.images import BadImageError
+
 MODES = ("other_image+gaussian", "gaussian", "diffusion")
+OTHER_TRIES = 5  # other images tried when the picked one is unreadable
+T = TypeVar("T")
+
+
+@dataclass
+class NoiseConfig:
+    mode: Literal["other_image+gaussian", "gaussian", "diffusion"] = doc(
+        "other_image+gaussian", f"how x_v* is made: one of {MODES}")
+    sigma: float = doc(0.1, "std of the Gaussian pixel noise (pixel values in [0, 1]) for other_image+gaussian")
+    step: int = doc(500, "forward-diffusion step t of 1000 for the diffusion mode")
+    seed: int = doc(0, "seed of the other-image pick and of the noise (with the image path)")
 
 
 def stable_seed(*parts: object) -> int:
@@ -75,3 +95,32 @@ def make_noised(
     if mode == "diffusion":
         return diffusion(img, step, seed)
     raise ValueError(f"unknown noise mode {mode!r}; choose from {MODES}")
+
+
+def make_x_v_star(name: str, image: Image.Image, noise: NoiseConfig, pool: Mapping[str, T],
+                  load: Callable[[T], Image.Image], domain: str = "", salt: str = "x_v*") -> Image.Image:
+    """x_v* of the image ``name`` (as written; ``image`` is its pixels): a function of (name,
+    the names in ``pool``, noise settings, ``salt``) only.
+
+    ``pool`` maps the name of each image of the domain to what ``load`` reads it from. For
+    ``other_image+gaussian`` the other image is picked by (name, seed); an unreadable pick
+    (``load`` raises BadImageError) is replaced by the next pick (up to OTHER_TRIES), so one bad
+    file costs no record. Raises BadImageError("no_other_image") when no usable other image exists.
+    ``salt`` keeps apart noise draws made for different purposes from the same image.
+    """
+    seed = stable_seed(salt, name, noise.seed)
+    other = None
+    if noise.mode == "other_image+gaussian":
+        candidates = [c for c in pool if c != name]
+        for attempt in range(OTHER_TRIES):
+            if not candidates:
+                break
+            pick = pick_other(name, candidates, noise.seed + attempt)
+            try:
+                other = load(pool[pick])
+                break
+            except BadImageError:
+                candidates.remove(pick)
+        if other is None:
+            raise BadImageError(name, "no_other_image", f"no readable other image of domain {domain}")
+    return make_noised(noise.mode, image, seed, other=other, sigma=noise.sigma, step=noise.step)

@@ -35,14 +35,13 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, send_to_device
-from peft import PeftModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers.integrations import unset_hf_deepspeed_config
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, LoraConfig, _any_process, apply_lora, build_accelerator, save_model, train
-from common.io import InputError, atomic_dir, atomic_write_json
+from common.io import InputError, atomic_write_json
 from data.images import BadImageLog
 from data.loader import make_loader
 from data.noise import pure_noise
@@ -53,8 +52,9 @@ from dpo.pair_data import (
     PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_type_of, split_heldout,
     stage_indices,
 )
+from policy.adapters import load_with_adapters, save_merged
 from policy.budget import BUDGET_KEY, BudgetLog, describe
-from policy.policy import Policy, load_policy, sequence_logps
+from policy.policy import Policy, sequence_logps
 from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
 
 
@@ -347,17 +347,6 @@ def plain_loading(accelerator: Accelerator) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
-def merge_adapter(cfg: DpoConfig, adapter: Path, out: Path) -> Path:
-    """``out``: the policy (with ``init_adapter`` merged, as trained) with the DPO adapter folded in,
-    saved as an ordinary checkpoint (safetensors + processor) that from_pretrained loads."""
-    policy = load_policy(cfg.policy, cfg.init_adapter or None, dtype=cfg.dtype, merge_adapter=True)
-    merged = PeftModel.from_pretrained(policy.model, str(adapter)).merge_and_unload()
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        policy.processor.save_pretrained(tmp)
-    return out
-
-
 def fill_deepspeed_sizes(accelerator: Accelerator, model: Any) -> None:
     """accelerate fills the ZeRO bucket sizes marked "auto" from ``model.config.hidden_size``, which
     a vision-language config keeps in its text config; fill them from there, by accelerate's rule.
@@ -379,7 +368,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     check(cfg)
     out = Path(cfg.train.output_dir)
     accelerator = build_accelerator(cfg.train)
-    policy = load_policy(cfg.policy, cfg.init_adapter or None, dtype=cfg.dtype, merge_adapter=True)
+    policy = load_with_adapters(cfg.policy, cfg.init_adapter, None, dtype=cfg.dtype)
     trainer = DpoTrainer(cfg, accelerator, policy)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -397,7 +386,8 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     if cfg.merge:
         if accelerator.is_main_process:
             with plain_loading(accelerator):
-                merged = merge_adapter(cfg, adapter, out / "merged")
+                # the policy (with init_adapter merged, as trained) with the DPO adapter folded in
+                merged = save_merged(load_with_adapters(cfg.policy, cfg.init_adapter, adapter, cfg.dtype), out / "merged")
         accelerator.wait_for_everyone()
     trainer.bad_log.write(accelerator, out / "bad_images.json")
     budget = trainer.budget.merged(accelerator).summary()

@@ -36,14 +36,12 @@ from __future__ import annotations
 
 import gc
 import json
-import shlex
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-import yaml
 from PIL import Image
 from tqdm import tqdm
 
@@ -52,11 +50,12 @@ from common.io import InputError, atomic_dir, atomic_write_json, atomic_write_js
 from data.answers import yes_no
 from data.datasets import first_image
 from data.images import BadImageError, BadImageLog, load_image, resolve_image
+from data.noise import NoiseConfig, make_x_v_star
 from data.readers import bad_records_summary, read_index, read_records
 from data.records import ReportRecord, VqaRecord
 from evaluation.metrics import report_metrics, tokenize, vqa_metrics
-from pairs.build_pairs import NoiseConfig, make_x_v_star
 from pairs.rules import copy_rate, over_reliance_rate
+from policy.adapters import check_adapter_base, find_adapter, load_with_adapters
 from policy.budget import BudgetLog, PromptParts, fit_prompt
 from policy.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule, select_k
@@ -65,8 +64,6 @@ CONDITIONS = ("no_rag", "rag_fixed", "rag_adaptive", "noised_rag")
 POLICIES = ("base", "dpo")
 METRIC_KEYS = ("accuracy", "f1", "bleu", "rouge_l", "meteor")
 TEST_ROLES = ("test_vqa", "test_report")
-DEFAULT_ADAPTER_DIRS = ("outputs/toy/dpo/adapter", "outputs/toy/dpo")  # first holding a PEFT adapter
-ADAPTER_FILE = "adapter_config.json"
 
 
 @dataclass
@@ -174,17 +171,9 @@ def condition_k(condition: str, scores: list[float], n_refs: int, cfg: EvalConfi
 # ---------------------------------------------------------------- images
 
 
-@dataclass(frozen=True)
-class _Shown:
-    """What pairs.build_pairs.make_x_v_star reads of a record: its image as written and its domain."""
-
-    image: str
-    domain: str
-
-
 class ImageSource:
     """Loads the records' images and makes x_v* exactly as the pair builder does
-    (pairs.build_pairs.make_x_v_star: same other-image pool per domain, same seeds).
+    (data.noise.make_x_v_star: same other-image pool per domain, same seeds).
 
     A record whose image (or every other image for its x_v*) is bad is skipped under every
     policy and condition: logged once (``bad``) and counted per file (``skipped``); with
@@ -225,8 +214,8 @@ class ImageSource:
             img = self._load(rel, record.image_root, f.image_root)
             noised = None
             if "noised_rag" in self.cfg.conditions:
-                noised = make_x_v_star(_Shown(rel, f.domain or ""), img, self.cfg.noise, self.pool[f.domain or ""],
-                                       lambda other: self._load(*other))
+                noised = make_x_v_star(rel, img, self.cfg.noise, self.pool[f.domain or ""],
+                                       lambda other: self._load(*other), domain=f.domain or "")
             return rel, img, noised
         except BadImageError as e:
             if self.cfg.bad_image == "error":
@@ -462,45 +451,6 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- run
-
-
-def load_with_adapters(path: str, init_adapter: str | None, adapter: str | None, dtype: str = "float32",
-                       device: str = "cpu") -> Any:
-    """The policy with ``init_adapter`` and then ``adapter`` merged in, as train_dpo stacks them."""
-    from policy.policy import load_policy
-
-    if not init_adapter:
-        return load_policy(path, adapter=adapter, dtype=dtype, device=device, merge_adapter=True)
-    policy = load_policy(path, adapter=init_adapter, dtype=dtype, device=device, merge_adapter=True)
-    if adapter:
-        from peft import PeftModel
-
-        policy.model = PeftModel.from_pretrained(policy.model, adapter).merge_and_unload().eval()
-    return policy
-
-
-def check_adapter_base(adapter: str, init_adapter: str) -> None:
-    """Refuse a DPO adapter trained on another init_adapter than the one given (its run_config.yaml)."""
-    run_config = Path(adapter).parent / "run_config.yaml"
-    if not run_config.is_file():
-        return
-    trained_on = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("init_adapter") or ""
-    if trained_on != (init_adapter or ""):
-        raise ConfigError(f"{adapter} was trained on the policy + init_adapter {trained_on!r} ({run_config}); "
-                          f"pass --init_adapter {shlex.quote(trained_on)}")
-
-
-def has_adapter(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_FILE).is_file()
-
-
-def find_adapter(explicit: str, defaults: Iterable[str] = DEFAULT_ADAPTER_DIRS) -> str | None:
-    """The DPO adapter folder: ``explicit`` (must hold an adapter), else the first default that does."""
-    if explicit:
-        if not has_adapter(explicit):
-            raise InputError(f"{explicit}: no PEFT adapter here ({ADAPTER_FILE} missing); train one with `bash scripts/train_dpo.sh`")
-        return explicit
-    return next((d for d in defaults if has_adapter(d)), None)
 
 
 def policy_plan(cfg: EvalConfig) -> tuple[list[tuple[str, str | None]], list[str]]:

@@ -36,7 +36,7 @@ from PIL import Image
 from common.config import ConfigError, cli_main, doc, load_config
 from common.io import InputError, atomic_write_json, atomic_write_jsonl, read_jsonl
 from data.images import BadImageError, inside_root, load_image
-from evaluation.evaluate import check_adapter_base, find_adapter, load_with_adapters
+from policy.adapters import check_adapter_base, find_adapter, load_with_adapters
 from policy.budget import BudgetLog, PromptParts, describe, fit_prompt
 from policy.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule

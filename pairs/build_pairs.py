@@ -48,7 +48,7 @@ from tqdm import tqdm
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
 from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl
 from data.images import BadImageError, Roots, load_image, pick_root, resolve_image
-from data.noise import MODES, make_noised, pick_other, stable_seed
+from data.noise import NoiseConfig, make_x_v_star as x_v_star
 from data.readers import bad_records_summary, detect_kind, read_index, read_records
 from data.records import VqaRecord
 from pairs.rules import CmRule, Pair, copy_rate, over_reliance_rate, pairs_for_record
@@ -62,16 +62,6 @@ PAIR_TYPES = ("cm", "oa1", "oa2")
 CONDITIONS = ("a", "b", "c")
 GENERATIONS = "generations.jsonl"
 SETTINGS = "generation_settings.json"
-OTHER_TRIES = 5  # other images tried when the picked one is unreadable
-
-
-@dataclass
-class NoiseConfig:
-    mode: Literal["other_image+gaussian", "gaussian", "diffusion"] = doc(
-        "other_image+gaussian", f"how x_v* is made: one of {MODES}")
-    sigma: float = doc(0.1, "std of the Gaussian pixel noise (pixel values in [0, 1]) for other_image+gaussian")
-    step: int = doc(500, "forward-diffusion step t of 1000 for the diffusion mode")
-    seed: int = doc(0, "seed of the other-image pick and of the noise (with the image path)")
 
 
 @dataclass
@@ -227,28 +217,8 @@ def other_candidates(items: list[Item]) -> dict[str, dict[str, Item]]:
 
 def make_x_v_star(item: Item, image: Image.Image, noise: NoiseConfig, pool: dict[str, Item],
                   load: Callable[[Item], Image.Image]) -> Image.Image:
-    """x_v* for ``item``: a function of (image path, domain pool, noise settings) only.
-
-    For ``other_image+gaussian`` the other image is picked by (image path, seed); an unreadable
-    pick is replaced by the next pick (up to OTHER_TRIES), so one bad file costs no record.
-    Raises BadImageError("no_other_image") when no usable other image exists.
-    """
-    seed = stable_seed("x_v*", item.image, noise.seed)
-    other = None
-    if noise.mode == "other_image+gaussian":
-        candidates = [c for c in pool if c != item.image]
-        for attempt in range(OTHER_TRIES):
-            if not candidates:
-                break
-            pick = pick_other(item.image, candidates, noise.seed + attempt)
-            try:
-                other = load(pool[pick])
-                break
-            except BadImageError:
-                candidates.remove(pick)
-        if other is None:
-            raise BadImageError(item.image, "no_other_image", f"no readable other image of domain {item.domain}")
-    return make_noised(noise.mode, image, seed, other=other, sigma=noise.sigma, step=noise.step)
+    """x_v* for ``item`` (data.noise.make_x_v_star on its image name and its domain's pool)."""
+    return x_v_star(item.image, image, noise, pool, load, domain=item.domain)
 
 
 # ---------------------------------------------------------------- generation

@@ -33,14 +33,15 @@ from tqdm.auto import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, LoraConfig, apply_lora, build_accelerator, save_model, train
-from common.io import InputError, atomic_dir, atomic_write_json
+from common.io import InputError, atomic_write_json
 from data.answers import yes_no
 from data.datasets import QueryDataset
 from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
 from data.loader import make_loader
-from data.noise import make_noised, pick_other, stable_seed
+from data.noise import NoiseConfig, make_x_v_star, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records, strip_image_mark
 from data.records import ReportRecord, VqaRecord
+from policy.adapters import load_with_adapters, save_merged
 from policy.align import FindingAligner
 from policy.answers import vqa_correct
 from policy.budget import (
@@ -302,18 +303,18 @@ def measure_reliance(policy: Policy, examples: list[Example], cfg: MeasureConfig
     model that answers the same whatever it sees.
     """
     examples = [e for e in examples if e.task == "vqa" and e.references]
-    pool: dict[str, list[str]] = {}
+    pool: dict[str, dict[str, str]] = {}  # domain -> image path -> itself: x_v*'s other images
     for e in examples:
-        pool.setdefault(e.domain, []).append(str(_image_path(e)))
+        pool.setdefault(e.domain, {})[str(_image_path(e))] = str(_image_path(e))
     images, prompts, keys = [], [], []
+    noise = NoiseConfig("other_image+gaussian", sigma=cfg.sigma, seed=cfg.seed)
     for e in tqdm(examples, desc="measure: images", disable=len(examples) < 200):
         path = str(_image_path(e))
         try:
             real = load_image(path)
-            other = load_image(pick_other(path, sorted(set(pool[e.domain])), cfg.seed))
-        except (BadImageError, ValueError):
+            noised = make_x_v_star(path, real, noise, pool[e.domain], load_image, domain=e.domain, salt="measure")
+        except BadImageError:
             continue
-        noised = make_noised("other_image+gaussian", real, stable_seed("measure", path, cfg.seed), other=other, sigma=cfg.sigma)
         parts = e.parts()
         with_refs = fit_prompt(policy, parts, templates, [real, noised], budget.max_length, cfg.max_new_tokens)
         without = fit_prompt(policy, dataclasses.replace(parts, references=()), templates, [real], budget.max_length,
@@ -416,10 +417,7 @@ def run_sft(cfg: SftConfig) -> Path:
     accelerator.print(describe(summary))
     accelerator.print(f"SFT: {result.step} steps in {time.perf_counter() - start:.0f} s -> {out}")
     if accelerator.is_main_process and cfg.lora.enabled and cfg.merge:
-        merged = load_policy(cfg.model, adapter=out, dtype=cfg.dtype, merge_adapter=True)
-        with atomic_dir(out / "merged") as tmp:
-            merged.model.save_pretrained(tmp, safe_serialization=True)
-            merged.processor.save_pretrained(tmp)
+        save_merged(load_with_adapters(cfg.model, None, out, cfg.dtype), out / "merged")
     if accelerator.is_main_process and cfg.measure.roles:
         run_measure(cfg, cfg.model if cfg.lora.enabled else str(out), str(out) if cfg.lora.enabled else None)
     accelerator.wait_for_everyone()

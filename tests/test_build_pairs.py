@@ -337,3 +337,18 @@ def test_two_processes_equal_one(world, baseline):
     res = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert _outputs(out) == baseline["bytes"]
+
+
+def test_x_v_star_is_data_noise_x_v_star(world, tmp_path):
+    """The pair builder's x_v* is data.noise.make_x_v_star on the item's image name and its domain's pool."""
+    from data import noise as data_noise
+
+    cfg = _cfg(world, tmp_path, limit=0)
+    items = [it for it in read_items(find_inputs(cfg), cfg) if it.domain == "ophthalmology"]
+    pool = other_candidates(items)["ophthalmology"]
+    it, noise = items[0], NoiseConfig(sigma=0.07, seed=2)
+    real = load_image(it.image_path())
+    got = make_x_v_star(it, real, noise, pool, lambda o: load_image(o.image_path()))
+    paths = {name: o.image_path() for name, o in pool.items()}
+    want = data_noise.make_x_v_star(it.image, real, noise, paths, load_image, domain="ophthalmology")
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()

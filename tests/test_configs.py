@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
+from common.config import load_config, to_dict
 from dpo.train_dpo import DpoConfig
 from evaluation.evaluate import EvalConfig
 from pairs.build_pairs import PairsConfig
@@ -16,7 +16,8 @@ from retriever.finetune_clip import ClipTrainConfig
 from retriever.retrieve import RetrieveConfig
 from toy.toy_policy import ToyPolicyConfig
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
 CLASSES = {"clip": ClipTrainConfig, "retrieve": RetrieveConfig, "pairs": PairsConfig, "dpo": DpoConfig,
            "evaluate": EvalConfig, "sft": SftConfig, "toy_policy": ToyPolicyConfig}
 DOMAINS = ("radiology", "pathology", "ophthalmology")
@@ -29,7 +30,38 @@ def _load(path: Path):
 @pytest.mark.parametrize("path", sorted([*CONFIGS.glob("toy/*.yaml"), *CONFIGS.glob("mmed_rag/*/*.yaml")]),
                          ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_loads(path):
-    assert isinstance(_load(path), CLASSES[path.stem])
+    """The config loads, and every file of the repository it names (configs/..., prompts) exists."""
+    cfg = _load(path)
+    assert isinstance(cfg, CLASSES[path.stem])
+    shipped = _shipped_paths(to_dict(cfg))
+    missing = [p for p in shipped if not (REPO / p).exists()]
+    assert not missing, f"{path} names files the repository does not ship: {missing}"
+    if any(key.endswith("prompts") for key in _keys(to_dict(cfg))):
+        assert any(Path(p).parts[:2] == ("configs", "prompts") for p in shipped)  # the prompt file is checked
+
+
+def _shipped_paths(value) -> list[str]:
+    """Strings of a config that name a file of the repository: relative under configs/, or absolute inside it."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _shipped_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _shipped_paths(v)]
+    if isinstance(value, str) and value.startswith("configs/"):
+        return [value]
+    if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(REPO):
+        return [str(Path(value).relative_to(REPO))]
+    return []
+
+
+def _keys(value, prefix: str = "") -> list[str]:
+    if not isinstance(value, dict):
+        return []
+    return [k for key, v in value.items() for k in [prefix + key, *_keys(v, prefix + key + ".")]]
+
+
+def test_shipped_paths_finds_nested_and_absolute_paths():
+    found = _shipped_paths({"a": "configs/x.yaml", "b": {"c": [str(REPO / "configs" / "y.json"), "outputs/z"]}, "d": 3})
+    assert found == ["configs/x.yaml", "configs/y.json"]
 
 
 @pytest.mark.parametrize("domain", DOMAINS)

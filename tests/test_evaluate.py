@@ -339,3 +339,23 @@ def test_option_text_of_a_record(hand_world, toy_processor):
         texts = [text for text, _ in policy.seen]
         assert ("Question: Is there a finding? " + options in texts[0]) is enabled
         assert texts[1] == texts[2] and options not in texts[1] and texts[1].count("Is there a finding?") == 1
+
+
+def test_noised_image_is_data_noise_x_v_star(hand_world):
+    """noised_rag's x_v* is data.noise.make_x_v_star on the record's image and its domain's images,
+    the function the pair builder and the SFT reliance check call: byte for byte the same."""
+    from data.datasets import first_image
+    from data.images import load_image, resolve_image
+    from data.noise import make_x_v_star
+    from evaluation.evaluate import ImageSource
+
+    cfg = _cfg(hand_world, conditions=["noised_rag"])
+    files = eval_files(cfg)
+    pool = {first_image(r): str(resolve_image(first_image(r), r.image_root, f.image_root))
+            for f in files for r in f.records if first_image(r)}
+    source = ImageSource(files, cfg)
+    vqa = next(f for f in files if f.task == "vqa")
+    rel, real, noised = source.load(vqa, 0)
+    want = make_x_v_star(rel, load_image(pool[rel]), cfg.noise, pool, load_image, domain="radiology")
+    assert np.asarray(noised).tobytes() == np.asarray(want).tobytes()
+    assert not np.array_equal(np.asarray(noised), np.asarray(real))

@@ -1,4 +1,5 @@
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,40 @@ def test_failed_stage_stops_and_leaves_no_stamp(tmp_path):
     with pytest.raises(SystemExit):
         run(bad)
     assert not (tmp_path / "bad" / ".stage-bad.json").exists()
+
+
+def test_code_and_inputs_are_part_of_the_fingerprint(tmp_path):
+    pkg, data = tmp_path / "pkg", tmp_path / "data"
+    (pkg / "sub").mkdir(parents=True)
+    data.mkdir()
+    (pkg / "mod.py").write_text("x = 1\n")
+    (pkg / "sub" / "deep.py").write_text("y = 1\n")
+    (data / "img.png").write_bytes(b"\x00" * 4)
+    listing = tmp_path / "list.json"
+    listing.write_text("[1]\n")
+    stages = [Stage("a", [sys.executable, "-c", "pass"], data, code=[pkg], inputs=[data, listing])]
+    run(stages)  # the stamp lands in the input folder itself: it is not an input
+    assert todo(stages) == []
+    (pkg / "notes.txt").write_text("not code\n")
+    (pkg / "sub" / "deep.pyc").write_bytes(b"\x01")
+    assert todo(stages) == []  # only .py files are code
+    for change in (lambda: (pkg / "sub" / "deep.py").write_text("y = 2\n"),  # code file edited
+                   lambda: (pkg / "new.py").write_text(""),  # code file added
+                   lambda: listing.write_text("[2]\n"),  # input file edited
+                   lambda: (data / "img.png").write_bytes(b"\x00" * 5),  # file in an input folder changed
+                   lambda: (data / "more.png").write_bytes(b"")):  # file added to an input folder
+        change()
+        assert todo(stages) == ["a"]
+        run(stages)
+        assert todo(stages) == []
+
+
+def test_demo_stages_name_their_code_and_inputs():
+    from pipeline.demo import OUT, stages
+
+    for s in stages():
+        assert Path("common") in s.code and Path("data") in s.code, s.name
+        assert all(Path(c).exists() for c in s.code), s.name
+        assert all(Path(i).parent == OUT for i in s.inputs), s.name
+    by_name = {s.name: s for s in stages()}
+    assert Path("evaluation") in by_name["evaluate"].code and OUT / "dpo" in by_name["evaluate"].inputs

@@ -6,9 +6,11 @@ The full toy base policy (scripts/make_toy_policy.sh) is a slow test.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -19,14 +21,16 @@ from common.config import load_config
 from common.io import InputError
 from data.images import load_image, resolve_image
 from data.manifest import manifest_files
+from data.noise import NoiseConfig, make_x_v_star
 from data.readers import read_records
 from data.records import VqaRecord
 from policy.align import FindingAligner
 from policy.budget import BUDGET_KEY, BudgetLog, answer_tokens
-from policy.policy import IGNORE, load_policy
+from policy.policy import IGNORE, Policy, load_policy
 from policy.prompts import load_prompt_templates
 from policy.train_sft import (
     MeasureConfig,
+    _image_path,
     SftCollate,
     SftConfig,
     index_sources,
@@ -226,18 +230,54 @@ def test_lora_sft_adapter_reloads_with_peft_and_merges(world, oracle, policy_dir
     assert budget["prompts"] >= 8 and budget["prompt_tokens"]["max"] < 1024
 
 
-def test_measure_reliance_reports_three_accuracies(world, oracle, policy_dir):
+class _ScriptedMeasurePolicy(Policy):
+    """Answers a VQA prompt from the image it is shown: the gold answer for a known real image
+    without references, the gold answer with references except in radiology ("Unsure."), and
+    "Unsure." for an image that is none of the real ones (x_v*). Keeps what it was shown."""
+
+    def __init__(self, processor, gold: dict[bytes, dict[str, tuple[str, str]]]):
+        super().__init__(model=None, processor=processor)
+        self.gold, self.seen = gold, []
+
+    def generate(self, images, prompts, max_new_tokens=64, batch_size=8, progress=False):
+        out = []
+        for img, messages in zip(images, prompts):
+            text = messages[0]["content"][1]["text"]
+            refs = re.search(r"^1\. ", text, re.M) is not None
+            known = [da for q, da in self.gold.get(np.asarray(img).tobytes(), {}).items() if q in text]
+            self.seen.append((refs, img))
+            domain, answer = known[0] if len(known) == 1 else ("", "Unsure.")
+            out.append("Unsure." if refs and domain == "radiology" else answer)
+        return out
+
+
+def test_measure_reliance_on_a_scripted_policy(world, oracle, policy_dir):
+    """The three accuracies of a policy whose answers are known; x_v* is data.noise.make_x_v_star's."""
     data = load_config(SftConfig, ["--data.retrieval_index", str(oracle), "--data.no_reference_rate", "0",
                                    "--data.limit", "6"]).data
     examples = read_examples(index_sources(oracle, ["test_vqa"]), data, seed=0, vqa_only=True)
-    policy = load_policy(policy_dir)
-    result = measure_reliance(policy, examples, MeasureConfig(max_new_tokens=3), load_prompt_templates(data.prompts),
-                              BudgetLog.of(policy, 0))
-    assert result["all"]["n"] == len(examples) == 6 * 4  # 4 test VQA files (radiology has two)
-    assert result["budget"]["prompts"] == 2 * len(examples) and result["budget"]["refused"] == 0  # with and without
-    for c in ("no_retrieval", "retrieval", "noised_retrieval"):
-        assert 0.0 <= result["all"][c] <= 1.0
-    assert set(result) >= {"radiology", "pathology", "ophthalmology"}
+    paths = [str(_image_path(e)) for e in examples]
+    gold: dict[bytes, dict[str, tuple[str, str]]] = {}  # image -> question -> (domain, gold answer)
+    for e, path in zip(examples, paths):
+        gold.setdefault(np.asarray(load_image(path)).tobytes(), {})[e.record.question] = (e.domain, e.answer)
+    assert sum(map(len, gold.values())) == len(examples)  # image and question tell every record apart
+    policy = _ScriptedMeasurePolicy(load_policy(policy_dir).processor, gold)
+    cfg = MeasureConfig(max_new_tokens=3, sigma=0.05, seed=4)
+    result = measure_reliance(policy, examples, cfg, load_prompt_templates(data.prompts), BudgetLog.of(policy, 0))
+    n, n_rad = len(examples), sum(e.domain == "radiology" for e in examples)
+    assert result["all"]["n"] == n == 6 * 4 and n_rad == 12  # 4 test VQA files (radiology has two)
+    assert result["budget"]["prompts"] == 2 * n and result["budget"]["refused"] == 0  # with and without
+    assert result["all"]["no_retrieval"] == 1.0
+    assert result["all"]["retrieval"] == pytest.approx((n - n_rad) / n)
+    assert result["all"]["noised_retrieval"] == 0.0  # x_v* is none of the real images
+    assert result["radiology"]["retrieval"] == 0.0 and result["pathology"]["retrieval"] == 1.0
+    assert [refs for refs, _ in policy.seen] == [False, True, True] * n
+    # the noised image of each record is data.noise's x_v*, drawn from its domain's images
+    noise = NoiseConfig(sigma=cfg.sigma, seed=cfg.seed)
+    for i, e in enumerate(examples):
+        pool = {p: p for x, p in zip(examples, paths) if x.domain == e.domain}
+        want = make_x_v_star(paths[i], load_image(paths[i]), noise, pool, load_image, salt="measure")
+        assert np.asarray(policy.seen[3 * i + 2][1]).tobytes() == np.asarray(want).tobytes()
 
 
 @pytest.mark.slow
@@ -249,10 +289,24 @@ def test_make_toy_policy(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     policy = tmp_path / "policy"
-    AutoModelForImageTextToText.from_pretrained(policy)
-    AutoProcessor.from_pretrained(policy)
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(policy), torch.nn.Module)
+    assert_tokenizer_round_trips(AutoProcessor.from_pretrained(policy), world)
     reliance = json.loads((policy / "reliance.json").read_text())
     assert reliance["all"]["n"] > 0
+    assert all(0.0 <= reliance["all"][c] <= 1.0 for c in ("no_retrieval", "retrieval", "noised_retrieval"))
+
+
+def assert_tokenizer_round_trips(processor, world: Path) -> None:
+    """A toy sentence (a world text and one with unseen words) decodes to itself, byte for byte."""
+    tok = processor.tokenizer
+    for sentence in (world_texts(world)[0], "Is there a zebra-like opacity? Yes: 3 mm, (left) lobe."):
+        ids = tok(sentence, add_special_tokens=False)["input_ids"]
+        assert ids and tok.decode(ids) == sentence
+
+
+def test_toy_policy_saves_a_folder_the_auto_classes_load(world, policy_dir):
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(policy_dir), torch.nn.Module)
+    assert_tokenizer_round_trips(AutoProcessor.from_pretrained(policy_dir), world)
 
 
 # ---------------------------------------------------------------- finding alignment (policy.align)
