@@ -95,7 +95,7 @@ def read_path(value: Any, folder: str | Path) -> Any:
         return value
     if isinstance(value, (list, tuple)):
         return [read_path(v, folder) for v in value]
-    return str(Path(folder) / value)
+    return os.path.normpath(os.path.join(folder, value))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

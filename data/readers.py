@@ -128,7 +128,7 @@ def read_records(
         if rec.image_root is not None and not os.path.isabs(rec.image_root):
             root = rec.image_root
             if root not in beside_file:
-                beside_file[root] = os.path.normpath(os.path.join(path.parent, root))
+                beside_file[root] = read_path(root, path.parent)
             rec.image_root = beside_file[root]
         if len(roots) > 1:
             rec.image_root = pick_root(rec.image_root, roots, _first_ref(rec))

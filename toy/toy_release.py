@@ -128,9 +128,8 @@ def _with_bad_questions(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def release_rows(world: Path, f: ReleaseFile, templates: PromptTemplates) -> list[dict]:
-    """The rows of one release file, made from the toy world."""
-    manifest = load_manifest(world)
+def release_rows(world: Path, manifest: dict, f: ReleaseFile, templates: PromptTemplates) -> list[dict]:
+    """The rows of one release file, made from the toy world (``manifest``: its manifest.json)."""
     name = {"iuxray": "iu_xray", "mimic": "mimic"}.get(f.datasets[0], "") if f.domain == "radiology" else ""
     if f.role in ("retriever_train", "retriever_val"):
         return _toy_rows(world, manifest, f.domain, f.role, "report")
@@ -170,10 +169,11 @@ def write_release(world: str | Path, out: str | Path, prompts: str | Path) -> di
     """Write ``out/data`` and ``out/images`` (atomically replacing ``out``); records per file."""
     world = Path(world)
     templates = load_prompt_templates(prompts)
+    manifest = load_manifest(world)
     counts: dict[str, int] = {}
     with atomic_dir(out) as tmp:
         for f in RELEASE_FILES:
-            rows = release_rows(world, f, templates)
+            rows = release_rows(world, manifest, f, templates)
             path = tmp / "data" / f.path
             path.parent.mkdir(parents=True, exist_ok=True)
             if f.path.endswith(".jsonl"):
