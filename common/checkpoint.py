@@ -8,6 +8,11 @@ renamed by the main process), ``latest``/``best`` are small pointer files replac
 old folders are rotated away (never the best), and a trainer-state JSON (epoch, step, metric,
 anything the trainer wants back) travels with each folder.
 
+Every trainer (common.engine, retriever.finetune_clip) writes the same trainer state:
+``{"epoch", "batches_in_epoch", "metrics"}`` (the epoch being run, the batches of it already
+consumed, the evaluation this checkpoint was judged by) plus ``"step"`` and ``"metric"``, added
+here.
+
 Layout::
 
     <root>/step-00000120/   accelerate state + trainer_state.json (+ exported files)

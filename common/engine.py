@@ -129,7 +129,8 @@ def one_process_world() -> None:
 
 
 def build_accelerator(cfg: EngineConfig) -> Accelerator:
-    """The Accelerator for ``cfg``: precision, accumulation, seeded data order, DeepSpeed.
+    """The Accelerator for ``cfg``: precision, accumulation, seeded data order, DeepSpeed; the one
+    factory of every stage (CLIP fine-tuning and retrieval pass the fields they set).
 
     Build it before loading the model: under ZeRO-3 transformers then loads the weights sharded.
     A DeepSpeed run started without a launcher (``python -m ...``) runs as a world of one process.
@@ -145,7 +146,10 @@ def build_accelerator(cfg: EngineConfig) -> Accelerator:
             gradient_accumulation_steps=cfg.grad_accum,
             gradient_clipping=cfg.max_grad_norm,
         )
+    # Without a GPU, accelerate runs several processes (torchrun) as one group only when told cpu=True.
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     accelerator = Accelerator(
+        cpu=not gpu and plugin is None,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         deepspeed_plugin=plugin,

@@ -178,7 +178,7 @@ class SeededItems(Dataset):
         return [self._seeded(i) for i in indices]
 
 
-# ---------------------------------------------------------------- domain classifier and accelerator
+# ---------------------------------------------------------------- domain classifier
 
 
 @dataclass
@@ -190,18 +190,3 @@ class ClassifierConfig:
     weight_decay: float = doc(1e-3, "AdamW weight decay")
     checkpoint: str = doc("best", "which checkpoint of each retriever supplies features: best | latest")
     batch_size: int = doc(256, "images per encoding batch")
-
-
-def make_accelerator(mixed_precision: str, grad_accum: int, seed: int) -> Any:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
-    # without an accelerator device, accelerate runs several processes (torchrun) only when told cpu=True
-    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return Accelerator(
-        cpu=not gpu,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=grad_accum,
-        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, by us
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
-    )

@@ -31,7 +31,7 @@ from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_path, atomic_write_json
 from common.metrics import MetricsLogger
 from data.records import DOMAINS
-from retriever.clip_data import CLIP_SUBDIR, ClassifierConfig, DataSpec, image_text_dataset, make_accelerator
+from retriever.clip_data import CLIP_SUBDIR, ClassifierConfig, DataSpec, image_text_dataset
 from retriever.model import Clip, embed_images, load_clip, weights_fingerprint
 
 SUBDIR = "domain_classifier"
@@ -196,9 +196,11 @@ def train_classifier(cfg: DomainConfig, accelerator: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from common.engine import EngineConfig, build_accelerator
+
     cfg = load_config(DomainConfig, argv, description=__doc__)
     try:
-        train_classifier(cfg, make_accelerator("no", 1, cfg.seed))
+        train_classifier(cfg, build_accelerator(EngineConfig(seed=cfg.seed)))
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointManager
 from common.config import ConfigError, cli_main, doc, load_config, save_config
+from common.engine import EngineConfig, build_accelerator, param_groups
 from common.io import InputError, atomic_write_json, write_path
 from common.metrics import MetricsLogger
 from data.readers import bad_records_summary
@@ -54,7 +55,6 @@ from retriever.clip_data import (
     SeededItems,
     image_text_dataset,
     item_records,
-    make_accelerator,
     present_domains,
     with_root,
 )
@@ -134,17 +134,6 @@ class ContrastiveLoss:
         return sum(self.loss(truncate(image, d), truncate(text, d), logit_scale) for d in dims) / len(dims)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """open_clip's convention: no weight decay on gains, biases, embeddings' scales, logit scale."""
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exclude = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-        (no_decay if exclude else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
 # ---------------------------------------------------------------- validation
 
 
@@ -193,7 +182,17 @@ def selection_metric(metrics: dict[str, float], select_by: str) -> float | None:
 
 
 def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[str, Any]:
-    """Train (or resume) one domain's retriever; returns its last validation metrics."""
+    """Train (or resume) one domain's retriever; returns its last validation metrics.
+
+    This loop shares common.engine's accelerator, parameter groups and checkpoint state but is
+    not ``engine.train``: that loop is shaped for a Hugging Face model with a PEFT adapter
+    (save_pretrained export, warmup as a ratio, max_steps as the schedule's length), and this one
+    needs an open_clip export, an untrained validation row, validation on epoch boundaries, a
+    per-step Matryoshka size, a schedule that spans ``epochs`` when ``max_steps`` stops early and
+    equal batch sizes on every process for the gathered loss. Folding them into the engine would
+    add five hooks the language-model trainers never use and change the retrievers' schedule,
+    hence every number downstream of them.
+    """
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -217,7 +216,7 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
     # fused: one kernel per step instead of ~10 per tensor; on CPU the per-tensor loop over the
     # embedding table's 6M entries was ~12% of a toy step (open_clip_train keeps the loop)
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+        param_groups(model, cfg.optim.lr, weight_decay=cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
         fused=accelerator.device.type in ("cpu", "cuda"),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -225,7 +224,11 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
     if micro_per_epoch == 0:
         raise InputError(f"{domain}: no training batches ({len(train_ds)} pairs, batch size {cfg.batch_size})")
     total_steps = cfg.epochs * math.ceil(micro_per_epoch / cfg.grad_accum)
-    scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(optimizer, min(cfg.optim.warmup_steps, total_steps // 2), total_steps))
+    # accelerate steps a prepared scheduler once per process per optimizer step, hence "* n" (as common.engine)
+    n = accelerator.num_processes
+    scheduler = accelerator.prepare(
+        get_cosine_schedule_with_warmup(optimizer, min(cfg.optim.warmup_steps, total_steps // 2) * n, total_steps * n)
+    )
     loss_fn = ContrastiveLoss(
         int(clip.model_cfg["embed_dim"]), cfg.matryoshka, cfg.seed, accelerator.process_index, accelerator.num_processes
     )
@@ -240,7 +243,7 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
     def export(folder: Path) -> None:
         export_clip(clip, accelerator.unwrap_model(model), folder / CLIP_SUBDIR, extra={"domain": domain})
 
-    state = {"epoch": 0, "batches_done": 0, "global_step": 0}
+    state = {"epoch": 0, "batches_in_epoch": 0, "step": 0}
     resume = cfg.resume
     if resume in ("latest", "best") and ckpt.resolve(resume) is None:
         resume = ""  # a domain the interrupted run had not reached yet starts fresh
@@ -249,8 +252,7 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
             state.update(ckpt.load(accelerator, resume))
         except FileNotFoundError as e:
             raise ConfigError(f"--resume: {e}") from None
-        state["global_step"] = state.get("step", state["global_step"])
-    logger = MetricsLogger(out, enabled=is_main, resumed_at=state["global_step"] if resume else None)
+    logger = MetricsLogger(out, enabled=is_main, resumed_at=state["step"] if resume else None)
     metrics: dict[str, float] = {}
     if not resume and val_records:  # the untrained row, so the gain is visible
         metrics = validate(model, clip, val_records, val_ds, cfg, accelerator)
@@ -260,22 +262,22 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
     def validate_and_save(step: int, epoch: float, trainer_state: dict[str, Any]) -> dict[str, float]:
         """Validate (if there is validation data), log, and checkpoint with the selection metric (which may make it `best`)."""
         if not val_records:
-            ckpt.save(accelerator, step, trainer_state, export=export)
+            ckpt.save(accelerator, step, {**trainer_state, "metrics": {}}, export=export)
             return {}
         m = validate(model, clip, val_records, val_ds, cfg, accelerator)
         logger.log({"epoch": epoch, **m, "bad_images": bad_log.skipped}, step)
         _print(accelerator, domain, epoch, m)
-        ckpt.save(accelerator, step, trainer_state, metric=selection_metric(m, cfg.select_by), export=export)
+        ckpt.save(accelerator, step, {**trainer_state, "metrics": m}, metric=selection_metric(m, cfg.select_by), export=export)
         return m
 
-    step = state["global_step"]
+    step = state["step"]
     model.train()
     done = cfg.max_steps and step >= cfg.max_steps
     epoch = state["epoch"]
     while epoch < cfg.epochs and not done:
         loader.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        skip = state["batches_done"] if epoch == state["epoch"] else 0
+        skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         running, t0, seen = [], time.time(), 0
         bar = tqdm(epoch_loader, desc=f"{domain} epoch {epoch + 1}/{cfg.epochs}", total=micro_per_epoch - skip,
@@ -304,19 +306,19 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
                 logger.log({"epoch": epoch + b / micro_per_epoch, "train/loss": sum(running) / len(running),
                             "train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": seen / max(time.time() - t0, 1e-9)}, step)
                 running, t0, seen = [], time.time(), 0
-            at = {"epoch": epoch, "batches_done": b, "global_step": step}
+            at = {"epoch": epoch, "batches_in_epoch": b}
             if cfg.max_steps and step >= cfg.max_steps:  # stopped inside an epoch: validated, so it can be `best`
                 metrics = validate_and_save(step, epoch + b / micro_per_epoch, at)
                 done = True
                 break
             if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                ckpt.save(accelerator, step, at, export=export)
+                ckpt.save(accelerator, step, {**at, "metrics": {}}, export=export)
         bar.close()
         if done:
             break
         epoch += 1
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            metrics = validate_and_save(step, epoch, {"epoch": epoch, "batches_done": 0, "global_step": step})
+            metrics = validate_and_save(step, epoch, {"epoch": epoch, "batches_in_epoch": 0})
     final = ckpt.resolve("latest")
     if is_main and final is not None and ckpt.resolve("best") is None:  # never validated: the final weights stand for it
         ckpt.mark_best(final)
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     domains = [d for d in cfg.domains if d in present]
     if not domains:
         raise InputError(f"no retriever_train file found for any of {cfg.domains} (missing: {missing}); nothing to train")
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.seed)
+    accelerator = build_accelerator(EngineConfig(mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed))
     for domain in domains:
         train_domain(cfg, domain, accelerator)
     summary = {"domains": domains, "skipped": [d for d in cfg.domains if d not in present], "missing": missing, "classifier": None}

@@ -51,7 +51,7 @@ from data.answers import yes_no
 from data.images import BadImageLog, Roots
 from data.readers import BadRecordPolicy, bad_records_summary
 from data.records import DOMAINS, ReportRecord, VqaRecord
-from retriever.clip_data import DataSpec, make_accelerator, present_domains, warn, with_root
+from retriever.clip_data import DataSpec, present_domains, warn, with_root
 from retriever.domain import SUBDIR as CLASSIFIER_SUBDIR
 from retriever.domain import Router, clip_folder
 from retriever.index import CorpusIndex, cache_key, cached_embeddings
@@ -435,7 +435,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"was found; missing: {missing}")
     if not found:
         raise InputError(f"no query file was found; missing: {missing}")
-    accelerator = make_accelerator(cfg.mixed_precision, 1, 0)
+    from common.engine import EngineConfig, build_accelerator
+
+    accelerator = build_accelerator(EngineConfig(mixed_precision=cfg.mixed_precision))
     out = Path(cfg.output_dir)
     bad_records: list[str] = []
     queries = [(qf, read_queries(qf, cfg, bad_records)) for qf in found]
