@@ -1,73 +1,112 @@
-"""Our DPO loss against TRL's own computation on the same log-probs (trl is a test dependency).
+"""Our DPO loss against TRL's DPOTrainer (trl is a test dependency), through TRL's public API only.
 
-TRL keeps its loss inside DPOTrainer._compute_loss, so we run that method on a minimal stand-in
-trainer whose model returns per-token log-probs we choose; their sums are our log-probs.
+A real DPOTrainer (public constructor, DPOConfig, ``evaluate()``) scores preference pairs with a tiny
+random causal LM against a second one as reference; we sum the answer-token log-probs of the same
+models ourselves and feed them to ``dpo_loss``. Nothing reaches into TRL's private methods or
+attributes, so a TRL upgrade that keeps its public interface cannot break the test's set-up.
 """
 
-from collections import defaultdict
+import copy
 from types import SimpleNamespace
 
 import pytest
+import tokenizers
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dpo.loss import dpo_loss
 
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+WORDS = [f"w{i}" for i in range(20)]
+N_PAIRS = 6
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
 
-class _Acc:
-    device = torch.device("cpu")
-
-    @staticmethod
-    def gather(x):
-        return x
-
-    gather_for_metrics = gather
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """One token a word, no special tokens added: prompt and answer token boundaries are exact."""
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
-def _trl(policy_tok, ref_logps, mask, beta, loss_type):
-    """Run TRL's _compute_loss; policy_tok: [2B, T] per-token log-probs (chosen rows first)."""
-    n, t = policy_tok.shape
-    out = SimpleNamespace(
-        log_probs=policy_tok,
-        entropy=torch.zeros(n, t),
-        mean_logits=torch.zeros(n, t),
-        is_top1=torch.zeros(n, t, dtype=torch.bool),
-    )
-    model = SimpleNamespace(training=True)
-    stub = SimpleNamespace(
-        model=model, accelerator=_Acc(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta,
-        use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
-    )
-    inputs = {
-        "input_ids": torch.zeros(n, t + 1, dtype=torch.long),
-        "attention_mask": torch.ones(n, t + 1, dtype=torch.long),
-        "completion_mask": torch.cat([torch.zeros(n, 1, dtype=torch.long), mask], dim=1),
-        "ref_chosen_logps": ref_logps[0],
-        "ref_rejected_logps": ref_logps[1],
-    }
-    loss = trl_dpo.DPOTrainer._compute_loss(stub, lambda **kw: out, inputs, return_outputs=False)
-    return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
+def _lm(seed: int, vocab_size: int) -> LlamaForCausalLM:
+    """A 2-layer Llama; a wide init makes policy and reference disagree by a few nats an answer."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                      initializer_range=0.5, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _pairs() -> list[dict[str, str]]:
+    """Prompts of 3-5 words; answers of 1-5 words plus EOS (given, so TRL adds none), of unequal lengths."""
+    g = torch.Generator().manual_seed(0)
+
+    def text(n):
+        return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g).tolist())
+
+    return [{"prompt": text(3 + i % 3), "chosen": f" {text(1 + i % 4)} </s>",
+             "rejected": f" {text(1 + 3 * i % 5)} </s>"} for i in range(N_PAIRS)]
+
+
+@torch.no_grad()
+def _answer_logp(model, tok, prompt: str, answer: str) -> tuple[float, int]:
+    """Sum of the answer tokens' log-probs given the prompt (one unpadded sequence), and their count."""
+    n_prompt = len(tok(prompt)["input_ids"])
+    ids = torch.tensor(tok(prompt + answer)["input_ids"])
+    logp = model(input_ids=ids[None]).logits[0, :-1].log_softmax(-1).gather(1, ids[1:, None])[:, 0]
+    return logp[n_prompt - 1:].sum().item(), len(ids) - n_prompt
+
+
+@pytest.fixture(scope="module")
+def setting():
+    """Tokenizer, policy, reference, pairs, and our [B] answer log-probs and lengths for each model and side."""
+    tok = _tokenizer()
+    # Reference seed 12: the pairs' log-ratio margins (11.5, 0.8, 6.3, -7.1, -9.9, -1.4) put some
+    # hinge terms past the clip at both betas and some not, and half the pairs on each side of zero.
+    policy, ref = _lm(0, len(tok)), _lm(12, len(tok))
+    pairs = _pairs()
+    logps, lengths = {}, {}
+    for name, model in (("policy", policy), ("ref", ref)):
+        for side in ("chosen", "rejected"):
+            lp, n = zip(*(_answer_logp(model, tok, p["prompt"], p[side]) for p in pairs))
+            logps[name, side], lengths[side] = torch.tensor(lp), torch.tensor(n, dtype=torch.float)
+    return SimpleNamespace(tok=tok, policy=policy, ref=ref, pairs=pairs, logps=logps, lengths=lengths)
+
+
+def _trl_eval(s, loss_type, beta, out_dir) -> dict[str, float]:
+    """TRL's eval metrics for the pairs, in one batch so each metric is the plain mean over pairs."""
+    args = trl.DPOConfig(output_dir=str(out_dir), loss_type=[loss_type], beta=beta,
+                         per_device_eval_batch_size=N_PAIRS, max_length=None, bf16=False, use_cpu=True,
+                         gradient_checkpointing=False, report_to="none", disable_tqdm=True)
+    dataset = datasets.Dataset.from_list(s.pairs)
+    # The trainer patches the forward of the models it is given: hand it copies.
+    trainer = trl.DPOTrainer(model=copy.deepcopy(s.policy), ref_model=copy.deepcopy(s.ref), args=args,
+                             train_dataset=dataset, eval_dataset=dataset, processing_class=copy.deepcopy(s.tok))
+    return trainer.evaluate()
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
 @pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_matches_trl(loss_type, beta):
-    g = torch.Generator().manual_seed(0)
-    b, t = 6, 9
-    mask = (torch.rand(2 * b, t, generator=g) > 0.3).long()
-    tok = -torch.rand(2 * b, t, generator=g) * 3 * mask  # zero outside the answer
-    ref = (-torch.rand(b, generator=g) * 10, -torch.rand(b, generator=g) * 10)
-    trl_loss, trl_metrics = _trl(tok, ref, mask, beta, loss_type)
+def test_matches_trl(setting, loss_type, beta, tmp_path):
+    trl_metrics = _trl_eval(setting, loss_type, beta, tmp_path)
+    lp = setting.logps
+    # Same tokens on both sides: TRL's mean answer log-probs are ours (else the comparison below is moot).
+    for side in ("chosen", "rejected"):
+        assert trl_metrics[f"eval_logps/{side}"] == pytest.approx(lp["policy", side].mean().item(), rel=1e-5), side
+    ratio = {side: lp["policy", side] - lp["ref", side] for side in ("chosen", "rejected")}
+    margin = beta * (ratio["chosen"] - ratio["rejected"])
+    assert (margin > 1).any() and (margin < 1).any()  # the hinge is clipped for some pairs, not all
 
-    logps = tok.sum(1)
-    lengths = mask.sum(1).float()
-    ours = dpo_loss(logps[:b], logps[b:], ref[0], ref[1], beta, loss_type, lengths[:b], lengths[b:])
-    torch.testing.assert_close(ours.losses.mean(), trl_loss, atol=1e-6, rtol=0)
+    ours = dpo_loss(lp["policy", "chosen"], lp["policy", "rejected"], lp["ref", "chosen"], lp["ref", "rejected"],
+                    beta, loss_type, setting.lengths["chosen"], setting.lengths["rejected"])
+    assert ours.losses.mean().item() == pytest.approx(trl_metrics["eval_loss"], rel=1e-5, abs=1e-6)
     m = ours.metrics()
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
-        assert m[key] == pytest.approx(trl_metrics[key], abs=1e-6), key
+    for key in REWARD_KEYS:
+        assert m[key] == pytest.approx(trl_metrics[f"eval_{key}"], rel=1e-5, abs=1e-6), key
 
 
 def test_loss_prefers_chosen():
