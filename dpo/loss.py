@@ -1,7 +1,7 @@
 """DPO losses as plain functions of summed answer log-probs (policy and reference).
 
 Matches TRL's DPOTrainer (sigmoid, hinge, IPO; IPO on per-token-averaged log-ratios as TRL does,
-which keeps beta comparable across answer lengths) and is tested against it to 1e-6. Written out
+which keeps beta comparable across answer lengths) and is tested against its DPOTrainer to a relative 1e-5. Written out
 here because TRL keeps the loss inside its trainer's forward, which we replace: our forward puts
 a different image on the rejected side.
 """
