@@ -1,5 +1,8 @@
 """The whole pipeline on the toy world, each stage through its own script, as a user runs them.
 
+``--out DIR --seed N`` runs the whole chain (world, policy, retrievers, pairs, DPO, evaluation)
+for another seed in its own folder; ``--world_args`` sets the world's knobs (toy.make_toy).
+
 A rerun skips stages whose output is there and whose inputs and config are unchanged
 (common/stages.py); ``--force`` redoes everything, ``--from STAGE`` redoes from there on.
 """
@@ -7,6 +10,7 @@ A rerun skips stages whose output is there and whose inputs and config are uncha
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -14,7 +18,7 @@ from common.stages import Stage, run
 
 OUT = Path("outputs/toy")
 # name, script, output folder, config files that feed it, packages whose code it runs (its
-# package and every package that may import per docs/DESIGN.md's layout), folders of OUT it reads
+# package and every package that may import per docs/DESIGN.md's layout), folders of the run it reads
 PIPELINE = [
     ("make_toy", "make_toy", "world", [], ["toy", "pairs", "policy", "retriever"], []),
     ("validate_world", None, "world", [], [], ["world"]),
@@ -28,31 +32,67 @@ PIPELINE = [
     ("evaluate", "evaluate", "eval", ["configs/toy/evaluate.yaml"], ["evaluation", "dpo", "pairs", "policy", "retriever"],
      ["world", "retrieval", "policy", "dpo"]),
 ]
+STAGE_NAMES = [p[0] for p in PIPELINE]
 BASE_CODE = ["common", "data"]  # every stage runs these
 
 
-def stages() -> list[Stage]:
-    out = []
+def stage_args(name: str, out: Path, seed: int) -> list[str]:
+    """The options that put a stage's inputs and outputs under ``out`` and seed it with ``seed``.
+
+    With the defaults (outputs/toy, seed 0) they repeat what the toy configs say, so one chain
+    serves the demo and every whole-chain seed of the effect study."""
+    w = out / "world"
+    return {
+        "make_toy": ["--out", str(w), "--seed", str(seed)],
+        "make_toy_policy": ["--world", str(w), "--out", str(out / "policy"), "--seed", str(seed)],
+        "finetune_clip": ["--data.world", str(w), "--output_dir", str(out / "clip"), "--seed", str(seed)],
+        "retrieve": ["--data.world", str(w), "--clip_dir", str(out / "clip"), "--output_dir", str(out / "retrieval")],
+        "build_pairs": ["--policy.path", str(out / "policy"), "--retrieval_index", str(out / "retrieval" / "index.json"),
+                        "--image_root", f"{w}/{{domain}}/images", "--out", str(out / "pairs"), "--noise.seed", str(seed)],
+        "train_dpo": ["--pairs", f"[{out / 'pairs' / 'pairs.json'}]", "--policy.path", str(out / "policy"),
+                      "--train.output_dir", str(out / "dpo"), "--train.seed", str(seed), "--noise_seed", str(seed)],
+        "evaluate": ["--retrieval_dir", str(out / "retrieval"), "--policy.path", str(out / "policy"),
+                     "--clip_dir", str(out / "clip"), "--dpo_dir", str(out / "dpo"), "--out", str(out / "eval"),
+                     "--noise.seed", str(seed)],
+    }.get(name, [])
+
+
+def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = ()) -> list[Stage]:
+    """The chain's stages writing under ``out``; ``world_args`` go to make_toy (its knobs)."""
+    result = []
     for name, script, folder, configs, packages, inputs in PIPELINE:
         code = [Path(p) for p in [*packages, *BASE_CODE]]
         if script is None:  # every file of the world, as a user checks data before a long run
-            cmd = [sys.executable, "-m", "data.validate", "--manifest", str(OUT / folder / "manifest.json"), "--check-images"]
+            cmd = [sys.executable, "-m", "data.validate", "--manifest", str(out / folder / "manifest.json"), "--check-images"]
         else:
-            cmd = ["bash", f"scripts/{script}.sh"]
+            extra = list(world_args) if name == "make_toy" else []
+            cmd = ["bash", f"scripts/{script}.sh", *stage_args(name, out, seed), *extra]
             code.append(Path(f"scripts/{script}.sh"))
-        out.append(Stage(name, cmd, OUT / folder, [Path(c) for c in configs], code, [OUT / i for i in inputs]))
-    return out
+        result.append(Stage(name, cmd, out / folder, [Path(c) for c in configs], code, [out / i for i in inputs]))
+    return result
+
+
+def run_chain(out: Path = OUT, seed: int = 0, world_args: list[str] = (), force: bool = False,
+              start: str | None = None, until: str | None = None) -> None:
+    """Run (or resume) the chain under ``out`` up to and including ``until``."""
+    chain = stages(out, seed, world_args)
+    if until is not None:
+        chain = chain[: STAGE_NAMES.index(until) + 1]
+    run(chain, force=force, start=start)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="redo every stage")
-    ap.add_argument("--from", dest="start", metavar="STAGE", choices=[p[0] for p in PIPELINE],
-                    help="redo this stage and all after it")
+    ap.add_argument("--from", dest="start", metavar="STAGE", choices=STAGE_NAMES, help="redo this stage and all after it")
+    ap.add_argument("--until", metavar="STAGE", choices=STAGE_NAMES, help="stop after this stage")
+    ap.add_argument("--out", type=Path, default=OUT, help="folder of the whole run (default outputs/toy)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every stage: world, policy, retrievers, pairs, DPO")
+    ap.add_argument("--world_args", default="", help='make_toy options, one string: "--prior_share 0.5"')
     args = ap.parse_args()
-    run(stages(), force=args.force, start=args.start)
-    table = OUT / "eval" / "results.md"
-    if table.is_file():
+    run_chain(args.out, args.seed, shlex.split(args.world_args), args.force, args.start, args.until)
+    table = args.out / "eval" / "results.md"
+    if table.is_file() and args.until in (None, "evaluate"):
         print("\n" + table.read_text())
 
 
