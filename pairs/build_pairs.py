@@ -46,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
-from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl
+from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl, write_path
 from data.images import BadImageError, Roots, load_image, pick_root, resolve_image
 from data.noise import NoiseConfig, make_x_v_star as x_v_star
 from data.readers import bad_records_summary, detect_kind, read_index, read_records
@@ -369,22 +369,13 @@ def correct_fn(task: str, cfg: PairsConfig) -> Callable[[str, str], bool]:
     return lambda pred, ref: is_correct(pred, ref, task, cfg.report_threshold, cfg.report_metric)
 
 
-def written_root(root: str, out: Path) -> str:
-    """An absolute image folder as pairs.json names it: relative to pairs.json when it lies in the
-    folder that holds ``out`` (the toy's outputs/toy/ holds world/ and pairs/), so that folder can
-    be moved or shared (data.readers resolves it against the file); elsewhere (a dataset on its
-    own disk) absolute, as it stays when the outputs move."""
-    pairs_dir = os.path.abspath(out)
-    beside = os.path.dirname(pairs_dir)
-    return os.path.relpath(root, pairs_dir) if os.path.commonpath([root, beside]) == beside else root
-
-
 def pair_record(it: Item, pair: Pair, references: list[str], templates: PromptTemplates, out: Path) -> dict[str, Any]:
     """One preference record (contract 3) whose prompt holds ``references`` (those the answers were
     generated with) and names them with its ``question``. The image keeps its root; for a noised
     rejected side ``image_root`` becomes the deepest folder holding both the real image and the
-    stored x_v*, because readers resolve ``rejected_image`` against the record's one root; the root
-    is written by ``written_root``."""
+    stored x_v*, because readers resolve ``rejected_image`` against the record's one root. The root is
+    written by ``common.io.write_path``: relative to pairs.json inside the outputs tree, so the tree
+    can be moved (data.readers resolves it against the file), absolute elsewhere."""
     refs = references if pair.with_retrieval else []
     human = {"from": "human", "value": "<image>\n" + templates.text(it.domain, it.task, it.question, refs, it.options)}
     root, image = it.root_and_image()
@@ -396,7 +387,7 @@ def pair_record(it: Item, pair: Pair, references: list[str], templates: PromptTe
     rec: dict[str, Any] = {
         "id": f"{it.key}/{pair.pair_type}",
         "image": image,
-        "image_root": written_root(root, out),
+        "image_root": write_path(root, out),
         "conversations": [human, {"from": "gpt", "value": pair.chosen}],
         "rejected_conversations": [human, {"from": "gpt", "value": pair.rejected}],
         "rejected_noised": int(pair.rejected_noised),

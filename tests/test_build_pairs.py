@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.io import InputError
+from common.io import InputError, write_path
 from data.images import BadImageError, load_image
 from data.manifest import manifest_files
 from data.noise import pick_other
@@ -38,7 +38,6 @@ from pairs.build_pairs import (
     read_generations,
     read_items,
     run,
-    written_root,
 )
 from policy.budget import BudgetLog, PromptParts, fit_prompt
 from policy.policy import load_policy
@@ -52,8 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny world + oracle retrieval; one alignment image is truncated (a bad image)."""
-    base = tmp_path_factory.mktemp("pairs")
+    """Tiny world + oracle retrieval in a project's outputs tree (``base``); one alignment image is
+    truncated (a bad image)."""
+    project = tmp_path_factory.mktemp("pairs")
+    base = project / "outputs"
     world = make_world(base / "world", size="tiny", progress=False)
     index = write_oracle_retrieval(ToyRetrievalConfig(world=str(world), out=str(base / "retrieval"),
                                                       roles=["alignment_vqa", "alignment_report"]))
@@ -63,7 +64,21 @@ def world(tmp_path_factory):
     cfg = ToyPolicyConfig(vocab_size=500, vision_width=32, vision_layers=1, text_width=32, text_layers=1, text_heads=2,
                           vision_heads=2)
     policy = build_toy_policy(world_texts(world), base / "policy", cfg)
-    return {"base": base, "world": world, "index": index, "policy": policy, "bad": str(bad)}
+    return {"project": project, "base": base, "world": world, "index": index, "policy": policy, "bad": str(bad)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_project(world):
+    """Runs start in the project folder, as a user runs them: pairs.json names the paths inside its
+    outputs tree relative to itself (common.io.write_path)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(world["project"])
+        yield
+
+
+def _from_project(env: dict[str, str] | None = None, **kw) -> dict:
+    """subprocess keywords that run this repository's code from the project folder."""
+    return {"cwd": Path.cwd(), "env": {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, **kw}
 
 
 def _cfg(world, out, **kw) -> PairsConfig:
@@ -276,11 +291,13 @@ def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
 
 
-def test_image_roots_outside_the_outputs_stay_absolute(tmp_path):
+def test_image_roots_outside_the_outputs_stay_absolute(tmp_path, monkeypatch):
+    """pair_record writes image_root with common.io.write_path: relative inside the outputs tree."""
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "outputs" / "pairs"
-    assert written_root(str(tmp_path / "outputs" / "world" / "images"), out) == "../world/images"
-    assert written_root(str(tmp_path / "outputs"), out) == ".."
-    assert written_root("/data/mimic-cxr/files", out) == "/data/mimic-cxr/files"
+    assert write_path(str(tmp_path / "outputs" / "world" / "images"), out) == "../world/images"
+    assert write_path(str(tmp_path / "outputs"), out) == ".."
+    assert write_path("/data/mimic-cxr/files", out) == "/data/mimic-cxr/files"
 
 
 def test_moved_outputs_still_chain_to_training(world, baseline, tmp_path):
@@ -304,7 +321,7 @@ def test_resume_after_sigkill_gives_identical_outputs(world, baseline):
     out = baseline["out"]
     shutil.rmtree(out)
     cfg = _cfg(world, out)
-    proc = subprocess.Popen(_argv(cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_argv(cfg), **_from_project(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     gen = out / GENERATIONS
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (gen.is_file() and gen.read_bytes().count(b"\n") >= 1):
@@ -333,8 +350,7 @@ def test_two_processes_equal_one(world, baseline):
     shutil.rmtree(out)
     argv = _argv(_cfg(world, out))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + argv[1:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, env=env)
+    res = subprocess.run(torchrun, **_from_project({"OMP_NUM_THREADS": "1"}, capture_output=True, text=True))
     assert res.returncode == 0, res.stderr[-2000:]
     assert _outputs(out) == baseline["bytes"]
 
