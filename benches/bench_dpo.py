@@ -79,6 +79,7 @@ def _result(starts: list[tuple[float, float]], t0: float) -> dict[str, float]:
 def worker_ours(pairs: Path, policy: Path, out: Path, steps: int, batch: int, cached: bool) -> dict[str, float]:
     from common.engine import EngineConfig, LoraConfig
     from dpo.train_dpo import DpoConfig, DpoTrainer, run
+    from policy.policy import PolicySpec
 
     starts: list[tuple[float, float]] = []
     loss = DpoTrainer.loss
@@ -90,7 +91,8 @@ def worker_ours(pairs: Path, policy: Path, out: Path, steps: int, batch: int, ca
     DpoTrainer.loss = timed
     t0 = time.perf_counter()
     run(DpoConfig(
-        pairs=[str(pairs)], image_root=str(pairs.parent / "images"), policy=str(policy), heldout_fraction=0.0,
+        pairs=[str(pairs)], image_root=str(pairs.parent / "images"), policy=PolicySpec(path=str(policy)),
+        heldout_fraction=0.0,
         cache_reference=cached, lora=LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0),
         train=EngineConfig(output_dir=str(out), batch_size=batch, max_steps=steps, lr=LR, warmup_ratio=0.0,
                            log_every=1, progress=False, save_every=10**9),

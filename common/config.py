@@ -100,7 +100,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            keys = ", ".join(f.name for f in dataclasses.fields(tp))
+            raise ConfigError(f"{where}: a section: expected a mapping of its keys ({keys}), got {value!r}")
         return _from_dict(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -54,18 +54,17 @@ from dpo.pair_data import (
 )
 from policy.adapters import load_with_adapters, save_merged
 from policy.budget import BUDGET_KEY, BudgetLog, describe
-from policy.policy import Policy, sequence_logps
-from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
+from policy.policy import Policy, PolicySpec, sequence_logps
+from policy.prompts import load_prompt_templates
 
 
 @dataclass
 class DpoConfig:
+    policy: PolicySpec = doc(PolicySpec(), "the policy to tune (the reference is it with the LoRA off); its prompts: "
+                                           "the wording the pairs were written in, to rebuild one with fewer references")
     pairs: list[str] = doc(["outputs/toy/pairs/pairs.json"], "preference JSON files: ours (pairs.build_pairs) or the released MMed-RAG ones")
     image_root: str = doc("", "image folder for records whose own image_root is absent or does not exist here (or one holding a folder per image set)")
     image_roots: dict[str, str] = doc({}, "image set (mimic, iuxray, harvard, pmc, quilt) -> its folder, looked in before image_root (the released pairs)")
-    policy: str = doc("outputs/toy/policy", "policy checkpoint folder (Hugging Face model + processor)")
-    init_adapter: str = doc("", "PEFT adapter merged into the policy first (e.g. an SFT one); the reference is then that model")
-    dtype: str = doc("float32", "weights dtype when loading: float32 | bfloat16 | float16")
     beta: float = doc(0.1, "DPO beta (strength of the pull towards the reference)")
     loss_type: Literal["sigmoid", "hinge", "ipo"] = doc("sigmoid", f"DPO loss: one of {list(LOSS_TYPES)}")
     sft_weight: float = doc(0.0, "weight of an added SFT term (token-mean NLL of the chosen answer); 0 = none")
@@ -76,8 +75,6 @@ class DpoConfig:
     noise_seed: int = doc(0, "seed of the pure-noise images of rejected_noised / chosen_noised pairs (with the record id)")
     max_length: int = doc(0, "token budget of prompt (image tokens included) + the longer answer; references are dropped "
                              "or shortened to fit, a pair that cannot fit is refused (0 = the model's own limit)")
-    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates the pairs were written with: our pairs' prompts are "
-                       "rebuilt with fewer references when they must shrink")
     eval_batch_size: int = doc(0, "pairs per evaluation / reference-caching batch (0 = train.batch_size)")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the pair (counted) or stop")
     bad_record: Literal["skip", "error"] = doc("skip", "a pair record that cannot be used: skip it (named in bad_records.json) or stop")
@@ -94,8 +91,8 @@ def check(cfg: DpoConfig) -> None:
         raise ConfigError(f"beta: must be > 0, got {cfg.beta}")
     if cfg.sft_weight < 0:
         raise ConfigError(f"sft_weight: must be >= 0, got {cfg.sft_weight}")
-    if not Path(cfg.policy).is_dir():
-        raise ConfigError(f"policy: {cfg.policy}: checkpoint folder does not exist")
+    if not Path(cfg.policy.path).is_dir():
+        raise ConfigError(f"policy.path: {cfg.policy.path}: checkpoint folder does not exist")
 
 
 # ---------------------------------------------------------------- forward passes
@@ -245,7 +242,7 @@ class DpoTrainer:
         self.train_records, self.heldout_records = split_heldout(records, cfg.heldout_fraction, cfg.heldout_seed)
         self.types = sorted({pair_type_of(r) for r in records})
         stages = stage_indices(self.train_records, cfg.stages)
-        templates = load_prompt_templates(cfg.prompts)
+        templates = load_prompt_templates(cfg.policy.prompts)
         self.budget = BudgetLog.of(policy, cfg.max_length)
         self.bad_log = BadImageLog()
         self.train_set = PairDataset(self.train_records, roots, cfg.noise_seed, cfg.bad_image)
@@ -368,7 +365,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     check(cfg)
     out = Path(cfg.train.output_dir)
     accelerator = build_accelerator(cfg.train)
-    policy = load_with_adapters(cfg.policy, cfg.init_adapter, None, dtype=cfg.dtype)
+    policy = load_with_adapters(cfg.policy)
     trainer = DpoTrainer(cfg, accelerator, policy)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -387,7 +384,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         if accelerator.is_main_process:
             with plain_loading(accelerator):
                 # the policy (with init_adapter merged, as trained) with the DPO adapter folded in
-                merged = save_merged(load_with_adapters(cfg.policy, cfg.init_adapter, adapter, cfg.dtype), out / "merged")
+                merged = save_merged(load_with_adapters(cfg.policy, adapter), out / "merged")
         accelerator.wait_for_everyone()
     trainer.bad_log.write(accelerator, out / "bad_images.json")
     budget = trainer.budget.merged(accelerator).summary()

@@ -57,7 +57,8 @@ from evaluation.metrics import report_metrics, tokenize, vqa_metrics
 from pairs.rules import copy_rate, over_reliance_rate
 from policy.adapters import check_adapter_base, find_adapter, load_with_adapters
 from policy.budget import BudgetLog, PromptParts, fit_prompt
-from policy.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
+from policy.policy import PolicySpec
+from policy.prompts import OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule, select_k
 
 CONDITIONS = ("no_rag", "rag_fixed", "rag_adaptive", "noised_rag")
@@ -72,15 +73,14 @@ class EvalConfig:
     roles: list[str] = doc(list(TEST_ROLES), "which index.json roles to evaluate")
     files: list[str] = doc([], "retrieval JSONL files to evaluate instead of the index (task told by the records' keys)")
     image_root: str = doc("", "image folder for records without a usable image_root (when index.json gives none)")
-    policy: str = doc("outputs/toy/policy", "base policy checkpoint folder (HF model + processor)")
+    policy: PolicySpec = doc(PolicySpec(), "the `base` policy: checkpoint, adapter merged into it (as train_dpo's "
+                                           "policy.init_adapter), dtype, prompts")
     adapter: str = doc("", "PEFT adapter of the `dpo` policy; empty = the DPO stage's output if present (else `dpo` is skipped with a note)")
-    init_adapter: str = doc("", "adapter merged into the policy first, as train_dpo's init_adapter (e.g. SFT): `base` is then policy + this")
     policies: list[str] = doc(list(POLICIES), "policies to evaluate: [base], [dpo] or [base, dpo]")
     conditions: list[str] = doc(list(CONDITIONS), f"conditions to run, from {list(CONDITIONS)}")
     fixed_k: int = doc(5, "reports in the prompt for rag_fixed and noised_rag (at most as many as retrieved)")
     adaptive: KRule = doc(KRule(rule="gap", k=10, gamma=0.1), "k rule of rag_adaptive, applied to the stored reference_scores")
     noise: NoiseConfig = doc(NoiseConfig(), "x_v* of noised_rag, made as the pair builder makes it (pairs.build_pairs)")
-    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML (policy.prompts)")
     option_text: bool = doc(False, OPTION_TEXT_HELP)
     max_new_tokens_vqa: int = doc(16, "answer length cap for VQA")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
@@ -92,7 +92,6 @@ class EvalConfig:
     meteor: bool = doc(True, "compute METEOR (needs Java)")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the record (counted) or stop")
     bad_record: Literal["skip", "error"] = doc("skip", "a query record that cannot be used: skip it (named in results.json) or stop")
-    dtype: str = doc("float32", "policy dtype: float32 | bfloat16 | float16")
     device: str = doc("cpu", "device for the policy")
     clip_dir: str = doc("outputs/toy/clip", "CLIP fine-tuning output (its <domain>/metrics.jsonl are plotted)")
     dpo_dir: str = doc("outputs/toy/dpo", "DPO run output (its metrics.jsonl is plotted)")
@@ -241,7 +240,7 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
                  budget: BudgetLog) -> Iterable[dict[str, Any]]:
     """Prediction rows of one policy on one file, every condition; records with a bad image skipped,
     prompts fitted to ``budget`` (recorded there; one that cannot fit gets no row)."""
-    templates = load_prompt_templates(cfg.prompts)
+    templates = load_prompt_templates(cfg.policy.prompts)
     records = f.records[: cfg.limit] if cfg.limit > 0 else f.records
     max_new = cfg.max_new_tokens_vqa if f.task == "vqa" else cfg.max_new_tokens_report
     bar = tqdm(total=len(records), desc=f"{name} {f.name}", unit="rec")
@@ -461,8 +460,8 @@ def policy_plan(cfg: EvalConfig) -> tuple[list[tuple[str, str | None]], list[str
     bad = [c for c in cfg.conditions if c not in CONDITIONS]
     if bad or not cfg.conditions:
         raise ConfigError(f"conditions: {bad or '[]'} not valid; choose from {list(CONDITIONS)}")
-    if not Path(cfg.policy).is_dir():
-        raise InputError(f"{cfg.policy}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
+    if not Path(cfg.policy.path).is_dir():
+        raise InputError(f"{cfg.policy.path}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
     plan, notes = [], []
     for name in cfg.policies:
         if name == "base":
@@ -472,7 +471,7 @@ def policy_plan(cfg: EvalConfig) -> tuple[list[tuple[str, str | None]], list[str
         if adapter is None:
             notes.append(f"policy `dpo` left out: no adapter under {cfg.dpo_dir} (run `bash scripts/train_dpo.sh`)")
         else:
-            check_adapter_base(adapter, cfg.init_adapter)
+            check_adapter_base(adapter, cfg.policy.init_adapter)
             plan.append(("dpo", adapter))
     if not plan:
         raise InputError("; ".join(notes))
@@ -482,12 +481,13 @@ def policy_plan(cfg: EvalConfig) -> tuple[list[tuple[str, str | None]], list[str
 def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
     """Run every planned policy on every file; returns results (also written to ``cfg.out``).
 
-    ``load(path, adapter)`` returns a policy with ``.generate`` (default policy.policy.load_policy).
+    ``load(adapter)`` returns a policy with ``.generate`` (default: ``cfg.policy`` with ``adapter``
+    merged in, policy.adapters.load_with_adapters).
     """
     if load is None:
 
-        def load(path: str, adapter: str | None) -> Any:
-            return load_with_adapters(path, cfg.init_adapter, adapter, cfg.dtype, cfg.device)
+        def load(adapter: str | None) -> Any:
+            return load_with_adapters(cfg.policy, adapter, cfg.device)
 
     plan, notes = policy_plan(cfg)
     for note in notes:
@@ -499,7 +499,7 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
     predictions: list[dict[str, Any]] = []
     budget: BudgetLog | None = None
     for name, adapter in plan:
-        policy = load(cfg.policy, adapter)
+        policy = load(adapter)
         budget = budget or BudgetLog.of(policy, cfg.max_length)
         for f in files:
             predictions.extend(predict_file(policy, name, f, images, cfg, budget))
@@ -526,8 +526,8 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
         "rows": rows,
         "diagnostics": diagnostics(predictions),
         "retrieval": _retrieval_metrics(Path(cfg.retrieval_dir)),
-        "policies": {name: {"path": cfg.policy, "init_adapter": cfg.init_adapter or None, "adapter": adapter}
-                     for name, adapter in plan},
+        "policies": {name: {"path": cfg.policy.path, "init_adapter": cfg.policy.init_adapter or None,
+                            "adapter": adapter} for name, adapter in plan},
         "bad_images": bad,
         "bad_records": bad_records_summary(bad_records),
         "budget": cut,

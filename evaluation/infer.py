@@ -20,7 +20,7 @@ says what was cut, and ``<out>.budget.json`` sums it over the queries.
 
 Defaults are the toy pipeline's outputs (outputs/toy/clip, outputs/toy/policy, the DPO adapter
 in outputs/toy/dpo/adapter when there is one); a missing one stops with exit code 2 naming the
-script that makes it. That adapter is applied only to the toy policy: another ``--policy`` gets
+script that makes it. That adapter is applied only to the toy policy: another ``--policy.path`` gets
 an adapter only from ``--adapter PATH``. The first line printed names the policy and the adapter
 used, and why.
 """
@@ -38,7 +38,8 @@ from common.io import InputError, atomic_write_json, atomic_write_jsonl, read_js
 from data.images import BadImageError, inside_root, load_image
 from policy.adapters import check_adapter_base, find_adapter, load_with_adapters
 from policy.budget import BudgetLog, PromptParts, describe, fit_prompt
-from policy.prompts import DEFAULT_PROMPTS, OPTION_TEXT_HELP, load_prompt_templates, own_options
+from policy.policy import PolicySpec
+from policy.prompts import OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule
 
 TASKS = ("vqa", "report")
@@ -59,18 +60,17 @@ class InferConfig:
     clip_dir: str = doc("outputs/toy/clip", "the retrievers and domain classifier (bash scripts/finetune_clip.sh)")
     checkpoint: str = doc("best", "which checkpoint of each retriever: best | latest")
     cache_dir: str = doc("outputs/toy/retrieval/cache", "corpus embedding cache (shared with the retrieval stage)")
-    policy: str = doc(TOY_POLICY, "policy checkpoint folder (bash scripts/make_toy_policy.sh)")
+    policy: PolicySpec = doc(PolicySpec(), "the policy before `adapter`: checkpoint (the toy one: bash "
+                                           "scripts/make_toy_policy.sh), adapter merged into it (as train_dpo's "
+                                           "policy.init_adapter), dtype, prompts")
     adapter: str = doc("", "PEFT adapter; empty = outputs/toy/dpo/adapter if present and the policy is the toy one, "
                            "else none; `none` = the base policy")
-    init_adapter: str = doc("", "adapter merged into the policy before `adapter` (train_dpo's init_adapter, e.g. SFT)")
-    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
     option_text: bool = doc(False, OPTION_TEXT_HELP)
     max_new_tokens_vqa: int = doc(16, "answer length cap for questions")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
     max_length: int = doc(0, "token budget of prompt (image tokens included) + max_new_tokens; references are dropped or "
                              "shortened to fit, a query that cannot fit gets an error (0 = the model's own limit)")
     batch_size: int = doc(8, "generation batch size")
-    dtype: str = doc("float32", "policy dtype: float32 | bfloat16 | float16")
     device: str = doc("cpu", "device for the policy")
 
 
@@ -151,7 +151,7 @@ def pick_adapter(cfg: InferConfig) -> tuple[str | None, str]:
         return None, "--adapter none"
     if cfg.adapter:
         return find_adapter(cfg.adapter), "--adapter"
-    if Path(cfg.policy).resolve() != Path(TOY_POLICY).resolve():
+    if Path(cfg.policy.path).resolve() != Path(TOY_POLICY).resolve():
         return None, "not the toy policy: pass --adapter PATH to apply one"
     adapter = find_adapter("")
     return adapter, "the toy policy's DPO adapter" if adapter else "no toy DPO adapter yet: bash scripts/train_dpo.sh"
@@ -159,14 +159,14 @@ def pick_adapter(cfg: InferConfig) -> tuple[str | None, str]:
 
 def load_answerer(cfg: InferConfig) -> tuple[Any, str]:
     """The policy (with its adapters, merged) and the header line naming the policy and adapter."""
-    if not Path(cfg.policy).is_dir():
-        raise InputError(f"{cfg.policy}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
+    if not Path(cfg.policy.path).is_dir():
+        raise InputError(f"{cfg.policy.path}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
     adapter, why = pick_adapter(cfg)
     if adapter:
-        check_adapter_base(adapter, cfg.init_adapter)
-    policy = load_with_adapters(cfg.policy, cfg.init_adapter, adapter, cfg.dtype, cfg.device)
+        check_adapter_base(adapter, cfg.policy.init_adapter)
+    policy = load_with_adapters(cfg.policy, adapter, cfg.device)
     used = f" + adapter {adapter}" if adapter else ", no DPO adapter"
-    return policy, f"policy: {cfg.policy}{used} ({why})"
+    return policy, f"policy: {cfg.policy.path}{used} ({why})"
 
 
 # ---------------------------------------------------------------- the path
@@ -200,7 +200,7 @@ def answer_queries(queries: list[Query], retriever: Any, policy: Any, cfg: Infer
                    budget: BudgetLog) -> list[dict[str, Any]]:
     """Output rows, one per query, in order; a query whose image is bad, or whose prompt cannot fit
     ``budget`` (each prompt's note is recorded there), gets ``error`` instead."""
-    templates = load_prompt_templates(cfg.prompts)
+    templates = load_prompt_templates(cfg.policy.prompts)
     out: list[dict[str, Any]] = [{} for _ in queries]
     good: list[int] = []
     images: list[Image.Image] = []

@@ -46,17 +46,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
-from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl
+from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl, write_path
 from data.images import BadImageError, Roots, load_image, pick_root, resolve_image
 from data.noise import NoiseConfig, make_x_v_star as x_v_star
 from data.readers import bad_records_summary, detect_kind, read_index, read_records
 from data.records import VqaRecord
 from pairs.rules import CmRule, Pair, copy_rate, over_reliance_rate, pairs_for_record
+from policy.adapters import load_with_adapters
 from policy.answers import is_correct
 from policy.budget import BudgetLog, Note, PromptParts, budget_for, checkpoint_limit, describe, fit_prompt
-from policy.prompts import (
-    DEFAULT_PROMPTS, OPTION_TEXT_HELP, PromptTemplates, load_prompt_templates, own_options,
-)
+from policy.policy import PolicySpec
+from policy.prompts import OPTION_TEXT_HELP, PromptTemplates, load_prompt_templates, own_options
 
 PAIR_TYPES = ("cm", "oa1", "oa2")
 CONDITIONS = ("a", "b", "c")
@@ -66,9 +66,7 @@ SETTINGS = "generation_settings.json"
 
 @dataclass
 class PairsConfig:
-    policy: str = doc("outputs/toy/policy", "policy checkpoint folder (Hugging Face format)")
-    adapter: str = doc("", "optional PEFT adapter folder applied on the policy")
-    dtype: str = doc("float32", "policy weights dtype: float32 | bfloat16 | float16")
+    policy: PolicySpec = doc(PolicySpec(), "the policy that answers: checkpoint, adapter merged into it, dtype, prompts")
     device: str = doc("cpu", "cpu | cuda (under torchrun/accelerate each process takes its own GPU)")
     threads: int = doc(0, "torch CPU threads per process (0: torch's default); 1 is much faster for a tiny "
                           "policy on shared cores")
@@ -78,7 +76,6 @@ class PairsConfig:
     image_root: str = doc("", "image folder ({domain} is filled in) for records whose own image_root is absent here; "
                           "default: the index entry's")
     domain: str = doc("", "domain of every record; default: the index entry's, else the record's routed `domain`")
-    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
     option_text: bool = doc(False, OPTION_TEXT_HELP)
     out: str = doc("outputs/toy/pairs", "output folder")
     noise: NoiseConfig = doc(NoiseConfig(), "the noised image x_v*")
@@ -327,11 +324,13 @@ def append_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def settings_of(cfg: PairsConfig, inputs: list[Input]) -> dict[str, Any]:
-    """What the answers depend on; earlier answers are reused only if these match."""
-    keys = ("policy", "adapter", "dtype", "prompts", "noise", "max_new_tokens_vqa",
-            "max_new_tokens_report", "max_length", "limit", "image_root", "domain")
+    """What the answers depend on; earlier answers are reused only if these match. The policy is
+    named by flat keys (its adapter as ``adapter``), so answers already written stay reusable."""
+    keys = ("noise", "max_new_tokens_vqa", "max_new_tokens_report", "max_length", "limit", "image_root", "domain")
     plain = to_dict(cfg)
-    settings = {**{k: plain[k] for k in keys}, "inputs": [os.path.abspath(i.path) for i in inputs]}
+    spec = cfg.policy
+    policy = {"policy": spec.path, "adapter": spec.init_adapter, "dtype": spec.dtype, "prompts": spec.prompts}
+    settings = {**policy, **{k: plain[k] for k in keys}, "inputs": [os.path.abspath(i.path) for i in inputs]}
     if cfg.option_text:  # only when on: answers made before the option existed stay reusable
         settings["option_text"] = True
     return settings
@@ -369,22 +368,13 @@ def correct_fn(task: str, cfg: PairsConfig) -> Callable[[str, str], bool]:
     return lambda pred, ref: is_correct(pred, ref, task, cfg.report_threshold, cfg.report_metric)
 
 
-def written_root(root: str, out: Path) -> str:
-    """An absolute image folder as pairs.json names it: relative to pairs.json when it lies in the
-    folder that holds ``out`` (the toy's outputs/toy/ holds world/ and pairs/), so that folder can
-    be moved or shared (data.readers resolves it against the file); elsewhere (a dataset on its
-    own disk) absolute, as it stays when the outputs move."""
-    pairs_dir = os.path.abspath(out)
-    beside = os.path.dirname(pairs_dir)
-    return os.path.relpath(root, pairs_dir) if os.path.commonpath([root, beside]) == beside else root
-
-
 def pair_record(it: Item, pair: Pair, references: list[str], templates: PromptTemplates, out: Path) -> dict[str, Any]:
     """One preference record (contract 3) whose prompt holds ``references`` (those the answers were
     generated with) and names them with its ``question``. The image keeps its root; for a noised
     rejected side ``image_root`` becomes the deepest folder holding both the real image and the
-    stored x_v*, because readers resolve ``rejected_image`` against the record's one root; the root
-    is written by ``written_root``."""
+    stored x_v*, because readers resolve ``rejected_image`` against the record's one root. The root is
+    written by ``common.io.write_path``: relative to pairs.json inside the outputs tree, so the tree
+    can be moved (data.readers resolves it against the file), absolute elsewhere."""
     refs = references if pair.with_retrieval else []
     human = {"from": "human", "value": "<image>\n" + templates.text(it.domain, it.task, it.question, refs, it.options)}
     root, image = it.root_and_image()
@@ -396,7 +386,7 @@ def pair_record(it: Item, pair: Pair, references: list[str], templates: PromptTe
     rec: dict[str, Any] = {
         "id": f"{it.key}/{pair.pair_type}",
         "image": image,
-        "image_root": written_root(root, out),
+        "image_root": write_path(root, out),
         "conversations": [human, {"from": "gpt", "value": pair.chosen}],
         "rejected_conversations": [human, {"from": "gpt", "value": pair.rejected}],
         "rejected_noised": int(pair.rejected_noised),
@@ -516,13 +506,13 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
 
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    templates = load_prompt_templates(cfg.prompts)
+    templates = load_prompt_templates(cfg.policy.prompts)
     inputs = find_inputs(cfg)
     bad_records: list[str] = []
     items = read_items(inputs, cfg, bad_records)
     if not items:
         raise InputError(f"{', '.join(i.path for i in inputs)}: no records")
-    limit = checkpoint_limit(cfg.policy)
+    limit = checkpoint_limit(cfg.policy.path, cfg.policy.trust_remote_code)
     max_length = budget_for(cfg.max_length, limit)
     settings = settings_of(cfg, inputs)
     discard = settings_differ(out, settings, cfg.overwrite)
@@ -534,10 +524,8 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
     todo = [b for b in batches(items, cfg.batch_size) if any(it.key not in done for it in b)]
     mine = todo[state.process_index :: state.num_processes]
     if mine:
-        from policy.policy import load_policy
-
         device = str(state.device) if cfg.device != "cpu" else "cpu"
-        policy = load_policy(cfg.policy, cfg.adapter or None, dtype=cfg.dtype, device=device)
+        policy = load_with_adapters(cfg.policy, device=device)
         pool = other_candidates(items)
         shard = shard_path(out, state.process_index)
         counts: Counter[str] = Counter()

@@ -192,30 +192,30 @@ def chain_commands(cfg: RehearseConfig, domain: str, retrievers: list[str], poli
         "--output_dir", str(run / "retrieval"), "--batch_size", "16", "--num_workers", "0", "--mixed_precision", "no",
     )
     yield "build_pairs", py(
-        "pairs.build_pairs", str(conf / "pairs.yaml"), "--policy", policy, "--device", "cpu", "--dtype", "float32",
-        "--retrieval_index", str(run / "retrieval" / "index.json"), "--out", str(run / "pairs"),
+        "pairs.build_pairs", str(conf / "pairs.yaml"), "--policy.path", policy, "--policy.dtype", "float32",
+        "--device", "cpu", "--retrieval_index", str(run / "retrieval" / "index.json"), "--out", str(run / "pairs"),
         "--limit", "6", "--batch_size", "4", "--max_new_tokens_report", "24", "--progress", "false", *budget,
     )
     ours = [str(run / "pairs" / "pairs.json")] if built_pairs(run / "pairs") else []
     yield "train_dpo", py(
-        "dpo.train_dpo", str(conf / "dpo.yaml"), "--policy", policy, "--dtype", "float32", *roots_arguments(cfg),
-        "--pairs", json.dumps(ours + released_pairs(cfg, domain)),
+        "dpo.train_dpo", str(conf / "dpo.yaml"), "--policy.path", policy, "--policy.dtype", "float32",
+        *roots_arguments(cfg), "--pairs", json.dumps(ours + released_pairs(cfg, domain)),
         "--lora.r", "4", "--lora.alpha", "8", "--train.output_dir", str(run / "dpo"), "--train.deepspeed", "",
         "--train.mixed_precision", "no", "--train.gradient_checkpointing", "false", "--train.max_steps", str(cfg.steps),
         "--train.batch_size", "2", "--train.num_workers", "0", "--train.save_every", str(cfg.steps),
         "--train.eval_every", str(cfg.steps), "--train.progress", "false", *budget,
     )
     yield "evaluate", py(
-        "evaluation.evaluate", str(conf / "evaluate.yaml"), "--policy", policy, "--adapter", adapter, "--device", "cpu",
-        "--dtype", "float32", "--retrieval_dir", str(run / "retrieval"), "--clip_dir", clip_dir,
+        "evaluation.evaluate", str(conf / "evaluate.yaml"), "--policy.path", policy, "--policy.dtype", "float32",
+        "--adapter", adapter, "--device", "cpu", "--retrieval_dir", str(run / "retrieval"), "--clip_dir", clip_dir,
         "--dpo_dir", str(run / "dpo"), "--out", str(run / "eval"), "--limit", "4", "--batch_size", "4",
         "--meteor", "false", "--max_new_tokens_report", "24", *budget,
     )
     yield "infer", py(
         "evaluation.infer", "--queries", str(run / "infer_queries.jsonl"), "--out", str(run / "infer" / "answers.jsonl"),
-        "--policy", policy, "--adapter", adapter, "--clip_dir", clip_dir,
-        "--cache_dir", str(run / "retrieval" / "cache"), "--prompts", "configs/prompts/mmed_rag.yaml",
-        "--device", "cpu", "--dtype", "float32", "--max_new_tokens_report", "24", *budget,
+        "--policy.path", policy, "--adapter", adapter, "--clip_dir", clip_dir,
+        "--cache_dir", str(run / "retrieval" / "cache"), "--policy.prompts", "configs/prompts/mmed_rag.yaml",
+        "--device", "cpu", "--policy.dtype", "float32", "--max_new_tokens_report", "24", *budget,
     )
 
 

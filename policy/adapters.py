@@ -1,9 +1,10 @@
 """PEFT adapters on a policy: finding one, checking what it was trained on, loading a policy with
-its adapters merged in (an ``init_adapter`` such as SFT's first, then the DPO one, as
-dpo.train_dpo stacks them) and saving such a merged policy as an ordinary checkpoint.
+its adapters merged in (the ``policy.init_adapter`` of a PolicySpec, such as SFT's, first, then
+the DPO one, as dpo.train_dpo stacks them) and saving such a merged policy as an ordinary checkpoint.
 
-The one place for this: dpo.train_dpo (init_adapter, ``merged/``), policy.train_sft
-(``merged/``), evaluation.evaluate and evaluation.infer use it.
+The one place for this: every stage loads its policy with ``load_with_adapters`` (policy.train_sft,
+pairs.build_pairs, dpo.train_dpo, evaluation.evaluate, evaluation.infer), and SFT and DPO write
+``merged/`` with ``save_merged``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import yaml
 
 from common.config import ConfigError
 from common.io import InputError, atomic_dir
-from policy.policy import Policy, load_policy
+from policy.policy import Policy, PolicySpec, load_policy
 
 DEFAULT_ADAPTER_DIRS = ("outputs/toy/dpo/adapter", "outputs/toy/dpo")  # first holding a PEFT adapter
 ADAPTER_FILE = "adapter_config.json"
@@ -36,22 +37,26 @@ def find_adapter(explicit: str, defaults: Iterable[str] = DEFAULT_ADAPTER_DIRS) 
 
 
 def check_adapter_base(adapter: str, init_adapter: str) -> None:
-    """Refuse a DPO adapter trained on another init_adapter than the one given (its run_config.yaml)."""
+    """Refuse a DPO adapter trained on another init_adapter than the one given (its run_config.yaml
+    names it under ``policy:``; a run config with a flat ``policy`` path names it at the top)."""
     run_config = Path(adapter).parent / "run_config.yaml"
     if not run_config.is_file():
         return
-    trained_on = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("init_adapter") or ""
+    run = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+    spec = run.get("policy")
+    trained_on = (spec.get("init_adapter") if isinstance(spec, dict) else run.get("init_adapter")) or ""
     if trained_on != (init_adapter or ""):
         raise ConfigError(f"{adapter} was trained on the policy + init_adapter {trained_on!r} ({run_config}); "
-                          f"pass --init_adapter {shlex.quote(trained_on)}")
+                          f"pass --policy.init_adapter {shlex.quote(trained_on)}")
 
 
-def load_with_adapters(path: str | Path, init_adapter: str | Path | None, adapter: str | Path | None,
-                       dtype: str = "float32", device: str = "cpu") -> Policy:
-    """The policy with ``init_adapter`` and then ``adapter`` merged in (either may be empty)."""
-    if not init_adapter:
-        return load_policy(path, adapter=adapter or None, dtype=dtype, device=device, merge_adapter=True)
-    policy = load_policy(path, adapter=init_adapter, dtype=dtype, device=device, merge_adapter=True)
+def load_with_adapters(spec: PolicySpec, adapter: str | Path | None = None, device: str = "cpu") -> Policy:
+    """The policy of ``spec`` (its checkpoint with ``init_adapter`` merged in) with ``adapter`` then
+    merged in too (either adapter may be empty)."""
+    load = dict(dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code, merge_adapter=True)
+    if not spec.init_adapter:
+        return load_policy(spec.path, adapter=adapter or None, **load)
+    policy = load_policy(spec.path, adapter=spec.init_adapter, **load)
     if adapter:
         from peft import PeftModel
 

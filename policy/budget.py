@@ -95,14 +95,15 @@ def policy_limit(policy: Policy) -> int | None:
     return model_limit(getattr(policy.model, "config", None), policy.tokenizer)
 
 
-def checkpoint_limit(path: str | Path) -> int | None:
+def checkpoint_limit(path: str | Path, trust_remote_code: bool = False) -> int | None:
     """``model_limit`` of a checkpoint folder, read from its config and processor (no weights)."""
     from transformers import AutoConfig, AutoProcessor
 
     if not Path(path).is_dir():
         raise InputError(f"{path}: policy checkpoint folder does not exist")
-    processor = AutoProcessor.from_pretrained(path)
-    return model_limit(AutoConfig.from_pretrained(path), getattr(processor, "tokenizer", processor))
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model_limit(config, getattr(processor, "tokenizer", processor))
 
 
 def budget_for(requested: int, limit: int | None) -> int | None:

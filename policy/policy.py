@@ -19,8 +19,9 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
+from common.config import doc
 from common.io import InputError
-from policy.prompts import Message, plain_text
+from policy.prompts import DEFAULT_PROMPTS, Message, plain_text
 
 IGNORE = -100  # label value the loss skips (prompt and padding)
 # Prefix LMs whose token_type_ids mark the answer (1) against the prompt (0, attended both ways):
@@ -29,6 +30,24 @@ PREFIX_LM_PROCESSORS = ("PaliGemmaProcessor",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Prompt = list[Message] | str
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class PolicySpec:
+    """The ``policy:`` section of every stage config: which policy, loaded how, prompted in what wording.
+
+    One section, so the pair builder, DPO, SFT, evaluation and inference name the same policy
+    the same way (``--policy.path X``); how a stage runs it (device, answer lengths, token
+    budget) stays in that stage's config.
+    """
+
+    path: str = doc("outputs/toy/policy", "policy checkpoint folder (Hugging Face model + processor)")
+    init_adapter: str = doc("", "PEFT adapter merged into the checkpoint first (e.g. an SFT one); the policy is "
+                                "then the two together")
+    dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
+    trust_remote_code: bool = doc(False, "let transformers run model and processor code shipped in the checkpoint "
+                                         "folder (only for checkpoints you trust)")
+    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML (policy.prompts)")
 
 
 @dataclass

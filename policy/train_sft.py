@@ -15,7 +15,7 @@ run_config.yaml, metrics.jsonl, tensorboard/, checkpoints/, run_summary.json (th
 ``budget``: what fitting prompts to ``data.max_length`` cut or refused, policy.budget; answers are never
 cut). With ``measure.roles`` set, the
 trained model is then measured (``reliance.json``, see ``measure_reliance``); ``--eval_only``
-measures ``model`` (+ ``adapter``) without training.
+measures ``policy`` (+ ``adapter``) without training.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from policy.answers import vqa_correct
 from policy.budget import (
     BUDGET_KEY, BudgetLog, PromptParts, answer_tokens, budget_for, describe, fit_prompt, policy_limit,
 )
-from policy.policy import Policy, load_policy
-from policy.prompts import DEFAULT_PROMPTS, PromptTemplates, load_prompt_templates
+from policy.policy import Policy, PolicySpec
+from policy.prompts import PromptTemplates, load_prompt_templates
 
 
 @dataclass
@@ -65,7 +65,6 @@ class SftDataConfig:
                              "when measuring; references are dropped or shortened to fit, a record that cannot fit is "
                              "refused (0 = the model's own limit)")
     limit: int = doc(0, "use the first N records of each file (0 = all)")
-    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML")
     bad_image: Literal["skip", "error"] = doc("skip", "an unreadable image: skip the sample, or stop")
     bad_record: Literal["skip", "error"] = doc("skip", "a record that cannot be used: skip it (named in bad_records.json), or stop")
 
@@ -82,11 +81,10 @@ class MeasureConfig:
 
 @dataclass
 class SftConfig:
-    model: str = doc("outputs/toy/policy", "policy checkpoint folder (Hugging Face format) to start from")
-    adapter: str = doc("", "PEFT adapter on `model`, for --eval_only")
-    dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
+    policy: PolicySpec = doc(PolicySpec(), "the policy to start from: checkpoint, adapter merged into it, dtype, prompts")
+    adapter: str = doc("", "PEFT adapter on the policy, for --eval_only")
     merge: bool = doc(False, "LoRA: also write the merged full model to <output_dir>/merged")
-    eval_only: bool = doc(False, "only measure `model` (+ adapter) on measure.roles; no training")
+    eval_only: bool = doc(False, "only measure the policy (+ adapter) on measure.roles; no training")
     align_findings: float = doc(0.0, "weight of the finding-alignment loss (policy.align; records need `findings`): the toy policy's stand-in for LLaVA's stage-1 alignment")
     data: SftDataConfig = doc(SftDataConfig(), "training data")
     train: EngineConfig = doc(EngineConfig(output_dir="outputs/sft"), "optimization, checkpoints, logging")
@@ -244,7 +242,7 @@ class SftCollate:
 
 def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shuffle: bool, bad_log: BadImageLog,
                     aligner: FindingAligner | None = None):
-    templates = load_prompt_templates(cfg.data.prompts)
+    templates = load_prompt_templates(cfg.policy.prompts)
     dataset = QueryDataset([e.record for e in examples], None, _rgb, bad_image=cfg.data.bad_image, bad_log=bad_log)
     collate = SftCollate(policy, examples, templates, budget_for(cfg.data.max_length, policy_limit(policy)), aligner)
     return make_loader(dataset, cfg.train.batch_size, shuffle=shuffle, num_workers=cfg.train.num_workers,
@@ -356,12 +354,13 @@ def _image_path(e: Example) -> Path:
     return resolve_image(rec.images[0] if rec.images else rec.npz, rec.image_root, None)
 
 
-def run_measure(cfg: SftConfig, model: str, adapter: str | None) -> dict[str, Any]:
-    policy = load_policy(model, adapter=adapter, dtype=cfg.dtype)
+def run_measure(cfg: SftConfig, spec: PolicySpec, adapter: str | None) -> dict[str, Any]:
+    """Measure the policy of ``spec`` (+ ``adapter``) on ``measure.roles``; writes reliance.json."""
+    policy = load_with_adapters(spec, adapter)
     data = dataclasses.replace(cfg.data, limit=cfg.measure.limit, no_reference_rate=0.0)
     sources = index_sources(data.retrieval_index, cfg.measure.roles, data.domain)
     examples = read_examples(sources, data, cfg.train.seed, vqa_only=True)
-    result = measure_reliance(policy, examples, cfg.measure, load_prompt_templates(cfg.data.prompts),
+    result = measure_reliance(policy, examples, cfg.measure, load_prompt_templates(spec.prompts),
                               BudgetLog.of(policy, cfg.data.max_length))
     atomic_write_json(Path(cfg.train.output_dir) / "reliance.json", result)
     a = result.get("all", {})
@@ -377,7 +376,7 @@ def run_measure(cfg: SftConfig, model: str, adapter: str | None) -> dict[str, An
 def run_sft(cfg: SftConfig) -> Path:
     out = Path(cfg.train.output_dir)
     accelerator = build_accelerator(cfg.train)  # before the model: ZeRO-3 loads it sharded
-    policy = load_policy(cfg.model, dtype=cfg.dtype)
+    policy = load_with_adapters(cfg.policy)
     budget = BudgetLog.of(policy, cfg.data.max_length)
     policy.model = apply_lora(policy.model, cfg.lora, cfg.train.gradient_checkpointing)
     if accelerator.is_main_process:
@@ -417,9 +416,12 @@ def run_sft(cfg: SftConfig) -> Path:
     accelerator.print(describe(summary))
     accelerator.print(f"SFT: {result.step} steps in {time.perf_counter() - start:.0f} s -> {out}")
     if accelerator.is_main_process and cfg.lora.enabled and cfg.merge:
-        save_merged(load_with_adapters(cfg.model, None, out, cfg.dtype), out / "merged")
+        save_merged(load_with_adapters(cfg.policy, out), out / "merged")
     if accelerator.is_main_process and cfg.measure.roles:
-        run_measure(cfg, cfg.model if cfg.lora.enabled else str(out), str(out) if cfg.lora.enabled else None)
+        if cfg.lora.enabled:
+            run_measure(cfg, cfg.policy, str(out))
+        else:  # the full model written to out already holds init_adapter
+            run_measure(cfg, dataclasses.replace(cfg.policy, path=str(out), init_adapter=""), None)
     accelerator.wait_for_everyone()
     return out
 
@@ -431,7 +433,7 @@ def main() -> None:
     if cfg.eval_only:
         if not cfg.measure.roles:
             raise ConfigError("--eval_only needs --measure.roles, e.g. [val_vqa]")
-        run_measure(cfg, cfg.model, cfg.adapter or None)
+        run_measure(cfg, cfg.policy, cfg.adapter or None)
         return
     run_sft(cfg)
 

@@ -5,7 +5,7 @@
 # Usage: bash scripts/infer.sh --image PATH [--question TEXT] [--key value ...]
 #        bash scripts/infer.sh --queries FILE.jsonl [--out FILE.jsonl]
 # Defaults: outputs/toy/clip, outputs/toy/policy, outputs/toy/dpo/adapter if present (only with the toy
-# policy: another --policy gets an adapter only from --adapter PATH). `--help` lists every option.
+# policy: another --policy.path gets an adapter only from --adapter PATH). `--help` lists every option.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

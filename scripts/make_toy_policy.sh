@@ -28,5 +28,5 @@ base=$(dirname "$out")
 .venv/bin/python -m toy.oracle_retrieval --world "$world" --out "$base/oracle_retrieval" --seed "$seed"
 .venv/bin/python -m toy.toy_policy configs/toy/toy_policy.yaml --world "$world" --out "$base/policy_init" --seed "$seed"
 rm -rf "$out"
-exec .venv/bin/python -m policy.train_sft configs/toy/sft.yaml --model "$base/policy_init" \
+exec .venv/bin/python -m policy.train_sft configs/toy/sft.yaml --policy.path "$base/policy_init" \
   --data.retrieval_index "$base/oracle_retrieval/index.json" --train.output_dir "$out" --train.seed "$seed" "$@"

@@ -226,7 +226,7 @@ class Worlds:
 
 
 def dpo_args(w: Path, out: Path, pairs: Path | None = None, **over: str) -> list[str]:
-    opts = {"--pairs": f"[{pairs or w / 'pairs.json'}]", "--image_root": str(w / "images"), "--policy": str(w / "policy"),
+    opts = {"--pairs": f"[{pairs or w / 'pairs.json'}]", "--image_root": str(w / "images"), "--policy.path": str(w / "policy"),
             "--heldout_fraction": "0.25", "--lora.r": "8", "--lora.alpha": "16", "--lora.dropout": "0",
             "--lora.train_projector": "true", "--train.output_dir": str(out), "--train.batch_size": "2",
             "--train.lr": "5e-3", "--train.warmup_ratio": "0", "--train.max_steps": "4", "--train.log_every": "1",
@@ -235,7 +235,7 @@ def dpo_args(w: Path, out: Path, pairs: Path | None = None, **over: str) -> list
 
 
 def pairs_args(p: dict[str, Path], out: Path, **over: str) -> list[str]:
-    opts = {"--policy": str(p["policy"]), "--retrieval_index": str(p["index"]), "--roles": "[alignment_vqa]",
+    opts = {"--policy.path": str(p["policy"]), "--retrieval_index": str(p["index"]), "--roles": "[alignment_vqa]",
             "--domain": "pathology", "--out": str(out), "--limit": "0", "--batch_size": "4",
             "--max_new_tokens_vqa": "3", "--max_new_tokens_report": "4", "--report_threshold": "0",
             "--progress": "false", "--threads": "1", **over}

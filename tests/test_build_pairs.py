@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.io import InputError
+from common.io import InputError, write_path
 from data.images import BadImageError, load_image
 from data.manifest import manifest_files
 from data.noise import pick_other
@@ -38,10 +38,9 @@ from pairs.build_pairs import (
     read_generations,
     read_items,
     run,
-    written_root,
 )
 from policy.budget import BudgetLog, PromptParts, fit_prompt
-from policy.policy import load_policy
+from policy.policy import PolicySpec, load_policy
 from policy.prompts import load_prompt_templates
 from toy.make_toy import make_world
 from toy.oracle_retrieval import ToyRetrievalConfig, write_oracle_retrieval
@@ -52,8 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny world + oracle retrieval; one alignment image is truncated (a bad image)."""
-    base = tmp_path_factory.mktemp("pairs")
+    """Tiny world + oracle retrieval in a project's outputs tree (``base``); one alignment image is
+    truncated (a bad image)."""
+    project = tmp_path_factory.mktemp("pairs")
+    base = project / "outputs"
     world = make_world(base / "world", size="tiny", progress=False)
     index = write_oracle_retrieval(ToyRetrievalConfig(world=str(world), out=str(base / "retrieval"),
                                                       roles=["alignment_vqa", "alignment_report"]))
@@ -63,21 +64,37 @@ def world(tmp_path_factory):
     cfg = ToyPolicyConfig(vocab_size=500, vision_width=32, vision_layers=1, text_width=32, text_layers=1, text_heads=2,
                           vision_heads=2)
     policy = build_toy_policy(world_texts(world), base / "policy", cfg)
-    return {"base": base, "world": world, "index": index, "policy": policy, "bad": str(bad)}
+    return {"project": project, "base": base, "world": world, "index": index, "policy": policy, "bad": str(bad)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_project(world):
+    """Runs start in the project folder, as a user runs them: pairs.json names the paths inside its
+    outputs tree relative to itself (common.io.write_path)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(world["project"])
+        yield
+
+
+def _from_project(env: dict[str, str] | None = None, **kw) -> dict:
+    """subprocess keywords that run this repository's code from the project folder."""
+    return {"cwd": Path.cwd(), "env": {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, **kw}
 
 
 def _cfg(world, out, **kw) -> PairsConfig:
     # report_threshold 0: every report counts as right, so the random policy still yields cm pairs
     kw = {"limit": 2, "batch_size": 2, "max_new_tokens_vqa": 3, "max_new_tokens_report": 4,
           "report_threshold": 0.0, "progress": False, **kw}
-    return PairsConfig(policy=str(world["policy"]), retrieval_index=str(world["index"]), out=str(out), **kw)
+    policy = PolicySpec(path=str(world["policy"]))
+    return PairsConfig(policy=policy, retrieval_index=str(world["index"]), out=str(out), **kw)
 
 
 def _argv(cfg: PairsConfig) -> list[str]:
-    return [sys.executable, "-m", "pairs.build_pairs", "--policy", cfg.policy, "--retrieval_index", cfg.retrieval_index,
-            "--out", cfg.out, "--limit", str(cfg.limit), "--batch_size", str(cfg.batch_size),
-            "--max_new_tokens_vqa", str(cfg.max_new_tokens_vqa), "--max_new_tokens_report",
-            str(cfg.max_new_tokens_report), "--report_threshold", str(cfg.report_threshold), "--progress", "false"]
+    return [sys.executable, "-m", "pairs.build_pairs", "--policy.path", cfg.policy.path,
+            "--retrieval_index", cfg.retrieval_index, "--out", cfg.out, "--limit", str(cfg.limit),
+            "--batch_size", str(cfg.batch_size), "--max_new_tokens_vqa", str(cfg.max_new_tokens_vqa),
+            "--max_new_tokens_report", str(cfg.max_new_tokens_report), "--report_threshold", str(cfg.report_threshold),
+            "--progress", "false"]
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
@@ -116,7 +133,7 @@ def test_option_text_follows_the_question_once(world, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = read_items([Input(str(path), "radiology", source.image_root)], cfg)
     assert items[0].options is None and items[1].options == options
-    text = load_prompt_templates(cfg.prompts).text("radiology", "vqa", items[1].question, None, items[1].options)
+    text = load_prompt_templates(cfg.policy.prompts).text("radiology", "vqa", items[1].question, None, items[1].options)
     assert f"{items[1].question} {options}" in text and text.count(items[1].question) == 1
     plain = read_items([Input(str(path), "radiology", source.image_root)], replace(cfg, option_text=False))
     assert all(it.options is None for it in plain)
@@ -172,7 +189,7 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
         rep.key: {"key": rep.key, "a": "Normal fundus.", "b": "Normal fundus.", "c": rep.truth,
                   "references": rep.references},  # oa2
     }
-    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path, BudgetLog(None, None))
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.policy.prompts), tmp_path, BudgetLog(None, None))
     assert [(p["pair_type"], p["task"]) for p in pairs] == [("cm", "vqa"), ("oa1", "vqa"), ("oa2", "report")]
     cm, oa1, oa2 = pairs
     assert cm["conversations"][1]["value"] == cm["rejected_conversations"][1]["value"] == vqa.truth
@@ -192,13 +209,13 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
     assert stats["conditions"][f"{rep.domain}/report"]["over_reliance_rate"] == 1
     # the wrong rule: a right, b wrong -> y over b, no noised image
     gens[vqa.key]["b"] = wrong
-    pairs, _ = build_pairs([vqa], gens, replace(cfg, cm_rule="wrong"), load_prompt_templates(cfg.prompts), tmp_path,
+    pairs, _ = build_pairs([vqa], gens, replace(cfg, cm_rule="wrong"), load_prompt_templates(cfg.policy.prompts), tmp_path,
                            BudgetLog(None, None))
     assert [(p["pair_type"], p["rejected_conversations"][1]["value"], p["rejected_noised"]) for p in pairs][0] == ("cm", wrong, 0)
     # a skipped record is counted, not paired; an empty answer drops its pair
     gens = {vqa.key: {"key": vqa.key, "skipped": {"path": "x.png", "reason": "missing", "detail": ""}},
             rep.key: {"key": rep.key, "a": "", "b": "", "c": rep.truth, "references": rep.references}}
-    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.prompts), tmp_path, BudgetLog(None, None))
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.policy.prompts), tmp_path, BudgetLog(None, None))
     assert pairs == [] and stats["skipped"] == 1 and stats["dropped_empty_answer"] == 1
 
 
@@ -216,7 +233,7 @@ def test_bad_input_record_is_skipped_and_named(tmp_path):
 
 def test_a_small_budget_cuts_references_and_pairs_hold_what_the_answers_saw(world, tmp_path):
     cfg = _cfg(world, tmp_path, report_threshold=0.0)
-    templates = load_prompt_templates(cfg.prompts)
+    templates = load_prompt_templates(cfg.policy.prompts)
     items = read_items(find_inputs(cfg), cfg)
     batch = next(b for b in batches(items, 2) if b[0].task == "vqa" and len(b) == 2)
     policy = load_policy(world["policy"])
@@ -260,7 +277,7 @@ def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
     budget = stats["budget"]
     assert budget["max_length"] == budget["model_limit"] == 1024  # the toy's max_position_embeddings
     assert budget["prompts"] == 2 * stats["answered"] and budget["refused"] == 0
-    templates = load_prompt_templates(_cfg(world, out).prompts)
+    templates = load_prompt_templates(_cfg(world, out).policy.prompts)
     assert all(prompt_parts(r, templates).text is None for r in load_pairs([out / "pairs.json"]))  # DPO can trim them
     pairs = json.loads((out / "pairs.json").read_text())
     assert pairs and stats["pairs"] == len(pairs) and stats["pairs_by_type"]["cm"] > 0
@@ -276,11 +293,13 @@ def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
     assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
 
 
-def test_image_roots_outside_the_outputs_stay_absolute(tmp_path):
+def test_image_roots_outside_the_outputs_stay_absolute(tmp_path, monkeypatch):
+    """pair_record writes image_root with common.io.write_path: relative inside the outputs tree."""
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "outputs" / "pairs"
-    assert written_root(str(tmp_path / "outputs" / "world" / "images"), out) == "../world/images"
-    assert written_root(str(tmp_path / "outputs"), out) == ".."
-    assert written_root("/data/mimic-cxr/files", out) == "/data/mimic-cxr/files"
+    assert write_path(str(tmp_path / "outputs" / "world" / "images"), out) == "../world/images"
+    assert write_path(str(tmp_path / "outputs"), out) == ".."
+    assert write_path("/data/mimic-cxr/files", out) == "/data/mimic-cxr/files"
 
 
 def test_moved_outputs_still_chain_to_training(world, baseline, tmp_path):
@@ -304,7 +323,7 @@ def test_resume_after_sigkill_gives_identical_outputs(world, baseline):
     out = baseline["out"]
     shutil.rmtree(out)
     cfg = _cfg(world, out)
-    proc = subprocess.Popen(_argv(cfg), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_argv(cfg), **_from_project(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     gen = out / GENERATIONS
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (gen.is_file() and gen.read_bytes().count(b"\n") >= 1):
@@ -333,8 +352,7 @@ def test_two_processes_equal_one(world, baseline):
     shutil.rmtree(out)
     argv = _argv(_cfg(world, out))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + argv[1:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(torchrun, cwd=ROOT, capture_output=True, text=True, env=env)
+    res = subprocess.run(torchrun, **_from_project({"OMP_NUM_THREADS": "1"}, capture_output=True, text=True))
     assert res.returncode == 0, res.stderr[-2000:]
     assert _outputs(out) == baseline["bytes"]
 

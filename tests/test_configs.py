@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config, to_dict
+from common.config import ConfigError, load_config, to_dict
 from dpo.train_dpo import DpoConfig
 from evaluation.evaluate import EvalConfig
+from evaluation.infer import InferConfig
 from pairs.build_pairs import PairsConfig
+from policy.policy import PolicySpec
 from policy.train_sft import SftConfig
 from retriever.finetune_clip import ClipTrainConfig
 from retriever.retrieve import RetrieveConfig
@@ -64,6 +66,19 @@ def test_shipped_paths_finds_nested_and_absolute_paths():
     assert found == ["configs/x.yaml", "configs/y.json"]
 
 
+@pytest.mark.parametrize("cls", [SftConfig, PairsConfig, DpoConfig, EvalConfig, InferConfig], ids=lambda c: c.__name__)
+def test_every_stage_names_its_policy_in_one_section(cls, tmp_path):
+    """``policy:`` is a PolicySpec in every stage that loads the policy; ``--policy.KEY`` overrides
+    one key and keeps the others the file sets."""
+    config = tmp_path / "stage.yaml"
+    config.write_text("policy:\n  path: from/file\n  dtype: bfloat16\n")
+    assert cls().policy == PolicySpec()
+    assert load_config(cls, [str(config), "--policy.path", "from/cli"]).policy == PolicySpec(path="from/cli",
+                                                                                            dtype="bfloat16")
+    with pytest.raises(ConfigError, match="policy: a section: .*path"):
+        load_config(cls, ["--policy", "from/cli"])
+
+
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_real_data_stages_chain(domain):
     cfg = {stem: _load(CONFIGS / "mmed_rag" / domain / f"{stem}.yaml") for stem in ("clip", "retrieve", "pairs", "dpo", "evaluate")}
@@ -75,8 +90,10 @@ def test_real_data_stages_chain(domain):
     dpo_out = Path(cfg["dpo"].train.output_dir)
     assert Path(cfg["evaluate"].adapter) == dpo_out / "adapter" and Path(cfg["evaluate"].dpo_dir) == dpo_out
     assert domain in str(retrieval)  # one folder per domain: a second domain's run must not overwrite it
-    # pairs (and the released pairs) and evaluation prompt in one wording, with the question's own options
-    assert cfg["pairs"].prompts == cfg["evaluate"].prompts == "configs/prompts/mmed_rag.yaml"
+    # one policy: the one that answers for the pairs is the one DPO tunes and evaluation's base, prompted in
+    # one wording (the released pairs'), with the question's own options
+    assert cfg["pairs"].policy == cfg["dpo"].policy == cfg["evaluate"].policy
+    assert cfg["pairs"].policy.prompts == "configs/prompts/mmed_rag.yaml"
     assert cfg["pairs"].option_text and cfg["evaluate"].option_text
 
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from common.config import ConfigError, cli_main
+from common.config import ConfigError, cli_main, save_config
 from common.io import InputError
 from evaluation.evaluate import (
     CONDITIONS, METRIC_KEYS, EvalConfig, check_adapter_base, check_java, condition_k, diagnostics, eval_files, evaluate,
     main,
 )
 from evaluation.plots import plot_clip_curves, plot_dpo_curves
-from policy.policy import Policy
+from policy.policy import Policy, PolicySpec
 from policy.prompts import build_prompt
 
 # ---------------------------------------------------------------- hand-made files, scripted policy
@@ -100,14 +100,14 @@ class ScriptedPolicy(Policy):
 
 
 def _cfg(world: Path, **kw) -> EvalConfig:
-    base = dict(retrieval_dir=str(world), out=str(world / "eval"), policy=str(world), meteor=False,
+    base = dict(retrieval_dir=str(world), out=str(world / "eval"), policy=PolicySpec(path=str(world)), meteor=False,
                 clip_dir=str(world / "none"), dpo_dir=str(world / "none"), policies=["base"])
     return EvalConfig(**{**base, **kw})
 
 
 def test_results_by_hand_on_scripted_policy(hand_world, toy_processor):
     policy = ScriptedPolicy(toy_processor)
-    results = evaluate(_cfg(hand_world), load=lambda path, adapter: policy)
+    results = evaluate(_cfg(hand_world), load=lambda adapter: policy)
     out = hand_world / "eval"
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
@@ -152,7 +152,7 @@ def test_noised_images_are_deterministic(hand_world, toy_processor):
     runs = []
     for _ in range(2):
         policy = ScriptedPolicy(toy_processor)
-        evaluate(_cfg(hand_world, conditions=["noised_rag"], plots=False), load=lambda p, a: policy)
+        evaluate(_cfg(hand_world, conditions=["noised_rag"], plots=False), load=lambda adapter: policy)
         runs.append([img for _, img in policy.seen])
     assert all(np.array_equal(a, b) for a, b in zip(*runs)) and len(runs[0]) == 7
 
@@ -164,22 +164,22 @@ def test_bad_query_records_are_skipped_and_named(hand_world, toy_processor):
     lines[1:1] = [json.dumps(bad)]
     lines[4:4] = [json.dumps(bad)]
     vqa.write_text("\n".join(lines) + "\n")
-    results = evaluate(_cfg(hand_world, conditions=["no_rag"], plots=False), load=lambda p, a: ScriptedPolicy(toy_processor))
+    results = evaluate(_cfg(hand_world, conditions=["no_rag"], plots=False), load=lambda adapter: ScriptedPolicy(toy_processor))
     assert results["bad_records"] == {"count": 2, "records": [f"{vqa}:2: no text: `question` is missing or empty",
                                                               f"{vqa}:5: no text: `question` is missing or empty"]}
     assert json.loads((hand_world / "eval" / "results.json").read_text())["bad_records"]["count"] == 2
     with pytest.raises(InputError, match=f"{vqa}:2: no text"):
-        evaluate(_cfg(hand_world, bad_record="error", plots=False), load=lambda p, a: ScriptedPolicy(toy_processor))
+        evaluate(_cfg(hand_world, bad_record="error", plots=False), load=lambda adapter: ScriptedPolicy(toy_processor))
 
 
 def test_a_small_budget_cuts_references_and_refuses_what_cannot_fit(hand_world, toy_processor):
     policy = ScriptedPolicy(toy_processor)
-    full = evaluate(_cfg(hand_world, conditions=["rag_fixed"], plots=False), load=lambda p, a: policy)
+    full = evaluate(_cfg(hand_world, conditions=["rag_fixed"], plots=False), load=lambda adapter: policy)
     whole = {r["budget"]["prompt_tokens"] for r in _predictions(hand_world)}
     assert full["budget"]["references_dropped"] == 0 and full["budget"]["prompts"] == 7
     max_length = min(whole) + 16 - 1  # VQA answers get 16 new tokens; one token short for every VQA prompt
     cut = evaluate(_cfg(hand_world, conditions=["rag_fixed"], plots=False, max_length=max_length),
-                   load=lambda p, a: policy)["budget"]
+                   load=lambda adapter: policy)["budget"]
     rows = _predictions(hand_world)
     vqa = [r for r in rows if r["task"] == "vqa"]
     assert all(r["k"] == 3 - r["budget"]["dropped"] and r["budget"]["prompt_tokens"] + 16 <= max_length for r in vqa)
@@ -216,10 +216,17 @@ def test_k_per_condition():
         condition_k("rag_adaptive", [], 3, cfg)
 
 
-def test_adapter_trained_on_another_base_is_refused(tmp_path):
+@pytest.mark.parametrize("written", ["by train_dpo", "flat"])
+def test_adapter_trained_on_another_base_is_refused(tmp_path, written):
+    from dpo.train_dpo import DpoConfig
+
     (tmp_path / "adapter").mkdir()
-    (tmp_path / "run_config.yaml").write_text("init_adapter: outputs/toy/sft/adapter\n")
-    with pytest.raises(ConfigError, match="--init_adapter outputs/toy/sft/adapter"):
+    run_config = tmp_path / "run_config.yaml"
+    if written == "flat":
+        run_config.write_text("policy: p\ninit_adapter: outputs/toy/sft/adapter\n")
+    else:
+        save_config(DpoConfig(policy=PolicySpec(init_adapter="outputs/toy/sft/adapter")), run_config)
+    with pytest.raises(ConfigError, match="--policy.init_adapter outputs/toy/sft/adapter"):
         check_adapter_base(str(tmp_path / "adapter"), "")
     check_adapter_base(str(tmp_path / "adapter"), "outputs/toy/sft/adapter")
 
@@ -234,14 +241,14 @@ def test_missing_java_fails_before_generation(hand_world, monkeypatch):
 def test_cli_exit_2_without_retrieval(tmp_path, monkeypatch, capsys):
     policy = tmp_path / "policy"
     policy.mkdir()
-    argv = ["evaluate", "--retrieval_dir", str(tmp_path / "nothing"), "--policy", str(policy),
+    argv = ["evaluate", "--retrieval_dir", str(tmp_path / "nothing"), "--policy.path", str(policy),
             "--policies", "[base]", "--out", str(tmp_path / "eval")]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as e:
         cli_main(main)
     assert e.value.code == 2 and "retrieve.sh" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
-    monkeypatch.setattr(sys, "argv", argv[:3] + ["--policy", str(tmp_path / "no_policy")])
+    monkeypatch.setattr(sys, "argv", argv[:3] + ["--policy.path", str(tmp_path / "no_policy")])
     with pytest.raises(SystemExit) as e:
         cli_main(main)
     assert e.value.code == 2 and "make_toy_policy.sh" in capsys.readouterr().err
@@ -277,7 +284,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_tiny_run_schema(tiny_run):
-    cfg = EvalConfig(retrieval_dir=str(tiny_run / "retrieval"), policy=str(tiny_run / "policy"),
+    cfg = EvalConfig(retrieval_dir=str(tiny_run / "retrieval"), policy=PolicySpec(path=str(tiny_run / "policy")),
                      dpo_dir=str(tiny_run / "dpo"), clip_dir=str(tiny_run / "none"), out=str(tiny_run / "eval"),
                      limit=1, max_new_tokens_vqa=4, max_new_tokens_report=6, meteor=False)
     results = evaluate(cfg)
@@ -335,7 +342,7 @@ def test_option_text_of_a_record(hand_world, toy_processor):
     for enabled in (True, False):
         policy = ScriptedPolicy(toy_processor)
         evaluate(_cfg(hand_world, conditions=["no_rag"], plots=False, option_text=enabled),
-                 load=lambda p, a: policy)
+                 load=lambda adapter: policy)
         texts = [text for text, _ in policy.seen]
         assert ("Question: Is there a finding? " + options in texts[0]) is enabled
         assert texts[1] == texts[2] and options not in texts[1] and texts[1].count("Is there a finding?") == 1

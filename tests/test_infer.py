@@ -13,7 +13,7 @@ from common.config import ConfigError, cli_main
 from common.io import InputError
 from evaluation.infer import InferConfig, answer_queries, main, pick_adapter, read_queries
 from policy.budget import BudgetLog
-from policy.policy import Policy
+from policy.policy import Policy, PolicySpec
 from retriever.select_k import KRule
 
 BRIGHT, DARK = 220, 30
@@ -135,10 +135,11 @@ def test_toy_adapter_only_for_the_toy_policy(tmp_path, monkeypatch):
     (mine / "adapter_config.json").parent.mkdir()
     (mine / "adapter_config.json").write_text("{}")
     assert pick_adapter(InferConfig())[0] == "outputs/toy/dpo/adapter"
-    assert pick_adapter(InferConfig(policy=str(tmp_path / "outputs/toy/policy")))[0] == "outputs/toy/dpo/adapter"
-    adapter, why = pick_adapter(InferConfig(policy=str(tmp_path / "llava-med")))
+    toy, other = PolicySpec(path=str(tmp_path / "outputs/toy/policy")), PolicySpec(path=str(tmp_path / "llava-med"))
+    assert pick_adapter(InferConfig(policy=toy))[0] == "outputs/toy/dpo/adapter"
+    adapter, why = pick_adapter(InferConfig(policy=other))
     assert adapter is None and "--adapter PATH" in why
-    assert pick_adapter(InferConfig(policy=str(tmp_path / "llava-med"), adapter=str(mine)))[0] == str(mine)
+    assert pick_adapter(InferConfig(policy=other, adapter=str(mine)))[0] == str(mine)
     assert pick_adapter(InferConfig(adapter="none"))[0] is None
 
 
@@ -180,7 +181,7 @@ def test_cli_end_to_end(tiny, monkeypatch, capsys):
     test_vqa = world / "radiology" / "test_vqa_iu_xray.jsonl"
     first = json.loads(test_vqa.read_text().splitlines()[0])
     image = world / "radiology" / "images" / first["image"]
-    common = ["--clip_dir", str(root / "clip"), "--cache_dir", str(root / "cache"), "--policy", str(root / "policy"),
+    common = ["--clip_dir", str(root / "clip"), "--cache_dir", str(root / "cache"), "--policy.path", str(root / "policy"),
               "--adapter", "none", "--max_new_tokens_vqa", "4", "--max_new_tokens_report", "4"]
     assert _run(monkeypatch, "--image", str(image), "--question", first["question"], *common) == 0
     out = capsys.readouterr().out
@@ -215,9 +216,9 @@ def test_cli_missing_outputs_exit_2(tiny, monkeypatch, capsys, tmp_path):
     assert _run(monkeypatch, "--image", image, "--clip_dir", str(tmp_path / "no_clip")) == 2
     assert "finetune_clip.sh" in capsys.readouterr().err
     assert _run(monkeypatch, "--image", image, "--rag", "false", "--domain", "pathology",
-                "--policy", str(tmp_path / "no_policy")) == 2
+                "--policy.path", str(tmp_path / "no_policy")) == 2
     assert "make_toy_policy.sh" in capsys.readouterr().err
-    assert _run(monkeypatch, "--image", image, "--rag", "false", "--domain", "pathology", "--policy",
+    assert _run(monkeypatch, "--image", image, "--rag", "false", "--domain", "pathology", "--policy.path",
                 str(root / "policy"), "--adapter", str(tmp_path / "no_adapter")) == 2
     assert "train_dpo.sh" in capsys.readouterr().err
 
@@ -227,7 +228,7 @@ def test_cli_bad_image_exits_2_once_before_loading_models(monkeypatch, capsys, t
     text.write_text("not an image")
     # clip_dir and policy do not exist: the image is refused before either is looked at
     assert _run(monkeypatch, "--image", str(text), "--clip_dir", str(tmp_path / "no_clip"),
-                "--policy", str(tmp_path / "no_policy")) == 2
+                "--policy.path", str(tmp_path / "no_policy")) == 2
     captured = capsys.readouterr()
     assert str(text) in captured.err and "finetune_clip.sh" not in captured.err
     assert "error" not in captured.out
@@ -239,7 +240,7 @@ def test_cli_other_policy_gets_no_toy_adapter(tiny, monkeypatch, capsys, tmp_pat
     monkeypatch.chdir(tmp_path)
     _toy_adapter(tmp_path)
     image = str(next((world / "pathology" / "images").rglob("*.png")))
-    assert _run(monkeypatch, "--image", image, "--rag", "false", "--domain", "pathology", "--policy",
+    assert _run(monkeypatch, "--image", image, "--rag", "false", "--domain", "pathology", "--policy.path",
                 str(root / "policy"), "--max_new_tokens_report", "2") == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header.startswith(f"policy: {root / 'policy'}, no DPO adapter (") and "--adapter PATH" in header

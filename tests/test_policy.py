@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from common.io import InputError
-from policy.policy import IGNORE, load_policy, sequence_logps
+from policy.policy import IGNORE, PolicySpec, load_policy, sequence_logps
 from policy.prompts import build_prompt, plain_text
 from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
@@ -194,6 +194,36 @@ def test_load_policy_refuses_missing_folders(toy_dir, tmp_path):
         load_policy(tmp_path / "nope")
     with pytest.raises(InputError, match="adapter"):
         load_policy(toy_dir, adapter=tmp_path / "nope")
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_trust_remote_code_reaches_every_from_pretrained(toy_dir, monkeypatch, trust):
+    """PolicySpec.trust_remote_code is what transformers is told when the policy, its processor and
+    (for the token budget) its config are loaded."""
+    import transformers
+
+    from policy.adapters import load_with_adapters
+    from policy.budget import checkpoint_limit
+
+    seen: list[tuple[str, object]] = []
+
+    def spy(cls: type) -> type:
+        class Spy:
+            @staticmethod
+            def from_pretrained(*args, **kwargs):
+                seen.append((cls.__name__, kwargs.get("trust_remote_code")))
+                return cls.from_pretrained(*args, **kwargs)
+
+        return Spy
+
+    for module, name in [("policy.policy", "AutoModelForImageTextToText"), ("policy.policy", "AutoProcessor"),
+                         ("transformers", "AutoConfig"), ("transformers", "AutoProcessor")]:
+        monkeypatch.setattr(f"{module}.{name}", spy(getattr(transformers, name)))
+    load_with_adapters(PolicySpec(path=str(toy_dir), trust_remote_code=trust))
+    checkpoint_limit(toy_dir, trust)
+    assert sorted(seen) == sorted([("AutoModelForImageTextToText", trust), ("AutoProcessor", trust),
+                                   ("AutoConfig", trust), ("AutoProcessor", trust)])
+    assert PolicySpec().trust_remote_code is False
 
 
 def test_world_texts_reads_training_text_through_the_manifest(tmp_path):

@@ -26,7 +26,7 @@ from data.noise import pure_noise
 from dpo.loss import dpo_loss
 from dpo.pair_data import PairCollator, PairDataset, is_heldout, load_pairs, split_heldout
 from dpo.train_dpo import DpoConfig, DpoTrainer, pair_logps, run, shard, step_loss, summarize
-from policy.policy import load_policy, sequence_logps
+from policy.policy import PolicySpec, load_policy, sequence_logps
 from policy.prompts import load_prompt_templates
 from tests.test_engine import LAUNCHER_VARS
 from tests.test_pair_data import toy_policy, write_pairs
@@ -64,9 +64,9 @@ def config(world: Path, out: Path, pairs: str = "pairs.json", **over) -> DpoConf
     engine = dict(output_dir=str(out), batch_size=4, lr=5e-3, warmup_ratio=0.0, max_steps=4, log_every=1,
                   progress=False, seed=0)
     engine.update(over.pop("train", {}))
-    base = dict(pairs=[str(world / pairs)], image_root=str(world / "images"), policy=str(world / "policy"),
-                heldout_fraction=0.25, lora=LoraConfig(r=8, alpha=16, dropout=0.0, train_projector=True),
-                train=EngineConfig(**engine))
+    base = dict(pairs=[str(world / pairs)], image_root=str(world / "images"),
+                policy=PolicySpec(path=str(world / "policy")), heldout_fraction=0.25,
+                lora=LoraConfig(r=8, alpha=16, dropout=0.0, train_projector=True), train=EngineConfig(**engine))
     return DpoConfig(**{**base, **over})
 
 
@@ -255,7 +255,7 @@ def test_bad_input_exits_2_naming_it(world, tmp_path, monkeypatch, capsys, args,
     from common.config import cli_main
     from dpo.train_dpo import main
 
-    base = ["--policy", str(world / "policy"), "--pairs", f"[{world / 'pairs.json'}]",
+    base = ["--policy.path", str(world / "policy"), "--pairs", f"[{world / 'pairs.json'}]",
             "--train.output_dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["train_dpo", *base, *args])
     with pytest.raises(SystemExit) as e:
@@ -285,7 +285,7 @@ def test_shipped_deepspeed_config_runs_in_one_process(world, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "dpo.train_dpo", "configs/mmed_rag/radiology/dpo.yaml", "--pairs",
-           f"[{world / 'pairs.json'}]", "--image_root", str(world / "images"), "--policy", str(world / "policy"),
+           f"[{world / 'pairs.json'}]", "--image_root", str(world / "images"), "--policy.path", str(world / "policy"),
            "--train.output_dir", str(tmp_path), "--train.max_steps", "2", "--train.num_workers", "0",
            "--train.progress", "false"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -77,7 +77,7 @@ def policy_dir(world, tmp_path_factory) -> Path:
 
 def sft_config(policy_dir: Path, oracle: Path, out: Path, *args: str) -> SftConfig:
     return load_config(SftConfig, [
-        "--model", str(policy_dir), "--data.retrieval_index", str(oracle), "--train.output_dir", str(out),
+        "--policy.path", str(policy_dir), "--data.retrieval_index", str(oracle), "--train.output_dir", str(out),
         "--train.batch_size", "8", "--train.lr", "3e-3", "--train.log_every", "1", "--train.progress", "false",
         "--train.warmup_ratio", "0", *args,
     ])
@@ -137,7 +137,7 @@ def test_examples_mix_references_and_mask_the_prompt(world, oracle, policy_dir):
     assert {e.task for e in examples} == {"vqa", "report"}
 
     policy = load_policy(policy_dir)
-    collate = SftCollate(policy, examples, load_prompt_templates(cfg.data.prompts), None)
+    collate = SftCollate(policy, examples, load_prompt_templates(cfg.policy.prompts), None)
     items = [{"index": i, "image": load_image(_path(examples[i]))} for i in range(4)]
     batch = collate(items)
     tok = policy.tokenizer
@@ -152,7 +152,7 @@ def test_sft_batches_fit_the_budget_with_whole_answers(world, oracle, policy_dir
     cfg = sft_config(policy_dir, oracle, world / "unused", "--data.no_reference_rate", "0")
     examples = read_examples(training_sources(cfg.data), cfg.data, seed=0)[:4]
     policy = load_policy(policy_dir)
-    templates = load_prompt_templates(cfg.data.prompts)
+    templates = load_prompt_templates(cfg.policy.prompts)
     items = [{"index": i, "image": load_image(_path(examples[i]))} for i in range(4)]
     whole = dict(SftCollate(policy, examples, templates, None)(items)[BUDGET_KEY])
     sequences = [whole[e.record.source].prompt_tokens + answer_tokens(policy, [e.answer]) for e in examples]
@@ -253,8 +253,9 @@ class _ScriptedMeasurePolicy(Policy):
 
 def test_measure_reliance_on_a_scripted_policy(world, oracle, policy_dir):
     """The three accuracies of a policy whose answers are known; x_v* is data.noise.make_x_v_star's."""
-    data = load_config(SftConfig, ["--data.retrieval_index", str(oracle), "--data.no_reference_rate", "0",
-                                   "--data.limit", "6"]).data
+    sft = load_config(SftConfig, ["--data.retrieval_index", str(oracle), "--data.no_reference_rate", "0",
+                                  "--data.limit", "6"])
+    data = sft.data
     examples = read_examples(index_sources(oracle, ["test_vqa"]), data, seed=0, vqa_only=True)
     paths = [str(_image_path(e)) for e in examples]
     gold: dict[bytes, dict[str, tuple[str, str]]] = {}  # image -> question -> (domain, gold answer)
@@ -263,7 +264,7 @@ def test_measure_reliance_on_a_scripted_policy(world, oracle, policy_dir):
     assert sum(map(len, gold.values())) == len(examples)  # image and question tell every record apart
     policy = _ScriptedMeasurePolicy(load_policy(policy_dir).processor, gold)
     cfg = MeasureConfig(max_new_tokens=3, sigma=0.05, seed=4)
-    result = measure_reliance(policy, examples, cfg, load_prompt_templates(data.prompts), BudgetLog.of(policy, 0))
+    result = measure_reliance(policy, examples, cfg, load_prompt_templates(sft.policy.prompts), BudgetLog.of(policy, 0))
     n, n_rad = len(examples), sum(e.domain == "radiology" for e in examples)
     assert result["all"]["n"] == n == 6 * 4 and n_rad == 12  # 4 test VQA files (radiology has two)
     assert result["budget"]["prompts"] == 2 * n and result["budget"]["refused"] == 0  # with and without
