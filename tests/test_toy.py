@@ -179,6 +179,37 @@ def test_reports_mention_every_present_finding(world):
                 assert any(s in text for s in make_toy.NORMAL[e["domain"]]), text
 
 
+def test_prior_studies_share_patient_anatomy_and_findings(world, tmp_path):
+    with_priors = make_world(tmp_path / "priors", seed=0, size="tiny", prior_share=1.0, progress=False)
+    assert load_manifest(with_priors)["config"]["prior_share"] == 1.0
+    queried = {}
+    for e in manifest_files(with_priors, kind="report"):
+        if ROLES[e["role"]][0] in make_toy.PRIOR_SPLITS:
+            queried.update({r["study"]: (r, e) for r in _records(e)})
+    priors = [(r, e) for e in manifest_files(with_priors, role="retriever_train") for r in _records(e) if "prior_of" in r]
+    assert {r["prior_of"] for r, _ in priors} == set(queried), "share 1.0: every queried study has its prior"
+
+    def pixels(rec, entry):
+        path = rec.get("image_path") or rec["image"]
+        path = path[0] if isinstance(path, list) else path
+        return np.asarray(Image.open(Path(entry["image_root"]) / path).convert("L"), np.float32)
+
+    near, far = [], []
+    for prior, entry in priors:
+        later, later_entry = queried[prior["prior_of"]]
+        def text(r):
+            return r.get("report") or r.get("caption") or r.get("gpt4_summary")
+
+        assert prior["findings"] == later["findings"] and text(prior) != text(later)
+        near.append(np.abs(pixels(prior, entry) - pixels(later, later_entry)).mean())
+        other = next(r for r, e in priors if e["domain"] == entry["domain"] and r["prior_of"] != prior["prior_of"])
+        far.append(np.abs(pixels(prior, entry) - pixels(*queried[other["prior_of"]])).mean())
+    assert np.median(near) < 0.5 * np.median(far), "a prior looks like its patient's later study, not like others"
+    # the studies of the default world are untouched by the knob
+    for plain, grown in zip(manifest_files(world), manifest_files(with_priors), strict=True):
+        assert _records(plain) == [r for r in _records(grown) if "prior_of" not in r], plain["path"]
+
+
 @pytest.mark.parametrize("domain", sorted(FINDINGS))
 def test_findings_visible_at_32px(domain):
     def small(a):

@@ -203,6 +203,7 @@ class Study:
     index: int
     findings: tuple[str, ...]
     severities: tuple[float, ...]
+    prior_of: Study | None = None  # the later study of the same patient this one is the prior of
 
     @property
     def sid(self) -> str:
@@ -214,12 +215,15 @@ class Study:
         return 1 + SPLITS.index(self.split) * 100_000 + self.index
 
     def rng(self, seed: int, purpose: str) -> np.random.Generator:
+        """A prior study draws its images from its patient's later study: the same anatomy."""
+        if self.prior_of is not None and purpose in ("image", "lateral"):
+            return self.prior_of.rng(seed, purpose)
         return _rng(seed, self.domain, self.split, self.index, purpose)
 
 
 def _rng(seed: int, domain: str, split: str, index: int, purpose: str) -> np.random.Generator:
     """One stream per (seed, domain, split, index, purpose): records don't depend on order."""
-    purposes = ("study", "image", "lateral", "text", "vqa", "ids")
+    purposes = ("study", "image", "lateral", "text", "vqa", "ids", "prior")
     return np.random.default_rng(
         [seed, DOMAINS.index(domain), SPLITS.index(split), index, purposes.index(purpose)]
     )
@@ -252,6 +256,27 @@ def sample_study(
         tuple(names[i] for i in picked),
         tuple(round(float(s), 3) for s in sev),
     )
+
+
+PRIOR_SPLITS = ("retriever_val", "alignment", "test")  # the studies queried against the corpus
+
+
+def prior_studies(seed: int, domain: str, sizes: dict[str, int], share: float, **sample: float) -> list[Study]:
+    """Prior studies for the retriever corpus: each queried study has one with probability ``share``.
+
+    A prior shares its patient's anatomy and findings, each at a severity within 15% of the
+    later one, and has its own report, as a patient's earlier study in a hospital's archive.
+    """
+    priors = []
+    for split in PRIOR_SPLITS:
+        for i in range(sizes[split]):
+            later = sample_study(seed, domain, split, i, **sample)
+            rng = later.rng(seed, "prior")
+            if rng.random() >= share:
+                continue
+            sev = tuple(round(float(np.clip(v * rng.uniform(0.85, 1.15), 0.15, 1.0)), 3) for v in later.severities)
+            priors.append(Study(domain, "retriever_train", sizes["retriever_train"] + len(priors), later.findings, sev, later))
+    return priors
 
 
 def _finding(domain: str, name: str) -> Finding:
@@ -484,6 +509,7 @@ def make_world(
     size: str = "small",
     subtle_share: float = 0.3,
     normal_share: float = 0.25,
+    prior_share: float = 0.0,
     progress: bool = True,
 ) -> Path:
     """Write a complete toy world to ``out`` (atomically replacing it) and return its path."""
@@ -503,9 +529,15 @@ def make_world(
             for split, count in SIZES[size].items():
                 reports: dict[str, list] = {}
                 vqa: dict[str, list] = {}
-                for i in range(count):
-                    study = sample_study(seed, d, split, i, subtle_share, normal_share)
+                studies = [sample_study(seed, d, split, i, subtle_share, normal_share) for i in range(count)]
+                if split == "retriever_train":
+                    studies += prior_studies(seed, d, SIZES[size], prior_share,
+                                             subtle_share=subtle_share, normal_share=normal_share)
+                    bar.total += len(studies) - count
+                for study in studies:
                     fmt, rec, image, report = study_files(study, seed, images)
+                    if study.prior_of is not None:
+                        rec["prior_of"] = study.prior_of.sid
                     reports.setdefault(fmt, []).append(rec)
                     vqa.setdefault(fmt, []).extend(vqa_rows(study, seed, image, report))
                     bar.update()
@@ -514,7 +546,7 @@ def make_world(
             "seed": seed,
             "size": size,
             "version": VERSION,
-            "config": {"subtle_share": subtle_share, "normal_share": normal_share},
+            "config": {"subtle_share": subtle_share, "normal_share": normal_share, "prior_share": prior_share},
             "domains": {d: {"findings": FINDINGS[d], "image_root": f"{d}/images"} for d in DOMAINS},
             "files": files,
         }
@@ -564,6 +596,7 @@ class ToyConfig:
     )
     subtle_share: float = doc(0.3, "share of finding instances drawn subtle (small, low contrast)")
     normal_share: float = doc(0.25, "share of studies without any finding")
+    prior_share: float = doc(0.0, "share of queried studies (val, alignment, test) with a prior study of the same patient in the retriever corpus: how much the references can know")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -573,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Generate the toy medical world (images, reports, "
         "VQA in the MMed-RAG annotation formats, manifest.json).",
     )
-    for name in ("subtle_share", "normal_share"):
+    for name in ("subtle_share", "normal_share", "prior_share"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     start = time.perf_counter()
