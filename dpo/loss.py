@@ -4,6 +4,10 @@ Matches TRL's DPOTrainer (sigmoid, hinge, IPO; IPO on per-token-averaged log-rat
 which keeps beta comparable across answer lengths) and is tested against its DPOTrainer to a relative 1e-5. Written out
 here because TRL keeps the loss inside its trainer's forward, which we replace: our forward puts
 a different image on the rejected side.
+
+``sft`` is TRL's loss type of that name: the token-mean NLL of the chosen answers over the batch,
+with no rejected side and no reference. It is the control that tells what the preference does
+beyond supervised tuning on the same chosen answers.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "sft")
 
 
 @dataclass
@@ -33,6 +37,12 @@ class DpoOutput:
         }
 
 
+def sft_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Token-mean NLL of the chosen answers, pooled over the batch (TRL: every answer token weighs
+    the same, so a long answer counts more than a short one)."""
+    return -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+
+
 def dpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
@@ -43,7 +53,9 @@ def dpo_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
 ) -> DpoOutput:
-    """Per-pair DPO loss. ``*_lengths`` (answer token counts) are needed for IPO only."""
+    """Per-pair loss. ``*_lengths`` (answer token counts) are needed for IPO and SFT; SFT's loss
+    is the batch's one value on every pair (as TRL), and its rewards still say how far the policy
+    moved from the reference on each side."""
     chosen_ratio = chosen_logps - ref_chosen_logps
     rejected_ratio = rejected_logps - ref_rejected_logps
     delta = chosen_ratio - rejected_ratio
@@ -56,6 +68,10 @@ def dpo_loss(
             raise ValueError("ipo needs chosen_lengths and rejected_lengths")
         ipo_delta = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(min=1)
         losses = (ipo_delta - 1 / (2 * beta)) ** 2
+    elif loss_type == "sft":
+        if chosen_lengths is None:
+            raise ValueError("sft needs chosen_lengths")
+        losses = sft_loss(chosen_logps, chosen_lengths).expand_as(chosen_logps)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
     return DpoOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())

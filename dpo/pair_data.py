@@ -87,6 +87,18 @@ def split_heldout(
     return train, heldout
 
 
+def select_types(records: Sequence[PreferenceRecord], types: Sequence[str]) -> list[PreferenceRecord]:
+    """The pairs of the given types (``[]`` = all): training on D_cm or D_oa alone. A listed type
+    with no pair is refused, so a misspelt type cannot silently train on nothing."""
+    if not types:
+        return list(records)
+    present = sorted({pair_type_of(r) for r in records})
+    absent = [t for t in types if t not in present]
+    if absent:
+        raise InputError(f"pair_types: no pair of type(s) {absent}; the pairs have {present}")
+    return [r for r in records if pair_type_of(r) in types]
+
+
 def stage_indices(records: Sequence[PreferenceRecord], stages: Sequence[Sequence[str]]) -> list[list[int]]:
     """Record positions per training stage: ``[]`` = one mixed stage of all pairs; else one list
     per stage of the pair types it takes, e.g. ``[[cm], [oa1, oa2]]``. Every pair must fall in

@@ -7,8 +7,9 @@ of a pair sees its own image (dpo.pair_data). Chosen and rejected rows go throug
 pass, their images stacked in one pixel batch. The reference policy is the same model with its
 LoRA disabled (``disable_adapter()``), never a second copy; with ``cache_reference`` its
 log-probs are computed once, on the first step, for the training and held-out pairs. Losses
-(sigmoid, hinge, IPO, optional SFT term on the chosen answer) are dpo.loss; the loop, DeepSpeed,
-checkpoints and exact resume are common.engine. Outputs in ``train.output_dir``:
+(sigmoid, hinge, IPO, optional SFT term on the chosen answer; or ``sft`` alone, the control
+without a preference, which trains without a reference forward) are dpo.loss; the loop,
+DeepSpeed, checkpoints and exact resume are common.engine. Outputs in ``train.output_dir``:
 
 - ``adapter/``: the LoRA adapter (PEFT format) + processor; ``merged/`` with ``--merge``;
 - ``metrics.jsonl`` + ``tensorboard/``: per step loss, rewards/{chosen,rejected,accuracies,
@@ -47,9 +48,9 @@ from data.loader import make_loader
 from data.noise import pure_noise
 from data.readers import bad_records_summary
 from data.release import image_search_path
-from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss
+from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss, sft_loss
 from dpo.pair_data import (
-    PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_type_of, split_heldout,
+    PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_type_of, select_types, split_heldout,
     stage_indices,
 )
 from policy.adapters import load_with_adapters, save_merged
@@ -66,9 +67,11 @@ class DpoConfig:
     image_root: str = doc("", "image folder for records whose own image_root is absent or does not exist here (or one holding a folder per image set)")
     image_roots: dict[str, str] = doc({}, "image set (mimic, iuxray, harvard, pmc, quilt) -> its folder, looked in before image_root (the released pairs)")
     beta: float = doc(0.1, "DPO beta (strength of the pull towards the reference)")
-    loss_type: Literal["sigmoid", "hinge", "ipo"] = doc("sigmoid", f"DPO loss: one of {list(LOSS_TYPES)}")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "sft"] = doc("sigmoid", f"loss: one of {list(LOSS_TYPES)}; sft = NLL of the "
+                                                                          "chosen answers only (no rejected side, no reference)")
     sft_weight: float = doc(0.0, "weight of an added SFT term (token-mean NLL of the chosen answer); 0 = none")
     cache_reference: bool = doc(False, "compute the reference log-probs once (first step) instead of a reference forward per step")
+    pair_types: list[str] = doc([], "train and evaluate only on these pair types, e.g. [cm] ([] = all)")
     stages: list[list[str]] = doc([], "data schedule: [] = one mixed pass; e.g. [[cm], [oa1, oa2]] = each epoch takes cm pairs first")
     heldout_fraction: float = doc(0.1, "fraction of pairs (by id, deterministic) held out for evaluation")
     heldout_seed: int = doc(0, "seed of the held-out split")
@@ -91,6 +94,8 @@ def check(cfg: DpoConfig) -> None:
         raise ConfigError(f"beta: must be > 0, got {cfg.beta}")
     if cfg.sft_weight < 0:
         raise ConfigError(f"sft_weight: must be >= 0, got {cfg.sft_weight}")
+    if cfg.loss_type == "sft" and cfg.sft_weight > 0:
+        raise ConfigError("sft_weight: loss_type sft is already the chosen answers' NLL; set sft_weight 0")
     if not Path(cfg.policy.path).is_dir():
         raise ConfigError(f"policy.path: {cfg.policy.path}: checkpoint folder does not exist")
 
@@ -203,7 +208,7 @@ def step_loss(
     loss = out.losses[valid].mean()
     metrics: dict[str, float] = {}
     if sft_weight > 0:
-        sft = -chosen_logps[valid].sum() / chosen_lengths[valid].sum().clamp(min=1)
+        sft = sft_loss(chosen_logps[valid], chosen_lengths[valid])
         loss = loss + sft_weight * sft
         metrics["sft_loss"] = sft.item()
     return loss, metrics
@@ -238,7 +243,7 @@ class DpoTrainer:
         self.accelerator = accelerator
         self.bad_records: list[str] = []
         roots = image_search_path(cfg.image_root, cfg.image_roots) or None
-        records = load_pairs(cfg.pairs, roots, cfg.bad_record, self.bad_records)
+        records = select_types(load_pairs(cfg.pairs, roots, cfg.bad_record, self.bad_records), cfg.pair_types)
         self.train_records, self.heldout_records = split_heldout(records, cfg.heldout_fraction, cfg.heldout_seed)
         self.types = sorted({pair_type_of(r) for r in records})
         stages = stage_indices(self.train_records, cfg.stages)
@@ -299,22 +304,22 @@ class DpoTrainer:
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = batch["inputs"]
-        chosen, rejected = pair_logps(model, inputs)
+        chosen, rejected = pair_logps(model, inputs)  # rejected rows share the forward; sft only logs them
+        len_c, len_r = answer_lengths(inputs).chunk(2)
+        metrics = {"logps/chosen": chosen.detach().mean().item(), "logps/rejected": rejected.detach().mean().item()}
+        if self.cfg.loss_type == "sft":
+            return sft_loss(chosen, len_c), metrics
         if self.cfg.cache_reference:
             ref = self._cache(model)["train"][batch["index"].cpu()].to(chosen.device)
             ref_c, ref_r = ref.unbind(1)
         else:
             with reference_mode(self.accelerator, model) as ref_model:
                 ref_c, ref_r = pair_logps(ref_model, inputs)
-        len_c, len_r = answer_lengths(inputs).chunk(2)
         valid = ~(ref_c.isnan() | ref_r.isnan())
         out = dpo_loss(chosen, rejected, ref_c.nan_to_num(), ref_r.nan_to_num(), self.cfg.beta, self.cfg.loss_type,
                        len_c, len_r)
-        loss, metrics = step_loss(out, chosen, len_c, self.cfg.sft_weight, valid)
-        metrics.update(out.metrics())
-        metrics["logps/chosen"] = chosen.detach().mean().item()
-        metrics["logps/rejected"] = rejected.detach().mean().item()
-        return loss, metrics
+        loss, step_metrics = step_loss(out, chosen, len_c, self.cfg.sft_weight, valid)
+        return loss, {**step_metrics, **out.metrics(), **metrics}
 
     def evaluate(self, model: Any) -> dict[str, float]:
         if not len(self.heldout_set):

@@ -1,71 +1,72 @@
-"""The effect table: base vs DPO policy over several DPO seeds, on the held-out test files.
+"""The effect study's figures: base vs DPO and its controls, per seed and per world setting.
 
-Each seed trains DPO (``dpo.train_dpo`` with the given config, ``train.seed`` and ``noise_seed``
-set to the seed) on the same pairs and base policy, then evaluates base and DPO
-(``evaluation.evaluate``). A seed whose ``results.json`` exists is not redone. The spread is therefore
-that of DPO training (LoRA init, sample order, noise images), not of the world or the base policy.
+``pipeline.effect`` (``bash scripts/effect.sh``) makes the runs; this module reads what
+``evaluation.evaluate`` wrote for each of them (``results.json``, ``predictions.jsonl``) and turns
+it into ``effect.json`` and ``effect.md``. Everything here is a function of those files, so the
+tables are tested on hand-made ones.
 
-Run: ``python -m evaluation.effect [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50]``. The same
-driver compares settings on the validation questions without touching test, e.g.
-``--roles val_vqa --dpo_args "--stages [[cm],[oa1,oa2]]" --out outputs/toy/sweep/stages``.
-Writes ``<out>/seed<N>/{dpo,eval}/``, ``effect.json`` (per-seed figures) and ``effect.md``
-(mean ± sample standard deviation, then per seed the paired difference DPO − base with a 95%
-bootstrap interval over questions: the seeds' spread says nothing about how many questions a
-difference rests on, the interval does).
+Two spreads are reported because they answer different questions: the mean ± sample standard
+deviation over seeds says how much a whole re-run moves a figure, and the paired difference DPO −
+base with a 95% bootstrap interval over questions, per seed, says how many questions a difference
+rests on. A control is evaluated alone and paired with its seed's base on the same questions.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import statistics
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from common.io import atomic_write_json, atomic_write_text, read_jsonl
+from common.io import read_jsonl
 
 METRICS = ("accuracy_no_rag", "accuracy_rag_fixed", "copy_rate", "over_reliance_rate")
+CONDITIONS = ("no_rag", "rag_fixed", "noised_rag")  # what the study evaluates; rag_adaptive is left out
+CONTROL_METRICS = ("accuracy_rag_fixed", "copy_rate")  # the paper's two claims
+CONTROLS = {  # what each control changes against the main method (pipeline.effect trains them)
+    "dpo_cm": "DPO on D_cm alone",
+    "dpo_oa": "DPO on D_oa1 + D_oa2 alone",
+    "dpo_mixed": "DPO on all pairs in one mixed pass",
+    "sft_chosen": "supervised tuning on the chosen answers (loss_type sft)",
+}
+LABELS = {"accuracy_no_rag": "acc no RAG", "accuracy_rag_fixed": "acc RAG", "copy_rate": "copy rate",
+          "over_reliance_rate": "over-reliance"}
+# The regime in which the paper's effect can show on the toy (docs/DESIGN.md, the effect study).
+MIN_BASE_NO_RAG = 0.70  # the base reads the image: there is something for D_cm to protect
+VOTE_RANGE = (0.70, 0.90)  # the references carry the answer often, not always: D_oa has both cases
+MAX_COPY_GAP = 0.05  # RAG accuracy - copy rate: a noised image barely hurts the base, so it copies
+MIN_EFFECT = 0.05  # DPO - base: RAG accuracy up and copy rate down by at least this much
+
+Outcomes = dict[str, dict[str, np.ndarray]]
+Differences = dict[str, dict[str, float]]
 
 
-def run_seed(seed: int, out: Path, dpo_config: str, eval_config: str, limit: int, roles: list[str],
-             dpo_args: list[str] = (), eval_args: list[str] = ()) -> dict[str, Any]:
-    """Train and evaluate one seed (skipped when its results exist); its diagnostics per policy."""
-    results = out / f"seed{seed}" / "eval" / "results.json"
-    if not results.is_file():
-        dpo_dir = out / f"seed{seed}" / "dpo"
-        _python("dpo.train_dpo", dpo_config, "--train.output_dir", str(dpo_dir), "--train.seed", str(seed),
-                "--noise_seed", str(seed), *dpo_args)
-        _python("evaluation.evaluate", eval_config, "--adapter", str(dpo_dir / "adapter"), "--dpo_dir", str(dpo_dir),
-                "--out", str(results.parent), "--limit", str(limit), "--roles", f"[{','.join(roles)}]", *eval_args)
-    return json.loads(results.read_text())["diagnostics"]
+def question_outcomes(predictions: Path | Mapping[str, Path]) -> Outcomes:
+    """{policy: {metric: 0/1 per question}} over the yes/no questions every policy answered in
+    no_rag, rag_fixed and noised_rag, in one question order (``evaluation.evaluate`` predictions).
 
-
-def question_outcomes(predictions: Path) -> dict[str, dict[str, np.ndarray]]:
-    """{policy: {metric: 0/1 per question}} over the yes/no questions both policies answered in
-    no_rag, rag_fixed and noised_rag, in one question order (``evaluation.evaluate`` predictions)."""
+    ``predictions`` is one evaluation's file, or {policy: file} taking each policy from its own
+    evaluation: a control's ``dpo`` paired with the main run's ``base``."""
+    sources = {None: Path(predictions)} if isinstance(predictions, (str, Path)) else dict(predictions)
     correct: dict[tuple, bool] = {}
-    for row in read_jsonl(predictions):
-        if row["task"] == "vqa" and row.get("correct") is not None:
-            correct[(row["policy"], row["condition"], row["file"], row["index"])] = bool(row["correct"])
-    conditions = ("no_rag", "rag_fixed", "noised_rag")
+    for policy, path in sources.items():
+        for row in read_jsonl(path):
+            if row["task"] == "vqa" and row.get("correct") is not None and policy in (None, row["policy"]):
+                correct[(row["policy"], row["condition"], row["file"], row["index"])] = bool(row["correct"])
     policies = sorted({k[0] for k in correct})
     questions = sorted({k[2:] for k in correct
-                        if all((p, c, *k[2:]) in correct for p in policies for c in conditions)})
+                        if all((p, c, *k[2:]) in correct for p in policies for c in CONDITIONS)})
     out = {}
     for p in policies:
-        got = {c: np.array([correct[(p, c, *q)] for q in questions], dtype=float) for c in conditions}
+        got = {c: np.array([correct[(p, c, *q)] for q in questions], dtype=float) for c in CONDITIONS}
         out[p] = {"accuracy_no_rag": got["no_rag"], "accuracy_rag_fixed": got["rag_fixed"],
                   "copy_rate": got["noised_rag"], "over_reliance_rate": got["no_rag"] * (1 - got["rag_fixed"])}
     return out
 
 
-def paired_differences(outcomes: dict[str, dict[str, np.ndarray]], n_boot: int = 2000,
-                       seed: int = 0) -> dict[str, dict[str, float]]:
+def paired_differences(outcomes: Outcomes, n_boot: int = 2000, seed: int = 0) -> Differences:
     """DPO − base per metric with a 95% percentile bootstrap interval: questions are resampled,
     and each resample scores both policies on the same questions (a paired comparison)."""
     if not {"base", "dpo"} <= outcomes.keys():
@@ -83,64 +84,226 @@ def paired_differences(outcomes: dict[str, dict[str, np.ndarray]], n_boot: int =
     return out
 
 
-def _python(module: str, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", module, *args], check=True)
-
-
 def summarise(runs: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
     """{policy: {metric: {"mean", "std", "n"}}} over seeds (std: sample, 0 for one seed)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for policy in sorted({p for diag in runs.values() for p in diag}):
         out[policy] = {}
         for m in METRICS:
-            xs = [diag[policy][m] for diag in runs.values() if policy in diag and m in diag[policy]]
+            xs = [diag[policy][m] for diag in runs.values()
+                  if policy in diag and diag[policy].get(m) is not None]
             if xs:
                 out[policy][m] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
                                   "n": len(xs)}
     return out
 
 
-def table(summary: dict[str, dict[str, dict[str, float]]], seeds: list[int],
-          differences: dict[int, dict[str, dict[str, float]]] | None = None) -> str:
-    lines = [f"Mean ± sample std over DPO seeds {seeds}.", "",
-             "| policy | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+# ---------------------------------------------------------------- one evaluation's figures
+
+
+def _results(eval_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(eval_dir) / "results.json").read_text(encoding="utf-8"))
+
+
+def reference_vote(results: dict[str, Any]) -> float | None:
+    """The references' own yes/no accuracy (``reference_vote_accuracy``), n-weighted over the VQA
+    files the evaluation scored, from its copy of the retrieval stage's ``retrieval_metrics.json``.
+    The vote covers every record of a file, not only the first ``--limit``."""
+    scored = {r["file"] for r in results.get("rows", []) if r["task"] == "vqa"}
+    per_file = (results.get("retrieval") or {}).get("files") or {}
+    votes = [(v["reference_vote_accuracy"], v["reference_vote_n"]) for name, v in per_file.items()
+             if Path(name).stem in scored and "reference_vote_accuracy" in v]
+    total = sum(n for _, n in votes)
+    return sum(a * n for a, n in votes) / total if total else None
+
+
+def run_figures(eval_dir: Path) -> dict[str, Any]:
+    """{"diagnostics", "differences", "reference_vote_accuracy"} of an evaluation of base and DPO."""
+    results = _results(eval_dir)
+    return {"diagnostics": results["diagnostics"],
+            "differences": paired_differences(question_outcomes(Path(eval_dir) / "predictions.jsonl")),
+            "reference_vote_accuracy": reference_vote(results)}
+
+
+def control_figures(base_eval: Path, control_eval: Path) -> dict[str, Any]:
+    """{"diagnostics", "differences"} of a control evaluated alone (as policy ``dpo``): its own
+    diagnostics, and control − base paired with the main evaluation's base on the same questions."""
+    pairs = {"base": Path(base_eval) / "predictions.jsonl", "dpo": Path(control_eval) / "predictions.jsonl"}
+    return {"diagnostics": _results(control_eval)["diagnostics"].get("dpo", {}),
+            "differences": paired_differences(question_outcomes(pairs))}
+
+
+# ---------------------------------------------------------------- the study
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def _check(check: str, target: str, measured: float | None, holds: Callable[[float], bool]) -> dict[str, Any]:
+    return {"check": check, "target": target, "measured": measured,
+            "holds": None if measured is None else bool(holds(measured))}
+
+
+def _effect_check(check: str, differences: dict[int, Differences], metric: str, sign: int) -> dict[str, Any]:
+    """Mean DPO − base over seeds at least MIN_EFFECT in the direction ``sign``, and every seed's
+    95% interval on that side of zero."""
+    per_seed = [d[metric] for d in differences.values() if d and metric in d]
+    side = "above" if sign > 0 else "below"
+    row = _check(check, f"{'≥ +' if sign > 0 else '≤ −'}{MIN_EFFECT:.2f}, every seed's 95% interval {side} 0",
+                 _mean([d["diff"] for d in per_seed]), lambda x: sign * x >= MIN_EFFECT)
+    excluding = sum(1 for d in per_seed if (d["low"] > 0 if sign > 0 else d["high"] < 0))
+    row.update(seeds=len(per_seed), seeds_excluding_zero=excluding)
+    if row["holds"] is not None:
+        row["holds"] = row["holds"] and excluding == len(per_seed)
+    return row
+
+
+def regime(runs: dict[int, dict[str, dict[str, Any]]], differences: dict[int, Differences],
+           votes: dict[int, float | None]) -> list[dict[str, Any]]:
+    """Whether the study ran in the regime where the paper's effect can show, and whether it
+    showed: one row per check with its target, the measured mean over seeds, and whether it holds
+    (None when not measured)."""
+    base = [d["base"] for d in runs.values() if "base" in d]
+
+    def per_seed(f: Callable[[dict[str, Any]], float]) -> float | None:
+        return _mean([f(b) for b in base if all(b.get(m) is not None for m in METRICS[:3])])
+
+    low, high = VOTE_RANGE
+    return [
+        _check("base accuracy without retrieval", f"≥ {MIN_BASE_NO_RAG:.2f}",
+               _mean([b.get("accuracy_no_rag") for b in base]), lambda x: x >= MIN_BASE_NO_RAG),
+        _check("reference vote accuracy", f"{low:.2f}–{high:.2f}", _mean(list(votes.values())),
+               lambda x: low <= x <= high),
+        _check("base RAG − no-RAG accuracy", "> 0",
+               per_seed(lambda b: b["accuracy_rag_fixed"] - b["accuracy_no_rag"]), lambda x: x > 0),
+        _check("base RAG accuracy − copy rate (it copies)", f"≤ {MAX_COPY_GAP:.2f}",
+               per_seed(lambda b: b["accuracy_rag_fixed"] - b["copy_rate"]), lambda x: x <= MAX_COPY_GAP),
+        _check("base over-reliance", "> 0", _mean([b.get("over_reliance_rate") for b in base]), lambda x: x > 0),
+        _effect_check("DPO − base RAG accuracy", differences, "accuracy_rag_fixed", +1),
+        _effect_check("DPO − base copy rate", differences, "copy_rate", -1),
+    ]
+
+
+def assemble(seeds: dict[int, dict[str, Any]], controls: dict[str, dict[int, dict[str, Any]]],
+             knob: str | None = None, points: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """effect.json from each seed's ``run_figures``, each control's ``control_figures`` per seed
+    and each map point's ``run_figures`` with its ``value`` (no map without ``knob``)."""
+    runs = {s: f["diagnostics"] for s, f in seeds.items()}
+    differences = {s: f["differences"] for s, f in seeds.items()}
+    votes = {s: f["reference_vote_accuracy"] for s, f in seeds.items()}
+    effect = {"seeds": runs, "summary": summarise(runs), "differences": differences,
+              "reference_vote_accuracy": votes, "controls": controls}
+    if knob is not None:
+        effect["map"] = {"knob": knob, "points": list(points)}
+    effect["regime"] = regime(runs, differences, votes)
+    return effect
+
+
+# ---------------------------------------------------------------- effect.md
+
+
+def _interval(d: dict[str, float] | None) -> str:
+    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "n/a"
+
+
+def _n(differences: list[Differences]) -> str:
+    """The question count(s) the intervals rest on: "848" or "190–200"."""
+    ns = sorted({d[m]["n"] for d in differences if d for m in d})
+    return "no" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+
+
+def _mean_table(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = ["| policy | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for policy, ms in summary.items():
         cells = [f"{ms[m]['mean']:.3f} ± {ms[m]['std']:.3f}" if m in ms else "n/a" for m in METRICS]
         lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def table(summary: dict[str, dict[str, dict[str, float]]], seeds: list[int],
+          differences: dict[int, Differences] | None = None) -> str:
+    """Mean ± sample std per policy over seeds, then DPO − base per seed with its interval."""
+    lines = [f"Mean ± sample std over seeds {seeds}.", "", *_mean_table(summary)]
     rows = {s: d for s, d in (differences or {}).items() if d}
     if rows:
-        n = next(iter(rows.values()))[METRICS[0]]["n"]
+        n = _n(list(rows.values()))
         lines += ["", f"DPO − base per seed, 95% paired bootstrap interval over {n} questions.", "",
                   "| seed | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         for s, d in rows.items():
-            cells = [f"{d[m]['diff']:+.3f} [{d[m]['low']:+.3f}, {d[m]['high']:+.3f}]" for m in METRICS]
-            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            lines.append(f"| {s} | " + " | ".join(_interval(d.get(m)) for m in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="DPO seeds (default 0 1 2)")
-    ap.add_argument("--out", default="outputs/toy/effect", help="output folder")
-    ap.add_argument("--dpo_config", default="configs/toy/dpo.yaml", help="DPO config (pairs, policy, optimisation)")
-    ap.add_argument("--eval_config", default="configs/toy/evaluate.yaml", help="evaluation config")
-    ap.add_argument("--limit", type=int, default=50, help="records per test file (0 = all)")
-    ap.add_argument("--roles", nargs="+", default=["test_vqa"],
-                    help="index roles to evaluate (default test_vqa; val_vqa to compare settings)")
-    ap.add_argument("--dpo_args", default="", help='extra train_dpo options, one string: "--beta 0.5 --train.epochs 2"')
-    ap.add_argument("--eval_args", default="", help='extra evaluate options, one string: "--retrieval_dir DIR"')
-    args = ap.parse_args()
-    out = Path(args.out)
-    runs = {s: run_seed(s, out, args.dpo_config, args.eval_config, args.limit, args.roles,
-                        shlex.split(args.dpo_args), shlex.split(args.eval_args)) for s in args.seeds}
-    summary = summarise(runs)
-    differences = {s: paired_differences(question_outcomes(out / f"seed{s}" / "eval" / "predictions.jsonl"))
-                   for s in args.seeds}
-    text = table(summary, args.seeds, differences)
-    atomic_write_json(out / "effect.json", {"seeds": runs, "summary": summary, "differences": differences})
-    atomic_write_text(out / "effect.md", text)
-    print(text)
+def controls_table(effect: dict[str, Any]) -> str:
+    """Each control beside the main method: mean ± std over seeds, then per seed its paired
+    difference from base in RAG accuracy and copy rate."""
+    controls = effect.get("controls") or {}
+    if not controls:
+        return ""
+    runs = {s: {**diag, **{name: per[s]["diagnostics"] for name, per in controls.items() if s in per}}
+            for s, diag in effect["seeds"].items()}
+    per_seed = {"dpo": effect["differences"]}
+    per_seed.update({name: {s: f["differences"] for s, f in per.items()} for name, per in controls.items()})
+    all_diffs = [d for by_seed in per_seed.values() for d in by_seed.values()]
+    meaning = "; ".join(f"`{name}` {CONTROLS.get(name, '')}".rstrip() for name in controls)
+    lines = ["## Controls", "",
+             f"On the main method's pairs, base policy, engine, LoRA, prompts and images: {meaning}. "
+             "Mean ± sample std over seeds.", "",
+             *_mean_table(summarise(runs)), "",
+             f"Method − base per seed, 95% paired bootstrap interval over {_n(all_diffs)} questions.", "",
+             "| method | seed | " + " | ".join(LABELS[m] for m in CONTROL_METRICS) + " |",
+             "|---|---|" + "---|" * len(CONTROL_METRICS)]
+    for name, by_seed in per_seed.items():
+        for s, d in by_seed.items():
+            lines.append(f"| {name} | {s} | " + " | ".join(_interval((d or {}).get(m)) for m in CONTROL_METRICS) + " |")
+    return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    main()
+def _fmt(x: float | None, signed: bool = False) -> str:
+    return "n/a" if x is None else f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def map_table(effect_map: dict[str, Any] | None) -> str:
+    """One row per knob value: the references' vote, base and DPO RAG accuracy, DPO − base."""
+    if not effect_map or not effect_map["points"]:
+        return ""
+    knob, points = effect_map["knob"], effect_map["points"]
+    lines = [f"## Effect map: {knob}", "",
+             f"One whole chain (seed 0) per value of `{knob}`; DPO − base with a 95% paired bootstrap interval "
+             f"over {_n([p['differences'] for p in points])} questions per point. Plot: effect_map.png.", "",
+             f"| {knob} | reference vote | base acc RAG | DPO acc RAG | Δ acc RAG | Δ copy rate |",
+             "|---|---|---|---|---|---|"]
+    for p in points:
+        diag, d = p["diagnostics"], p["differences"] or {}
+        value = f"{p['value']:g}" if isinstance(p["value"], float) else p["value"]
+        lines.append(f"| {value} | {_fmt(p['reference_vote_accuracy'])} | "
+                     f"{_fmt(diag.get('base', {}).get('accuracy_rag_fixed'))} | "
+                     f"{_fmt(diag.get('dpo', {}).get('accuracy_rag_fixed'))} | "
+                     f"{_interval(d.get('accuracy_rag_fixed'))} | {_interval(d.get('copy_rate'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def regime_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["## Regime", "",
+             "Means over seeds. The first five say whether the toy is in the regime where the paper's effect can "
+             "show; the last two whether it showed.", "",
+             "| check | target | measured | holds |", "|---|---|---|---|"]
+    for r in rows:
+        measured = _fmt(r["measured"], signed="seeds" in r or "−" in r["check"])
+        if "seeds" in r:
+            measured += f" ({r['seeds_excluding_zero']} of {r['seeds']} seeds' intervals exclude 0)"
+        holds = "n/a" if r["holds"] is None else "yes" if r["holds"] else "**no**"
+        lines.append(f"| {r['check']} | {r['target']} | {measured} | {holds} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(effect: dict[str, Any]) -> str:
+    """effect.md: the main table, the controls, the effect map and the regime check."""
+    intro = ("# Effect study\n\nBase vs DPO, each seed a whole chain (world, base policy, retrievers, pairs, DPO) "
+             "with that seed. Conditions no_rag, rag_fixed, noised_rag (copy rate = accuracy with a noised image and "
+             "retrieval); over-reliance = right without retrieval and wrong with it.\n")
+    sections = [intro, table(effect["summary"], list(effect["seeds"]), effect["differences"]),
+                controls_table(effect), map_table(effect.get("map")), regime_table(effect["regime"])]
+    return "\n".join(s for s in sections if s)

@@ -142,6 +142,40 @@ def plot_conditions(results: dict[str, Any], path: str | Path) -> Path | None:
     return _save(fig, Path(path))
 
 
+def plot_effect_map(effect_map: dict[str, Any], path: str | Path) -> Path | None:
+    """The effect study's map (effect.json ``map``): DPO − base in RAG accuracy and copy rate with
+    their 95% paired intervals, and base / DPO RAG accuracy beside the references' vote, per knob value."""
+    points = sorted((p for p in effect_map.get("points", []) if p.get("differences")), key=lambda p: p["value"])
+    if not points:
+        return None
+    xs = [p["value"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("accuracy_rag_fixed", "RAG accuracy"), ("copy_rate", "copy rate")):
+        d = [p["differences"][key] for p in points]
+        ys = [x["diff"] for x in d]
+        err = [[y - x["low"] for y, x in zip(ys, d)], [x["high"] - y for y, x in zip(ys, d)]]
+        left.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=label)
+    left.axhline(0, color="grey", lw=0.8)
+    left.set_title("DPO − base (95% paired interval)")
+    left.set_ylabel("difference")
+    for policy, style in (("base", "o-"), ("dpo", "s-")):
+        ys = [p["diagnostics"].get(policy, {}).get("accuracy_rag_fixed") for p in points]
+        right.plot(xs, [float("nan") if y is None else y for y in ys], style, ms=4, label=f"{policy} RAG accuracy")
+    votes = [p.get("reference_vote_accuracy") for p in points]
+    right.plot(xs, [float("nan") if v is None else v for v in votes], "k--", lw=1, label="reference vote")
+    right.set_title("accuracy with retrieval")
+    right.set_ylim(0, 1.02)
+    for ax in (left, right):
+        ax.set_xlabel(effect_map["knob"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ns = sorted({p["differences"]["copy_rate"]["n"] for p in points})
+    n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+    fig.suptitle(f"Effect map over {effect_map['knob']}: one whole chain (seed 0) per value, "
+                 f"n = {n} yes/no questions per point")
+    return _save(fig, Path(path))
+
+
 def plot_all(out: str | Path, results: dict[str, Any], clip_dir: str | Path, dpo_dir: str | Path) -> list[Path]:
     """Every plot whose inputs exist, into ``out``; returns the files written."""
     out = Path(out)

@@ -14,7 +14,7 @@ import tokenizers
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dpo.loss import dpo_loss
+from dpo.loss import dpo_loss, sft_loss
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -89,7 +89,7 @@ def _trl_eval(s, loss_type, beta, out_dir) -> dict[str, float]:
     return trainer.evaluate()
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "sft"])
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_matches_trl(setting, loss_type, beta, tmp_path):
     trl_metrics = _trl_eval(setting, loss_type, beta, tmp_path)
@@ -117,3 +117,17 @@ def test_loss_prefers_chosen():
     assert good.metrics()["rewards/accuracies"] == 1.0 and bad.metrics()["rewards/margins"] < 0
     with pytest.raises(ValueError):
         dpo_loss(z, z, z, z, loss_type="ipo")
+
+
+def test_sft_is_the_token_mean_nll_of_the_chosen_answers():
+    chosen, lengths = torch.tensor([-2.0, -6.0, -1.0]), torch.tensor([2.0, 4.0, 1.0])
+    assert sft_loss(chosen, lengths).item() == pytest.approx(9.0 / 7.0)  # pooled tokens, not a mean of means
+    rejected = torch.tensor([-0.5, -9.0, -3.0])
+    ref_c, ref_r = torch.tensor([-1.0, -1.0, -1.0]), torch.tensor([-4.0, -4.0, -4.0])
+    out = dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.5, loss_type="sft", chosen_lengths=lengths)
+    torch.testing.assert_close(out.losses, torch.full((3,), 9.0 / 7.0))  # one value on every pair, as TRL
+    other = dpo_loss(chosen, rejected - 5, ref_c + 3, ref_r - 2, beta=0.5, loss_type="sft", chosen_lengths=lengths)
+    torch.testing.assert_close(other.losses, out.losses)  # no rejected side, no reference in the loss
+    torch.testing.assert_close(out.chosen_rewards, 0.5 * (chosen - ref_c))  # rewards still measured
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(chosen, rejected, ref_c, ref_r, loss_type="sft")

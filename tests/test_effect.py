@@ -1,13 +1,23 @@
-"""The effect table's aggregation over seeds (evaluation.effect)."""
+"""The effect study: its figures (evaluation.effect) on hand-made evaluation files, its driver
+(pipeline.effect) with the chain and stage runs stubbed, and (slow) the whole study on a tiny world."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from evaluation.effect import paired_differences, question_outcomes, summarise, table
+import pipeline.demo as demo
+import pipeline.effect as driver
+from evaluation.effect import (
+    CONDITIONS, CONTROLS, assemble, control_figures, markdown, paired_differences, question_outcomes, reference_vote,
+    regime, run_figures, summarise, table,
+)
+from evaluation.evaluate import diagnostics
+
+METRICS = ("accuracy_no_rag", "accuracy_rag_fixed", "copy_rate", "over_reliance_rate")
 
 
 def test_summarise_means_and_sample_std_per_policy_and_metric():
@@ -30,9 +40,13 @@ def test_one_seed_has_zero_spread():
     assert s["dpo"]["copy_rate"] == {"mean": 0.25, "std": 0.0, "n": 1}
 
 
+def _rows(policy: str, by_condition: dict[str, list], file: str = "f") -> list[dict]:
+    return [{"policy": policy, "condition": c, "file": file, "index": i, "task": "vqa", "correct": bool(ok)}
+            for c, oks in by_condition.items() for i, ok in enumerate(oks)]
+
+
 def _predictions(path, base: dict[str, list[bool]], dpo: dict[str, list[bool]]):
-    rows = [{"policy": p, "condition": c, "file": "f", "index": i, "task": "vqa", "correct": ok}
-            for p, by_cond in (("base", base), ("dpo", dpo)) for c, oks in by_cond.items() for i, ok in enumerate(oks)]
+    rows = _rows("base", base) + _rows("dpo", dpo)
     rows.append({"policy": "base", "condition": "no_rag", "file": "f", "index": 99, "task": "vqa", "correct": True})  # unpaired
     rows.append({"policy": "dpo", "condition": "no_rag", "file": "r", "index": 0, "task": "report", "correct": None})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -57,8 +71,7 @@ def test_bootstrap_interval_shrinks_with_questions_and_excludes_zero_for_a_clear
     rng = np.random.default_rng(1)
     def outcomes(n, p_base, p_dpo):
         b, d = (rng.random(n) < p_base).astype(float), (rng.random(n) < p_dpo).astype(float)
-        return {"base": {m: b for m in ("accuracy_no_rag", "accuracy_rag_fixed", "copy_rate", "over_reliance_rate")},
-                "dpo": {m: d for m in ("accuracy_no_rag", "accuracy_rag_fixed", "copy_rate", "over_reliance_rate")}}
+        return {"base": {m: b for m in METRICS}, "dpo": {m: d for m in METRICS}}
     small = paired_differences(outcomes(100, 0.5, 0.5))["copy_rate"]
     large = paired_differences(outcomes(4000, 0.5, 0.6))["copy_rate"]
     assert large["high"] - large["low"] < (small["high"] - small["low"]) / 3
@@ -66,3 +79,248 @@ def test_bootstrap_interval_shrinks_with_questions_and_excludes_zero_for_a_clear
     assert paired_differences({"base": {}}) == {}
     md = table(summarise({0: {"base": {"copy_rate": 0.5}}}), [0], {0: paired_differences(outcomes(100, 0.5, 0.5))})
     assert "paired bootstrap interval over 100 questions" in md and "| 0 | " in md
+
+
+# ---------------------------------------------------------------- hand-made evaluations
+
+
+def _pattern(n: int, right: float, shift: int = 0) -> list[bool]:
+    """n answers, the first round(right * n) of them (rotated by ``shift``) right."""
+    k = round(right * n)
+    return [(i + shift) % n < k for i in range(n)]
+
+
+def _outcomes(acc: dict[str, float], n: int, shift: int = 0) -> dict[str, list[bool]]:
+    return {c: _pattern(n, acc[c], shift) for c in CONDITIONS}
+
+
+def _vote_files(votes: dict[str, tuple[float, int]]) -> dict:
+    """A retrieval_metrics.json ``files`` block: {file name: {reference_vote_accuracy, reference_vote_n}}."""
+    return {f"{name}.jsonl": {"reference_vote_accuracy": a, "reference_vote_n": n} for name, (a, n) in votes.items()}
+
+
+def write_eval(folder: Path, policies: dict[str, dict[str, list[bool]]], files=("radiology_test_vqa",),
+               votes: dict[str, tuple[float, int]] | None = None) -> Path:
+    """An evaluation folder as evaluation.evaluate writes it: predictions.jsonl and results.json
+    (rows per file, diagnostics, the retrieval stage's metrics)."""
+    predictions = [r for p, by_cond in policies.items() for f in files for r in _rows(p, by_cond, f)]
+    rows = [{"policy": p, "condition": c, "file": f, "task": "vqa", "n": len(policies[p][c])}
+            for p in policies for c in CONDITIONS for f in files]
+    if votes is None:
+        votes = {f: (0.8, 10) for f in files}
+    results = {"rows": rows, "diagnostics": diagnostics(predictions), "retrieval": {"files": _vote_files(votes)}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in predictions))
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+BASE = {"no_rag": 0.75, "rag_fixed": 0.80, "noised_rag": 0.78}
+GOOD_DPO = {"no_rag": 0.80, "rag_fixed": 0.95, "noised_rag": 0.55}
+
+
+def test_reference_vote_is_n_weighted_over_the_scored_vqa_files():
+    results = {"rows": [{"file": "a", "task": "vqa"}, {"file": "b", "task": "vqa"}, {"file": "r", "task": "report"}],
+               "retrieval": {"files": {**_vote_files({"a": (0.9, 30), "b": (0.5, 10), "c": (0.0, 99)}),
+                                       "r.jsonl": {"mean_k": 5}}}}
+    assert reference_vote(results) == pytest.approx((0.9 * 30 + 0.5 * 10) / 40)  # c was not evaluated
+    assert reference_vote({"rows": results["rows"], "retrieval": None}) is None
+
+
+def test_controls_pair_with_the_main_base_on_the_same_questions(tmp_path):
+    main = write_eval(tmp_path / "eval", {"base": _outcomes(BASE, 100), "dpo": _outcomes(GOOD_DPO, 100)})
+    control = write_eval(tmp_path / "control", {"dpo": _outcomes(BASE, 100)})  # learned nothing
+    got = control_figures(main, control)
+    assert got["diagnostics"]["copy_rate"] == pytest.approx(0.78)
+    for m in METRICS:
+        assert got["differences"][m]["diff"] == 0 and got["differences"][m]["n"] == 100
+    main_figures = run_figures(main)
+    assert main_figures["differences"]["accuracy_rag_fixed"]["diff"] == pytest.approx(0.15)
+    assert main_figures["reference_vote_accuracy"] == pytest.approx(0.8)
+
+
+def _differences(diff: float, low: float, high: float) -> dict:
+    return {m: {"diff": diff, "low": low, "high": high, "n": 100} for m in METRICS}
+
+
+def test_regime_rows_say_target_measured_and_holds():
+    runs = {s: {"base": {"accuracy_no_rag": 0.72 + 0.02 * s, "accuracy_rag_fixed": 0.80, "copy_rate": 0.78,
+                         "over_reliance_rate": 0.05}} for s in (0, 1)}
+    rows = {r["check"]: r for r in regime(runs, {0: _differences(0.08, 0.02, 0.14), 1: _differences(0.06, -0.01, 0.12)},
+                                          {0: 0.75, 1: None})}
+    assert rows["base accuracy without retrieval"]["measured"] == pytest.approx(0.73)
+    assert rows["base accuracy without retrieval"]["holds"] is True
+    assert rows["reference vote accuracy"]["measured"] == pytest.approx(0.75)  # a seed without a vote left out
+    assert rows["base RAG − no-RAG accuracy"]["measured"] == pytest.approx(0.07)
+    assert rows["base RAG accuracy − copy rate (it copies)"]["holds"] is True
+    gain = rows["DPO − base RAG accuracy"]
+    assert gain["measured"] == pytest.approx(0.07) and gain["seeds_excluding_zero"] == 1
+    assert gain["holds"] is False  # big enough on average, but seed 1's interval spans zero
+    copy = rows["DPO − base copy rate"]
+    assert copy["holds"] is False and copy["seeds_excluding_zero"] == 0  # it went up
+    nothing = regime({}, {}, {})
+    assert all(r["measured"] is None and r["holds"] is None for r in nothing)
+
+
+def test_study_assembles_seeds_controls_map_and_regime(tmp_path):
+    seeds, controls = {}, {"sft_chosen": {}}
+    for s in (0, 1, 2):
+        main = write_eval(tmp_path / f"seed{s}" / "eval", {"base": _outcomes(BASE, 200, s),
+                                                          "dpo": _outcomes(GOOD_DPO, 200, s)})
+        seeds[s] = run_figures(main)
+        control = write_eval(tmp_path / f"seed{s}" / "sft", {"dpo": _outcomes({**BASE, "rag_fixed": 0.85}, 200, s)})
+        controls["sft_chosen"][s] = control_figures(main, control)
+    points = [{"value": v, **run_figures(write_eval(tmp_path / f"map{v}", {"base": _outcomes(BASE, 100),
+                                                                           "dpo": _outcomes(dpo, 100)},
+                                                     votes={"radiology_test_vqa": (vote, 50)}))}
+              for v, dpo, vote in ((0.0, BASE, 0.6), (0.9, GOOD_DPO, 0.85))]
+    effect = assemble(seeds, controls, "prior_share", points)
+    assert set(effect) == {"seeds", "summary", "differences", "reference_vote_accuracy", "controls", "map", "regime"}
+    assert effect["controls"]["sft_chosen"][1]["differences"]["accuracy_rag_fixed"]["diff"] == pytest.approx(0.05)
+    assert [p["reference_vote_accuracy"] for p in effect["map"]["points"]] == [0.6, 0.85]
+    assert effect["map"]["points"][0]["differences"]["copy_rate"]["diff"] == 0
+    holds = {r["check"]: r["holds"] for r in effect["regime"]}
+    assert holds["base accuracy without retrieval"] and holds["reference vote accuracy"]
+    assert holds["DPO − base RAG accuracy"] and holds["DPO − base copy rate"]  # +0.15 and −0.23 on 200 questions
+    md = markdown(json.loads(json.dumps(effect)))  # as read back from effect.json
+    assert "`sft_chosen` supervised tuning on the chosen answers" in md and "`dpo_cm`" not in md
+    assert "## Controls" in md and "| sft_chosen | 1 | +0.050 [" in md and "| dpo | 0 | +0.150 [" in md
+    assert "| sft_chosen | 0.750 ± 0.000 | 0.850 ± 0.000 |" in md
+    assert "## Effect map: prior_share" in md and "| 0.9 | 0.850 | 0.800 | 0.950 | +0.150 [" in md
+    assert "over 100 questions per point" in md
+    assert "| DPO − base copy rate | ≤ −0.05, every seed's 95% interval below 0 | -0.230 (3 of 3" in md
+    assert "| base over-reliance | > 0 | 0.000 | **no** |" in md  # never right alone and wrong with references
+
+    from evaluation.plots import plot_effect_map
+
+    png = plot_effect_map(effect["map"], tmp_path / "effect_map.png")
+    assert png is not None and png.stat().st_size > 1000
+    assert plot_effect_map({"knob": "k", "points": []}, tmp_path / "none.png") is None
+
+
+def test_no_controls_and_no_map_leave_their_sections_out(tmp_path):
+    main = write_eval(tmp_path / "eval", {"base": _outcomes(BASE, 20), "dpo": _outcomes(BASE, 20)})
+    effect = assemble({0: run_figures(main)}, {})
+    assert "map" not in effect and effect["controls"] == {}
+    md = markdown(effect)
+    assert "## Controls" not in md and "## Effect map" not in md and "## Regime" in md
+    assert "| DPO − base RAG accuracy | ≥ +0.05, every seed's 95% interval above 0 | +0.000 (0 of 1" in md
+
+
+# ---------------------------------------------------------------- the driver, stages stubbed
+
+
+def test_every_control_has_its_options_and_its_meaning():
+    assert set(driver.CONTROLS) == set(CONTROLS)
+
+
+def test_world_label_and_chain_folders(tmp_path):
+    assert driver.world_label(["--size", "tiny", "--subtle_share", "0.5"]) == "size=tiny_subtle_share=0.5"
+    runs = driver.seed_runs([0, 1], tmp_path, [])
+    assert runs[0].chain == demo.OUT and runs[1].chain == tmp_path / "chains" / "seed1"  # seed 0: after the demo
+    tiny = driver.seed_runs([0], tmp_path, ["--size", "tiny"])[0]
+    assert tiny.chain == tmp_path / "chains" / "seed0_size=tiny" and tiny.eval_dir == tmp_path / "seed0" / "eval"
+    point = driver.map_runs("subtle_share", ["0.5"], tmp_path, ["--size", "tiny"])[0]
+    assert point.seed == 0 and point.world_args == ["--size", "tiny", "--subtle_share", "0.5"]
+    assert point.chain == tmp_path / "map" / "subtle_share=0.5" / "chain"
+
+
+class Stub:
+    """Records chain runs and stage commands; a stubbed evaluation writes hand-made results."""
+
+    def __init__(self):
+        self.chains: list[tuple] = []
+        self.commands: list[tuple[str, list[str]]] = []
+
+    def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None):
+        self.chains.append((Path(out), seed, list(world_args), until))
+
+    def python(self, module: str, *args: str) -> None:
+        self.commands.append((module, list(args)))
+        if module != "evaluation.evaluate":
+            return
+        opt = {args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startswith("--")}  # last one wins
+        policies = opt["--policies"].strip("[]").split(",")
+        write_eval(Path(opt["--out"]), {p: _outcomes(BASE if p == "base" else GOOD_DPO, 30) for p in policies})
+
+
+def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys):
+    stub = Stub()
+    monkeypatch.setattr(demo, "run_chain", stub.run_chain)
+    monkeypatch.setattr(driver, "_python", stub.python)
+    out = tmp_path / "effect"
+    argv = ["--seeds", "0", "1", "--out", str(out), "--limit", "7", "--controls", "dpo_cm", "sft_chosen",
+            "--map_knob", "subtle_share", "--map_values", "0.1", "0.6"]
+    driver.main(argv)
+    assert stub.chains == [(demo.OUT, 0, [], "train_dpo"), (out / "chains" / "seed1", 1, [], "train_dpo"),
+                           (out / "map" / "subtle_share=0.1" / "chain", 0, ["--subtle_share", "0.1"], "train_dpo"),
+                           (out / "map" / "subtle_share=0.6" / "chain", 0, ["--subtle_share", "0.6"], "train_dpo")]
+    trains = [args for module, args in stub.commands if module == "dpo.train_dpo"]
+    assert len(trains) == 4  # 2 controls x 2 seeds; the main method is the chain's own DPO
+    sft = next(a for a in trains if str(out / "seed1" / "controls" / "sft_chosen" / "dpo") in a)
+    assert sft[-4:] == ["--loss_type", "sft", "--sft_weight", "0"] and "--train.seed" in sft
+    evals = [args for module, args in stub.commands if module == "evaluation.evaluate"]
+    main_eval = next(a for a in evals if str(out / "seed1" / "eval") in a)
+    assert str(out / "chains" / "seed1" / "dpo" / "adapter") in main_eval
+    assert main_eval[main_eval.index("--limit") + 1] == "7" and "[no_rag,rag_fixed,noised_rag]" in main_eval
+    assert main_eval[main_eval.index("--noise.seed") + 1] == "1"
+
+    effect = json.loads((out / "effect.json").read_text())
+    assert set(effect["controls"]) == {"dpo_cm", "sft_chosen"} and set(effect["controls"]["dpo_cm"]) == {"0", "1"}
+    assert [p["value"] for p in effect["map"]["points"]] == [0.1, 0.6]
+    assert (out / "effect.md").is_file() and (out / "effect_map.png").is_file()
+    printed = capsys.readouterr().out
+    assert "[effect] seed 1 sft_chosen: training and evaluation" in printed and "done in" in printed
+
+    stub.chains.clear(), stub.commands.clear()
+    driver.main(argv)  # everything there: nothing redone
+    assert stub.chains == [] and stub.commands == []
+    assert "results exist, not redone" in capsys.readouterr().out
+
+    driver.main(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
+    assert stub.chains == [(out / "chains" / "seed2", 2, [], "build_pairs")]  # its own DPO: the chain stops before
+    (module, train), = [c for c in stub.commands if c[0] == "dpo.train_dpo"]
+    assert train[-2:] == ["--beta", "0.5"] and str(out / "seed2" / "dpo") in train
+    effect = json.loads((out / "effect.json").read_text())
+    assert effect["controls"] == {} and "map" not in effect and list(effect["seeds"]) == ["2"]
+
+
+def test_an_unknown_map_knob_stops_before_any_run(monkeypatch, capsys):
+    stub = Stub()
+    monkeypatch.setattr(demo, "run_chain", stub.run_chain)
+    with pytest.raises(SystemExit):
+        driver.main(["--map_knob", "no_such_knob"])
+    assert "not a make_toy option" in capsys.readouterr().err and stub.chains == []
+
+
+# ---------------------------------------------------------------- the whole study on a tiny world
+
+TINY = {  # a tiny world's chain in about two minutes on 2 busy cores
+    "make_toy_policy": ["--train.max_steps", "2", "--measure.limit", "4"],
+    "finetune_clip": ["--epochs", "1", "--classifier.steps", "5"],
+    "build_pairs": ["--limit", "12"],
+    "train_dpo": ["--train.max_steps", "2"],
+}
+
+
+@pytest.mark.slow
+def test_effect_study_on_a_tiny_world(tmp_path, monkeypatch):
+    """One whole-chain seed on a tiny world, its evaluation and the sft_chosen control, as
+    `bash scripts/effect.sh` runs them (stage sizes cut through the chain's stage options)."""
+    stage_args = demo.stage_args
+    monkeypatch.setattr(demo, "stage_args", lambda name, out, seed: stage_args(name, out, seed) + TINY.get(name, []))
+    out = tmp_path / "effect"
+    driver.main(["--seeds", "1", "--out", str(out), "--world_args", "--size tiny", "--limit", "4",
+                 "--controls", "sft_chosen", "--map_values"])
+    chain = out / "chains" / "seed1_size=tiny"
+    assert (chain / "dpo" / "adapter" / "adapter_config.json").is_file() and not (chain / "eval").exists()
+    effect = json.loads((out / "effect.json").read_text())
+    assert set(effect["seeds"]["1"]) == {"base", "dpo"}
+    d = effect["differences"]["1"]["accuracy_rag_fixed"]
+    assert d["low"] <= d["diff"] <= d["high"] and d["n"] > 0
+    sft = effect["controls"]["sft_chosen"]["1"]
+    assert sft["differences"]["copy_rate"]["n"] == d["n"]  # paired with the main base on the same questions
+    config = (out / "seed1" / "controls" / "sft_chosen" / "dpo" / "run_config.yaml").read_text()
+    assert "loss_type: sft" in config and "seed: 1" in config
+    assert 0 <= effect["reference_vote_accuracy"]["1"] <= 1
+    assert "## Regime" in (out / "effect.md").read_text()

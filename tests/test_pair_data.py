@@ -18,7 +18,7 @@ from common.io import InputError
 from data.images import SKIPPED_KEY, SkippedSample
 from data.noise import pure_noise, stable_seed
 from dpo.pair_data import (
-    PairCollator, PairDataset, StagedSampler, is_heldout, load_pairs, pair_type_of, split_heldout, stage_indices,
+    PairCollator, PairDataset, StagedSampler, is_heldout, load_pairs, pair_type_of, select_types, split_heldout, stage_indices,
 )
 from policy.budget import BUDGET_KEY
 from policy.policy import IGNORE
@@ -166,6 +166,16 @@ def test_released_records_get_types_and_stages(released, ours):
         stage_indices(records, [["cm"], ["oa1", "oa2"]])  # released oa pairs would be dropped
     with pytest.raises(ValueError, match="two stages"):
         stage_indices(records, [["cm"], ["cm"]])
+
+
+def test_select_types_keeps_the_listed_types_and_refuses_an_absent_one(released, ours):
+    ours_records = load_pairs([ours])
+    assert select_types(ours_records, []) == ours_records
+    cm = select_types(ours_records, ["cm"])
+    assert cm and {pair_type_of(r) for r in cm} == {"cm"}
+    assert stage_indices(cm, [["cm"]]) == [list(range(len(cm)))]  # a control trained on D_cm alone
+    with pytest.raises(InputError, match=r"\['oa'\].*have \['cm', 'oa1', 'oa2'\]"):
+        select_types(ours_records, ["oa"])  # the released files' type, misused on ours
 
 
 def test_staged_sampler_keeps_stage_order_and_reshuffles_per_epoch():

@@ -246,10 +246,29 @@ def test_eval_summary_per_pair_type_and_sft_term():
     assert only_first.item() == pytest.approx(out.losses[0].item())
 
 
+def test_sft_loss_trains_on_chosen_answers_without_a_reference(world, tmp_path, monkeypatch):
+    """loss_type sft (the effect study's sft_chosen control): no reference forward in training; the
+    held-out evaluation still scores both sides against the reference."""
+    import dpo.train_dpo as train_dpo
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("sft training ran a reference forward")
+
+    monkeypatch.setattr(train_dpo, "reference_mode", no_reference)
+    run(config(world, tmp_path, loss_type="sft", heldout_fraction=0.0, pair_types=["cm"], stages=[["cm"]],
+               train={"max_steps": 2}))
+    got = [r for r in rows(tmp_path) if "loss" in r]
+    assert len(got) == 2 and "rewards/chosen" not in got[-1]
+    assert all(r["loss"] > 0 and "logps/rejected" in r for r in got)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--lora.enabled", "false"], "lora.enabled"),
     (["--pairs", "[nope.json]"], "nope.json: annotation file does not exist"),
     (["--loss_type", "kto"], "loss_type"),
+    (["--loss_type", "sft", "--sft_weight", "1"], "sft_weight"),  # would add the same NLL again
+    (["--pair_types", "[oa]"], "pair_types"),
 ])
 def test_bad_input_exits_2_naming_it(world, tmp_path, monkeypatch, capsys, args, message):
     from common.config import cli_main

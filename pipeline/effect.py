@@ -1,0 +1,238 @@
+"""The effect study: does RAG preference tuning do what the paper says, over whole re-runs, against
+controls, and where in the toy world's settings?
+
+    bash scripts/effect.sh [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50] [--roles test_vqa]
+        [--controls NAME ...] [--map_knob prior_share] [--map_values 0.0 0.5 0.9] [--world_args "..."]
+
+Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, base policy,
+retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
+that of the whole method. Seed 0 without ``--world_args`` is the demo's own run, ``outputs/toy``
+(run the study after the demo); the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``).
+Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
+noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
+
+Controls, on every seed, differ from the main method (configs/toy/dpo.yaml: the paper's order,
+stages [[cm], [oa1, oa2]]) in one thing each, on the same pairs, base policy, engine, LoRA,
+prompts and images: ``dpo_cm`` D_cm alone, ``dpo_oa`` D_oa1 + D_oa2 alone, ``dpo_mixed`` all pairs
+in one mixed pass, ``sft_chosen`` supervised tuning on the chosen answers (loss_type sft). Each
+trains into ``<out>/seed<N>/controls/<name>/dpo`` and is evaluated alone, paired with its seed's
+base on the same questions.
+
+The effect map: one whole chain (seed 0) per value of a world knob (a toy.make_toy option), in
+``<out>/map/<knob>=<value>/`` (``chain/``, ``eval/``), evaluated like a seed.
+
+``--dpo_args`` (and a ``--dpo_config`` other than the default) retrain the main method into
+``<out>/seed<N>/dpo`` with those options, on the chain's pairs; the controls get them too. That
+compares DPO settings on ``--roles val_vqa`` without touching test.
+
+Writes ``<out>/effect.json``, ``effect.md`` (docs/DESIGN.md: the effect study) and
+``effect_map.png``. A run whose results exist is not redone, and an existing chain stage is
+skipped unless its inputs changed: a changed setting needs its own ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from common.io import atomic_write_json, atomic_write_text
+from evaluation.effect import CONDITIONS, CONTROLS as MEANING, assemble, control_figures, markdown, run_figures
+from evaluation.plots import plot_effect_map
+from pipeline import demo
+from toy.make_toy import ToyConfig
+
+DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
+CONTROLS = {  # train_dpo options on top of the main method's (their meaning: evaluation.effect.CONTROLS)
+    "dpo_cm": ["--pair_types", "[cm]", "--stages", "[[cm]]"],
+    "dpo_oa": ["--pair_types", "[oa1,oa2]", "--stages", "[[oa1,oa2]]"],
+    "dpo_mixed": ["--stages", "[]"],
+    "sft_chosen": ["--loss_type", "sft", "--sft_weight", "0"],
+}
+
+
+@dataclass
+class Study:
+    """What every run of the study shares: configs, evaluated questions, extra stage options."""
+
+    dpo_config: Path
+    eval_config: str
+    limit: int
+    roles: list[str]
+    dpo_args: list[str]
+    eval_args: list[str]
+
+    @property
+    def retrain(self) -> bool:
+        """Whether the main method is trained by the study rather than taken from the chain."""
+        return bool(self.dpo_args) or self.dpo_config != DPO_CONFIG
+
+
+@dataclass
+class Run:
+    """One whole chain and the study's outputs for it (a seed, or a point of the map)."""
+
+    label: str
+    seed: int
+    chain: Path  # pipeline.demo's folder: world/, policy/, clip/, retrieval/, pairs/, dpo/
+    world_args: list[str]
+    folder: Path  # eval/, dpo/ (with --dpo_args), controls/<name>/{dpo,eval}/
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.folder / "eval"
+
+
+def world_label(world_args: list[str]) -> str:
+    """``--size tiny --subtle_share 0.5`` -> ``size=tiny_subtle_share=0.5``: a folder name."""
+    parts, i = [], 0
+    while i < len(world_args):
+        key = world_args[i].removeprefix("--")
+        if i + 1 < len(world_args) and not world_args[i + 1].startswith("--"):
+            key, i = f"{key}={world_args[i + 1]}", i + 1
+        parts.append(key.replace("/", "_"))
+        i += 1
+    return "_".join(parts)
+
+
+def knob_value(text: str) -> float | str:
+    """A map value as effect.json holds it: a number when it is one."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def seed_runs(seeds: list[int], out: Path, world_args: list[str]) -> list[Run]:
+    """Seed 0 without world options is the demo's chain; every other seed gets its own."""
+    runs = []
+    for s in seeds:
+        if s == 0 and not world_args:
+            chain = demo.OUT
+        else:
+            chain = out / "chains" / (f"seed{s}_{world_label(world_args)}" if world_args else f"seed{s}")
+        runs.append(Run(f"seed {s}", s, chain, list(world_args), out / f"seed{s}"))
+    return runs
+
+
+def map_runs(knob: str, values: list[str], out: Path, world_args: list[str]) -> list[Run]:
+    """One seed-0 chain per knob value, the study's world options plus ``--<knob> <value>``."""
+    runs = []
+    for v in values:
+        folder = out / "map" / f"{knob}={v}"
+        runs.append(Run(f"{knob}={v}", 0, folder / "chain", [*world_args, f"--{knob}", v], folder))
+    return runs
+
+
+def dpo_command(run: Run, study: Study, output_dir: Path, extra: list[str] = ()) -> list[str]:
+    """train_dpo on the run's pairs and base policy, seeded like the chain's own DPO stage."""
+    return ["dpo.train_dpo", str(study.dpo_config), *demo.stage_args("train_dpo", run.chain, run.seed),
+            "--train.output_dir", str(output_dir), *study.dpo_args, *extra]
+
+
+def eval_command(run: Run, study: Study, dpo_dir: Path, out: Path, policies: list[str]) -> list[str]:
+    """evaluate on the run's retrieval with the study's roles, limit and conditions."""
+    return ["evaluation.evaluate", study.eval_config, *demo.stage_args("evaluate", run.chain, run.seed),
+            "--adapter", str(dpo_dir / "adapter"), "--dpo_dir", str(dpo_dir), "--out", str(out),
+            "--policies", f"[{','.join(policies)}]", "--conditions", f"[{','.join(CONDITIONS)}]",
+            "--limit", str(study.limit), "--roles", f"[{','.join(study.roles)}]", *study.eval_args]
+
+
+def _python(module: str, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", module, *args], check=True)
+
+
+@contextlib.contextmanager
+def progress(what: str) -> Iterator[None]:
+    print(f"[effect] {what} ...", flush=True)
+    start = time.time()
+    yield
+    print(f"[effect] {what}: done in {time.time() - start:.0f} s", flush=True)
+
+
+def run_main(run: Run, study: Study) -> Path:
+    """The run's chain (up to DPO) and its evaluation of base and DPO; its eval folder."""
+    if (run.eval_dir / "results.json").is_file():
+        print(f"[effect] {run.label}: results exist, not redone ({run.eval_dir})", flush=True)
+        return run.eval_dir
+    with progress(f"{run.label}: chain {run.chain}"):
+        demo.run_chain(run.chain, run.seed, run.world_args, until="build_pairs" if study.retrain else "train_dpo")
+    dpo_dir = run.chain / "dpo"
+    if study.retrain:
+        dpo_dir = run.folder / "dpo"
+        with progress(f"{run.label}: DPO with {shlex.join(study.dpo_args)} -> {dpo_dir}"):
+            _python(*dpo_command(run, study, dpo_dir))
+    with progress(f"{run.label}: evaluation -> {run.eval_dir}"):
+        _python(*eval_command(run, study, dpo_dir, run.eval_dir, ["base", "dpo"]))
+    return run.eval_dir
+
+
+def run_control(run: Run, name: str, study: Study) -> Path:
+    """One control trained on the run's pairs and evaluated alone; its eval folder."""
+    folder = run.folder / "controls" / name
+    if (folder / "eval" / "results.json").is_file():
+        print(f"[effect] {run.label} {name}: results exist, not redone ({folder / 'eval'})", flush=True)
+        return folder / "eval"
+    with progress(f"{run.label} {name}: training and evaluation -> {folder}"):
+        _python(*dpo_command(run, study, folder / "dpo", CONTROLS[name]))
+        _python(*eval_command(run, study, folder / "dpo", folder / "eval", ["dpo"]))
+    return folder / "eval"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="whole-chain seeds (default 0 1 2)")
+    ap.add_argument("--out", type=Path, default=Path("outputs/toy/effect"), help="output folder")
+    ap.add_argument("--world_args", default="",
+                    help='make_toy options of every chain, one string: "--subtle_share 0.5"')
+    ap.add_argument("--dpo_config", type=Path, default=DPO_CONFIG,
+                    help="DPO config of the controls (and of the main method when not the default)")
+    ap.add_argument("--eval_config", default="configs/toy/evaluate.yaml", help="evaluation config")
+    ap.add_argument("--limit", type=int, default=50, help="records per evaluated file (0 = all)")
+    ap.add_argument("--roles", nargs="+", default=["test_vqa"],
+                    help="index roles to evaluate (default test_vqa; val_vqa to compare settings)")
+    ap.add_argument("--dpo_args", default="", help='extra train_dpo options, one string: "--beta 0.5"; '
+                                                   "retrains the main method under <out>/seed<N>/dpo")
+    ap.add_argument("--eval_args", default="", help='extra evaluate options, one string: "--batch_size 8"')
+    ap.add_argument("--controls", nargs="*", choices=list(CONTROLS), default=list(CONTROLS),
+                    help="controls to run on every seed (default all; none when given empty): "
+                         + "; ".join(f"{name}: {MEANING[name]}" for name in CONTROLS))
+    ap.add_argument("--map_knob", default="prior_share", help="world knob of the effect map (a toy.make_toy option)")
+    ap.add_argument("--map_values", nargs="*", default=["0.0", "0.5", "0.9"],
+                    help="its values, one seed-0 chain each (default 0.0 0.5 0.9; none when given empty)")
+    args = ap.parse_args(argv)
+    knobs = [f.name for f in dataclasses.fields(ToyConfig) if f.name not in ("out", "seed")]
+    if args.map_values and args.map_knob not in knobs:
+        ap.error(f"--map_knob {args.map_knob}: not a make_toy option; its options are {knobs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    world_args = shlex.split(args.world_args)
+    study = Study(args.dpo_config, args.eval_config, args.limit, args.roles, shlex.split(args.dpo_args),
+                  shlex.split(args.eval_args))
+    seeds = seed_runs(args.seeds, args.out, world_args)
+    figures = {r.seed: run_figures(run_main(r, study)) for r in seeds}
+    controls = {name: {r.seed: control_figures(r.eval_dir, run_control(r, name, study)) for r in seeds}
+                for name in args.controls}
+    points = [{"value": knob_value(v), **run_figures(run_main(r, study))}
+              for v, r in zip(args.map_values, map_runs(args.map_knob, args.map_values, args.out, world_args))]
+    effect = assemble(figures, controls, args.map_knob if args.map_values else None, points)
+    text = markdown(effect)
+    atomic_write_json(args.out / "effect.json", effect)
+    atomic_write_text(args.out / "effect.md", text)
+    if "map" in effect:
+        plot_effect_map(effect["map"], args.out / "effect_map.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
