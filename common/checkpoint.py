@@ -115,6 +115,17 @@ class CheckpointManager:
         accelerator.wait_for_everyone()
         return final
 
+    def clear(self) -> int:
+        """Remove every checkpoint and pointer (main process): a fresh run into a folder that holds
+        an earlier run's checkpoints would otherwise be judged against its `best` and rotate
+        around its steps. Returns how many checkpoint folders went."""
+        steps = [p for p in self.root.glob("step-*") if p.is_dir()] if self.root.is_dir() else []
+        for path in [*steps, *self.root.glob(".step-*.tmp")]:
+            shutil.rmtree(path, ignore_errors=True)
+        for which in ("latest", "best"):
+            (self.root / f"{which}.json").unlink(missing_ok=True)
+        return len(steps)
+
     def mark_best(self, folder: Path) -> None:
         """Point ``best`` at ``folder`` with no metric: a run that could not validate still names its
         final weights; any measured checkpoint replaces it. Main process only."""

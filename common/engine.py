@@ -343,6 +343,11 @@ def train(
             step, epoch, seen = state["step"], state["epoch"], state["batches_in_epoch"]
             resumed_at = step
             accelerator.print(f"resumed from {folder} (step {step}, epoch {epoch}, batch {seen})")
+    if resumed_at is None and accelerator.is_main_process:
+        cleared = manager.clear()
+        if cleared:
+            print(f"fresh start: removed {cleared} checkpoint(s) of an earlier run from {manager.root}")
+    accelerator.wait_for_everyone()
     log = MetricsLogger(out, enabled=accelerator.is_main_process, resumed_at=resumed_at)
 
     def save(metrics: dict[str, float]) -> None:

@@ -40,7 +40,9 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
     """The options that put a stage's inputs and outputs under ``out`` and seed it with ``seed``.
 
     With the defaults (outputs/toy, seed 0) they repeat what the toy configs say, so one chain
-    serves the demo and every whole-chain seed of the effect study."""
+    serves the demo and every whole-chain seed of the effect study; except that DPO starts
+    fresh: the chain reruns a stage when its inputs changed, and resuming would continue a run
+    made on the earlier pairs."""
     w = out / "world"
     return {
         "make_toy": ["--out", str(w), "--seed", str(seed)],
@@ -50,7 +52,8 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
         "build_pairs": ["--policy.path", str(out / "policy"), "--retrieval_index", str(out / "retrieval" / "index.json"),
                         "--image_root", f"{w}/{{domain}}/images", "--out", str(out / "pairs"), "--noise.seed", str(seed)],
         "train_dpo": ["--pairs", f"[{out / 'pairs' / 'pairs.json'}]", "--policy.path", str(out / "policy"),
-                      "--train.output_dir", str(out / "dpo"), "--train.seed", str(seed), "--noise_seed", str(seed)],
+                      "--train.output_dir", str(out / "dpo"), "--train.seed", str(seed), "--noise_seed", str(seed),
+                      "--train.resume", ""],
         "evaluate": ["--retrieval_dir", str(out / "retrieval"), "--policy.path", str(out / "policy"),
                      "--clip_dir", str(out / "clip"), "--dpo_dir", str(out / "dpo"), "--out", str(out / "eval"),
                      "--noise.seed", str(seed)],

@@ -194,6 +194,16 @@ def test_resume_continues_exactly(tmp_path):
     assert (ckpt / "model" / "adapter_config.json").is_file()
 
 
+def test_fresh_start_clears_an_earlier_runs_checkpoints(tmp_path):
+    run(tmp_path, None, lm_loss(), epochs=6, save_every=1, keep=50)  # 18 checkpoints
+    (tmp_path / "checkpoints" / "best.json").write_text(json.dumps({"name": "step-00000018", "step": 18, "metric": -1.0}))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    _, again = run(tmp_path, None, lm_loss(), epochs=1)  # resume "" : a fresh run into the same folder
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-00000003"]
+    assert again.best_checkpoint is None  # the earlier run's `best` is gone with it
+
+
 def test_bad_batches_are_skipped(tmp_path):
     seen: list[int] = []
     data = Sequences(bad=tuple(range(9)))  # batches [0,1]..[6,7] entirely bad, [8,9] half
