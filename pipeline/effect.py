@@ -19,7 +19,8 @@ trains into ``<out>/seed<N>/controls/<name>/dpo`` and is evaluated alone, paired
 base on the same questions.
 
 The effect map: one whole chain (seed 0) per value of a world knob (a toy.make_toy option), in
-``<out>/map/<knob>=<value>/`` (``chain/``, ``eval/``), evaluated like a seed.
+``<out>/map/<knob>=<value>/`` (``chain/``, ``eval/``), evaluated like a seed; a value that gives
+seed 0's own world (the knob's default) is that seed's run, not a second copy of it.
 
 ``--dpo_args`` (and a ``--dpo_config`` other than the default) retrain the main method into
 ``<out>/seed<N>/dpo`` with those options, on the chain's pairs; the controls get them too. That
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from common.config import load_config, to_dict
 from common.io import atomic_write_json, atomic_write_text
 from evaluation.effect import CONDITIONS, CONTROLS as MEANING, assemble, control_figures, markdown, run_figures
 from evaluation.plots import plot_effect_map
@@ -122,12 +124,20 @@ def seed_runs(seeds: list[int], out: Path, world_args: list[str]) -> list[Run]:
     return runs
 
 
-def map_runs(knob: str, values: list[str], out: Path, world_args: list[str]) -> list[Run]:
-    """One seed-0 chain per knob value, the study's world options plus ``--<knob> <value>``."""
+def same_world(a: list[str], b: list[str]) -> bool:
+    """Whether two make_toy option lists give the same world (``--prior_share 0.0`` is the default)."""
+    return to_dict(load_config(ToyConfig, a)) == to_dict(load_config(ToyConfig, b))
+
+
+def map_runs(knob: str, values: list[str], out: Path, world_args: list[str], seeds: list[Run] = ()) -> list[Run]:
+    """One seed-0 chain per knob value, the study's world options plus ``--<knob> <value>``; a value
+    whose world is a seed-0 run's takes that run rather than repeating its whole chain."""
     runs = []
     for v in values:
+        args = [*world_args, f"--{knob}", v]
+        same = next((r for r in seeds if r.seed == 0 and same_world(r.world_args, args)), None)
         folder = out / "map" / f"{knob}={v}"
-        runs.append(Run(f"{knob}={v}", 0, folder / "chain", [*world_args, f"--{knob}", v], folder))
+        runs.append(same or Run(f"{knob}={v}", 0, folder / "chain", args, folder))
     return runs
 
 
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     controls = {name: {r.seed: control_figures(r.eval_dir, run_control(r, name, study)) for r in seeds}
                 for name in args.controls}
     points = [{"value": knob_value(v), **run_figures(run_main(r, study))}
-              for v, r in zip(args.map_values, map_runs(args.map_knob, args.map_values, args.out, world_args))]
+              for v, r in zip(args.map_values, map_runs(args.map_knob, args.map_values, args.out, world_args, seeds))]
     effect = assemble(figures, controls, args.map_knob if args.map_values else None, points)
     text = markdown(effect)
     atomic_write_json(args.out / "effect.json", effect)

@@ -223,6 +223,8 @@ def test_world_label_and_chain_folders(tmp_path):
     point = driver.map_runs("subtle_share", ["0.5"], tmp_path, ["--size", "tiny"])[0]
     assert point.seed == 0 and point.world_args == ["--size", "tiny", "--subtle_share", "0.5"]
     assert point.chain == tmp_path / "map" / "subtle_share=0.5" / "chain"
+    default, other = driver.map_runs("prior_share", ["0.0", "0.5"], tmp_path, [], runs)
+    assert default is runs[0] and other.chain == tmp_path / "map" / "prior_share=0.5" / "chain"  # 0.0: the demo's world
 
 
 class Stub:
