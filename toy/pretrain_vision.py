@@ -27,6 +27,7 @@ from typing import Callable
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -77,7 +78,8 @@ def pretrain_vision(
     """Train ``tower`` in place as a finding classifier on max-pooled ``patch_tokens(pixels)``
     (batch, tokens, width); return the last batch's loss. Images are flipped at random."""
     gen = torch.Generator().manual_seed(seed)
-    width = patch_tokens(pixels[:1]).shape[-1]
+    with torch.no_grad():
+        width = patch_tokens(pixels[:1]).shape[-1]
     head = torch.nn.Linear(width, labels.shape[1])
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.01)
     per_epoch = max(1, len(pixels) // batch_size)
@@ -103,6 +105,24 @@ def pretrain_vision(
     return float(loss.item())
 
 
+def pretrain_on_world(
+    tower: torch.nn.Module,
+    patch_tokens: Callable[[torch.Tensor], torch.Tensor],
+    to_pixels: Callable[[list[Image.Image]], torch.Tensor],
+    world: str,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[float, int]:
+    """Pretrain ``tower`` on the world's policy_train images (``to_pixels`` is the tower's own
+    preprocessing); return the last loss and the number of images."""
+    items = finding_images(world)
+    pixels = to_pixels([load_image(p) for p, _, _ in items])
+    loss = pretrain_vision(tower, patch_tokens, pixels, finding_labels(items)[1], epochs, lr, batch_size, seed)
+    return loss, len(items)
+
+
 @dataclass
 class PretrainVisionConfig:
     world: str = doc("outputs/toy/world", "toy world: its policy_train images and their findings train the tower")
@@ -119,16 +139,14 @@ def pretrain_clip_tower(cfg: PretrainVisionConfig) -> float:
     resolve_model_config(ClipSpec(model=cfg.model))
     torch.manual_seed(cfg.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(cfg.model)
-    items = finding_images(cfg.world)
-    pixels = torch.stack([preprocess(load_image(p)) for p, _, _ in items])
     visual = model.visual
     visual.output_tokens = True  # (pooled, tokens); the tokens are what pooling and retrieval build on
-    loss = pretrain_vision(visual, lambda x: visual(x)[1], pixels, finding_labels(items)[1], cfg.epochs,
-                           cfg.lr, cfg.batch_size, cfg.seed)
+    loss, n = pretrain_on_world(visual, lambda x: visual(x)[1], lambda images: torch.stack([preprocess(i) for i in images]),
+                                cfg.world, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed)
     visual.output_tokens = False
     with atomic_path(cfg.out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    print(f"toy image tower: {len(items)} images, {cfg.epochs} epochs, last loss {loss:.3f} -> {cfg.out}")
+    print(f"toy image tower: {n} images, {cfg.epochs} epochs, last loss {loss:.3f} -> {cfg.out}")
     return loss
 
 

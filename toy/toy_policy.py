@@ -37,12 +37,11 @@ from transformers import (
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.io import InputError, atomic_dir
-from data.images import load_image
 from data.manifest import manifest_files
 from data.readers import read_records
 from data.records import Record, ReportRecord, VqaRecord
 from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
-from toy.pretrain_vision import finding_images, finding_labels, pretrain_vision
+from toy.pretrain_vision import pretrain_on_world
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 
@@ -223,18 +222,17 @@ def build_toy_policy(texts: list[str], out: str | Path, cfg: ToyPolicyConfig) ->
     to ``out`` (atomically)."""
     if not texts:
         raise InputError(f"{cfg.world or cfg.texts}: no text found to train the tokenizer on")
+    if cfg.vision_pretrain_epochs > 0 and not cfg.world:
+        raise ConfigError("vision_pretrain_epochs needs --world (its policy_train images and findings)")
     texts = texts + template_texts(cfg.prompts)
     tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.max_positions)
     processor = build_processor(tokenizer, cfg)
     model = build_model(tokenizer, cfg)
     if cfg.vision_pretrain_epochs > 0:
-        if not cfg.world:
-            raise ConfigError("vision_pretrain_epochs needs --world (its policy_train images and findings)")
-        items = finding_images(cfg.world)
-        pixels = processor.image_processor(images=[load_image(p) for p, _, _ in items], return_tensors="pt")["pixel_values"]
         tower = model.model.vision_tower
-        pretrain_vision(tower, lambda x: tower(pixel_values=x).last_hidden_state[:, 1:],  # CLS dropped, as LLaVA does
-                        pixels, finding_labels(items)[1], cfg.vision_pretrain_epochs, seed=cfg.seed)
+        pretrain_on_world(tower, lambda x: tower(pixel_values=x).last_hidden_state[:, 1:],  # CLS dropped, as LLaVA does
+                          lambda images: processor.image_processor(images=images, return_tensors="pt")["pixel_values"],
+                          cfg.world, cfg.vision_pretrain_epochs, seed=cfg.seed)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
