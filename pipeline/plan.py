@@ -40,6 +40,9 @@ GB = 1024**3
 # policy.policy.sequence_logps (and transformers' causal-LM loss) do it: the model's 16-bit logits,
 # their float32 copy, and the float32 log-softmax kept for the backward.
 LOGITS_BYTES = 2 + 4 + 4
+# A DPO step's reference forward (no gradient) runs while the policy's logits are kept: its float32
+# logits and their log-softmax are alive beside them for a moment.
+REFERENCE_LOGITS_BYTES = 4 + 4
 
 
 @dataclass
@@ -171,17 +174,22 @@ def model_state_bytes(total: int, trainable: int, largest_layer: int, gpus: int)
 
 
 def activation_bytes(model: torch.nn.Module, rows: int, length: int, checkpointing: bool, lora: LoraConfig,
-                     element: int) -> dict[str, float]:
+                     element: int, lora_bytes: int, mask_bytes: int = 1) -> dict[str, float]:
     """Bytes of the language model's activations kept for the backward, and of the loss's logits.
 
-    Hand-written (no library estimates activations): per decoder layer and token, the tensors a
-    Llama/Qwen2 layer saves with a fused attention (SDPA / FlashAttention: no [heads, length, length]
-    matrix kept): 2 norm inputs, the q/k/v input, q, k, v, the attention output, the MLP input, gate,
-    up, act(gate) and their product: 5 h + 2 kv + 4 i elements (cf. Korthikanti et al. 2022,
-    "Reducing Activation Recomputation", 34 s b h bytes for a GPT layer). LoRA adds per adapted
-    linear its r-wide hidden and, with dropout, a dropped copy of the input. With gradient
-    checkpointing each layer keeps only its input, and one layer is recomputed at a time. The
-    float32 norm internals and the frozen vision tower (no gradient through it) are not counted.
+    Hand-written (no library estimates activations), per decoder layer and token, from what autograd
+    saves in a Llama / Mistral / Qwen2 layer with a fused attention (SDPA, FlashAttention: no
+    [heads, length, length] matrix kept; cf. Korthikanti et al. 2022, "Reducing Activation
+    Recomputation in Large Transformer Models"), checked against the saved tensors of a tiny Llama
+    (tests/test_plan.py): q, k, v and the attention output, the MLP's gate, up and act(gate) in
+    ``element`` bytes, each RMSNorm's float32 input, and the inputs of the linears that train.
+    A frozen linear keeps no input; a LoRA one keeps its input once per group reading the same
+    tensor (q/k/v, gate/up; o_proj reads the attention output), or, when it casts the input to
+    its ``lora_bytes`` weights or drops it out, its own copy (+ the dropout mask: a bool on CUDA,
+    ``mask_bytes`` 1; CPU keeps it in the input's dtype), and its r-wide hidden. Full fine-tuning
+    keeps every linear's input and the norms' outputs (their weights train). The final norm adds
+    its input once. With gradient checkpointing each layer keeps only its input and one layer is
+    recomputed at a time. The frozen vision tower keeps nothing (no gradient flows through it).
     """
     from peft.tuners.lora import LoraLayer
 
@@ -189,12 +197,31 @@ def activation_bytes(model: torch.nn.Module, rows: int, length: int, checkpointi
     h, i, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     kv = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * (
         getattr(text, "head_dim", None) or h // text.num_attention_heads)
-    adapted = [m for n, m in model.named_modules() if isinstance(m, LoraLayer) and policy_part(n) == "language_model"]
-    extra = sum(lora.r + (m.in_features if lora.dropout > 0 else 0) for m in adapted) / layers
-    layer = rows * length * element * (5 * h + 2 * kv + 4 * i + extra)
-    kept = layers * rows * length * h * element + layer if checkpointing else layers * layer
+    per_token = element * (2 * h + 2 * kv + 3 * i) + 4 * 2 * h
+    if not lora.enabled:  # every linear trains: the two norm outputs (for q/k/v, gate/up and the norms'
+        per_token += element * (4 * h + i)  # weights, counted twice) and down_proj's input
+    else:
+        shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj", "o_proj": None}
+        own_copy = lora.dropout > 0 or lora_bytes != element
+        inputs, kept = set(), 0
+        for name, m in model.named_modules():
+            if not isinstance(m, LoraLayer) or policy_part(name) != "language_model":
+                continue
+            prefix, _, last = name.rpartition(".")
+            group = shared.get(last, last)
+            kept += lora.r * lora_bytes
+            if own_copy:
+                kept += m.in_features * (lora_bytes + (mask_bytes if lora.dropout > 0 else 0))
+            elif group and (prefix, group) not in inputs:
+                inputs.add((prefix, group))
+                kept += m.in_features * element
+        per_token += kept / layers
+    layer = rows * length * per_token
+    # the final norm's float32 input, and with full fine-tuning its output (lm_head's input)
+    last = rows * length * (4 * h + (0 if lora.enabled else element * h))
+    kept_all = last + (layers * rows * length * h * element + layer if checkpointing else layers * layer)
     vocab = model.get_output_embeddings().out_features
-    return {"activations": kept, "logits": rows * length * vocab * LOGITS_BYTES}
+    return {"activations": kept_all, "logits": rows * length * vocab * LOGITS_BYTES}
 
 
 def memory_gb(states: dict[str, dict[str, float]], activations: dict[str, float] | None) -> dict[str, dict]:
@@ -357,14 +384,22 @@ def policy_plan(kind: str, cfg: DpoConfig | SftConfig, opts: PlanOptions) -> dic
     total = sum(p["total"] for p in parts.values())
     trainable = sum(p["trainable"] for p in parts.values())
     states = model_state_bytes(total, trainable, largest_layer(model), opts.gpus)
-    acts = activation_bytes(model, rows, length, cfg.train.gradient_checkpointing, cfg.lora, element) if length else None
+    # PEFT keeps LoRA weights in float32; under DeepSpeed the engine casts them to the model's dtype
+    lora_bytes = element if cfg.train.deepspeed else 4
+    acts = (activation_bytes(model, rows, length, cfg.train.gradient_checkpointing, cfg.lora, element, lora_bytes)
+            if length else None)
+    reference = kind == "dpo" and not cfg.cache_reference and cfg.loss_type != "sft"
+    if acts and reference:
+        acts["logits"] *= (LOGITS_BYTES + REFERENCE_LOGITS_BYTES) / LOGITS_BYTES
     return {
         "kind": kind, "model": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
         "total_params": total, "trainable_params": trainable, "parts": parts, "gpus": opts.gpus,
         "memory_gb": memory_gb(states, acts),
         "memory_assumptions": {"rows": rows, "length": length, "bytes_per_activation": element,
                                "gradient_checkpointing": cfg.train.gradient_checkpointing,
-                               "not_counted": ["float32 norm internals", "the vision tower's activations"
+                               "reference_forward_logits": reference,
+                               "not_counted": ["transient buffers of the backward (gradients of activations and "
+                                               "logits)", "the vision tower's activations"
                                                + (" (it trains in this run)" if cfg.lora.train_vision else " (frozen)")]},
         "lengths": lengths,
         "steps_per_epoch": None if n_train is None else steps_per_epoch(
