@@ -19,20 +19,34 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import open_clip
 import torch
 import yaml
+from accelerate import init_empty_weights
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+from peft.tuners.lora import LoraLayer
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from common.config import ConfigError, cli_main, doc, load_config
-from common.engine import OUTPUT_MODULES, PROJECTOR_MODULES, VISION_MODULES, LoraConfig, _has_part, apply_lora
+from common.engine import PROJECTOR_MODULES, VISION_MODULES, LoraConfig, _has_part, apply_lora
 from common.io import InputError, atomic_write_json
+from data.datasets import QueryDataset
+from data.release import image_search_path
+from dpo.pair_data import CpuEncoder, PairDataset, load_pairs, prompt_parts, select_types, split_heldout
 from dpo.train_dpo import DpoConfig
+from policy.budget import answer_tokens, budget_for, fit_prompt, model_limit, percentiles
 from policy.policy import PolicySpec
-from policy.train_sft import SftConfig
+from policy.prompts import load_prompt_templates
+from policy.train_sft import SftConfig, _keep, read_examples, training_sources
+from retriever.clip_data import item_records
 from retriever.finetune_clip import ClipTrainConfig
+from retriever.model import resolve_model_config
 
 KINDS: dict[str, type] = {"dpo": DpoConfig, "sft": SftConfig, "clip": ClipTrainConfig}
 GB = 1024**3
@@ -87,9 +101,6 @@ def detect_kind(config: str) -> str:
 
 def meta_policy(spec: PolicySpec) -> torch.nn.Module:
     """The policy's architecture as the policy loader builds it (AutoModelForImageTextToText), no weights."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     if not (Path(spec.path) / "config.json").is_file():
         raise InputError(f"{spec.path}: no config.json (policy.path must be a Hugging Face checkpoint folder)")
     try:
@@ -102,8 +113,6 @@ def meta_policy(spec: PolicySpec) -> torch.nn.Module:
 
 def with_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False) -> torch.nn.Module:
     """``apply_lora`` as training calls it, its new weights on the meta device too."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights():
         return apply_lora(model, lora, gradient_checkpointing)
 
@@ -120,7 +129,7 @@ def clip_part(name: str) -> str:
     return "image_tower" if name.split(".")[0] == "visual" else "text_tower"
 
 
-def count_parts(model: torch.nn.Module, part_of: Any) -> dict[str, dict[str, int]]:
+def count_parts(model: torch.nn.Module, part_of: Callable[[str], str]) -> dict[str, dict[str, int]]:
     """{part: {total, trainable}} over the model's parameters, each shared one counted once."""
     parts: dict[str, dict[str, int]] = {}
     for name, p in model.named_parameters():
@@ -132,8 +141,6 @@ def count_parts(model: torch.nn.Module, part_of: Any) -> dict[str, dict[str, int
 
 def check_vision(model: torch.nn.Module) -> None:
     """Refuse a model whose vision tower LoRA reaches, or which the engine cannot tell apart."""
-    from peft.tuners.lora import LoraLayer
-
     config = getattr(model, "config", None)
     names = [n for n, _ in model.named_parameters()]
     if getattr(config, "vision_config", None) is not None and not any(policy_part(n) == "vision_tower" for n in names):
@@ -158,9 +165,6 @@ def model_state_bytes(total: int, trainable: int, largest_layer: int, gpus: int)
     as DeepSpeed's ZeRO-2 comment splits them: gradients 2 + 4, optimizer 4 (fp32 master weights)
     + 8 (Adam moments); weights are the rest of the estimate.
     """
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
     frozen = total - trainable
     _, zero2 = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=gpus, cpu_offload=False)
     _, zero3, _ = estimate_zero3_model_states_mem_needs(
@@ -191,8 +195,6 @@ def activation_bytes(model: torch.nn.Module, rows: int, length: int, checkpointi
     its input once. With gradient checkpointing each layer keeps only its input and one layer is
     recomputed at a time. The frozen vision tower keeps nothing (no gradient flows through it).
     """
-    from peft.tuners.lora import LoraLayer
-
     text = model.config.get_text_config()
     h, i, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     kv = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * (
@@ -236,8 +238,6 @@ def memory_gb(states: dict[str, dict[str, float]], activations: dict[str, float]
 
 def largest_layer(model: torch.nn.Module) -> int:
     """DeepSpeed's largest layer (the most parameters one module holds itself), which ZeRO-3 gathers whole."""
-    from deepspeed.runtime.zero.stage3 import model_to_params
-
     return model_to_params(model)[1]  # its total counts by data_ptr, which is 0 for every meta tensor
 
 
@@ -246,8 +246,6 @@ def largest_layer(model: torch.nn.Module) -> int:
 
 def length_stats(columns: dict[str, list[int]], max_length: int | None, unreadable: int) -> dict[str, Any]:
     """Median, p90 and max of each column of token counts; how many of the last exceed ``max_length``."""
-    from policy.budget import percentiles
-
     stats = {name: {"median": statistics.median(v), "p90": percentiles(v)["p90"], "max": max(v)}
              for name, v in columns.items()}
     last = list(columns.values())[-1]
@@ -261,8 +259,6 @@ def unavailable(reason: str) -> dict[str, Any]:
 
 def load_processor(spec: PolicySpec) -> Any:
     """The checkpoint's processor, or None when the folder has none (a config.json-only folder)."""
-    from transformers import AutoProcessor
-
     try:
         return AutoProcessor.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError):
@@ -272,8 +268,6 @@ def load_processor(spec: PolicySpec) -> Any:
 def measure(encoder: Any, items: list[tuple[Any, list, list[str]]], templates: Any) -> tuple[list[int], list[int]]:
     """(prompt tokens, prompt + longest answer tokens) of each (prompt parts, images, answers),
     counted as the token budget counts them (policy.budget), with every reference kept."""
-    from policy.budget import answer_tokens, fit_prompt
-
     prompts, totals = [], []
     for parts, images, answers in items:
         n = fit_prompt(encoder, parts, templates, images, None, 0).note.prompt_tokens
@@ -284,9 +278,6 @@ def measure(encoder: Any, items: list[tuple[Any, list, list[str]]], templates: A
 
 def dpo_data(cfg: DpoConfig, limit: int) -> tuple[list[Any], int]:
     """(the pairs whose lengths are measured, the training pairs one epoch goes through)."""
-    from data.release import image_search_path
-    from dpo.pair_data import load_pairs, select_types, split_heldout
-
     roots = image_search_path(cfg.image_root, cfg.image_roots) or None
     records = select_types(load_pairs(cfg.pairs, roots, "skip", []), cfg.pair_types)
     train, _ = split_heldout(records, cfg.heldout_fraction, cfg.heldout_seed)
@@ -307,9 +298,6 @@ def readable(dataset: Any, item: Callable[[int, dict], Any]) -> tuple[list, int]
 
 def dpo_items(cfg: DpoConfig, records: list[Any], templates: Any) -> tuple[list, int]:
     """(parts, images, answers) of each pair whose images read; and how many did not."""
-    from data.release import image_search_path
-    from dpo.pair_data import PairDataset, prompt_parts
-
     def item(k: int, s: dict) -> tuple:
         images = [s["image"]] if s["rejected_image"] is s["image"] else [s["image"], s["rejected_image"]]
         return prompt_parts(records[k], templates), images, [records[k].chosen, records[k].rejected]
@@ -320,8 +308,6 @@ def dpo_items(cfg: DpoConfig, records: list[Any], templates: Any) -> tuple[list,
 
 def sft_data(cfg: SftConfig, limit: int) -> tuple[list[Any], int]:
     """(the training examples whose lengths are measured, the number one epoch goes through)."""
-    from policy.train_sft import _keep, read_examples, training_sources
-
     examples = read_examples(training_sources(cfg.data), cfg.data, cfg.train.seed, skipped=[])
     train = [e for e in examples if _keep(f"{e.domain}/{e.record.id}", cfg.data.val_fraction, cfg.train.seed, "val")]
     return train[: limit or None], len(train)
@@ -329,8 +315,6 @@ def sft_data(cfg: SftConfig, limit: int) -> tuple[list[Any], int]:
 
 def sft_items(examples: list[Any]) -> tuple[list, int]:
     """(parts, image, answer) of each example whose image reads; and how many did not."""
-    from data.datasets import QueryDataset
-
     dataset = QueryDataset([e.record for e in examples], None, lambda im: im.convert("RGB"))
     return readable(dataset, lambda k, s: (examples[k].parts(), [s["image"]], [examples[k].answer]))
 
@@ -345,10 +329,6 @@ def steps_per_epoch(n: int, batch: int, accum: int, gpus: int) -> int:
 
 def policy_plan(kind: str, cfg: DpoConfig | SftConfig, opts: PlanOptions) -> dict[str, Any]:
     """The plan of an SFT or DPO config (see the module docstring)."""
-    from dpo.pair_data import CpuEncoder
-    from policy.budget import budget_for, model_limit
-    from policy.prompts import load_prompt_templates
-
     model = meta_policy(cfg.policy)
     model = with_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
     check_vision(model)
@@ -410,11 +390,6 @@ def policy_plan(kind: str, cfg: DpoConfig | SftConfig, opts: PlanOptions) -> dic
 def clip_plan(cfg: ClipTrainConfig, opts: PlanOptions) -> dict[str, Any]:
     """The plan of a CLIP config: every weight trains; lengths are the reports' tokens against the
     text tower's context (open_clip truncates beyond it). Activations are not estimated."""
-    import open_clip
-
-    from retriever.clip_data import item_records
-    from retriever.model import resolve_model_config
-
     name, _ = resolve_model_config(cfg.clip)
     try:
         with torch.device("meta"):
@@ -490,8 +465,6 @@ def describe(plan: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    import sys
-
     plan, out = make_plan(sys.argv[1:])
     print(describe(plan))
     atomic_write_json(out / "plan.json", plan)
