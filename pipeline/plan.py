@@ -20,6 +20,7 @@ import dataclasses
 import math
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -28,12 +29,10 @@ import open_clip
 import torch
 import yaml
 from accelerate import init_empty_weights
-from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
-from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from common.config import ConfigError, cli_main, doc, load_config
+from common.config import ConfigError, cli_main, doc, help_text, load_config
 from common.engine import PROJECTOR_MODULES, VISION_MODULES, LoraConfig, _has_part, apply_lora
 from common.io import InputError, atomic_write_json
 from data.datasets import QueryDataset
@@ -113,7 +112,8 @@ def meta_policy(spec: PolicySpec) -> torch.nn.Module:
 
 def with_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: bool = False) -> torch.nn.Module:
     """``apply_lora`` as training calls it, its new weights on the meta device too."""
-    with init_empty_weights():
+    with init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' renaming of gradient checkpointing
         return apply_lora(model, lora, gradient_checkpointing)
 
 
@@ -165,6 +165,10 @@ def model_state_bytes(total: int, trainable: int, largest_layer: int, gpus: int)
     as DeepSpeed's ZeRO-2 comment splits them: gradients 2 + 4, optimizer 4 (fp32 master weights)
     + 8 (Adam moments); weights are the rest of the estimate.
     """
+    # DeepSpeed is imported here, after the checks: without a GPU its import logs a warning line
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
     frozen = total - trainable
     _, zero2 = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=gpus, cpu_offload=False)
     _, zero3, _ = estimate_zero3_model_states_mem_needs(
@@ -238,6 +242,8 @@ def memory_gb(states: dict[str, dict[str, float]], activations: dict[str, float]
 
 def largest_layer(model: torch.nn.Module) -> int:
     """DeepSpeed's largest layer (the most parameters one module holds itself), which ZeRO-3 gathers whole."""
+    from deepspeed.runtime.zero.stage3 import model_to_params  # see model_state_bytes
+
     return model_to_params(model)[1]  # its total counts by data_ptr, which is 0 for every meta tensor
 
 
@@ -424,8 +430,10 @@ def clip_plan(cfg: ClipTrainConfig, opts: PlanOptions) -> dict[str, Any]:
 
 def make_plan(argv: list[str]) -> tuple[dict[str, Any], Path]:
     """(the plan, the folder it belongs in) for a command line."""
-    if "-h" in argv or "--help" in argv:  # the plan's options; a trainer's: --kind K --help
-        load_config(PlanOptions, ["--help"], description=__doc__)
+    if "-h" in argv or "--help" in argv:
+        print(f"{__doc__}\nthe plan's options:\n{help_text(PlanOptions)}\n\nevery other --key is the training config's: "
+              "python -m dpo.train_dpo --help, python -m policy.train_sft --help, python -m retriever.finetune_clip --help")
+        raise SystemExit(0)
     own, rest = split_args(argv)
     opts = load_config(PlanOptions, own)
     if opts.gpus < 1:

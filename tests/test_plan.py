@@ -12,7 +12,7 @@ import pytest
 import torch
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from common.config import ConfigError
+from common.config import ConfigError, cli_main
 from common.engine import LoraConfig
 from dpo.pair_data import PairCollator, PairDataset, load_pairs, split_heldout
 from pipeline import plan
@@ -186,10 +186,15 @@ def test_max_length_below_the_median_prompt_is_refused(world, tmp_path):
     assert not (tmp_path / "plan.json").exists()
 
 
-def test_lora_targets_matching_nothing_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="matches no linear layer"):
-        plan.make_plan([DPO, "--policy.path", str(FIXTURES / "llava-1.5-7b"), "--lora.target_modules", "[qkv_proj]",
-                        "--out", str(tmp_path)])
+def test_lora_targets_matching_nothing_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["plan", DPO, "--policy.path", str(FIXTURES / "llava-1.5-7b"),
+                                     "--lora.target_modules", "[qkv_proj]", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        cli_main(plan.main)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matches no linear layer" in err[0]
+    assert not (tmp_path / "plan.json").exists()
 
 
 def test_lora_on_the_vision_tower_is_refused():
