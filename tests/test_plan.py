@@ -18,7 +18,8 @@ from dpo.pair_data import PairCollator, PairDataset, load_pairs, split_heldout
 from pipeline import plan
 from policy.policy import PolicySpec
 from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
-from tests.test_pair_data import toy_policy, write_pairs
+from tests.test_pair_data import policy_texts, toy_policy, write_pairs
+from tests.tiny_qwen2vl import build_tiny_qwen2vl
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -148,13 +149,15 @@ def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("plan")
     write_pairs(root, n=16)
     toy_policy(root / "policy")
+    build_tiny_qwen2vl(policy_texts(), root / "qwen2vl")
     return root
 
 
-def test_lengths_are_the_encoded_lengths(world, tmp_path):
+@pytest.mark.parametrize("policy", ["policy", "qwen2vl"])  # a LLaVA; Qwen2-VL's image tokens depend on the image size
+def test_lengths_are_the_encoded_lengths(world, tmp_path, policy):
     """The longest row of each pair as the DPO collator encodes it (all references kept) is the plan's sequence."""
     pairs = world / "pairs.json"
-    got, _ = plan.make_plan([DPO, "--policy.path", str(world / "policy"), "--pairs", f"[{pairs}]", "--policy.prompts",
+    got, _ = plan.make_plan([DPO, "--policy.path", str(world / policy), "--pairs", f"[{pairs}]", "--policy.prompts",
                              str(DEFAULT_PROMPTS), "--image_root", str(world / "images"), "--out", str(tmp_path), "--gpus", "2", "--train.batch_size", "2"])
     train, _ = split_heldout(load_pairs([pairs]), 0.05, 0)
     assert got["steps_per_epoch"] == -(-len(train) // 4)
@@ -163,7 +166,7 @@ def test_lengths_are_the_encoded_lengths(world, tmp_path):
     assert lengths["records"] == len(train) and lengths["over_max_length"] == 0
     from transformers import AutoProcessor
 
-    collate = PairCollator(train, AutoProcessor.from_pretrained(world / "policy"), ["cm", "oa1", "oa2"],
+    collate = PairCollator(train, AutoProcessor.from_pretrained(world / policy), ["cm", "oa1", "oa2"],
                            load_prompt_templates(DEFAULT_PROMPTS), None)
     dataset = PairDataset(train, str(world / "images"))
     rows = [int(collate([dataset[i]])["inputs"]["attention_mask"].sum(1).max()) for i in range(len(train))]
