@@ -46,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
-from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl, write_path
+from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl, write_path, run_lock
 from data.images import BadImageError, Roots, load_image, pick_root, resolve_image
 from data.noise import NoiseConfig, make_x_v_star as x_v_star
 from data.readers import bad_records_summary, detect_kind, read_index, read_records
@@ -563,7 +563,8 @@ def main() -> None:
     cfg = load_config(PairsConfig, description=__doc__)
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, got {cfg.batch_size}")
-    run(cfg)
+    with run_lock(cfg.out):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from common.checkpoint import CheckpointManager
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, build_accelerator, param_groups
-from common.io import InputError, atomic_write_json, write_path
+from common.io import InputError, atomic_write_json, write_path, run_lock
 from common.metrics import MetricsLogger
 from data.readers import bad_records_summary
 from data.records import DOMAINS, ReportRecord
@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"no retriever_train file found for any of {cfg.domains} (missing: {missing}); nothing to train")
     accelerator = build_accelerator(EngineConfig(mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed))
     for domain in domains:
-        train_domain(cfg, domain, accelerator)
+        with run_lock(Path(cfg.output_dir) / domain, accelerator.is_main_process):
+            train_domain(cfg, domain, accelerator)
     summary = {"domains": domains, "skipped": [d for d in cfg.domains if d not in present], "missing": missing, "classifier": None}
     if cfg.domain_classifier:
         summary["classifier"] = _train_classifier(cfg, [d for d in cfg.classifier_domains if d in present], accelerator)
