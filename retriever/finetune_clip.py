@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointManager
 from common.config import ConfigError, cli_main, doc, load_config, save_config
-from common.engine import EngineConfig, build_accelerator, param_groups
+from common.engine import EngineConfig, _any_process, build_accelerator, param_groups, stop_diverged
 from common.io import InputError, atomic_write_json, write_path, run_lock
 from common.metrics import MetricsLogger
 from data.readers import bad_records_summary
@@ -290,6 +290,9 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
                     with accelerator.autocast():
                         image_f, text_f, scale = model(batch["image"], tokens)
                     loss = loss_fn(image_f, text_f, scale, step)
+                    if _any_process(accelerator, not math.isfinite(loss.item())):
+                        stop_diverged(accelerator, ckpt, step - 1, f"{domain}: diverged at step {step + 1}: the "
+                                      f"contrastive loss is not finite (this process: {loss.item():.4g})")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
