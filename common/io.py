@@ -42,10 +42,12 @@ def run_lock(folder: str | Path, enabled: bool | None = None) -> Iterator[None]:
 
     A second run into a folder a live run holds stops at once with one line (InputError, exit 2).
     The kernel releases the lock when its process dies, so the file a killed run leaves behind
-    blocks nobody; a clean exit removes it, and the folder too when the lock made it and it
-    stayed empty. A nested call for a folder this process already holds is a no-op. Only the
-    main process locks (``enabled``, by default: RANK unset or 0, as torchrun and accelerate set
-    it). (Hand-written: filelock's FileLock waits or polls, it does not refuse at once.)
+    blocks nobody; a clean exit removes it, and the folders the lock made that stayed empty. A
+    nested call for a folder this process already holds is a no-op. Only the main process locks
+    (``enabled``, by default: RANK unset or 0, as torchrun and accelerate set it).
+    (Hand-written on fcntl.flock: filelock's FileLock keeps its file after release, which would be
+    left in every output folder; removing it is safe here because each flock is checked to hold
+    the file that is on disk.)
     """
     folder = Path(folder).resolve()
     if enabled is None:
@@ -53,7 +55,7 @@ def run_lock(folder: str | Path, enabled: bool | None = None) -> Iterator[None]:
     if not enabled or folder in _held:
         yield
         return
-    created = not folder.exists()
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # the folders the lock makes, deepest first
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     while True:
@@ -81,8 +83,10 @@ def run_lock(folder: str | Path, enabled: bool | None = None) -> Iterator[None]:
         _held.discard(folder)
         path.unlink(missing_ok=True)
         os.close(fd)  # closing the descriptor releases the lock
-        if created and not any(folder.iterdir()):
-            folder.rmdir()
+        for f in made:
+            if any(f.iterdir()):
+                break
+            f.rmdir()
 
 
 @contextlib.contextmanager

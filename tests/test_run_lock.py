@@ -60,3 +60,6 @@ def test_clean_exit_leaves_nothing_and_nesting_is_allowed(tmp_path):
     with run_lock(tmp_path / "other", enabled=False):  # a non-main process of a distributed run
         pass
     assert not (tmp_path / "other").exists()
+    with run_lock(tmp_path / "a" / "b" / "c"):  # e.g. a CLIP domain folder under a new output folder
+        pass
+    assert not (tmp_path / "a").exists()
