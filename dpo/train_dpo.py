@@ -49,6 +49,7 @@ from data.images import BadImageLog
 from data.loader import StagedSampler, make_loader
 from data.noise import pure_noise
 from data.readers import bad_records_summary
+from data.records import PreferenceRecord
 from data.release import image_search_path
 from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss, sft_loss
 from dpo.pair_data import (
@@ -277,7 +278,7 @@ class DpoTrainer:
         self.heldout_set = PairDataset(self.heldout_records, roots, cfg.noise_seed, cfg.bad_image)
         self.collate_heldout = PairCollator(self.heldout_records, policy.processor, self.types, templates,
                                             self.budget.max_length)
-        self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout)
+        self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout, self.heldout_records)
         self.filler = self._filler()
         self.reference: dict[str, torch.Tensor] | None = None
 
@@ -300,11 +301,16 @@ class DpoTrainer:
         """``take`` for evaluation and reference passes: bad images are counted by training only."""
         return self.budget.take(BadImageLog().take(batch))
 
-    def _fixed_loader(self, dataset: PairDataset, collate: PairCollator) -> DataLoader:
-        """This process's share of ``dataset``, in order (evaluation, reference caching)."""
+    def _fixed_loader(self, dataset: PairDataset, collate: PairCollator, records: list[PreferenceRecord]) -> DataLoader:
+        """This process's share of ``dataset`` (evaluation, reference caching; results are kept by
+        pair position): in order, or by pair length with ``train.group_by_length``."""
         batch = self.cfg.eval_batch_size or self.cfg.train.batch_size
+        positions = shard(len(dataset), self.accelerator)
+        if self.cfg.train.group_by_length:
+            lengths = pair_lengths(records)
+            positions.sort(key=lengths.__getitem__)
         return make_loader(dataset, batch, num_workers=self.cfg.train.num_workers, collate_fn=collate,
-                           sampler=shard(len(dataset), self.accelerator))
+                           sampler=positions)
 
     def _cache(self, model: Any) -> dict[str, torch.Tensor]:
         """Reference log-probs of every training and held-out pair, computed once (same values
@@ -314,8 +320,10 @@ class DpoTrainer:
             self.reference = {
                 name: reference_cache(self.accelerator, model, loader, len(loader.dataset), filler, self.take_again,
                                       f"reference ({name})")
-                for name, loader in (("train", self._fixed_loader(self.train_set, self.collate_train)),
-                                     ("heldout", self.heldout_loader))
+                for name, loader in (
+                    ("train", self._fixed_loader(self.train_set, self.collate_train, self.train_records)),
+                    ("heldout", self.heldout_loader),
+                )
                 if len(loader.dataset)
             }
         return self.reference
