@@ -346,3 +346,32 @@ def test_collapsing_logps_stop_at_the_window_that_shows_them(tmp_path):
     assert result.step == 3
     assert not collapsed({"collapse/chosen": 3.0, "collapse/rejected": 1.0}, 2.0)
     assert not collapsed({"loss": 1.0}, 2.0)
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_process_stops_every_process(tmp_path):
+    """2 CPU processes (gloo): the loss turns NaN on rank 1 only; both stop at the same step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           "-m", "tests.test_engine", "nan", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stopped = [(tmp_path / f"stopped-{rank}.txt").read_text() for rank in (0, 1)]
+    assert all("diverged at step 3: a loss is not finite" in s for s in stopped)
+    assert "this process: loss nan" in stopped[1] and "this process: loss nan" not in stopped[0]
+
+
+def _nan_worker(out: Path) -> None:
+    """Under torchrun: rank 1's loss turns NaN in step 3; each process records how it stopped."""
+    cfg = engine_cfg(out, epochs=4, grad_accum=1)
+    acc = build_accelerator(cfg)
+    model = apply_lora(tiny_llama(), LoraConfig(enabled=False))
+    loader = DataLoader(Sequences(), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
+    try:
+        train(cfg, acc, model, loader, nan_after(2 if acc.process_index == 1 else 10**6))
+    except RunStopped as e:
+        (out / f"stopped-{acc.process_index}.txt").write_text(str(e))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["nan"]:
+    _nan_worker(Path(sys.argv[2]))
