@@ -46,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
-from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl, write_path, run_lock
+from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl, run_lock, write_path
 from data.images import BadImageError, Roots, load_image, pick_root, resolve_image
 from data.noise import NoiseConfig, make_x_v_star as x_v_star
 from data.readers import bad_records_summary, detect_kind, read_index, read_records

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from common.checkpoint import CheckpointManager
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, _any_process, build_accelerator, param_groups, stop_diverged
-from common.io import InputError, atomic_write_json, write_path, run_lock
+from common.io import InputError, atomic_write_json, run_lock, write_path
 from common.metrics import MetricsLogger
 from data.readers import bad_records_summary
 from data.records import DOMAINS, ReportRecord

@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
-from common.io import InputError, atomic_path, atomic_write_json, read_path, write_path, run_lock
+from common.io import InputError, atomic_path, atomic_write_json, read_path, run_lock, write_path
 from data.answers import yes_no
 from data.images import BadImageLog, Roots
 from data.readers import BadRecordPolicy, bad_records_summary

@@ -19,8 +19,6 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-from common.io import RunStopped
-from data.loader import StagedSampler
 from common.engine import (
     EngineConfig,
     LoraConfig,
@@ -32,6 +30,8 @@ from common.engine import (
     save_model,
     train,
 )
+from common.io import RunStopped
+from data.loader import StagedSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 32
