@@ -126,6 +126,31 @@ class CheckpointManager:
             (self.root / f"{which}.json").unlink(missing_ok=True)
         return len(steps)
 
+    def roll_back(self, step: int) -> Path | None:
+        """Remove the checkpoints after ``step`` (a diverged run's) and point ``latest`` at the newest
+        that is left, ``best`` (if it pointed at a removed one) at the best left; returns the newest
+        left. Main process only."""
+        best_name = (self._pointer("best") or {}).get("name")
+        steps = sorted(p for p in self.root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file())
+        for path in [p for p in steps if int(p.name.split("-")[1]) > step]:
+            shutil.rmtree(path)
+        kept = [p for p in steps if int(p.name.split("-")[1]) <= step]
+        if not kept:
+            for which in ("latest", "best"):
+                (self.root / f"{which}.json").unlink(missing_ok=True)
+            return None
+        atomic_write_json(self.root / "latest.json", {"name": kept[-1].name, "step": int(kept[-1].name.split("-")[1])})
+        if best_name and not (self.root / best_name).is_dir():
+            (self.root / "best.json").unlink()
+            for folder in kept:
+                state = json.loads((folder / STATE_FILE).read_text())
+                if state.get("metric") is not None and self._is_better(state["metric"]):
+                    atomic_write_json(self.root / "best.json", {"name": folder.name, "step": state["step"],
+                                                                "metric": state["metric"]})
+            if self._pointer("best") is None:
+                self.mark_best(kept[-1])
+        return kept[-1]
+
     def mark_best(self, folder: Path) -> None:
         """Point ``best`` at ``folder`` with no metric: a run that could not validate still names its
         final weights; any measured checkpoint replaces it. Main process only."""

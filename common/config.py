@@ -249,17 +249,21 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 def cli_main(fn: typing.Callable[[], Any]) -> None:
-    """Run an entry point; user errors (ConfigError, InputError) exit 2 with the message, and an
-    output that cannot be written (read-only, full disk, no permission) exits 1 with its path."""
+    """Run an entry point; user errors (ConfigError, InputError) exit 2 with the message, a run
+    stopped on purpose (RunStopped, e.g. diverged) and an output that cannot be written
+    (read-only, full disk, no permission) exit 1 with one line."""
     import errno
 
-    from common.io import InputError
+    from common.io import InputError, RunStopped
 
     try:
         fn()
     except (ConfigError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     except OSError as e:
         if e.errno not in (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT):
             raise

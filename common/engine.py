@@ -15,6 +15,13 @@ Use (see policy/train_sft.py)::
 
 Steps are optimizer steps per process. A batch that is ``None`` (the collate function dropped
 every sample of it, e.g. unreadable images) is skipped by all processes together.
+
+A run that diverges stops (``RunStopped``, exit 1, one line naming the step and the figures): a
+NaN or infinite loss on any process, or a log window in which the chosen and rejected answers'
+log-probs both fell more than ``collapse_nats`` per token below the reference's (the metrics
+``collapse/chosen`` and ``collapse/rejected`` a DPO loss logs). Checkpoints written after the last
+good step are removed and ``latest`` points at the one before, so ``resume: latest`` and the next
+stage never load diverged weights; the final model is not written.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import peft
 import torch
@@ -44,6 +51,7 @@ from transformers import get_scheduler
 
 from common.checkpoint import CheckpointManager
 from common.config import ConfigError, doc
+from common.io import RunStopped
 from common.metrics import MetricsLogger
 
 # Submodule names (as in model.named_modules()) by role: the Hugging Face LLaVA layout and the
@@ -52,6 +60,9 @@ from common.metrics import MetricsLogger
 VISION_MODULES = ("vision_tower", "vision_model", "visual")
 PROJECTOR_MODULES = ("multi_modal_projector", "mm_projector", "merger", "connector")
 OUTPUT_MODULES = ("lm_head",)
+# Nats per answer token by which the policy's log-probs of the chosen / rejected answers fell below
+# the reference's (logged by a DPO loss); both large at once is the collapse that precedes garbage.
+COLLAPSE_METRICS = ("collapse/chosen", "collapse/rejected")
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]
@@ -78,6 +89,8 @@ class EngineConfig:
     gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
     deepspeed: str = doc("", "DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json); empty = off")
     num_workers: int = doc(0, "DataLoader worker processes")
+    group_by_length: bool = doc(True, "training batches of samples of similar length (less padding; transformers' "
+                                      "length-grouped order, reshuffled each epoch); false = uniformly shuffled")
     log_every: int = doc(10, "log training metrics every N optimizer steps")
     eval_every: int = doc(0, "evaluate every N optimizer steps (0 = at the end of each epoch)")
     save_every: int = doc(0, "checkpoint every N optimizer steps (0 = at the end of each epoch)")
@@ -86,6 +99,9 @@ class EngineConfig:
     higher_is_better: bool = doc(False, "whether a larger best_metric is better")
     resume: str = doc("", "continue from 'latest' (fresh start if there is none), 'best' or a checkpoint folder")
     progress: bool = doc(True, "show a tqdm progress bar")
+    collapse_nats: float = doc(2.0, "stop when, over a log window, the chosen and rejected answers' log-probs both fell more "
+                                    "than this many nats per token below the reference's (DPO; 0 = never); a NaN or "
+                                    "infinite loss always stops")
 
 
 @dataclass
@@ -289,6 +305,27 @@ def _mean_metrics(accelerator: Accelerator, sums: dict[str, float], count: int) 
     return dict(zip(keys, t.tolist()))
 
 
+def collapsed(row: dict[str, float], limit: float) -> bool:
+    """Whether a log window's chosen and rejected log-probs both fell more than ``limit`` nats per
+    token below the reference's (False when the loss logs no such metrics, or ``limit`` is 0)."""
+    return limit > 0 and all(k in row for k in COLLAPSE_METRICS) and all(row[k] > limit for k in COLLAPSE_METRICS)
+
+
+def stop_diverged(accelerator: Accelerator, manager: CheckpointManager, good_step: int, what: str) -> NoReturn:
+    """Keep only the checkpoints up to ``good_step`` (``latest`` points at the newest of them) and
+    stop the run on every process with one line."""
+    if accelerator.is_main_process:
+        manager.roll_back(good_step)
+    accelerator.wait_for_everyone()
+    kept = manager.resolve("latest")
+    where = f"the last good checkpoint is {kept}" if kept else "no checkpoint of this run precedes it"
+    raise RunStopped(f"{what}; stopped, {where}; the final model was not written")
+
+
+def _figures(row: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("logps/", "collapse/")))
+
+
 def train(
     cfg: EngineConfig,
     accelerator: Accelerator,
@@ -364,6 +401,7 @@ def train(
     bar = tqdm(total=total, initial=step, disable=not (cfg.progress and accelerator.is_main_process), desc="train")
     sums: dict[str, float] = defaultdict(float)  # metric sums over the micro-batches of a log window
     count, norms = 0, []
+    logged_at = step  # weights of steps from here on made the current log window's figures
     last_eval: dict[str, float] = {}
     model.train()
     while step < total and (cfg.max_steps or epoch < cfg.epochs):
@@ -377,6 +415,10 @@ def train(
                 continue
             with accelerator.accumulate(model):
                 loss, metrics = loss_fn(model, batch)
+                value = loss.item()
+                if _any_process(accelerator, not math.isfinite(value)):
+                    stop_diverged(accelerator, manager, step - 1, f"diverged at step {step + 1}: a loss is not "
+                                  f"finite (this process: loss {value:.4g}{', ' if metrics else ''}{_figures(metrics)})")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -385,7 +427,7 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            sums["loss"] += loss.item()
+            sums["loss"] += value
             for k, v in metrics.items():
                 sums[k] += float(v)
             count += 1
@@ -404,6 +446,11 @@ def train(
                 log.log(row, step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 sums, count, norms = defaultdict(float), 0, []
+                if collapsed(row, cfg.collapse_nats):
+                    stop_diverged(accelerator, manager, logged_at - 1, f"diverged at step {step}: chosen and rejected "
+                                  f"log-probs both fell more than {cfg.collapse_nats} nats per token below the "
+                                  f"reference over steps {logged_at + 1}-{step} ({_figures(row)})")
+                logged_at = step
             if eval_fn and (last or (step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch)):
                 last_eval = eval_fn(model)
                 model.train()

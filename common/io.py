@@ -7,10 +7,13 @@ run never leaves a half-written file that looks complete.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +23,70 @@ class InputError(ValueError):
 
     Entry points turn it into exit code 2 (see common.config.cli_main).
     """
+
+
+class RunStopped(RuntimeError):
+    """A run stopped on purpose (e.g. it diverged); the message is the one line to show.
+
+    Entry points turn it into exit code 1 (see common.config.cli_main).
+    """
+
+
+LOCK_FILE = ".writer.lock"
+_held: set[Path] = set()  # run folders this process holds (a second flock from it would fail)
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path, enabled: bool | None = None) -> Iterator[None]:
+    """One writer per run folder: hold an exclusive ``flock`` on ``<folder>/.writer.lock`` for the block.
+
+    A second run into a folder a live run holds stops at once with one line (InputError, exit 2).
+    The kernel releases the lock when its process dies, so the file a killed run leaves behind
+    blocks nobody; a clean exit removes it, and the folders the lock made that stayed empty. A
+    nested call for a folder this process already holds is a no-op. Only the main process locks
+    (``enabled``, by default: RANK unset or 0, as torchrun and accelerate set it).
+    (Hand-written on fcntl.flock: filelock's FileLock keeps its file after release, which would be
+    left in every output folder; removing it is safe here because each flock is checked to hold
+    the file that is on disk.)
+    """
+    folder = Path(folder).resolve()
+    if enabled is None:
+        enabled = os.environ.get("RANK", "0") == "0"
+    if not enabled or folder in _held:
+        yield
+        return
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # the folders the lock makes, deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise InputError(f"{folder}: another run is writing here ({holder}); wait for it to end or choose "
+                             "another output folder") from None
+        # the holder before us may have removed the file between our open and flock: lock the file on disk
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+    _held.add(folder)
+    try:
+        yield
+    finally:
+        _held.discard(folder)
+        path.unlink(missing_ok=True)
+        os.close(fd)  # closing the descriptor releases the lock
+        for f in made:
+            if any(f.iterdir()):
+                break
+            f.rmdir()
 
 
 @contextlib.contextmanager

@@ -18,14 +18,13 @@ and is refused when it does not fit. Neither answer is ever cut.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Sampler
 
 from common.io import InputError
 from data.datasets import CollateSkip, PreferenceDataset, StringColumn
@@ -100,9 +99,9 @@ def select_types(records: Sequence[PreferenceRecord], types: Sequence[str]) -> l
 
 
 def stage_indices(records: Sequence[PreferenceRecord], stages: Sequence[Sequence[str]]) -> list[list[int]]:
-    """Record positions per training stage: ``[]`` = one mixed stage of all pairs; else one list
-    per stage of the pair types it takes, e.g. ``[[cm], [oa1, oa2]]``. Every pair must fall in
-    exactly one stage (released files have types ``cm`` and ``oa``)."""
+    """Record positions per training stage (data.loader.StagedSampler): ``[]`` = one mixed stage of
+    all pairs; else one list per stage of the pair types it takes, e.g. ``[[cm], [oa1, oa2]]``.
+    Every pair must fall in exactly one stage (released files have types ``cm`` and ``oa``)."""
     if not stages:
         return [list(range(len(records)))]
     stage_of: dict[str, int] = {}
@@ -122,33 +121,6 @@ def stage_indices(records: Sequence[PreferenceRecord], stages: Sequence[Sequence
     if unplaced:
         raise ValueError(f"stages {list(map(list, stages))}: no stage takes pair type(s) {sorted(unplaced)}")
     return out
-
-
-class StagedSampler(Sampler[int]):
-    """Each epoch: the stages in order, each shuffled by (seed, epoch, stage).
-
-    The order depends only on those numbers, so every process agrees on it and a resumed run
-    (accelerate skips the batches already seen) continues exactly. ``set_epoch`` is called by
-    accelerate's prepared loader.
-    """
-
-    def __init__(self, stages: Sequence[Sequence[int]], seed: int, shuffle: bool = True):
-        self.stages = [np.asarray(s, dtype=np.int64) for s in stages]
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.stages)
-
-    def __iter__(self) -> Iterator[int]:
-        for k, stage in enumerate(self.stages):
-            if self.shuffle:
-                stage = stage[np.random.default_rng([self.seed, self.epoch, k]).permutation(len(stage))]
-            yield from stage.tolist()
 
 
 def _keep(img: Image.Image) -> Image.Image:
@@ -275,6 +247,13 @@ def _parts_json(parts: PromptParts) -> str:
     if parts.text is not None:
         return ""
     return json.dumps([parts.domain, parts.task, parts.question, list(parts.references)], ensure_ascii=False)
+
+
+def pair_lengths(records: Sequence[PreferenceRecord]) -> list[int]:
+    """Characters of each pair's prompt and longer answer: the sort key of length-grouped batches
+    (data.loader.StagedSampler), standing in for tokens, which would need every pair tokenized
+    up front; the image's tokens are the same for every pair."""
+    return [len(r.prompt) + max(len(r.chosen), len(r.rejected)) for r in records]
 
 
 def answer_lengths(inputs: dict[str, torch.Tensor]) -> torch.Tensor:

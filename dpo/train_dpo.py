@@ -41,16 +41,19 @@ from tqdm.auto import tqdm
 from transformers.integrations import unset_hf_deepspeed_config
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
-from common.engine import EngineConfig, LoraConfig, _any_process, apply_lora, build_accelerator, save_model, train
-from common.io import InputError, atomic_write_json
+from common.engine import (
+    COLLAPSE_METRICS, EngineConfig, LoraConfig, _any_process, apply_lora, build_accelerator, save_model, train,
+)
+from common.io import InputError, atomic_write_json, run_lock
 from data.images import BadImageLog
-from data.loader import make_loader
+from data.loader import StagedSampler, make_loader
 from data.noise import pure_noise
 from data.readers import bad_records_summary
+from data.records import PreferenceRecord
 from data.release import image_search_path
 from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss, sft_loss
 from dpo.pair_data import (
-    PairCollator, PairDataset, StagedSampler, answer_lengths, load_pairs, pair_type_of, select_types, split_heldout,
+    PairCollator, PairDataset, answer_lengths, load_pairs, pair_lengths, pair_type_of, select_types, split_heldout,
     stage_indices,
 )
 from policy.adapters import load_with_adapters, save_merged
@@ -214,6 +217,20 @@ def step_loss(
     return loss, metrics
 
 
+def collapse_metrics(
+    chosen: torch.Tensor, rejected: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, len_c: torch.Tensor,
+    len_r: torch.Tensor, valid: torch.Tensor,
+) -> dict[str, float]:
+    """Nats per answer token by which the policy's chosen and rejected log-probs lie below the
+    reference's, over the pairs that have a reference (0 when none): the engine's divergence stop
+    watches them (common.engine.COLLAPSE_METRICS); per token, so long and short answers weigh alike."""
+    if not valid.any():
+        return dict.fromkeys(COLLAPSE_METRICS, 0.0)
+    drops = [((ref - pol.detach()) / n.clamp(min=1))[valid].mean().item()
+             for pol, ref, n in ((chosen, ref_c, len_c), (rejected, ref_r, len_r))]
+    return dict(zip(COLLAPSE_METRICS, drops))
+
+
 def summarize(scores: dict[int, list[float]], types: list[str], cfg: DpoConfig) -> dict[str, float]:
     """eval/ metrics over all held-out pairs and per pair type (loss, rewards/*, logps/*, count)."""
     if not scores:
@@ -247,6 +264,7 @@ class DpoTrainer:
         self.train_records, self.heldout_records = split_heldout(records, cfg.heldout_fraction, cfg.heldout_seed)
         self.types = sorted({pair_type_of(r) for r in records})
         stages = stage_indices(self.train_records, cfg.stages)
+        lengths = pair_lengths(self.train_records) if cfg.train.group_by_length else None
         templates = load_prompt_templates(cfg.policy.prompts)
         self.budget = BudgetLog.of(policy, cfg.max_length)
         self.bad_log = BadImageLog()
@@ -255,11 +273,12 @@ class DpoTrainer:
                                           self.budget.max_length)
         self.train_loader = make_loader(self.train_set, cfg.train.batch_size, num_workers=cfg.train.num_workers,
                                         collate_fn=self.collate_train, seed=cfg.train.seed,
-                                        sampler=StagedSampler(stages, cfg.train.seed))
+                                        sampler=StagedSampler(stages, cfg.train.seed, lengths=lengths,
+                                                              batch_size=cfg.train.batch_size))
         self.heldout_set = PairDataset(self.heldout_records, roots, cfg.noise_seed, cfg.bad_image)
         self.collate_heldout = PairCollator(self.heldout_records, policy.processor, self.types, templates,
                                             self.budget.max_length)
-        self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout)
+        self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout, self.heldout_records)
         self.filler = self._filler()
         self.reference: dict[str, torch.Tensor] | None = None
 
@@ -282,11 +301,16 @@ class DpoTrainer:
         """``take`` for evaluation and reference passes: bad images are counted by training only."""
         return self.budget.take(BadImageLog().take(batch))
 
-    def _fixed_loader(self, dataset: PairDataset, collate: PairCollator) -> DataLoader:
-        """This process's share of ``dataset``, in order (evaluation, reference caching)."""
+    def _fixed_loader(self, dataset: PairDataset, collate: PairCollator, records: list[PreferenceRecord]) -> DataLoader:
+        """This process's share of ``dataset`` (evaluation, reference caching; results are kept by
+        pair position): in order, or by pair length with ``train.group_by_length``."""
         batch = self.cfg.eval_batch_size or self.cfg.train.batch_size
+        positions = shard(len(dataset), self.accelerator)
+        if self.cfg.train.group_by_length:
+            lengths = pair_lengths(records)
+            positions.sort(key=lengths.__getitem__)
         return make_loader(dataset, batch, num_workers=self.cfg.train.num_workers, collate_fn=collate,
-                           sampler=shard(len(dataset), self.accelerator))
+                           sampler=positions)
 
     def _cache(self, model: Any) -> dict[str, torch.Tensor]:
         """Reference log-probs of every training and held-out pair, computed once (same values
@@ -296,8 +320,10 @@ class DpoTrainer:
             self.reference = {
                 name: reference_cache(self.accelerator, model, loader, len(loader.dataset), filler, self.take_again,
                                       f"reference ({name})")
-                for name, loader in (("train", self._fixed_loader(self.train_set, self.collate_train)),
-                                     ("heldout", self.heldout_loader))
+                for name, loader in (
+                    ("train", self._fixed_loader(self.train_set, self.collate_train, self.train_records)),
+                    ("heldout", self.heldout_loader),
+                )
                 if len(loader.dataset)
             }
         return self.reference
@@ -319,7 +345,8 @@ class DpoTrainer:
         out = dpo_loss(chosen, rejected, ref_c.nan_to_num(), ref_r.nan_to_num(), self.cfg.beta, self.cfg.loss_type,
                        len_c, len_r)
         loss, step_metrics = step_loss(out, chosen, len_c, self.cfg.sft_weight, valid)
-        return loss, {**step_metrics, **out.metrics(), **metrics}
+        collapse = collapse_metrics(chosen, rejected, ref_c, ref_r, len_c, len_r, valid)
+        return loss, {**step_metrics, **out.metrics(), **metrics, **collapse}
 
     def evaluate(self, model: Any) -> dict[str, float]:
         if not len(self.heldout_set):
@@ -401,7 +428,8 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
 
 def main() -> None:
     cfg = load_config(DpoConfig, description=__doc__)
-    summary = run(cfg)
+    with run_lock(cfg.train.output_dir):
+        summary = run(cfg)
     print(describe(summary["budget"]))
     print(f"adapter: {summary['adapter']}" + (f"; merged model: {summary['merged']}" if summary["merged"] else ""))
 

@@ -46,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
-from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl, write_path
+from common.io import InputError, atomic_path, atomic_write_json, atomic_write_jsonl, run_lock, write_path
 from data.images import BadImageError, Roots, load_image, pick_root, resolve_image
 from data.noise import NoiseConfig, make_x_v_star as x_v_star
 from data.readers import bad_records_summary, detect_kind, read_index, read_records
@@ -84,6 +84,8 @@ class PairsConfig:
     report_threshold: float = doc(0.5, "a report is right when its metric reaches this")
     batch_size: int = doc(16, "records per batch: one generation batch of 2 x batch_size prompts with "
                                 "references, one of batch_size without; answers are saved per batch")
+    group_by_length: bool = doc(True, "batch records of similar prompt length together (less padding); the answers "
+                                      "and outputs stay in record order; false = batches by record position")
     max_new_tokens_vqa: int = doc(16, "answer length limit for VQA")
     max_new_tokens_report: int = doc(96, "answer length limit for reports")
     max_length: int = doc(0, "token budget of prompt (image tokens included) + max_new_tokens; references are dropped or "
@@ -185,13 +187,24 @@ def read_items(inputs: list[Input], cfg: PairsConfig, skipped: list[str] | None 
     return items
 
 
-def batches(items: list[Item], size: int) -> list[list[Item]]:
-    """Fixed batches by position within each file: the same whatever was done before."""
+def prompt_chars(item: Item) -> int:
+    """Characters of a record's question and references: the sort key of length-grouped batches,
+    standing in for tokens (the image's tokens are the same for every record)."""
+    return len(item.question or "") + sum(len(r) for r in item.references)
+
+
+def batches(items: list[Item], size: int, by_length: bool = False) -> list[list[Item]]:
+    """Fixed batches within each file: the same whatever was done before. By position, or with
+    ``by_length`` of consecutive records in the file's order by prompt length (a stable sort, so a
+    resumed or multi-process run forms the same batches)."""
+    files: dict[int, list[Item]] = {}
+    for it in items:
+        files.setdefault(it.file, []).append(it)
     out: list[list[Item]] = []
-    for i, it in enumerate(items):
-        if i == 0 or it.file != items[i - 1].file or len(out[-1]) == size:
-            out.append([])
-        out[-1].append(it)
+    for group in files.values():
+        if by_length:
+            group = sorted(group, key=prompt_chars)
+        out += [group[s:s + size] for s in range(0, len(group), size)]
     return out
 
 
@@ -521,7 +534,7 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
         prepare_out(out, settings, discard)
     state.wait_for_everyone()
     done = {row["key"] for p in shard_paths(out) for row in read_generations(p)}
-    todo = [b for b in batches(items, cfg.batch_size) if any(it.key not in done for it in b)]
+    todo = [b for b in batches(items, cfg.batch_size, cfg.group_by_length) if any(it.key not in done for it in b)]
     mine = todo[state.process_index :: state.num_processes]
     if mine:
         device = str(state.device) if cfg.device != "cpu" else "cpu"
@@ -563,7 +576,8 @@ def main() -> None:
     cfg = load_config(PairsConfig, description=__doc__)
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, got {cfg.batch_size}")
-    run(cfg)
+    with run_lock(cfg.out):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import EngineConfig, LoraConfig, apply_lora, build_accelerator, save_model, train
-from common.io import InputError, atomic_write_json
+from common.io import InputError, atomic_write_json, run_lock
 from data.answers import yes_no
 from data.datasets import QueryDataset
 from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
-from data.loader import make_loader
+from data.loader import StagedSampler, make_loader
 from data.noise import NoiseConfig, make_x_v_star, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records, strip_image_mark
 from data.records import ReportRecord, VqaRecord
@@ -240,13 +240,24 @@ class SftCollate:
         return batch
 
 
+def example_length(e: Example) -> int:
+    """Characters of an example's question, references and answer: the sort key of length-grouped
+    batches, standing in for tokens (the image's tokens are the same for every example)."""
+    return len(e.question or "") + sum(len(r) for r in e.references or ()) + len(e.answer)
+
+
 def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shuffle: bool, bad_log: BadImageLog,
                     aligner: FindingAligner | None = None):
+    """Shuffled (``shuffle``) batches, length-grouped with ``train.group_by_length``, else in order."""
     templates = load_prompt_templates(cfg.policy.prompts)
     dataset = QueryDataset([e.record for e in examples], None, _rgb, bad_image=cfg.data.bad_image, bad_log=bad_log)
     collate = SftCollate(policy, examples, templates, budget_for(cfg.data.max_length, policy_limit(policy)), aligner)
-    return make_loader(dataset, cfg.train.batch_size, shuffle=shuffle, num_workers=cfg.train.num_workers,
-                       collate_fn=collate, seed=cfg.train.seed)
+    sampler = None
+    if shuffle and cfg.train.group_by_length:
+        sampler = StagedSampler([range(len(examples))], cfg.train.seed, lengths=[example_length(e) for e in examples],
+                                batch_size=cfg.train.batch_size)
+    return make_loader(dataset, cfg.train.batch_size, shuffle=shuffle and sampler is None,
+                       num_workers=cfg.train.num_workers, collate_fn=collate, seed=cfg.train.seed, sampler=sampler)
 
 
 def sft_loss_fn(aligner: FindingAligner | None = None, weight: float = 0.0):
@@ -430,12 +441,13 @@ def main() -> None:
     cfg = load_config(SftConfig, description=__doc__)
     if not 0.0 <= cfg.data.no_reference_rate <= 1.0 or not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.no_reference_rate must be in [0, 1] and data.val_fraction in [0, 1)")
-    if cfg.eval_only:
-        if not cfg.measure.roles:
-            raise ConfigError("--eval_only needs --measure.roles, e.g. [val_vqa]")
-        run_measure(cfg, cfg.policy, cfg.adapter or None)
-        return
-    run_sft(cfg)
+    if cfg.eval_only and not cfg.measure.roles:
+        raise ConfigError("--eval_only needs --measure.roles, e.g. [val_vqa]")
+    with run_lock(cfg.train.output_dir):
+        if cfg.eval_only:
+            run_measure(cfg, cfg.policy, cfg.adapter or None)
+        else:
+            run_sft(cfg)
 
 
 if __name__ == "__main__":

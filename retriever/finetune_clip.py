@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointManager
 from common.config import ConfigError, cli_main, doc, load_config, save_config
-from common.engine import EngineConfig, build_accelerator, param_groups
-from common.io import InputError, atomic_write_json, write_path
+from common.engine import EngineConfig, _any_process, build_accelerator, param_groups, stop_diverged
+from common.io import InputError, atomic_write_json, run_lock, write_path
 from common.metrics import MetricsLogger
 from data.readers import bad_records_summary
 from data.records import DOMAINS, ReportRecord
@@ -290,6 +290,9 @@ def train_domain(cfg: ClipTrainConfig, domain: str, accelerator: Any) -> dict[st
                     with accelerator.autocast():
                         image_f, text_f, scale = model(batch["image"], tokens)
                     loss = loss_fn(image_f, text_f, scale, step)
+                    if _any_process(accelerator, not math.isfinite(loss.item())):
+                        stop_diverged(accelerator, ckpt, step - 1, f"{domain}: diverged at step {step + 1}: the "
+                                      f"contrastive loss is not finite (this process: {loss.item():.4g})")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -358,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"no retriever_train file found for any of {cfg.domains} (missing: {missing}); nothing to train")
     accelerator = build_accelerator(EngineConfig(mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, seed=cfg.seed))
     for domain in domains:
-        train_domain(cfg, domain, accelerator)
+        with run_lock(Path(cfg.output_dir) / domain, accelerator.is_main_process):
+            train_domain(cfg, domain, accelerator)
     summary = {"domains": domains, "skipped": [d for d in cfg.domains if d not in present], "missing": missing, "classifier": None}
     if cfg.domain_classifier:
         summary["classifier"] = _train_classifier(cfg, [d for d in cfg.classifier_domains if d in present], accelerator)

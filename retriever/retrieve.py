@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
-from common.io import InputError, atomic_path, atomic_write_json, read_path, write_path
+from common.io import InputError, atomic_path, atomic_write_json, read_path, run_lock, write_path
 from data.answers import yes_no
 from data.images import BadImageLog, Roots
 from data.readers import BadRecordPolicy, bad_records_summary
@@ -435,6 +435,12 @@ def main(argv: list[str] | None = None) -> None:
                          f"was found; missing: {missing}")
     if not found:
         raise InputError(f"no query file was found; missing: {missing}")
+    with run_lock(cfg.output_dir):
+        retrieve_all(cfg, domains, missing, found)
+
+
+def retrieve_all(cfg: RetrieveConfig, domains: list[str], missing: list[str], found: list[QueryFile]) -> None:
+    """Index the corpora of ``domains`` and write one retrieval JSONL per query file, the summary and index.json."""
     from common.engine import EngineConfig, build_accelerator
 
     accelerator = build_accelerator(EngineConfig(mixed_precision=cfg.mixed_precision))

@@ -209,6 +209,22 @@ class Worlds:
             toy_policy(root / "policy")
         return root
 
+    def sharp_policy(self) -> Path:
+        """The DPO world's policy with its output head 50x larger: as confident as a trained policy
+        (the untrained one's near-uniform head keeps its log-probs from moving at any learning rate)."""
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        d = self.dpo_world()
+        path = d / "policy_sharp"
+        if not (path / "config.json").exists():
+            shutil.copytree(d / "policy", path, dirs_exist_ok=True)
+            model = AutoModelForImageTextToText.from_pretrained(path)
+            with torch.no_grad():
+                model.lm_head.weight.mul_(50.0)
+            model.save_pretrained(path)
+        return path
+
     def pairs_world(self) -> dict[str, Path]:
         from toy.oracle_retrieval import ToyRetrievalConfig, write_oracle_retrieval
         from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
@@ -550,6 +566,89 @@ def sigkill_dpo(w: Worlds, during_save: bool = False) -> Row:
                what == "killed" and loads and same and not half_adapter and steps == sorted(set(steps)))
 
 
+def finite_weights(file: Path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(bool(t.isfinite().all()) for t in load_file(str(file)).values())
+
+
+def diverged_dpo(w: Worlds, collapse: bool = False) -> Row:
+    """A good DPO run writes its adapter; a diverging run into the same folder (fresh start) stops
+    with one line naming the step and the figures, keeps only checkpoints from before the
+    divergence (finite weights, ``latest`` on the newest) and leaves the good adapter as it was."""
+    d = w.dpo_world()
+    out = w.base / ("dpo_collapse" if collapse else "dpo_nan")
+    shutil.rmtree(out, ignore_errors=True)
+    res = cli(*dpo_args(d, out))
+    good = (out / "adapter" / "adapter_model.safetensors").read_bytes() if res.returncode == 0 else b""
+    if collapse:  # a confident policy and a learning rate 20x the demo's: log-probs of both sides fall
+        over = {"--policy.path": str(w.sharp_policy()), "--train.lr": "0.1"}
+        fault, want = "chosen and rejected log-probs collapse (lr 0.1, confident policy)", "nats per token"
+    else:
+        over, fault, want = {"--train.lr": "1000"}, "NaN loss (lr 1000)", "not finite"
+    res = cli(*dpo_args(d, out, **{**over, "--train.max_steps": "12", "--train.save_every": "1", "--train.keep": "50"}))
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    ckpts = out / "checkpoints"
+    latest = json.loads((ckpts / "latest.json").read_text())["step"] if (ckpts / "latest.json").exists() else None
+    steps = sorted(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
+    finite = all(finite_weights(ckpts / f"step-{s:08d}" / "model.safetensors") for s in steps)
+    stopped = int(lines[-1].split("diverged at step ")[1].split(":")[0]) if lines and "diverged at step" in lines[-1] else None
+    kept = (out / "adapter" / "adapter_model.safetensors").read_bytes() == good and bool(good)
+    before = stopped is not None and all(s < stopped - 1 for s in steps) and latest == (steps[-1] if steps else None)
+    return Row(fault, "DPO training",
+               f"rc {res.returncode}: {lines[-1][:400] if lines else last_line(res.stderr)}; checkpoints left {steps} "
+               f"(latest {latest}), finite weights: {finite}; the earlier good adapter unchanged: {kept}",
+               res.returncode == 1 and len(lines) == 1 and want in lines[0] and "Traceback" not in res.stderr
+               and before and finite and kept)
+
+
+def second_writer_dpo(w: Worlds) -> Row:
+    """A second DPO run into a folder a live run is writing refuses at once and writes nothing there."""
+    d = w.dpo_world()
+    out = w.base / "dpo_two_writers"
+    shutil.rmtree(out, ignore_errors=True)
+    first = subprocess.Popen([sys.executable, "-m", *dpo_args(d, out, **{"--train.max_steps": "100000"})], cwd=ROOT,
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    live = poll(lambda: (out / "metrics.jsonl").exists(), first)
+    config = (out / "run_config.yaml").stat().st_mtime_ns if live else None
+    start = time.time()
+    res = cli(*dpo_args(d, out))
+    took = time.time() - start
+    alive = first.poll() is None
+    start = time.time()
+    cli("dpo.train_dpo", "--help")  # the same interpreter start and imports, no work
+    imports = time.time() - start
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    untouched = (out / "run_config.yaml").stat().st_mtime_ns == config and steps == list(range(1, len(steps) + 1))
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    ok = (live and alive and res.returncode == 2 and len(lines) == 1 and "another run is writing here" in lines[0]
+          and untouched and not (out / "adapter").exists())
+    return Row("a second run into a folder a live run is writing", "DPO training",
+               f"second: rc {res.returncode} after {took:.1f} s (`--help`, the same imports: {imports:.1f} s), the first still running: "
+               f"{alive}: {lines[-1][:220] if lines else ''}; the first's run_config.yaml and metrics (steps "
+               f"1-{steps[-1] if steps else 0}, once each) untouched: {untouched}", ok)
+
+
+def stale_lock_dpo(w: Worlds) -> Row:
+    """A run SIGKILLed while it holds its folder leaves the lock file; the next run into it is not blocked."""
+    from common.io import LOCK_FILE
+
+    d = w.dpo_world()
+    out = w.base / "dpo_stale_lock"
+    shutil.rmtree(out, ignore_errors=True)
+    over = {"--train.max_steps": "6", "--train.save_every": "1", "--train.resume": "latest"}
+    what = kill_when(dpo_args(d, out, **over), lambda: (out / "checkpoints" / "latest.json").exists())
+    left = (out / LOCK_FILE).exists()
+    res = cli(*dpo_args(d, out, **over))
+    return Row("stale lock: the writer was SIGKILLed", "DPO training",
+               f"{what}; lock file left: {left}; rerun rc {res.returncode} (resumed, adapter written: "
+               f"{(out / 'adapter').exists()}); lock file after: {(out / LOCK_FILE).exists()}",
+               what == "killed" and left and res.returncode == 0 and (out / "adapter").exists()
+               and not (out / LOCK_FILE).exists())
+
+
 def sigkill_pairs(w: Worlds) -> Row:
     p = w.pairs_world()
     ref, out = w.base / "pairs_ref", w.base / "pairs_kill"
@@ -684,6 +783,10 @@ SCENARIOS: dict[str, Callable[[Worlds], list[Row] | Row]] = {
     "sigkill_dpo": sigkill_dpo,
     "sigkill_dpo_save": lambda w: sigkill_dpo(w, during_save=True),
     "unwritable": unwritable,
+    "diverged_nan": diverged_dpo,
+    "diverged_collapse": lambda w: diverged_dpo(w, collapse=True),
+    "second_writer": second_writer_dpo,
+    "stale_lock": stale_lock_dpo,
 }
 
 

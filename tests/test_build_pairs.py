@@ -34,6 +34,7 @@ from pairs.build_pairs import (
     find_inputs,
     make_x_v_star,
     noised_name,
+    prompt_chars,
     other_candidates,
     read_generations,
     read_items,
@@ -355,6 +356,23 @@ def test_two_processes_equal_one(world, baseline):
     res = subprocess.run(torchrun, **_from_project({"OMP_NUM_THREADS": "1"}, capture_output=True, text=True))
     assert res.returncode == 0, res.stderr[-2000:]
     assert _outputs(out) == baseline["bytes"]
+
+
+def test_length_grouped_batches_change_no_output(world, tmp_path):
+    """Records batched by prompt length give the bytes of batches by position (answers in record order)."""
+    items = read_items(find_inputs(_cfg(world, tmp_path / "x", limit=4)), _cfg(world, tmp_path / "x", limit=4))
+    grouped = batches(items, 2, by_length=True)
+    assert grouped != batches(items, 2) and sorted(map(id, sum(grouped, []))) == sorted(map(id, items))
+    for b in grouped:
+        assert len({it.file for it in b}) == 1
+    for f in {it.file for it in items}:
+        lengths = [prompt_chars(it) for b in grouped for it in b if it.file == f]
+        assert lengths == sorted(lengths)
+    outs = {}
+    for name, by_length in (("grouped", True), ("positional", False)):
+        run(_cfg(world, tmp_path / name, limit=4, group_by_length=by_length))
+        outs[name] = {k: v.replace(f"/{name}/".encode(), b"/OUT/") for k, v in _outputs(tmp_path / name).items()}
+    assert outs["grouped"] == outs["positional"]
 
 
 def test_x_v_star_is_data_noise_x_v_star(world, tmp_path):

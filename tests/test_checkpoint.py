@@ -56,3 +56,16 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
     assert not (tmp_path / "ck" / ".step-00000002.tmp").exists()
     with pytest.raises(FileNotFoundError):
         mgr.resolve(tmp_path / "nowhere")
+
+
+def test_roll_back_keeps_the_checkpoints_up_to_a_step(tmp_path):
+    acc, model, opt = _setup()
+    mgr = CheckpointManager(tmp_path / "ck", keep=10)
+    for step, m in enumerate([0.1, 0.2, 0.9, 0.3], 1):
+        mgr.save(acc, step, {"epoch": 0}, metric=m)
+    assert mgr.resolve("best").name == "step-00000003"
+    assert mgr.roll_back(2).name == "step-00000002"
+    assert sorted(p.name for p in (tmp_path / "ck").glob("step-*")) == ["step-00000001", "step-00000002"]
+    assert mgr.resolve("latest").name == mgr.resolve("best").name == "step-00000002"
+    assert mgr.roll_back(0) is None
+    assert mgr.resolve("latest") is None and mgr.resolve("best") is None

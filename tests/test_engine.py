@@ -24,11 +24,14 @@ from common.engine import (
     LoraConfig,
     apply_lora,
     build_accelerator,
+    collapsed,
     one_process_world,
     param_groups,
     save_model,
     train,
 )
+from common.io import RunStopped
+from data.loader import StagedSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 32
@@ -110,11 +113,13 @@ def engine_cfg(out: Path, **over) -> EngineConfig:
     return EngineConfig(**{**base, **over})
 
 
-def run(out: Path, lora: LoraConfig | None, loss_fn, data: Dataset | None = None, shuffle: bool = True, **over):
+def run(out: Path, lora: LoraConfig | None, loss_fn, data: Dataset | None = None, shuffle: bool = True,
+        sampler=None, **over):
     cfg = engine_cfg(out, **over)
     acc = build_accelerator(cfg)
     model = apply_lora(tiny_llama(), lora or LoraConfig(enabled=False))
-    loader = DataLoader(data or Sequences(), batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=collate)
+    loader = DataLoader(data or Sequences(), batch_size=cfg.batch_size, shuffle=shuffle and sampler is None,
+                        sampler=sampler, collate_fn=collate)
     return acc, train(cfg, acc, model, loader, loss_fn)
 
 
@@ -192,6 +197,23 @@ def test_resume_continues_exactly(tmp_path):
 
     assert all("lora_" in k for k in load_file(ckpt / "model.safetensors"))
     assert (ckpt / "model" / "adapter_config.json").is_file()
+
+
+def test_length_grouped_order_resumes_exactly(tmp_path):
+    """A run on length-grouped batches (data.loader.StagedSampler) killed mid-epoch and resumed sees
+    the samples in the order of an uninterrupted run."""
+    grouped = lambda: StagedSampler([range(24)], seed=3, lengths=[(7 * i) % 11 for i in range(24)], batch_size=4)  # noqa: E731
+    order: list[int] = []
+    run(tmp_path / "a", None, lm_loss(order), sampler=grouped(), epochs=3, save_every=4)
+    before: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", None, lm_loss(before, crash_after=40), sampler=grouped(), epochs=3, save_every=4)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    after: list[int] = []
+    run(tmp_path / "b", None, lm_loss(after), sampler=grouped(), epochs=3, save_every=4, resume="latest")
+    assert before[:4 * 2 * 4] + after == order
+    assert order[:24] != order[24:48]  # reshuffled per epoch
 
 
 def test_fresh_start_clears_an_earlier_runs_checkpoints(tmp_path):
@@ -283,3 +305,73 @@ def test_one_process_world_only_without_a_launcher(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     one_process_world()
     assert (os.environ["WORLD_SIZE"], os.environ["RANK"]) == ("2", "1")
+
+
+def nan_after(step_count: int, metrics_of=None):
+    """A loss_fn whose loss turns NaN once ``step_count`` micro-batches were seen (a diverged run)."""
+    seen = [0]
+
+    def loss_fn(model, batch):
+        seen[0] += 1
+        out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+        loss = out.loss * float("nan") if seen[0] > step_count else out.loss
+        return loss, (metrics_of(seen[0]) if metrics_of else {})
+
+    return loss_fn
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # batch 4, accumulation 2: micro-batch 11 is the first of step 6; the weights of step 5 made it
+    with pytest.raises(RunStopped, match=r"diverged at step 6: a loss is not finite .*step-00000004"):
+        run(tmp_path, None, nan_after(10), epochs=6, save_every=1, keep=50)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == [f"step-{s:08d}" for s in range(1, 5)]
+    assert json.loads((ckpts / "latest.json").read_text())["name"] == "step-00000004"
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_collapsing_logps_stop_at_the_window_that_shows_them(tmp_path):
+    def figures(micro):  # both sides fall 3 nats per token below the reference from micro-batch 13 on
+        drop = 3.0 if micro > 12 else 0.1
+        return {"collapse/chosen": drop, "collapse/rejected": drop, "logps/chosen": -5.7 - 20 * drop}
+
+    with pytest.raises(RunStopped, match=r"diverged at step 8: .*over steps 7-8 .*collapse/chosen 3"):
+        run(tmp_path, None, nan_after(10**6, figures), epochs=6, save_every=1, keep=50, log_every=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept[-1] == "step-00000005"  # the weights of step 6 on made the collapsed window
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    # the same figures pass with the stop off, and stay under a higher limit
+    _, result = run(tmp_path / "off", None, nan_after(10**6, figures), epochs=1, collapse_nats=0.0)
+    assert result.step == 3
+    assert not collapsed({"collapse/chosen": 3.0, "collapse/rejected": 1.0}, 2.0)
+    assert not collapsed({"loss": 1.0}, 2.0)
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_process_stops_every_process(tmp_path):
+    """2 CPU processes (gloo): the loss turns NaN on rank 1 only; both stop at the same step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           "-m", "tests.test_engine", "nan", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stopped = [(tmp_path / f"stopped-{rank}.txt").read_text() for rank in (0, 1)]
+    assert all("diverged at step 3: a loss is not finite" in s for s in stopped)
+    assert "this process: loss nan" in stopped[1] and "this process: loss nan" not in stopped[0]
+
+
+def _nan_worker(out: Path) -> None:
+    """Under torchrun: rank 1's loss turns NaN in step 3; each process records how it stopped."""
+    cfg = engine_cfg(out, epochs=4, grad_accum=1)
+    acc = build_accelerator(cfg)
+    model = apply_lora(tiny_llama(), LoraConfig(enabled=False))
+    loader = DataLoader(Sequences(), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
+    try:
+        train(cfg, acc, model, loader, nan_after(2 if acc.process_index == 1 else 10**6))
+    except RunStopped as e:
+        (out / f"stopped-{acc.process_index}.txt").write_text(str(e))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["nan"]:
+    _nan_worker(Path(sys.argv[2]))

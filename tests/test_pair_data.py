@@ -18,7 +18,7 @@ from common.io import InputError
 from data.images import SKIPPED_KEY, SkippedSample
 from data.noise import pure_noise, stable_seed
 from dpo.pair_data import (
-    PairCollator, PairDataset, StagedSampler, is_heldout, load_pairs, pair_type_of, select_types, split_heldout, stage_indices,
+    PairCollator, PairDataset, is_heldout, load_pairs, pair_type_of, select_types, split_heldout, stage_indices,
 )
 from policy.budget import BUDGET_KEY
 from policy.policy import IGNORE
@@ -176,19 +176,6 @@ def test_select_types_keeps_the_listed_types_and_refuses_an_absent_one(released,
     assert stage_indices(cm, [["cm"]]) == [list(range(len(cm)))]  # a control trained on D_cm alone
     with pytest.raises(InputError, match=r"\['oa'\].*have \['cm', 'oa1', 'oa2'\]"):
         select_types(ours_records, ["oa"])  # the released files' type, misused on ours
-
-
-def test_staged_sampler_keeps_stage_order_and_reshuffles_per_epoch():
-    sampler = StagedSampler([[0, 1, 2, 3, 4], [5, 6, 7]], seed=0)
-    first = list(sampler)
-    assert sorted(first[:5]) == [0, 1, 2, 3, 4] and sorted(first[5:]) == [5, 6, 7]
-    assert list(sampler) == first  # same epoch, same order
-    sampler.set_epoch(1)
-    orders = {tuple(sampler)} | {tuple(first)}
-    sampler.set_epoch(2)
-    orders.add(tuple(sampler))
-    assert len(orders) > 1
-    assert list(StagedSampler([[0, 1, 2, 3, 4], [5, 6, 7]], seed=0)) == first
 
 
 def test_rejected_side_sees_noise_or_stored_image(ours, released):

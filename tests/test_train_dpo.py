@@ -25,7 +25,7 @@ from common.engine import EngineConfig, LoraConfig
 from data.noise import pure_noise
 from dpo.loss import dpo_loss
 from dpo.pair_data import PairCollator, PairDataset, is_heldout, load_pairs, split_heldout
-from dpo.train_dpo import DpoConfig, DpoTrainer, pair_logps, run, shard, step_loss, summarize
+from dpo.train_dpo import DpoConfig, DpoTrainer, collapse_metrics, pair_logps, run, shard, step_loss, summarize
 from policy.policy import PolicySpec, load_policy, sequence_logps
 from policy.prompts import load_prompt_templates
 from tests.test_engine import LAUNCHER_VARS
@@ -362,3 +362,13 @@ def _zero2_worker(world: Path, out: Path) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ds"]:
     _zero2_worker(Path(sys.argv[2]), Path(sys.argv[3]))
+
+
+def test_collapse_metrics_are_per_token_drops_over_pairs_with_a_reference():
+    chosen, rejected = torch.tensor([-10.0, -40.0]), torch.tensor([-12.0, -60.0])
+    ref_c, ref_r = torch.tensor([-8.0, float("nan")]), torch.tensor([-6.0, float("nan")])
+    lengths_c, lengths_r = torch.tensor([2.0, 10.0]), torch.tensor([3.0, 10.0])
+    got = collapse_metrics(chosen, rejected, ref_c, ref_r, lengths_c, lengths_r, torch.tensor([True, False]))
+    assert got == {"collapse/chosen": 1.0, "collapse/rejected": 2.0}  # (−8 − −10) / 2, (−6 − −12) / 3
+    none = collapse_metrics(chosen, rejected, ref_c, ref_r, lengths_c, lengths_r, torch.tensor([False, False]))
+    assert none == {"collapse/chosen": 0.0, "collapse/rejected": 0.0}
