@@ -55,7 +55,7 @@ from dpo.pair_data import (
 )
 from policy.adapters import load_with_adapters, save_merged
 from policy.budget import BUDGET_KEY, BudgetLog, describe
-from policy.policy import Policy, PolicySpec, sequence_logps
+from policy.policy import Policy, PolicySpec, sequence_logps, unwrap_parallel
 from policy.prompts import load_prompt_templates
 
 
@@ -116,7 +116,7 @@ def reference_mode(accelerator: Accelerator, model: Any) -> Iterator[Any]:
     that not every process may run. Under ZeRO-3 its forward still gathers weights collectively,
     so callers keep all processes in step (see ``lockstep``).
     """
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap_parallel(model)
     with torch.no_grad(), unwrapped.disable_adapter():
         yield unwrapped
 

@@ -10,13 +10,13 @@ through the same code.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -27,7 +27,8 @@ from common.io import InputError
 from policy.prompts import DEFAULT_PROMPTS, Message, plain_text
 
 IGNORE = -100  # label value the loss skips (prompt and padding)
-LOGITS_CHUNK_MB = 64  # float32 logits per chunk of answer positions (policy.sequence_logps)
+LOGITS_CHUNK_MB = 64  # float32 logits per chunk of answer positions (policy.sequence_logps); above glibc's
+# largest mmap threshold (32 MB), so on CPU each chunk goes back to the system when freed (smaller ones fragment the heap)
 # text-config fields of models whose logits are a transform of the LM head's output
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
 # Prefix LMs whose token_type_ids mark the answer (1) against the prompt (0, attended both ways):
@@ -302,7 +303,7 @@ def causal_lm(model: Any) -> Any:
     read from it; the forward still goes through the wrappers), checked to have a plain head."""
     from peft import PeftModel
 
-    lm = extract_model_from_parallel(model)
+    lm = unwrap_parallel(model)
     lm = lm.get_base_model() if isinstance(lm, PeftModel) else lm
     text = lm.config.get_text_config()
     scaled = [k for k in LOGIT_TRANSFORMS if getattr(text, k, None) not in (None, 1.0)]
@@ -310,6 +311,21 @@ def causal_lm(model: Any) -> Any:
         raise ValueError(f"{type(lm).__name__}: its logits are not the LM head's output ({', '.join(scaled)}); "
                          "answer log-probs (policy.sequence_logps) support plain heads only")
     return lm
+
+
+def unwrap_parallel(model: Any) -> Any:
+    """The module inside a DDP or DeepSpeed wrapper (the model itself when it has none).
+
+    What accelerate's ``extract_model_from_parallel`` (and ``Accelerator.unwrap_model``) does,
+    without its search of every submodule for compiled regions on each call: 5 ms a call on the
+    benchmark's tiny LLaVA, several calls a DPO step. A DeepSpeed engine exists only once
+    deepspeed is imported, so it is looked up only then.
+    """
+    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
+    wrappers = (torch.nn.parallel.DistributedDataParallel, *([engine] if engine else []))
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
 
 
 @contextlib.contextmanager
@@ -333,6 +349,8 @@ def answer_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
     make TRL a runtime dependency. Calling the head module under torch.utils.checkpoint keeps its
     hooks (ZeRO-3, PEFT) and lets the backward rebuild one chunk's logits at a time.
     """
+    if len(hidden) <= chunk:  # one chunk within the budget: kept for the backward, not recomputed
+        return _chunk_logps(head, hidden, targets)
     grad = torch.is_grad_enabled()
     # no determinism check: ZeRO-3 has released the head's weight by the time a recomputation
     # ends (its shape then differs from the one saved in the forward) and gathers it again for the backward
@@ -341,7 +359,7 @@ def answer_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: tor
         else _chunk_logps(head, h, t)
         for h, t in zip(hidden.split(chunk), targets.split(chunk))
     ]
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
 
 
 def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
