@@ -80,7 +80,9 @@ def main() -> None:
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `bash scripts/bench.sh`{' --quick' if args.quick else ''} on {time.strftime('%Y-%m-%d')}. "
+        f"Written by `bash scripts/bench.sh`{' --quick' if args.quick else ''}"
+        f"{' --only ' + ' '.join(names) if args.only else ''} on {time.strftime('%Y-%m-%d')}"
+        f"{' (the other rows are from earlier runs)' if args.only else ''}. "
         "Ratios are ours against the anchor measured in the same run (see each row's note for the direction).",
         "",
         "| benchmark | ours | anchor | ratio | unit | machine | note |",
