@@ -2,6 +2,9 @@
 benches/RESULTS.md: benchmark, ours, anchor, ratio, machine. Never part of the test suite.
 
 Usage: python -m benches.bench [--quick] [--only NAME ...]
+
+``--only`` reruns the named benchmarks and keeps the other rows of the existing file (a row is
+known by its benchmark name: a rerun row replaces the old one in place, a new one is appended).
 """
 
 from __future__ import annotations
@@ -29,10 +32,24 @@ def fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
+def merged_rows(path: Path, new: list[str]) -> list[str]:
+    """The table rows of ``path`` with ``new`` rows replacing those of the same benchmark name
+    (in place) and the others appended."""
+    def name(row: str) -> str:
+        return row.split("|")[1].strip()
+
+    old = [line for line in path.read_text(encoding="utf-8").splitlines()
+           if line.startswith("| ") and not line.startswith("| benchmark |")] if path.is_file() else []
+    fresh = {name(r): r for r in new}
+    kept = [fresh.pop(name(r), r) for r in old]
+    return kept + [r for r in new if name(r) in fresh]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--only", nargs="*", default=None, help="module names (e.g. bench_retrieval)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="module names (e.g. bench_retrieval); the file's other rows are kept")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
     names = sorted(p.stem for p in HERE.glob("bench_*.py"))
@@ -53,20 +70,25 @@ def main() -> None:
         rows += got
         print(f"   ({time.time() - t0:.0f} s)", flush=True)
     m = machine()
+    table = [
+        f"| {r['benchmark']} | {fmt(r.get('ours'))} | {fmt(r.get('anchor'))} | {fmt(r.get('ratio'))} "
+        f"| {r.get('unit', '')} | {m} | {r.get('note', '')} |"
+        for r in rows
+    ]
+    if args.only:
+        table = merged_rows(Path(args.out), table)
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `bash scripts/bench.sh`{' --quick' if args.quick else ''} on {time.strftime('%Y-%m-%d')}. "
+        f"Written by `bash scripts/bench.sh`{' --quick' if args.quick else ''}"
+        f"{' --only ' + ' '.join(names) if args.only else ''} on {time.strftime('%Y-%m-%d')}"
+        f"{' (the other rows are from earlier runs)' if args.only else ''}. "
         "Ratios are ours against the anchor measured in the same run (see each row's note for the direction).",
         "",
         "| benchmark | ours | anchor | ratio | unit | machine | note |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['benchmark']} | {fmt(r.get('ours'))} | {fmt(r.get('anchor'))} | {fmt(r.get('ratio'))} "
-            f"| {r.get('unit', '')} | {m} | {r.get('note', '')} |"
-        )
+    lines += table
     if failed:
         lines += ["", f"Failed: {', '.join(failed)} (see the run's output)."]
     atomic_write_text(args.out, "\n".join(lines) + "\n")

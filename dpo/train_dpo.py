@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from inspect import signature
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -42,7 +43,8 @@ from transformers.integrations import unset_hf_deepspeed_config
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
 from common.engine import (
-    COLLAPSE_METRICS, EngineConfig, LoraConfig, _any_process, apply_lora, build_accelerator, save_model, train,
+    COLLAPSE_METRICS, PROJECTOR_MODULES, VISION_MODULES, EngineConfig, LoraConfig, _any_process, apply_lora,
+    build_accelerator, save_model, train,
 )
 from common.io import InputError, atomic_write_json, run_lock
 from data.images import BadImageLog
@@ -58,7 +60,7 @@ from dpo.pair_data import (
 )
 from policy.adapters import load_with_adapters, save_merged
 from policy.budget import BUDGET_KEY, BudgetLog, describe
-from policy.policy import Policy, PolicySpec, sequence_logps
+from policy.policy import Policy, PolicySpec, causal_lm, sequence_logps, unwrap_parallel
 from policy.prompts import load_prompt_templates
 
 
@@ -111,6 +113,30 @@ def pair_logps(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return sequence_logps(model, inputs).chunk(2)
 
 
+def encoded_images(model: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """``inputs`` with the images encoded once, passed as transformers' ``mm_encoder_outputs``
+    forward argument in place of ``pixel_values``; None when the model takes no encoder outputs.
+
+    For a policy and a reference forward that see the same image features (vision tower and
+    projector frozen, no adapter on them), so the reference forward skips the vision tower the
+    policy forward needs.
+    """
+    base = causal_lm(model).base_model
+    encode = getattr(base, "get_image_features", None)
+    if encode is None or "pixel_values" not in inputs or "mm_encoder_outputs" not in signature(base.forward).parameters:
+        return None
+    takes = signature(encode).parameters
+    with torch.no_grad():
+        features = encode(**{k: v for k, v in inputs.items() if k in takes}, return_dict=True)
+    return {**{k: v for k, v in inputs.items() if k != "pixel_values"}, "mm_encoder_outputs": {"image": features}}
+
+
+def frozen_image_encoder(model: Any) -> bool:
+    """No parameter of the vision tower or projector trains (nor a copy PEFT keeps of them)."""
+    parts = set(VISION_MODULES + PROJECTOR_MODULES)
+    return not any(p.requires_grad for n, p in model.named_parameters() if parts & set(n.split(".")))
+
+
 @contextlib.contextmanager
 def reference_mode(accelerator: Accelerator, model: Any) -> Iterator[Any]:
     """The reference policy: the unwrapped model with its LoRA disabled, no gradients.
@@ -119,7 +145,7 @@ def reference_mode(accelerator: Accelerator, model: Any) -> Iterator[Any]:
     that not every process may run. Under ZeRO-3 its forward still gathers weights collectively,
     so callers keep all processes in step (see ``lockstep``).
     """
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap_parallel(model)
     with torch.no_grad(), unwrapped.disable_adapter():
         yield unwrapped
 
@@ -281,6 +307,7 @@ class DpoTrainer:
         self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout, self.heldout_records)
         self.filler = self._filler()
         self.reference: dict[str, torch.Tensor] | None = None
+        self.share_images: bool | None = None  # known at the first step (what trains is set after __init__)
 
     def _filler(self) -> dict:
         """A stand-in batch for a process whose own batch was dropped (see lockstep): the first
@@ -330,6 +357,10 @@ class DpoTrainer:
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = batch["inputs"]
+        if self.share_images is None:
+            self.share_images = self.cfg.loss_type != "sft" and not self.cfg.cache_reference and frozen_image_encoder(model)
+        if self.share_images:  # one vision-tower pass for the policy and the reference forward
+            inputs = encoded_images(model, inputs) or inputs
         chosen, rejected = pair_logps(model, inputs)  # rejected rows share the forward; sft only logs them
         len_c, len_r = answer_lengths(inputs).chunk(2)
         metrics = {"logps/chosen": chosen.detach().mean().item(), "logps/rejected": rejected.detach().mean().item()}

@@ -40,7 +40,7 @@ from data.release import image_search_path
 from dpo.pair_data import CpuEncoder, PairDataset, load_pairs, prompt_parts, select_types, split_heldout
 from dpo.train_dpo import DpoConfig
 from policy.budget import answer_tokens, budget_for, fit_prompt, model_limit, percentiles
-from policy.policy import PolicySpec
+from policy.policy import LOGITS_CHUNK_MB, PolicySpec
 from policy.prompts import load_prompt_templates
 from policy.train_sft import SftConfig, _keep, read_examples, training_sources
 from retriever.clip_data import item_records
@@ -49,13 +49,10 @@ from retriever.model import resolve_model_config
 
 KINDS: dict[str, type] = {"dpo": DpoConfig, "sft": SftConfig, "clip": ClipTrainConfig}
 GB = 1024**3
-# Bytes per element of the [rows, length, vocabulary] logits while the loss is computed, as
-# policy.policy.sequence_logps (and transformers' causal-LM loss) do it: the model's 16-bit logits,
-# their float32 copy, and the float32 log-softmax kept for the backward.
-LOGITS_BYTES = 2 + 4 + 4
-# A DPO step's reference forward (no gradient) runs while the policy's logits are kept: its float32
-# logits and their log-softmax are alive beside them for a moment.
-REFERENCE_LOGITS_BYTES = 4 + 4
+# The loss's logits as policy.policy.sequence_logps makes them: only answer positions, at most
+# LOGITS_CHUNK_MB of float32 logits at a time, alive as the chunk, its log-softmax and (backward)
+# its gradient. A DPO step's reference forward scores its chunks after the policy's, not beside them.
+LOGITS_COPIES = 3
 
 
 @dataclass
@@ -227,7 +224,12 @@ def activation_bytes(model: torch.nn.Module, rows: int, length: int, checkpointi
     last = rows * length * (4 * h + (0 if lora.enabled else element * h))
     kept_all = last + (layers * rows * length * h * element + layer if checkpointing else layers * layer)
     vocab = model.get_output_embeddings().out_features
-    return {"activations": kept_all, "logits": rows * length * vocab * LOGITS_BYTES}
+    return {"activations": kept_all, "logits": logits_bytes(rows * length, vocab)}
+
+
+def logits_bytes(tokens: int, vocab: int) -> int:
+    """Peak bytes of the loss's logits over ``tokens`` scored positions (an upper bound: every position)."""
+    return LOGITS_COPIES * min(tokens * vocab * 4, LOGITS_CHUNK_MB * 2**20)
 
 
 def memory_gb(states: dict[str, dict[str, float]], activations: dict[str, float] | None) -> dict[str, dict]:
@@ -374,16 +376,12 @@ def policy_plan(kind: str, cfg: DpoConfig | SftConfig, opts: PlanOptions) -> dic
     lora_bytes = element if cfg.train.deepspeed else 4
     acts = (activation_bytes(model, rows, length, cfg.train.gradient_checkpointing, cfg.lora, element, lora_bytes)
             if length else None)
-    reference = kind == "dpo" and not cfg.cache_reference and cfg.loss_type != "sft"
-    if acts and reference:
-        acts["logits"] *= (LOGITS_BYTES + REFERENCE_LOGITS_BYTES) / LOGITS_BYTES
     return {
         "kind": kind, "model": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
         "total_params": total, "trainable_params": trainable, "parts": parts, "gpus": opts.gpus,
         "memory_gb": memory_gb(states, acts),
         "memory_assumptions": {"rows": rows, "length": length, "bytes_per_activation": element,
                                "gradient_checkpointing": cfg.train.gradient_checkpointing,
-                               "reference_forward_logits": reference,
                                "not_counted": ["transient buffers of the backward (gradients of activations and "
                                                "logits)", "the vision tower's activations"
                                                + (" (it trains in this run)" if cfg.lora.train_vision else " (frozen)")]},

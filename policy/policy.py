@@ -9,13 +9,16 @@ through the same code.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
@@ -24,6 +27,10 @@ from common.io import InputError
 from policy.prompts import DEFAULT_PROMPTS, Message, plain_text
 
 IGNORE = -100  # label value the loss skips (prompt and padding)
+LOGITS_CHUNK_MB = 64  # float32 logits per chunk of answer positions (policy.sequence_logps); above glibc's
+# largest mmap threshold (32 MB), so on CPU each chunk goes back to the system when freed (smaller ones fragment the heap)
+# text-config fields of models whose logits are a transform of the LM head's output
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
 # Prefix LMs whose token_type_ids mark the answer (1) against the prompt (0, attended both ways):
 # training batches here are one causal sequence, so they are refused rather than trained wrong.
 PREFIX_LM_PROCESSORS = ("PaliGemmaProcessor",)
@@ -269,18 +276,94 @@ def _per_token_keys(batch: Any) -> list[str]:
     return [k for k, v in batch.items() if torch.is_tensor(v) and v.shape == shape]
 
 
-def sequence_logps(model: Any, batch: Batch, average: bool = False) -> torch.Tensor:
+def sequence_logps(model: Any, batch: Batch, average: bool = False, chunk_mb: int = LOGITS_CHUNK_MB) -> torch.Tensor:
     """Sum (or mean, ``average``) of log p(token) over answer tokens (labels != -100): Tensor[B].
 
-    The DPO loss compares these between chosen and rejected, policy and reference.
+    The one answer scorer of SFT, DPO and their evaluations. The model runs to its last hidden
+    states only; the LM head and log-softmax then run on the answer positions alone, ``chunk_mb``
+    of float32 logits at a time, each chunk's logits recomputed in the backward instead of kept.
+    The [B, T, vocab] logits never exist: at a real vocabulary (Qwen2-VL: 151,936) they, not the
+    weights, decide whether a training step fits.
     """
+    lm = causal_lm(model)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    with last_hidden_state(lm.base_model) as kept:
+        model(**inputs, use_cache=False, logits_to_keep=1)  # one position's logits: the head runs below
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
-    token_logps = logits.log_softmax(-1).gather(2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    total = (token_logps * mask).sum(-1)
+    vocab = lm.config.get_text_config().vocab_size
+    logps = answer_token_logps(lm.get_output_embeddings(), kept[0][:, :-1][mask], labels[mask],
+                               max(1, chunk_mb * 2**20 // (4 * vocab)))
+    total = logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers model inside DDP / DeepSpeed and PEFT wrappers (its head and backbone are
+    read from it; the forward still goes through the wrappers), checked to have a plain head."""
+    from peft import PeftModel
+
+    lm = unwrap_parallel(model)
+    lm = lm.get_base_model() if isinstance(lm, PeftModel) else lm
+    text = lm.config.get_text_config()
+    scaled = [k for k in LOGIT_TRANSFORMS if getattr(text, k, None) not in (None, 1.0)]
+    if scaled:
+        raise ValueError(f"{type(lm).__name__}: its logits are not the LM head's output ({', '.join(scaled)}); "
+                         "answer log-probs (policy.sequence_logps) support plain heads only")
+    return lm
+
+
+def unwrap_parallel(model: Any) -> Any:
+    """The module inside a DDP or DeepSpeed wrapper (the model itself when it has none).
+
+    What accelerate's ``extract_model_from_parallel`` (and ``Accelerator.unwrap_model``) does,
+    without its search of every submodule for compiled regions on each call: 5 ms a call on the
+    benchmark's tiny LLaVA, several calls a DPO step. A DeepSpeed engine exists only once
+    deepspeed is imported, so it is looked up only then.
+    """
+    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
+    wrappers = (torch.nn.parallel.DistributedDataParallel, *([engine] if engine else []))
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def last_hidden_state(backbone: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """A list that receives the backbone's last hidden state (what the LM head reads) during the
+    block: a forward hook, so the model's own forward, and its wrappers', run unchanged."""
+    kept: list[torch.Tensor] = []
+    handle = backbone.register_forward_hook(lambda _m, _i, out: kept.append(out[0]))
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
+def answer_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """log p(target) for each row of ``hidden`` [N, H] under ``head``, ``chunk`` rows at a time: Tensor[N].
+
+    Written here because no library does it on every device: Liger-Kernel's fused linear
+    cross-entropy is Triton (GPU) only, and TRL's ChunkedLogProbFunction reads the head's weight
+    directly (ZeRO-3 then needs gathers by hand, a LoRA on the head would not train) and would
+    make TRL a runtime dependency. Calling the head module under torch.utils.checkpoint keeps its
+    hooks (ZeRO-3, PEFT) and lets the backward rebuild one chunk's logits at a time.
+    """
+    if len(hidden) <= chunk:  # one chunk within the budget: kept for the backward, not recomputed
+        return _chunk_logps(head, hidden, targets)
+    grad = torch.is_grad_enabled()
+    # no determinism check: ZeRO-3 has released the head's weight by the time a recomputation
+    # ends (its shape then differs from the one saved in the forward) and gathers it again for the backward
+    parts = [
+        checkpoint(_chunk_logps, head, h, t, use_reentrant=False, determinism_check="none") if grad
+        else _chunk_logps(head, h, t)
+        for h, t in zip(hidden.split(chunk), targets.split(chunk))
+    ]
+    return torch.cat(parts)
+
+
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return head(hidden).float().log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
 def load_policy(

@@ -47,7 +47,7 @@ from policy.answers import vqa_correct
 from policy.budget import (
     BUDGET_KEY, BudgetLog, PromptParts, answer_tokens, budget_for, describe, fit_prompt, policy_limit,
 )
-from policy.policy import Policy, PolicySpec
+from policy.policy import IGNORE, Policy, PolicySpec, sequence_logps
 from policy.prompts import PromptTemplates, load_prompt_templates
 
 
@@ -260,14 +260,21 @@ def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shu
                        num_workers=cfg.train.num_workers, collate_fn=collate, seed=cfg.train.seed, sampler=sampler)
 
 
+def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over the batch's answer tokens, their count): the model's own loss,
+    from the chunked answer log-probs (policy.sequence_logps) instead of the full logits."""
+    n = (batch["labels"][:, 1:] != IGNORE).sum()
+    return -sequence_logps(model, batch).sum() / n.clamp(min=1), n
+
+
 def sft_loss_fn(aligner: FindingAligner | None = None, weight: float = 0.0):
-    """The engine's loss: mean cross-entropy over answer tokens (the model shifts labels itself),
-    plus ``weight`` x the finding-alignment loss when there is an aligner."""
+    """The engine's loss: mean cross-entropy over answer tokens, plus ``weight`` x the
+    finding-alignment loss when there is an aligner."""
 
     def loss_fn(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         targets = batch.pop(FINDING_LABELS, None)
-        loss = model(**batch, use_cache=False).loss
-        metrics = {"answer_tokens": float((batch["labels"] != -100).sum())}
+        loss, n = answer_loss(model, batch)
+        metrics = {"answer_tokens": float(n)}
         if aligner is not None and targets is not None:
             align = aligner.loss(targets)
             metrics["answer_loss"], metrics["align_loss"] = loss.item(), align.item()
@@ -288,8 +295,8 @@ def eval_loss_fn(accelerator: Any, loader: Any, take_batch: Any):
             batch = take_batch(batch)
             if batch is None:
                 continue
-            n = (batch["labels"][:, 1:] != -100).sum()
-            total += torch.stack([model(**batch, use_cache=False).loss.double() * n, n.double()])
+            loss, n = answer_loss(model, batch)
+            total += torch.stack([loss.double() * n, n.double()])
         total = accelerator.reduce(total, "sum")
         return {"eval_loss": (total[0] / total[1].clamp(min=1)).item()}
 

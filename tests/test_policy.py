@@ -154,6 +154,65 @@ def test_sequence_logps_equals_manual_computation(policy):
     torch.testing.assert_close(mean, got / n_answer)
 
 
+def _full_logits_logps(model, batch, average=False):
+    """The answer log-probs from the full [B, T, vocab] logits: what the chunked scorer must equal."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    total = (logits.log_softmax(-1).gather(2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def _values_and_grads(model, score):
+    model.zero_grad()
+    got = score()
+    (got * torch.tensor([1.0, -2.0, 0.5])).sum().backward()  # a different weight per row
+    return got.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_chunked_logps_equal_full_logits_values_and_gradients(toy_dir, average, lora):
+    """One answer position per chunk (chunk_mb 0) and all in one chunk give the full-logits values
+    and gradients, on the model and on a PEFT-wrapped one (only the LoRA weights get gradients)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = load_policy(toy_dir).model.train()
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    policy = load_policy(toy_dir)
+    batch = policy.encode_for_training(_prompts(3), ["Yes.", "No, there is no edema.", "Nodule."], _images(3))
+    want, want_grads = _values_and_grads(model, lambda: _full_logits_logps(model, batch, average))
+    assert want_grads and (not lora or all("lora_" in n for n in want_grads))
+    for chunk_mb in (0, 64):
+        got, grads = _values_and_grads(model, lambda: sequence_logps(model, batch, average, chunk_mb=chunk_mb))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        assert grads.keys() == want_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_chunked_logps_in_bfloat16_match_full_logits(toy_dir):
+    model = load_policy(toy_dir, dtype="bfloat16").model
+    policy = load_policy(toy_dir)
+    batch = policy.encode_for_training(_prompts(3), ["Yes.", "No, there is no edema.", "Nodule."], _images(3))
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    with torch.no_grad():
+        want = _full_logits_logps(model, batch)
+        got = sequence_logps(model, batch, chunk_mb=0)
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-3)
+
+
+def test_chunked_logps_refuse_models_with_transformed_logits(toy_dir):
+    model = load_policy(toy_dir).model
+    batch = load_policy(toy_dir).encode_for_training(_prompts(1), ["Yes."], _images(1))
+    model.config.text_config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        sequence_logps(model, batch)
+
+
 def test_preference_batch_has_own_images_and_common_length(policy):
     images, noised = _images(2, seed=1), _images(2, seed=2)
     prompts = _prompts(2)
@@ -244,3 +303,22 @@ def test_world_texts_reads_training_text_through_the_manifest(tmp_path):
     assert sorted(world_texts(tmp_path)) == ["Is there edema?", "No", "Small nodule."]
     with pytest.raises(InputError, match="manifest.json"):
         world_texts(tmp_path / "rad")
+
+
+def test_sft_answer_loss_equals_the_models_own_loss(toy_dir):
+    """SFT's loss from the chunked log-probs is the model's token-mean cross-entropy, gradients too."""
+    from policy.train_sft import answer_loss
+
+    model = load_policy(toy_dir).model.train()
+    batch = load_policy(toy_dir).encode_for_training(_prompts(3), ["Yes.", "No, there is no edema.", "Nodule."],
+                                                     _images(3))
+    (want := model(**batch, use_cache=False).loss).backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got, n = answer_loss(model, batch)
+    got.backward()
+    assert int(n) == int(batch["labels"][:, 1:].ne(IGNORE).sum())
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, want_grads[name], atol=1e-5, rtol=1e-5, msg=name)

@@ -22,7 +22,8 @@ from policy.policy import load_policy
 from tests.test_pair_data import policy_texts, write_pairs
 from tests.test_policy import _images, _prompts
 from tests.test_train_dpo import (  # noqa: F401 (fresh_accelerate, one_thread: fixtures)
-    _batch, _sharpen, config, fresh_accelerate, one_forward_equals_two, one_thread, rows,
+    _batch, _sharpen, config, fresh_accelerate, images_encoded_once_give_the_same_logps, one_forward_equals_two,
+    one_thread, rows,
 )
 from tests.tiny_qwen2vl import build_tiny_qwen2vl
 
@@ -67,6 +68,12 @@ def test_one_forward_equals_two_and_the_rejected_image_counts(world):
         c2, r2 = pair_logps(policy.model, _batch(world, policy, rejected_image=pure_noise((40, 40), 3))[2]["inputs"])
     torch.testing.assert_close(c2, chosen, rtol=0, atol=1e-5)
     assert (r2 - rejected).abs().min() > 1e-4
+
+
+def test_images_encoded_once_give_the_same_logps(world):
+    policy = load_policy(world / "policy")
+    _sharpen(policy.model)
+    images_encoded_once_give_the_same_logps(world, policy)
 
 
 def test_lora_leaves_the_vision_tower_alone_but_trains_the_merger(world):

@@ -21,11 +21,14 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from common.engine import EngineConfig, LoraConfig
+from common.engine import EngineConfig, LoraConfig, apply_lora
 from data.noise import pure_noise
 from dpo.loss import dpo_loss
 from dpo.pair_data import PairCollator, PairDataset, is_heldout, load_pairs, split_heldout
-from dpo.train_dpo import DpoConfig, DpoTrainer, collapse_metrics, pair_logps, run, shard, step_loss, summarize
+from dpo.train_dpo import (
+    DpoConfig, DpoTrainer, collapse_metrics, encoded_images, frozen_image_encoder, pair_logps, run, shard, step_loss,
+    summarize,
+)
 from policy.policy import PolicySpec, load_policy, sequence_logps
 from policy.prompts import load_prompt_templates
 from tests.test_engine import LAUNCHER_VARS
@@ -115,6 +118,31 @@ def test_concatenated_forward_equals_two_forwards(world):
     _sharpen(policy.model)
     chosen, rejected = one_forward_equals_two(world, policy)
     assert not torch.allclose(chosen, rejected, atol=1e-2)  # the rows were really different
+
+
+def images_encoded_once_give_the_same_logps(world: Path, policy) -> None:
+    """The batch with its images encoded once (``mm_encoder_outputs``) scores as with pixels,
+    with and without the adapter; a trained projector stops the sharing."""
+    inputs = _batch(world, policy, rejected_image=pure_noise((40, 40), 1))[2]["inputs"]
+    model = apply_lora(policy.model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    encoded = encoded_images(model, inputs)
+    assert "pixel_values" not in encoded and "mm_encoder_outputs" in encoded
+    with torch.no_grad():
+        torch.testing.assert_close(pair_logps(model, encoded), pair_logps(model, inputs), rtol=0, atol=1e-5)
+        with model.disable_adapter():
+            torch.testing.assert_close(pair_logps(model, encoded), pair_logps(model, inputs), rtol=0, atol=1e-5)
+    assert frozen_image_encoder(model)
+    assert not frozen_image_encoder(apply_lora(load_policy(world / "policy").model,
+                                               LoraConfig(r=4, alpha=8, train_projector=True)))
+
+
+def test_images_encoded_once_give_the_same_logps(world):
+    policy = load_policy(world / "policy")
+    _sharpen(policy.model)
+    images_encoded_once_give_the_same_logps(world, policy)
 
 
 def test_rejected_image_reaches_the_model(world):
