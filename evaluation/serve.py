@@ -44,7 +44,8 @@ from retriever.select_k import KRule
 
 EXAMPLES_PER_FILE = 50  # test records per file looked at for examples
 K_MODES = ("adaptive", "fixed")
-CSS = TABLE_CSS + "#image img,#noised img{min-height:160px;image-rendering:pixelated}.error{color:#c62828}"
+CSS = TABLE_CSS + ("#image img,#noised img{min-height:180px !important;object-fit:contain;image-rendering:pixelated}"
+                   ".error{color:#c62828}")
 
 
 @dataclass
@@ -278,7 +279,10 @@ def respond(models: Models, cfg: ServeConfig, image_path: str | None, question: 
 
 def build_app(models: Models, cfg: ServeConfig, examples: tuple[list[list[str]], list[str]]) -> Any:
     """The gradio Blocks app."""
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ImportError:
+        raise ConfigError("gradio is not installed in this environment: run `bash scripts/setup.sh`") from None
 
     with gr.Blocks(title="medrag-dpo", analytics_enabled=False) as app:
         gr.Markdown("# medrag-dpo: domain-aware RAG and RAG preference tuning\nUpload an image or pick an "
@@ -316,8 +320,12 @@ def main() -> None:
     examples = example_rows(files, read_cases(cfg.eval_dir), cfg.examples)
     roots = sorted({str(Path(row[0]).parent.resolve()) for row in examples[0]})
     app = build_app(models, cfg, examples)
-    app.launch(server_name=cfg.host, server_port=cfg.port, allowed_paths=roots, show_error=True,
-               css=CSS, footer_links=[])
+    try:
+        app.launch(server_name=cfg.host, server_port=cfg.port, allowed_paths=roots, show_error=True,
+                   css=CSS, footer_links=[])
+    except OSError as e:  # gradio's "Cannot find empty port": the port is taken or the address not ours
+        raise ConfigError(f"cannot serve on {cfg.host}:{cfg.port} (the port is taken or the address is not this "
+                          f"machine's: {str(e).split('.')[0]}): pass another --port or --host") from None
 
 
 if __name__ == "__main__":
