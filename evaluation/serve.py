@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 from common.config import ConfigError, cli_main, doc, load_config
-from common.io import InputError
+from common.io import InputError, read_jsonl
 from data.answers import yes_no
 from data.datasets import first_image
 from data.images import BadImageError, load_image, resolve_image
@@ -39,7 +38,7 @@ from evaluation.evaluate import TEST_ROLES, EvalConfig, EvalFile, ImageSource, e
 from evaluation.gallery import POLICY_NAMES, TABLE_CSS, Case, answers_table, group_cases, references_list
 from evaluation.infer import AnswerConfig, load_answerer, load_retriever, pick_adapter, retrieve
 from policy.budget import BudgetLog, PromptParts, fit_prompt
-from policy.prompts import load_prompt_templates
+from policy.prompts import load_prompt_templates, own_options
 from retriever.select_k import KRule
 
 EXAMPLES_PER_FILE = 50  # test records per file looked at for examples
@@ -103,7 +102,7 @@ def load_models(cfg: ServeConfig, files: list[EvalFile]) -> Models:
                   load_prompt_templates(cfg.policy.prompts))
 
 
-def test_files(cfg: ServeConfig) -> list[EvalFile]:
+def query_files(cfg: ServeConfig) -> list[EvalFile]:
     """The test files of ``retrieval_dir`` (none when it is empty or has no index)."""
     if not cfg.retrieval_dir or not (Path(cfg.retrieval_dir) / "index.json").is_file():
         return []
@@ -113,15 +112,7 @@ def test_files(cfg: ServeConfig) -> list[EvalFile]:
 def read_cases(eval_dir: str) -> list[Case]:
     """The evaluated cases of ``eval_dir`` (none without a predictions.jsonl)."""
     path = Path(eval_dir) / "predictions.jsonl"
-    if not eval_dir or not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON: {e.msg}") from None
-    return group_cases(rows)
+    return group_cases(read_jsonl(path)) if eval_dir and path.is_file() else []
 
 
 def pick_examples(files: list[EvalFile], cases: list[Case], n: int) -> list[tuple[EvalFile, int, bool]]:
@@ -140,13 +131,16 @@ def pick_examples(files: list[EvalFile], cases: list[Case], n: int) -> list[tupl
     return [(f, i, rank((pos, f, i))[0] == 0) for pos, f, i in picked]
 
 
-def example_rows(files: list[EvalFile], cases: list[Case], n: int) -> tuple[list[list[str]], list[str]]:
-    """gr.Examples rows [image path, question, gold answer, image name] and their labels."""
+def example_rows(files: list[EvalFile], cases: list[Case], cfg: ServeConfig) -> tuple[list[list[str]], list[str]]:
+    """gr.Examples rows [image path, question (with its own options under ``option_text``), gold answer,
+    image name] and their labels."""
     rows, labels = [], []
-    for f, i, star in pick_examples(files, cases, n):
+    for f, i, star in pick_examples(files, cases, cfg.examples):
         r = f.records[i]
         rel = first_image(r)
-        rows.append([str(resolve_image(rel, r.image_root, f.image_root)), r.question, r.answer, rel])
+        options = own_options(r.meta.get("text"), r.question, cfg.option_text)
+        question = f"{r.question} {options}" if options else r.question
+        rows.append([str(resolve_image(rel, r.image_root, f.image_root)), question, r.answer, rel])
         labels.append(f"{'★ ' if star else ''}{r.meta.get('domain') or f.domain}: {r.question}")
     return rows, labels
 
@@ -314,10 +308,10 @@ def build_app(models: Models, cfg: ServeConfig, examples: tuple[list[list[str]],
 
 def main() -> None:
     cfg = load_config(ServeConfig, description=__doc__)
-    files = test_files(cfg)
+    files = query_files(cfg)
     models = load_models(cfg, files)
     print(models.header)
-    examples = example_rows(files, read_cases(cfg.eval_dir), cfg.examples)
+    examples = example_rows(files, read_cases(cfg.eval_dir), cfg)
     roots = sorted({str(Path(row[0]).parent.resolve()) for row in examples[0]})
     app = build_app(models, cfg, examples)
     try:
