@@ -174,8 +174,8 @@ def card(case: Case, media: CaseMedia | None, policies: list[str], conditions: l
         if media.noised is not None:
             figures += (f"<figure><img alt='noised image' src='{data_uri(media.noised)}'>"
                         "<figcaption>x_v* (noised)</figcaption></figure>")
-    ks = ", ".join(f"{CONDITION_NAMES[c]} k={case.rows[(p, c)]['k']}" for p in policies[:1]
-                   for c in ("rag_fixed", "rag_adaptive") if (p, c) in case.rows)
+    ks = ", ".join(f"{kind} k={case.rows[(p, c)]['k']}" for p in policies[:1]
+                   for c, kind in (("rag_fixed", "fixed"), ("rag_adaptive", "adaptive")) if (p, c) in case.rows)
     refs = references_list(media.references, media.scores) if media is not None else ""
     task = f"Q: {_e(first['question'])}" if first["task"] == "vqa" else "Write the report."
     badges = "".join(f"<span class='badge'>{_e(label)}</span>" for key, label, _ in FILTERS if flags[key])

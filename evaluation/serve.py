@@ -43,7 +43,7 @@ from retriever.select_k import KRule
 
 EXAMPLES_PER_FILE = 50  # test records per file looked at for examples
 K_MODES = ("adaptive", "fixed")
-CSS = TABLE_CSS + ("#image img,#noised img{min-height:180px !important;object-fit:contain;image-rendering:pixelated}"
+CSS = TABLE_CSS + ("#shown-image img,#noised img{min-height:180px !important;object-fit:contain;image-rendering:pixelated}"
                    ".error{color:#c62828}")
 
 
@@ -248,8 +248,12 @@ def render(reply: Reply, header: str) -> str:
     return "".join(parts) + "</div>"
 
 
-def message(text: str) -> str:
-    return f"<div id='answer-panel'><p class='error'>{_e(text)}</p></div>"
+def message(text: str, kind: str = "error") -> str:
+    return f"<div id='answer-panel'><p class='{kind}'>{_e(text)}</p></div>"
+
+
+def not_an_image(e: BadImageError) -> str:
+    return message(f"{Path(e.path).name} is not an image the models can read ({e.reason})")
 
 
 def respond(models: Models, cfg: ServeConfig, image_path: str | None, question: str, gold: str, name: str,
@@ -263,12 +267,22 @@ def respond(models: Models, cfg: ServeConfig, image_path: str | None, question: 
                     (gold or "").strip() or None, k_rule(cfg, mode, int(k)))
         return render(reply, models.header), reply.noised
     except BadImageError as e:
-        return message(f"This file is not an image the models can read: {e.reason} ({e.detail})"), None
+        return not_an_image(e), None
     except (InputError, ConfigError) as e:
         return message(str(e)), None
     except Exception as e:  # the page shows one line; the traceback goes to the server's log
         traceback.print_exc()
         return message(f"Internal error ({type(e).__name__}: {e}); the server log has the details."), None
+
+
+def preview(image_path: str | None) -> tuple[Image.Image | None, str]:
+    """The picked image for the page, or a one-line message when it is not one."""
+    if not image_path:
+        return None, message("No image yet: upload one or pick an example.", "meta")
+    try:
+        return load_image(image_path), message("Ask a question, or leave it empty for a report.", "meta")
+    except BadImageError as e:
+        return None, not_an_image(e)
 
 
 def build_app(models: Models, cfg: ServeConfig, examples: tuple[list[list[str]], list[str]]) -> Any:
@@ -284,7 +298,10 @@ def build_app(models: Models, cfg: ServeConfig, examples: tuple[list[list[str]],
                     "without retrieval, with it, and with a noised image and the same references (the copy test).")
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="filepath", label="image x_v", elem_id="image", height=260)
+                # a File, not an Image: gradio's Image decodes uploads itself and shows its own traceback-like
+                # error for a file that is not an image; here every file reaches load_image (one-line message)
+                image = gr.File(label="image x_v: upload", file_types=["image"], type="filepath", elem_id="image")
+                shown = gr.Image(label="image x_v", interactive=False, height=220, elem_id="shown-image")
                 question = gr.Textbox(label="question (empty: write a report)", elem_id="question")
                 with gr.Row():
                     mode = gr.Radio(list(K_MODES), value="adaptive" if cfg.k.rule != "fixed" else "fixed",
@@ -297,10 +314,11 @@ def build_app(models: Models, cfg: ServeConfig, examples: tuple[list[list[str]],
                     gr.Examples(examples=examples[0], inputs=[image, question, gold, name], example_labels=examples[1],
                                 label="test questions (★: DPO fixed a copied base answer in evaluation)")
             with gr.Column(scale=3):
-                result = gr.HTML(message("No question asked yet."), elem_id="result")
+                result = gr.HTML(message("No question asked yet.", "meta"), elem_id="result")
                 noised = gr.Image(label="x_v*: the noised image of the copy test", interactive=False, height=200,
                                   elem_id="noised")
         image.upload(lambda: ("", ""), outputs=[gold, name])
+        image.change(preview, inputs=image, outputs=[shown, result])
         run.click(lambda *a: respond(models, cfg, *a), inputs=[image, question, gold, name, mode, k],
                   outputs=[result, noised])
     return app

@@ -19,7 +19,7 @@ from PIL import Image
 from common.config import cli_main
 from evaluation.evaluate import EvalFile
 from evaluation.gallery import group_cases
-from evaluation.serve import Models, ServeConfig, k_rule, main, pick_examples, respond, upload_name
+from evaluation.serve import Models, ServeConfig, k_rule, main, pick_examples, preview, respond, upload_name
 from policy.budget import BudgetLog
 from policy.policy import Policy
 from policy.prompts import load_prompt_templates
@@ -105,7 +105,9 @@ def test_bad_inputs_give_one_line_not_a_traceback(models, tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     page, _ = respond(models, ServeConfig(), str(text), "Q?", "", "", "fixed", 2)
-    assert "not an image the models can read" in page and "Traceback" not in page
+    assert "notes.png is not an image the models can read (unreadable)" in page and "Traceback" not in page
+    assert preview(str(text)) == (None, page) and preview(None)[0] is None
+    assert np.asarray(preview(str(_image(tmp_path / "d.png", DARK)))[0]).mean() == DARK
 
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory")
@@ -204,8 +206,9 @@ def app(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_app_in_a_browser(app, chromium):
-    """Pick an example, ask, and the routed domain, the references and both policies' answers appear."""
+def test_app_in_a_browser(app, chromium, tmp_path):
+    """Pick an example, ask, and the routed domain, the references and both policies' answers appear;
+    a file that is not an image gets one line in the page."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -225,6 +228,12 @@ def test_app_in_a_browser(app, chromium):
     rows = chromium.find_elements(By.CSS_SELECTOR, "#answer-panel table.answers tr")
     assert [r.find_element(By.TAG_NAME, "th").text for r in rows[1:]] == ["base", "DPO"], panel
     assert "noised image + same refs" in panel and "with x_v* and the same references" in panel
-    assert "Traceback" not in log.read_text()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     chromium.save_screenshot(str(SCREENSHOTS / "serve.png"))
+
+    bad = tmp_path / "scan.png"
+    bad.write_text("not an image")
+    chromium.find_element(By.CSS_SELECTOR, "#image button[aria-label='Clear']").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))[0].send_keys(str(bad))
+    wait.until(lambda d: "scan.png is not an image the models can read" in d.find_element(By.ID, "answer-panel").text)
+    assert "Traceback" not in log.read_text()
