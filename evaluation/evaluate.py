@@ -29,7 +29,8 @@ run. A row's ``k`` is the references its prompt held; ``results.json``'s ``budge
 cut and names what was refused.
 
 Writes into ``out`` (replaced atomically): ``results.json``, ``results.md``, ``predictions.jsonl``
-(every record x condition x policy), PNG plots (evaluation.plots) and ``run_config.yaml``.
+(every record x condition x policy), ``gallery.html`` (one card per record, evaluation.gallery), PNG
+plots (evaluation.plots) and ``run_config.yaml``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from PIL import Image
 from tqdm import tqdm
@@ -53,6 +54,7 @@ from data.images import BadImageError, BadImageLog, load_image, resolve_image
 from data.noise import NoiseConfig, make_x_v_star
 from data.readers import bad_records_summary, read_index, read_records
 from data.records import ReportRecord, VqaRecord
+from evaluation.gallery import CaseMedia, gallery_html
 from evaluation.metrics import report_metrics, tokenize, vqa_metrics
 from pairs.rules import copy_rate, over_reliance_rate
 from policy.adapters import check_adapter_base, find_adapter, load_with_adapters
@@ -96,6 +98,7 @@ class EvalConfig:
     clip_dir: str = doc("outputs/toy/clip", "CLIP fine-tuning output (its <domain>/metrics.jsonl are plotted)")
     dpo_dir: str = doc("outputs/toy/dpo", "DPO run output (its metrics.jsonl is plotted)")
     plots: bool = doc(True, "write PNG plots")
+    gallery: int = doc(500, "cases in gallery.html (evaluation.gallery), the first N in evaluation order; 0 = no gallery")
     out: str = doc("outputs/toy/eval", "output folder (replaced atomically)")
 
 
@@ -203,6 +206,12 @@ class ImageSource:
             self._bad[path] = e
             raise
 
+    def noised(self, name: str, image: Image.Image, domain: str) -> Image.Image:
+        """x_v* of the image ``name`` (as written) from its domain's pool; BadImageError when the
+        pool has no readable other image."""
+        return make_x_v_star(name, image, self.cfg.noise, self.pool[domain], lambda other: self._load(*other),
+                             domain=domain)
+
     def load(self, f: EvalFile, index: int) -> tuple[str, Image.Image, Image.Image | None] | None:
         """(image as written, x_v, x_v* if noised_rag is run) of record ``index``; None if skipped."""
         record = f.records[index]
@@ -211,10 +220,7 @@ class ImageSource:
             if not rel:
                 raise BadImageError(record.source, "missing", "the record names no image")
             img = self._load(rel, record.image_root, f.image_root)
-            noised = None
-            if "noised_rag" in self.cfg.conditions:
-                noised = make_x_v_star(rel, img, self.cfg.noise, self.pool[f.domain or ""],
-                                       lambda other: self._load(*other), domain=f.domain or "")
+            noised = self.noised(rel, img, f.domain or "") if "noised_rag" in self.cfg.conditions else None
             return rel, img, noised
         except BadImageError as e:
             if self.cfg.bad_image == "error":
@@ -234,6 +240,13 @@ def _question(record: VqaRecord | ReportRecord) -> str | None:
 
 def _gold(record: VqaRecord | ReportRecord) -> str:
     return record.answer if isinstance(record, VqaRecord) else record.text
+
+
+def judge_vqa(prediction: str, answer: str) -> dict[str, Any]:
+    """A VQA answer's prediction-row fields: gold and predicted yes/no labels, and ``correct``
+    (None when the gold answer is not yes/no)."""
+    gold, pred = yes_no(answer), yes_no(prediction)
+    return {"gold_label": gold, "pred_label": pred, "correct": pred == gold if gold != "other" else None}
 
 
 def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: EvalConfig,
@@ -274,9 +287,7 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
         for (_, _, row), pred in zip(jobs, answers):
             row["prediction"] = pred
             if f.task == "vqa":
-                gold = yes_no(row["answer"])
-                row["gold_label"], row["pred_label"] = gold, yes_no(pred)
-                row["correct"] = row["pred_label"] == gold if gold != "other" else None
+                row.update(judge_vqa(pred, row["answer"]))
             yield row
         bar.update(min(cfg.chunk, len(records) - start))
     bar.close()
@@ -533,8 +544,27 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
         "budget": cut,
         "notes": notes,
     }
-    write_outputs(cfg, results, predictions)
+    gallery = None
+    if cfg.gallery:
+        gallery = gallery_html(predictions, case_media(files, images), title=f"Evaluation cases: {cfg.policy.path}",
+                               max_cases=cfg.gallery)
+    write_outputs(cfg, results, predictions, gallery)
     return results
+
+
+def case_media(files: list[EvalFile], images: ImageSource) -> Callable[[str, int], CaseMedia | None]:
+    """For the gallery: (file name, record index) -> its image, x_v* and references (None if unreadable)."""
+    by_name = {f.name: f for f in files}
+
+    def media(name: str, index: int) -> CaseMedia | None:
+        f = by_name[name]
+        loaded = images.load(f, index)
+        if loaded is None:
+            return None
+        reports, _, scores = references(f.records[index])
+        return CaseMedia(loaded[1], loaded[2], reports, scores)
+
+    return media
 
 
 def _retrieval_metrics(retrieval_dir: Path) -> dict[str, Any] | None:
@@ -547,8 +577,11 @@ def _retrieval_metrics(retrieval_dir: Path) -> dict[str, Any] | None:
         raise InputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
 
 
-def write_outputs(cfg: EvalConfig, results: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+def write_outputs(cfg: EvalConfig, results: dict[str, Any], predictions: list[dict[str, Any]],
+                  gallery: str | None = None) -> None:
     with atomic_dir(cfg.out) as tmp:
+        if gallery is not None:
+            atomic_write_text(tmp / "gallery.html", gallery)
         atomic_write_json(tmp / "results.json", results)
         atomic_write_text(tmp / "results.md", results_markdown(results))
         atomic_write_jsonl(tmp / "predictions.jsonl", predictions)
@@ -563,7 +596,7 @@ def main() -> None:
     cfg = load_config(EvalConfig, description=__doc__)
     results = evaluate(cfg)
     print(results_markdown(results))
-    print(f"written: {cfg.out}/results.json, results.md, predictions.jsonl")
+    print(f"written: {cfg.out}/results.json, results.md, predictions.jsonl" + (", gallery.html" if cfg.gallery else ""))
 
 
 if __name__ == "__main__":

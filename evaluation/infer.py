@@ -47,15 +47,9 @@ TOY_POLICY = "outputs/toy/policy"
 
 
 @dataclass
-class InferConfig:
-    image: str = doc("", "query image (with --question, or alone for a report)")
-    question: str = doc("", "question about --image; empty = write a report")
-    queries: str = doc("", "JSONL of queries (image, question, id, task, domain) instead of --image")
-    out: str = doc("", "answers JSONL for --queries; empty = outputs/toy/infer/<queries stem>.answers.jsonl")
-    image_root: str = doc("", "folder for relative image paths in --queries (empty: as written)")
-    task: str = doc("", "vqa | report for every query; empty = vqa when there is a question, else report")
-    domain: str = doc("", "skip F(x_v) and use this domain's retriever for every query")
-    rag: bool = doc(True, "retrieve reports (false: answer from the image and question alone)")
+class AnswerConfig:
+    """The answering path's models and settings, shared by inference and the web demo (evaluation.serve)."""
+
     k: KRule = doc(KRule(rule="gap", k=5, gamma=0.1), "how many retrieved reports to keep (retriever.select_k)")
     clip_dir: str = doc("outputs/toy/clip", "the retrievers and domain classifier (bash scripts/finetune_clip.sh)")
     checkpoint: str = doc("best", "which checkpoint of each retriever: best | latest")
@@ -72,6 +66,18 @@ class InferConfig:
                              "shortened to fit, a query that cannot fit gets an error (0 = the model's own limit)")
     batch_size: int = doc(8, "generation batch size")
     device: str = doc("cpu", "device for the policy")
+
+
+@dataclass
+class InferConfig(AnswerConfig):
+    image: str = doc("", "query image (with --question, or alone for a report)")
+    question: str = doc("", "question about --image; empty = write a report")
+    queries: str = doc("", "JSONL of queries (image, question, id, task, domain) instead of --image")
+    out: str = doc("", "answers JSONL for --queries; empty = outputs/toy/infer/<queries stem>.answers.jsonl")
+    image_root: str = doc("", "folder for relative image paths in --queries (empty: as written)")
+    task: str = doc("", "vqa | report for every query; empty = vqa when there is a question, else report")
+    domain: str = doc("", "skip F(x_v) and use this domain's retriever for every query")
+    rag: bool = doc(True, "retrieve reports (false: answer from the image and question alone)")
 
 
 @dataclass
@@ -131,7 +137,7 @@ def read_queries(cfg: InferConfig) -> list[Query]:
 # ---------------------------------------------------------------- loading
 
 
-def load_retriever(cfg: InferConfig) -> Any:
+def load_retriever(cfg: AnswerConfig, require_router: bool = True) -> Any:
     """retriever.retrieve.Retriever of ``clip_dir``; InputError naming finetune_clip.sh if absent."""
     from retriever.retrieve import Retriever
 
@@ -139,12 +145,12 @@ def load_retriever(cfg: InferConfig) -> Any:
         raise InputError(f"{cfg.clip_dir}: no retrievers here; make them with `bash scripts/finetune_clip.sh`")
     try:
         return Retriever.load(cfg.clip_dir, cfg.checkpoint, cache_dir=cfg.cache_dir,
-                              require_router=not cfg.domain)
+                              require_router=require_router)
     except FileNotFoundError as e:
         raise InputError(f"{e} (`bash scripts/finetune_clip.sh` makes it)") from None
 
 
-def pick_adapter(cfg: InferConfig) -> tuple[str | None, str]:
+def pick_adapter(cfg: AnswerConfig) -> tuple[str | None, str]:
     """The DPO adapter to apply and why (for the header). The toy's adapter is a default only for
     the toy policy: on any other policy it would change the answers unasked."""
     if cfg.adapter == "none":
@@ -157,7 +163,7 @@ def pick_adapter(cfg: InferConfig) -> tuple[str | None, str]:
     return adapter, "the toy policy's DPO adapter" if adapter else "no toy DPO adapter yet: bash scripts/train_dpo.sh"
 
 
-def load_answerer(cfg: InferConfig) -> tuple[Any, str]:
+def load_answerer(cfg: AnswerConfig) -> tuple[Any, str]:
     """The policy (with its adapters, merged) and the header line naming the policy and adapter."""
     if not Path(cfg.policy.path).is_dir():
         raise InputError(f"{cfg.policy.path}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
@@ -267,7 +273,7 @@ def main() -> None:
     if cfg.image:
         load_image(cfg.image)  # one bad image is refused before any model loads (exit 2)
     need_retriever = cfg.rag or any(q.domain is None for q in queries)
-    retriever = load_retriever(cfg) if need_retriever else None
+    retriever = load_retriever(cfg, require_router=not cfg.domain) if need_retriever else None
     policy, header = load_answerer(cfg)
     print(header)
     budget = BudgetLog.of(policy, cfg.max_length)

@@ -80,10 +80,14 @@ class Router:
     classifier: DomainClassifier
     info: dict[str, Any]
 
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """P(domain | image) [n, domains] from the images' concatenated embeddings [n, sum of dims]."""
+        with torch.no_grad():
+            return self.classifier(features).softmax(dim=1)
+
     def predict(self, features: torch.Tensor) -> list[str]:
         """Domains of images given their concatenated embeddings [n, sum of dims]."""
-        with torch.no_grad():
-            return [self.domains[i] for i in self.classifier(features).argmax(dim=1).tolist()]
+        return [self.domains[i] for i in self.probabilities(features).argmax(dim=1).tolist()]
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)

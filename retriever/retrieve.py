@@ -226,8 +226,14 @@ class Retriever:
 
     def route(self, images: Sequence[Any]) -> list[str]:
         """F(x_v) for PIL images."""
-        domains = self.router.domains if self.router else []
-        return self.route_features({d: self.embed(images, d) for d in domains})
+        return [max(p, key=p.get) for p in self.route_confidence(images)]
+
+    def route_confidence(self, images: Sequence[Any]) -> list[dict[str, float]]:
+        """P(domain | x_v) of F for PIL images, one {domain: probability} per image."""
+        if self.router is None:
+            raise FileNotFoundError("no domain classifier loaded: route with a fixed domain or train one (finetune_clip.sh)")
+        probs = self.router.probabilities(torch.cat([self.embed(images, d) for d in self.router.domains], dim=1))
+        return [dict(zip(self.router.domains, row.tolist())) for row in probs]
 
     def top(self, embeddings: torch.Tensor, domain: str, k: int) -> list[list[Hit]]:
         """The ``k`` best corpus reports per query embedding (of ``domain``'s CLIP), best first."""

@@ -17,3 +17,31 @@ def toy_processor():
 
     texts = template_texts(DEFAULT_PROMPTS) + ["Is there a finding? Yes finding. No finding. Normal study."] * 5
     return build_processor(train_tokenizer(texts, 400, 1024), ToyPolicyConfig())
+
+
+@pytest.fixture
+def chromium():
+    """Headless Debian Chromium driven by selenium; the test skips, saying how to get it, without one.
+
+    The system's chromium and chromedriver are used as they are (no browser download at test time).
+    """
+    import os
+    import shutil
+
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not browser or not driver:
+        missing = "no headless browser: apt-get install chromium chromium-driver (Debian), then rerun"
+        if os.environ.get("CI"):  # .ci/run installs them: in CI a missing browser is a failure, not a skip
+            pytest.fail(missing)
+        pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1200"):
+        options.add_argument(arg)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    yield session
+    session.quit()

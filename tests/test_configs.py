@@ -11,6 +11,7 @@ from common.config import ConfigError, load_config, to_dict
 from dpo.train_dpo import DpoConfig
 from evaluation.evaluate import EvalConfig
 from evaluation.infer import InferConfig
+from evaluation.serve import ServeConfig
 from pairs.build_pairs import PairsConfig
 from policy.policy import PolicySpec
 from policy.train_sft import SftConfig
@@ -21,7 +22,7 @@ from toy.toy_policy import ToyPolicyConfig
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 CLASSES = {"clip": ClipTrainConfig, "retrieve": RetrieveConfig, "pairs": PairsConfig, "dpo": DpoConfig,
-           "evaluate": EvalConfig, "sft": SftConfig, "toy_policy": ToyPolicyConfig}
+           "evaluate": EvalConfig, "sft": SftConfig, "toy_policy": ToyPolicyConfig, "serve": ServeConfig}
 DOMAINS = ("radiology", "pathology", "ophthalmology")
 
 

@@ -303,6 +303,8 @@ def test_tiny_run_schema(tiny_run):
     rows = [json.loads(p) for p in preds]
     assert budget["prompt_tokens"]["max"] == max(r["budget"]["prompt_tokens"] for r in rows)
     assert (tiny_run / "eval" / "dpo_training.png").stat().st_size > 0
+    gallery = (tiny_run / "eval" / "gallery.html").read_text()
+    assert gallery.count("<article class='card'") == len(files) and gallery.count("src='data:image/jpeg") == 2 * len(files)
 
 
 # ---------------------------------------------------------------- plots

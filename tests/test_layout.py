@@ -35,7 +35,7 @@ ANYTHING = {"tests", "benches"}  # may import every package
 
 # stage script -> the module it runs must be named like it (<package>/<script name>.py)
 STAGE_SCRIPTS = ("make_toy", "finetune_clip", "retrieve", "build_pairs", "train_dpo", "train_sft", "evaluate",
-                 "infer", "demo", "rehearse", "faults", "release_sources", "effect", "bench", "plan")
+                 "infer", "demo", "rehearse", "faults", "release_sources", "effect", "bench", "plan", "serve")
 
 
 def packages() -> list[str]:
