@@ -1,0 +1,62 @@
+"""The reading probe measures reading: it learns a task the references answer, and not without them."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from toy.reading_probe import ReadingProbeConfig, probe, wilson
+from toy.toy_policy import ToyPolicyConfig, build_toy_policy
+
+
+def _world(root: Path) -> Path:
+    """Retrieval JSONL where the answer is whether the one reference names the finding."""
+    rng = random.Random(0)
+    files = []
+    for role, n in (("train", 400), ("val", 100)):
+        rows = []
+        for i in range(n):
+            finding = rng.choice(["effusion", "nodule"])
+            present = rng.random() < 0.5
+            rows.append({"question_id": f"{role}{i}", "question": f"Is there {finding}?", "image": "x.png",
+                         "answer": f"Yes, there is {finding}." if present else f"No, there is no {finding}.",
+                         "reference_reports": [f"There is {finding}." if present else "The study is clear."]})
+        path = root / f"{role}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append({"path": path.name, "role": role, "domain": "radiology", "kind": "vqa"})
+    (root / "index.json").write_text(json.dumps({"files": files}))
+    return root / "index.json"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("reading")
+    index = _world(root)
+    texts = ["Is there effusion? Is there nodule? Yes, there is effusion. No, there is no nodule. The study is clear."] * 20
+    policy = build_toy_policy(texts, root / "policy", ToyPolicyConfig(text_width=32, text_layers=1, text_heads=2,
+                                                                      vision_width=32, vision_layers=1, vision_heads=2))
+    return index, policy
+
+
+def _cfg(setup, **kw) -> ReadingProbeConfig:
+    index, policy = setup
+    return ReadingProbeConfig(retrieval_index=str(index), train_roles=["train"], val_roles=["val"], policy=str(policy),
+                              steps=150, batch_size=16, lr=3e-3, eval_every=150, **kw)
+
+
+def test_the_probe_learns_what_the_references_say(setup):
+    got = probe(_cfg(setup))
+    assert got["n_val"] == 100 and got["curve"][-1]["val_accuracy"] >= 0.9
+
+
+def test_without_references_it_stays_near_chance(setup):
+    got = probe(_cfg(setup, references=False))
+    assert got["curve"][-1]["val_accuracy"] <= max(0.7, got["majority_answer_accuracy"] + 0.1)
+
+
+def test_wilson_interval():
+    low, high = wilson(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
