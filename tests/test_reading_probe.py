@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from toy.reading_probe import ReadingProbeConfig, probe, wilson
+from toy.reading_probe import ReadingProbeConfig, main, probe, wilson
 from toy.toy_policy import ToyPolicyConfig, build_toy_policy
 
 
@@ -60,3 +60,14 @@ def test_without_references_it_stays_near_chance(setup):
 def test_wilson_interval():
     low, high = wilson(50, 100)
     assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+
+
+def test_main_writes_the_curve(setup, tmp_path, monkeypatch):
+    index, policy = setup
+    out = tmp_path / "probe.json"
+    monkeypatch.setattr("sys.argv", ["reading_probe", "--retrieval_index", str(index), "--train_roles", "[train]",
+                                     "--val_roles", "[val]", "--policy", str(policy), "--steps", "4",
+                                     "--eval_every", "2", "--batch_size", "8", "--out", str(out)])
+    main()
+    got = json.loads(out.read_text())
+    assert [c["step"] for c in got["curve"]] == [2, 4] and got["n_val"] == 100 and got["config"]["steps"] == 4

@@ -42,7 +42,7 @@ class ReadingProbeConfig:
     train_roles: list[str] = doc(["policy_train"], "index roles to train on")
     val_roles: list[str] = doc(["val_vqa"], "index roles to measure on (never test)")
     policy: str = doc("outputs/toy/policy_init", "toy policy folder: its tokenizer and its language model's shape")
-    prompts: str = doc(DEFAULT_PROMPTS, "prompt templates (policy.prompts)")
+    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates (policy.prompts)")
     references: bool = doc(True, "put the references in the prompt (false: the question alone, a floor)")
     steps: int = doc(3000, "optimizer steps of the yes/no loss")
     lm_steps: int = doc(0, "next-token steps on the training references' text first (0 = none)")
