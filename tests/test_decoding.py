@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from data.noise import NoiseConfig, make_x_v_star
 from policy.decoding import VcdLogitsProcessor, vcd_generate, vcd_logits
 from policy.policy import load_policy
 from tests.test_policy import _images, _prompts, _texts
@@ -72,8 +73,10 @@ def test_alpha_zero_is_plain_greedy(policy):
 
 def test_batched_vcd_equals_vcd_by_hand(policy):
     """The distorted branch's cache and left-padded positions: a batch of prompts of different
-    lengths gives, row by row, what two uncached forward passes per step give."""
-    images, distorted, prompts = _images(4), _images(4, seed=5), _prompts(4)
+    lengths, with x_v* as the project makes it, gives row by row what two uncached forward passes per step give."""
+    images, prompts = _images(4), _prompts(4)
+    pool = {f"img{i}.png": im for i, im in enumerate(images + _images(4, seed=5))}  # the domain's images
+    distorted = [make_x_v_star(f"img{i}.png", im, NoiseConfig(), pool, lambda x: x) for i, im in enumerate(images)]
     ours = vcd_generate(policy, images, distorted, prompts, max_new_tokens=8, alpha=1.0, beta=0.1, batch_size=4)
     by_hand = [_naive_vcd(policy, i, d, p, 8, 1.0, 0.1) for i, d, p in zip(images, distorted, prompts)]
     assert ours == by_hand
