@@ -8,6 +8,12 @@ a different image on the rejected side.
 ``sft`` is TRL's loss type of that name: the token-mean NLL of the chosen answers over the batch,
 with no rejected side and no reference. It is the control that tells what the preference does
 beyond supervised tuning on the same chosen answers.
+
+mDPO's two extra terms (``conditional_preference_loss``, ``anchored_loss``; ``mdpo_loss`` sums
+them with sigmoid DPO) are functions of the same summed log-probs plus the chosen answer's under
+a corrupted image. TRL has no mDPO: its nearest pieces are the sigmoid loss (which the conditional
+term is, with the corrupted-image chosen answer as the rejected side) and the chosen half of
+``bco_pair`` (the anchored term at delta = 0); tests/test_dpo_loss.py checks both against TRL.
 """
 
 from __future__ import annotations
@@ -75,3 +81,68 @@ def dpo_loss(
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
     return DpoOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def anchored_loss(chosen_logps: torch.Tensor, ref_chosen_logps: torch.Tensor, beta: float = 0.1,
+                  delta: float = 0.0) -> torch.Tensor:
+    """mDPO's anchored preference term (Wang et al., EMNLP 2024), per pair:
+
+        L_AncPO = -log sigmoid(beta * (log pi(y_w|m_w, x) - log ref(y_w|m_w, x)) - delta)
+
+    It keeps the chosen answer's reward above ``delta`` (0 in the paper and its code), so the
+    preference cannot be won by lowering the chosen answer's likelihood along with the rejected one.
+    """
+    return -F.logsigmoid(beta * (chosen_logps - ref_chosen_logps) - delta)
+
+
+def conditional_preference_loss(chosen_logps: torch.Tensor, corrupted_chosen_logps: torch.Tensor,
+                                ref_chosen_logps: torch.Tensor, ref_corrupted_chosen_logps: torch.Tensor,
+                                beta: float = 0.1) -> torch.Tensor:
+    """mDPO's conditional preference term (Wang et al., EMNLP 2024), per pair:
+
+        L_CoPO = -log sigmoid(beta * log [pi(y_w|m_w, x) / ref(y_w|m_w, x)]
+                              - beta * log [pi(y_w|m_l, x) / ref(y_w|m_l, x)])
+
+    The same chosen answer y_w on both sides; the preferred image m_w is the real one and the
+    dispreferred m_l a corrupted one (here x_v*), so only the image can decide the preference.
+    It is the sigmoid DPO loss with the corrupted-image chosen answer as the rejected side.
+    """
+    return dpo_loss(chosen_logps, corrupted_chosen_logps, ref_chosen_logps, ref_corrupted_chosen_logps,
+                    beta, "sigmoid").losses
+
+
+@dataclass
+class MdpoOutput(DpoOutput):
+    corrupted_rewards: torch.Tensor  # [B] beta * (log pi - log ref) on the chosen answer with x_v*, detached
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """TRL's reward metrics plus the image-conditional ones the mDPO code logs."""
+        c, i = self.chosen_rewards, self.corrupted_rewards
+        return {**super().metrics(prefix), f"{prefix}rewards/corrupted": i.mean().item(),
+                f"{prefix}rewards/corrupted_accuracies": (c > i).float().mean().item(),
+                f"{prefix}rewards/corrupted_margins": (c - i).mean().item()}
+
+
+def mdpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    corrupted_chosen_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    ref_corrupted_chosen_logps: torch.Tensor,
+    beta: float = 0.1,
+    delta: float = 0.0,
+) -> MdpoOutput:
+    """mDPO's objective (Wang et al., EMNLP 2024), per pair, unweighted as in the paper and its code:
+
+        L_mDPO = L_DPO (sigmoid) + L_CoPO + L_AncPO
+
+    ``corrupted_chosen_logps``: the chosen answer's summed log-probs with the corrupted image x_v*.
+    """
+    dpo = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, "sigmoid")
+    losses = (dpo.losses
+              + conditional_preference_loss(chosen_logps, corrupted_chosen_logps, ref_chosen_logps,
+                                            ref_corrupted_chosen_logps, beta)
+              + anchored_loss(chosen_logps, ref_chosen_logps, beta, delta))
+    return MdpoOutput(losses, dpo.chosen_rewards, dpo.rejected_rewards,
+                      beta * (corrupted_chosen_logps - ref_corrupted_chosen_logps).detach())

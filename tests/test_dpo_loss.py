@@ -14,7 +14,9 @@ import tokenizers
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dpo.loss import dpo_loss, sft_loss
+import math
+
+from dpo.loss import anchored_loss, conditional_preference_loss, dpo_loss, mdpo_loss, sft_loss
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -131,3 +133,53 @@ def test_sft_is_the_token_mean_nll_of_the_chosen_answers():
     torch.testing.assert_close(out.chosen_rewards, 0.5 * (chosen - ref_c))  # rewards still measured
     with pytest.raises(ValueError, match="chosen_lengths"):
         dpo_loss(chosen, rejected, ref_c, ref_r, loss_type="sft")
+
+
+def _nls(x: float) -> float:
+    """-log sigmoid(x), written out: log(1 + e^-x)."""
+    return math.log1p(math.exp(-x))
+
+
+def test_mdpo_terms_are_the_papers_formulas_on_hand_made_numbers():
+    # mDPO (Wang et al., EMNLP 2024), beta = 0.5, two pairs:
+    #   L_DPO   = -log sig(beta*[(log pi(y_w|m_w) - log ref(y_w|m_w)) - (log pi(y_l|m_w) - log ref(y_l|m_w))])
+    #   L_CoPO  = -log sig(beta*[(log pi(y_w|m_w) - log ref(y_w|m_w)) - (log pi(y_w|m_l) - log ref(y_w|m_l))])
+    #   L_AncPO = -log sig(beta*(log pi(y_w|m_w) - log ref(y_w|m_w)) - delta)
+    c, r, i = torch.tensor([-2.0, -6.0]), torch.tensor([-5.0, -4.0]), torch.tensor([-4.0, -5.0])
+    ref_c, ref_r, ref_i = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5]), torch.tensor([-3.5, -5.5])
+    # chosen ratios (1, -1), rejected ratios (-1, 0.5), corrupted ratios (-0.5, 0.5)
+    copo = [_nls(0.5 * (1 - -0.5)), _nls(0.5 * (-1 - 0.5))]
+    anc = [_nls(0.5 * 1), _nls(0.5 * -1)]
+    dpo = [_nls(0.5 * (1 - -1)), _nls(0.5 * (-1 - 0.5))]
+    torch.testing.assert_close(conditional_preference_loss(c, i, ref_c, ref_i, beta=0.5), torch.tensor(copo))
+    torch.testing.assert_close(anchored_loss(c, ref_c, beta=0.5), torch.tensor(anc))
+    torch.testing.assert_close(anchored_loss(c, ref_c, beta=0.5, delta=1.0), torch.tensor([_nls(-0.5), _nls(-1.5)]))
+    out = mdpo_loss(c, r, i, ref_c, ref_r, ref_i, beta=0.5)
+    torch.testing.assert_close(out.losses, torch.tensor([d + p + a for d, p, a in zip(dpo, copo, anc)]))
+    m = out.metrics()
+    assert m["rewards/corrupted"] == pytest.approx(0.0)  # 0.5 * mean(-0.5, 0.5)
+    # chosen rewards (0.5, -0.5) against corrupted (-0.25, 0.25): margins (0.75, -0.75)
+    assert m["rewards/corrupted_accuracies"] == 0.5 and m["rewards/corrupted_margins"] == pytest.approx(0.0)
+    assert m["rewards/accuracies"] == 0.5  # the DPO metrics are still there
+
+
+def test_conditional_term_asks_for_the_real_image_and_anchor_for_a_rising_chosen_answer():
+    z = torch.zeros(1)
+    looks = conditional_preference_loss(z, z - 4, z, z)  # the chosen answer lost likelihood under x_v*
+    blind = conditional_preference_loss(z, z, z, z)  # same likelihood with either image
+    assert looks < blind
+    assert anchored_loss(z + 2, z) < anchored_loss(z - 2, z)
+
+
+def test_mdpo_pieces_match_trl_where_trl_has_them(setting, tmp_path):
+    """TRL 1.16 has no mDPO loss type (and no rpo_alpha any more; ``use_weighting`` is WPO). The
+    anchored term at delta = 0 is the chosen half of its ``bco_pair`` loss,
+        -log sig(beta * chosen_ratio) - log sig(-beta * rejected_ratio),
+    and the conditional term is its ``sigmoid`` loss on (y_w | x_v) vs (y_w | x_v*), which
+    test_matches_trl covers through dpo_loss."""
+    beta = 0.5
+    trl_metrics = _trl_eval(setting, "bco_pair", beta, tmp_path)
+    lp = setting.logps
+    ours = (anchored_loss(lp["policy", "chosen"], lp["ref", "chosen"], beta)
+            - torch.nn.functional.logsigmoid(-beta * (lp["policy", "rejected"] - lp["ref", "rejected"])))
+    assert ours.mean().item() == pytest.approx(trl_metrics["eval_loss"], rel=1e-5, abs=1e-6)
