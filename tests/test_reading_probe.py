@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from toy.reading_probe import ReadingProbeConfig, main, probe, wilson
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from common.config import ConfigError
+from toy.reading_probe import ReadingProbeConfig, accuracy, answer_rows, main, probe, read_prompts, wilson
 from toy.toy_policy import ToyPolicyConfig, build_toy_policy
 
 
@@ -16,7 +19,7 @@ def _world(root: Path) -> Path:
     """Retrieval JSONL where the answer is whether the one reference names the finding."""
     rng = random.Random(0)
     files = []
-    for role, n in (("train", 400), ("val", 100)):
+    for role, n in (("policy_train", 400), ("val_vqa", 100)):
         rows = []
         for i in range(n):
             finding = rng.choice(["effusion", "nodule"])
@@ -36,14 +39,18 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("reading")
     index = _world(root)
     texts = ["Is there effusion? Is there nodule? Yes, there is effusion. No, there is no nodule. The study is clear."] * 20
-    policy = build_toy_policy(texts, root / "policy", ToyPolicyConfig(text_width=32, text_layers=1, text_heads=2,
-                                                                      vision_width=32, vision_layers=1, vision_heads=2))
+    policy = build_toy_policy(texts, root / "policy", _tiny())
     return index, policy
+
+
+def _tiny(**kw) -> ToyPolicyConfig:
+    return ToyPolicyConfig(text_width=32, text_layers=1, text_heads=2, vision_width=32, vision_layers=1,
+                           vision_heads=2, **kw)
 
 
 def _cfg(setup, **kw) -> ReadingProbeConfig:
     index, policy = setup
-    return ReadingProbeConfig(retrieval_index=str(index), train_roles=["train"], val_roles=["val"], policy=str(policy),
+    return ReadingProbeConfig(retrieval_index=str(index), val_roles=["val_vqa"], policy=str(policy),
                               steps=150, batch_size=16, lr=3e-3, eval_every=150, **kw)
 
 
@@ -65,9 +72,28 @@ def test_wilson_interval():
 def test_main_writes_the_curve(setup, tmp_path, monkeypatch):
     index, policy = setup
     out = tmp_path / "probe.json"
-    monkeypatch.setattr("sys.argv", ["reading_probe", "--retrieval_index", str(index), "--train_roles", "[train]",
-                                     "--val_roles", "[val]", "--policy", str(policy), "--steps", "4",
+    monkeypatch.setattr("sys.argv", ["reading_probe", "--retrieval_index", str(index), "--val_roles", "[val_vqa]", "--policy", str(policy), "--steps", "4",
                                      "--eval_every", "2", "--batch_size", "8", "--out", str(out)])
     main()
     got = json.loads(out.read_text())
     assert [c["step"] for c in got["curve"]] == [2, 4] and got["n_val"] == 100 and got["config"]["steps"] == 4
+
+
+def _reads(policy: Path, index: Path) -> float:
+    """The built policy's val accuracy on the reading task, text only."""
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    x, y = read_prompts(str(index), ["val_vqa"], tokenizer)
+    model = LlavaForConditionalGeneration.from_pretrained(policy)
+    return accuracy(model, x, y, answer_rows(tokenizer, str(policy)), tokenizer.pad_token_id) / len(y)
+
+
+def test_toy_policy_reading_steps_teach_the_policy_itself_to_read(setup, tmp_path):
+    index, policy = setup
+    texts = ["Is there effusion? Is there nodule? Yes, there is effusion. No, there is no nodule. The study is clear."] * 20
+    read = build_toy_policy(texts, tmp_path / "read", _tiny(reading_index=str(index), reading_steps=150, text_init_std=0.08))
+    assert _reads(read, index) >= 0.9 and _reads(policy, index) <= 0.7
+
+
+def test_reading_steps_need_an_index(tmp_path):
+    with pytest.raises(ConfigError, match="reading_index"):
+        build_toy_policy(["a b c"] * 5, tmp_path / "p", _tiny(reading_steps=5))

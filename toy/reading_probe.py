@@ -22,6 +22,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,21 +61,22 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return mid - half, mid + half
 
 
-def read_prompts(cfg: ReadingProbeConfig, roles: list[str], tokenizer) -> tuple[list[list[int]], list[int]]:
+def read_prompts(index: str, roles: list[str], tokenizer, prompts: str = str(DEFAULT_PROMPTS),
+                 references: bool = True) -> tuple[list[list[int]], list[int]]:
     """Token ids of each yes/no question's prompt (no image) and its label (1 = yes)."""
-    templates = load_prompt_templates(cfg.prompts)
+    templates = load_prompt_templates(prompts)
     ids, labels = [], []
-    for entry in read_index(cfg.retrieval_index, roles):
+    for entry in read_index(index, roles):
         for rec in read_records(entry["path"]):
             answer = yes_no(rec.answer) if isinstance(rec, VqaRecord) else "other"
             if answer == "other":
                 continue
-            refs = rec.meta.get("reference_reports") if cfg.references else None
+            refs = rec.meta.get("reference_reports") if references else None
             text = templates.text(entry["domain"], "vqa", rec.question, refs)
             ids.append(tokenizer(f"USER: {text}\nASSISTANT:")["input_ids"])
             labels.append(int(answer == "yes"))
     if not ids:
-        raise InputError(f"{cfg.retrieval_index}: no yes/no questions under roles {roles}")
+        raise InputError(f"{index}: no yes/no questions under roles {roles}")
     return ids, labels
 
 
@@ -98,14 +100,41 @@ def accuracy(model, prompts: list[list[int]], labels: list[int], choice: torch.T
     return right
 
 
+def answer_rows(tokenizer, where: str) -> torch.Tensor:
+    """The LM head rows of "No" and "Yes": the first answer word decides a yes/no answer."""
+    choice = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in ("No", "Yes")])
+    if tokenizer.unk_token_id in choice.tolist():
+        raise InputError(f"{where}: the tokenizer has no single token for 'No' or 'Yes'")
+    return choice
+
+
+def train_reading(model, prompts: list[list[int]], labels: list[int], choice: torch.Tensor, pad: int,
+                  steps: int, batch_size: int, lr: float, seed: int, desc: str = "yes/no",
+                  on_eval: Callable[[int, float], None] | None = None, eval_every: int = 0) -> None:
+    """Train ``model`` (a causal LM, or a LLaVA given text only) on the two-way cross-entropy
+    between the "No" and "Yes" rows at each prompt's last position, AdamW with a one-cycle rate;
+    ``on_eval(step, loss)`` every ``eval_every`` steps and at the end."""
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    model.train()
+    for step in tqdm(range(1, steps + 1), desc=desc):
+        batch = rng.sample(range(len(prompts)), batch_size)
+        ids, mask = left_padded([prompts[i] for i in batch], pad)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, choice]
+        loss = F.cross_entropy(logits, torch.tensor([labels[i] for i in batch]))
+        loss.backward()
+        opt.step(), sched.step(), opt.zero_grad()
+        if on_eval and ((eval_every and step % eval_every == 0) or step == steps):
+            on_eval(step, loss.item())
+
+
 def probe(cfg: ReadingProbeConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
     pad = tokenizer.pad_token_id
-    train_x, train_y = read_prompts(cfg, cfg.train_roles, tokenizer)
-    val_x, val_y = read_prompts(cfg, cfg.val_roles, tokenizer)
-    choice = torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in ("No", "Yes")])
-    if tokenizer.unk_token_id in choice.tolist():
-        raise InputError(f"{cfg.policy}: the tokenizer has no single token for 'No' or 'Yes'")
+    train_x, train_y = read_prompts(cfg.retrieval_index, cfg.train_roles, tokenizer, cfg.prompts, cfg.references)
+    val_x, val_y = read_prompts(cfg.retrieval_index, cfg.val_roles, tokenizer, cfg.prompts, cfg.references)
+    choice = answer_rows(tokenizer, cfg.policy)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model = LlamaForCausalLM(AutoConfig.from_pretrained(cfg.policy).get_text_config())
@@ -118,21 +147,16 @@ def probe(cfg: ReadingProbeConfig) -> dict:
             ids, mask = left_padded([tokenizer(t)["input_ids"] for t in rng.sample(texts, cfg.batch_size)], pad)
             model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
             opt.step(), sched.step(), opt.zero_grad()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     curve, n = [], len(val_y)
-    for step in tqdm(range(1, cfg.steps + 1), desc="yes/no"):
-        batch = rng.sample(range(len(train_x)), cfg.batch_size)
-        ids, mask = left_padded([train_x[i] for i in batch], pad)
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1, choice]
-        loss = F.cross_entropy(logits, torch.tensor([train_y[i] for i in batch]))
-        loss.backward()
-        opt.step(), sched.step(), opt.zero_grad()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            right = accuracy(model, val_x, val_y, choice, pad)
-            low, high = wilson(right, n)
-            curve.append({"step": step, "train_loss": loss.item(), "val_accuracy": right / n, "low": low, "high": high})
-            tqdm.write(f"step {step}: loss {loss.item():.3f}, val accuracy {right / n:.3f} [{low:.3f}, {high:.3f}]")
+
+    def measure(step: int, loss: float) -> None:
+        right = accuracy(model, val_x, val_y, choice, pad)
+        low, high = wilson(right, n)
+        curve.append({"step": step, "train_loss": loss, "val_accuracy": right / n, "low": low, "high": high})
+        tqdm.write(f"step {step}: loss {loss:.3f}, val accuracy {right / n:.3f} [{low:.3f}, {high:.3f}]")
+
+    train_reading(model, train_x, train_y, choice, pad, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed,
+                  on_eval=measure, eval_every=cfg.eval_every)
     majority = max(sum(val_y), n - sum(val_y)) / n
     return {"n_val": n, "n_train": len(train_y), "majority_answer_accuracy": majority, "curve": curve}
 

@@ -42,6 +42,7 @@ from data.readers import read_records
 from data.records import Record, ReportRecord, VqaRecord
 from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
 from toy.pretrain_vision import pretrain_on_world
+from toy.reading_probe import answer_rows, read_prompts, train_reading
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 
@@ -84,8 +85,11 @@ class ToyPolicyConfig:
     text_layers: int = doc(3, "language model layers")
     text_heads: int = doc(4, "language model attention heads")
     max_positions: int = doc(1024, "language model context length")
+    text_init_std: float = doc(0.02, "std of the language model's initial weights (transformers' initializer_range); 0.02 leaves the 128-wide model on a plateau where it never learns to find the asked finding in its prompt, 0.08 (about 1/sqrt(width)) does not (docs/RESULTS.md)")
     seed: int = doc(0, "seed for the random initial weights")
     vision_pretrain_epochs: int = doc(0, "epochs of finding-label pretraining of the vision tower on the world's policy_train images (toy.pretrain_vision; 0: a random tower)")
+    reading_index: str = doc("", "retrieval index.json whose policy_train yes/no questions, with their references, teach the language model to read (toy.oracle_retrieval writes one)")
+    reading_steps: int = doc(0, "steps of text-only reading (toy.reading_probe.train_reading, batch 32, lr 1e-3) before SFT, as LLaVA starts from a language model that reads; 0: none")
 
 
 def record_texts(record: Record) -> list[str]:
@@ -186,6 +190,7 @@ def build_model(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        initializer_range=cfg.text_init_std,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -224,6 +229,8 @@ def build_toy_policy(texts: list[str], out: str | Path, cfg: ToyPolicyConfig) ->
         raise InputError(f"{cfg.world or cfg.texts}: no text found to train the tokenizer on")
     if cfg.vision_pretrain_epochs > 0 and not cfg.world:
         raise ConfigError("vision_pretrain_epochs needs --world (its policy_train images and findings)")
+    if cfg.reading_steps > 0 and not cfg.reading_index:
+        raise ConfigError("reading_steps needs --reading_index (e.g. outputs/toy/oracle_retrieval/index.json)")
     texts = texts + template_texts(cfg.prompts)
     tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.max_positions)
     processor = build_processor(tokenizer, cfg)
@@ -233,6 +240,10 @@ def build_toy_policy(texts: list[str], out: str | Path, cfg: ToyPolicyConfig) ->
         pretrain_on_world(tower, lambda x: tower(pixel_values=x).last_hidden_state[:, 1:],  # CLS dropped, as LLaVA does
                           lambda images: processor.image_processor(images=images, return_tensors="pt")["pixel_values"],
                           cfg.world, cfg.vision_pretrain_epochs, seed=cfg.seed)
+    if cfg.reading_steps > 0:
+        prompts, labels = read_prompts(cfg.reading_index, ["policy_train"], tokenizer, cfg.prompts)
+        train_reading(model, prompts, labels, answer_rows(tokenizer, cfg.reading_index), tokenizer.pad_token_id,
+                      cfg.reading_steps, batch_size=32, lr=1e-3, seed=cfg.seed, desc="reading")
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
