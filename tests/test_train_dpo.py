@@ -151,7 +151,7 @@ def shared_prompt_rows_score_as_two_rows(world: Path, policy, checkpointing: boo
     assert two["input_ids"].shape[0] == 10 and shared["input_ids"].shape[0] == 6  # 4 pairs share their prompt
     want, want_loss, want_grads = _dpo_step(model, two, chunk_mb)
     got, loss, grads = _dpo_step(model, shared, chunk_mb)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # sums of up to ~60 nats: float32 order
     torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-6)
     assert grads.keys() == want_grads.keys() and grads and all("lora_" in n for n in grads)
     for name in grads:
@@ -181,7 +181,7 @@ def test_shared_prompt_needs_its_mask_and_positions(world, monkeypatch, attentio
     shared = _batch(world, policy, MIXED, share_prompt=True)[2]["inputs"]
     with torch.no_grad():
         want = pair_logps(policy.model, two)
-        torch.testing.assert_close(pair_logps(policy.model, shared), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(pair_logps(policy.model, shared), want, rtol=1e-6, atol=1e-5)
         width = shared["input_ids"].shape[1]
         plain_positions = {**shared, "position_ids": torch.arange(width).expand(len(shared["input_ids"]), -1)}
         with monkeypatch.context() as m:  # causal and padding only: the rejected answer sees the chosen one
@@ -209,7 +209,7 @@ def test_shared_prompt_keeps_the_token_budget(world):
         assert int(shared["inputs"]["position_ids"].max()) == max_length - 1
         with torch.no_grad():
             torch.testing.assert_close(pair_logps(policy.model, shared["inputs"]), pair_logps(policy.model, two["inputs"]),
-                                       rtol=0, atol=1e-5)
+                                       rtol=1e-6, atol=1e-5)
 
 
 def images_encoded_once_give_the_same_logps(world: Path, policy) -> None:
