@@ -364,7 +364,9 @@ def policy_plan(kind: str, cfg: DpoConfig | SftConfig, opts: PlanOptions) -> dic
         raise ConfigError(f"max_length {max_length} is below the median prompt ({lengths['prompt']['median']} tokens, "
                           f"p90 {lengths['prompt']['p90']}): most records would be refused; raise it")
 
-    rows = cfg.train.batch_size * (2 if kind == "dpo" else 1)  # DPO: chosen and rejected rows in one forward (an upper bound: a shared-prompt row is shorter than two)
+    # DPO: chosen and rejected rows in one forward (an upper bound: a pair sharing its prompt is one row,
+    # shorter than two)
+    rows = cfg.train.batch_size * (2 if kind == "dpo" else 1)
     # the longest batch: the longest sequence of the data (fitted to max_length), else max_length itself
     measured = lengths["sequence"]["max"] if lengths["available"] else None
     length = min(x for x in (max_length, measured) if x) if max_length or measured else None
