@@ -1,5 +1,6 @@
-"""The DPO trainer on an untrained tiny LLaVA: one concatenated forward, per-side images, the
-released format, cached reference, exact resume, merged export, ZeRO-2 on 2 CPU processes.
+"""The DPO trainer on an untrained tiny LLaVA: one concatenated forward, the shared-prompt row,
+per-side images, the released format, cached reference, exact resume, merged export, ZeRO-2 on
+2 CPU processes.
 
 The 2-process test runs this file as a module under torchrun (``-m tests.test_train_dpo ds OUT``).
 """
