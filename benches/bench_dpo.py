@@ -8,7 +8,15 @@ and on in both for the memory step. Each run is a fresh single-threaded
 subprocess that reports its steady speed (the intervals between step starts, the first one left
 out as warm-up, which also holds the one-time reference caching) in steps per second of process
 CPU time -- wall time is given too, but on a shared machine it measures the neighbours -- and its
-peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the whole process). Rows:
+peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the whole process).
+
+Not the same work per pair: since both sides of a pair see the same image and prompt, ours runs
+each pair as ONE row [prompt, chosen, rejected] (``DpoConfig.share_prompt``, on by default: the
+prompt is computed once, the log-probs are those of two rows), while TRL 1.16 runs two rows,
+prompt + chosen and prompt + rejected (its DPO collators concatenate them; it has no option to
+share the prompt: ``padding_free`` is disabled in 1.16 and would pack rows without sharing, and its
+prefix sharing lives only in the experimental async GRPO trainer's packing). D_cm pairs, whose
+rejected side sees a noised image, take two rows in ours as well. Rows:
 
 - ``dpo steps/s vs TRL``: ours (reference forward with the adapter disabled, each step) / TRL's;
 - ``dpo peak RSS vs TRL``: ours / TRL's (lower is better);
@@ -253,7 +261,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
          "ratio": ours["steps_per_cpu_s"] / trl["steps_per_cpu_s"], "unit": "steps/CPU-s",
          "note": f"higher is better; {setup}; reference forward each step in both; float32 and gradient checkpointing "
                  f"off in both (TRL's DPOConfig defaults, bf16 autocast and checkpointing, set off: the same work as "
-                 f"ours); {wall}"},
+                 f"ours); ours runs each pair as one [prompt, chosen, rejected] row (share_prompt), TRL as two rows "
+                 f"(it has no prompt sharing), input_ids {ours['shape']} ours vs {trl['shape']} TRL; {wall}"},
         {"benchmark": "dpo peak RSS vs TRL DPOTrainer", "ours": ours["peak_rss_mb"], "anchor": trl["peak_rss_mb"],
          "ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"], "unit": "MB",
          "note": f"lower is better; whole process; {setup}"},
@@ -269,7 +278,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 def memory_rows(ours: dict[str, Any], trl: dict[str, Any]) -> list[dict[str, Any]]:
     """The step-peak and step-time rows of the 151,936-token-vocabulary DPO step."""
     setup = (f"one DPO step, tiny LLaVA with a {LONG_VOCAB:,}-token head, 2 pairs, input_ids {ours['shape']} ours vs "
-             f"{trl['shape']} TRL (chosen + rejected rows), LoRA r{LORA['r']}, reference forward in both, float32 in both, "
+             f"{trl['shape']} TRL (ours one [prompt, chosen, rejected] row per pair, TRL chosen + rejected rows), LoRA r{LORA['r']}, reference forward in both, float32 in both, "
              "CPU 1 thread; TRL 1.16 at its lowest-memory setting: gradient checkpointing (its default; on in ours too) and "
              "its fused chunked LM head (always on in 1.16; padding_free is disabled in 1.16 and "
              "precompute_ref_log_probs refused for image data), which on CPU scores every position in 4096 x 32768 "

@@ -178,7 +178,8 @@ def build_accelerator(cfg: EngineConfig) -> Accelerator:
     return accelerator
 
 
-def _has_part(name: str, parts: tuple[str, ...]) -> bool:
+def has_part(name: str, parts: tuple[str, ...]) -> bool:
+    """Whether the dotted parameter or module ``name`` lies in one of the model parts named ``parts``."""
     return any(p in name.split(".") for p in parts)
 
 
@@ -193,7 +194,7 @@ def language_linear_names(model: torch.nn.Module, targets: list[str]) -> list[st
         name
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
-        and not _has_part(name, VISION_MODULES + PROJECTOR_MODULES + OUTPUT_MODULES)
+        and not has_part(name, VISION_MODULES + PROJECTOR_MODULES + OUTPUT_MODULES)
         and ("all-linear" in targets or name.rsplit(".", 1)[-1] in targets)
     ]
     if not names:
@@ -240,7 +241,7 @@ def param_groups(model: torch.nn.Module, lr: float, projector_lr: float = 0.0, w
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = defaultdict(list)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups[(_has_part(name, PROJECTOR_MODULES), p.ndim >= 2)].append(p)
+            groups[(has_part(name, PROJECTOR_MODULES), p.ndim >= 2)].append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return [

@@ -7,12 +7,16 @@ one, else pure Gaussian noise when ``rejected_noised`` = 1 (made at load time, t
 record in every run, worker and process: ``pure_noise(size, stable_seed(id, seed))``), else x_v.
 ``chosen_noised`` = 1 puts noise on the chosen side the same way.
 
-A batch holds 2B rows for ONE forward pass: rows [0, B) are the chosen answers with their images,
-rows [B, 2B) the rejected answers with theirs (policy.policy.Policy.encode_preference).
+A batch is ONE forward pass scored as 2B answers: [0, B) the chosen answers, [B, 2B) the rejected
+ones (policy.policy.Policy.encode_preference). A pair whose sides see different images takes two
+rows, each with its image; with ``share_prompt`` a pair whose sides see the same image and prompt
+takes one row [prompt, chosen, rejected], the rejected answer hidden from the chosen one and its
+positions restarting where the prompt ends: the same log-probs, the prompt computed once.
 
 Every pair is fitted to the token budget (policy.budget) with its longer answer: our pairs name their
 question and references, so references are dropped or shortened; a released pair is plain text
-and is refused when it does not fit. Neither answer is ever cut.
+and is refused when it does not fit. Neither answer is ever cut. A shared row holds more tokens than
+that budget, but no position beyond it: each answer's positions are those of its own two-row row.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from data.noise import pure_noise, stable_seed
 from data.readers import BadRecordPolicy, read_records
 from data.records import PreferenceRecord
 from policy.budget import BUDGET_KEY, PromptParts, answer_tokens, fit_prompt
-from policy.policy import IGNORE, Policy
+from policy.policy import Policy, answer_token_counts
 from policy.prompts import PromptTemplates
 
 PAIR_TYPES = ("cm", "oa1", "oa2")
@@ -177,7 +181,7 @@ class CpuEncoder(Policy):
 
 
 class PairCollator(CollateSkip):
-    """Items of a PairDataset -> ``{"inputs": 2B-row model batch, "index", "pair_type", "skipped", "budget"}``.
+    """Items of a PairDataset -> ``{"inputs": model batch of 2B answers, "index", "pair_type", "skipped", "budget"}``.
 
     ``index`` is the pair's position in the dataset (the key of cached reference log-probs),
     ``pair_type`` a code into ``types``, ``budget`` the notes of fitting each pair to
@@ -189,12 +193,13 @@ class PairCollator(CollateSkip):
 
     def __init__(
         self, records: Sequence[PreferenceRecord], processor: Any, types: Sequence[str], templates: PromptTemplates,
-        max_length: int | None,
+        max_length: int | None, share_prompt: bool = False,
     ):
         super().__init__(self.encode)
         self.encoder = CpuEncoder(processor)
         self.templates = templates
         self.max_length = max_length
+        self.share_prompt = share_prompt
         self.types = list(types)
         self.names = StringColumn((r.source for r in records), dedupe=False)
         self.prompts = StringColumn(r.prompt for r in records)
@@ -226,6 +231,7 @@ class PairCollator(CollateSkip):
             [self.rejected[i] for i in idx],
             [s["image"] for s in fitted],
             [s["rejected_image"] for s in fitted],
+            share_prompt=self.share_prompt,
         )
         return {
             "inputs": inputs,
@@ -257,5 +263,5 @@ def pair_lengths(records: Sequence[PreferenceRecord]) -> list[int]:
 
 
 def answer_lengths(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Answer tokens per row (labels that are not IGNORE): what IPO averages over."""
-    return (inputs["labels"] != IGNORE).sum(-1).float()
+    """Tokens per answer (chosen ones, then rejected ones): what IPO averages over."""
+    return answer_token_counts(inputs).float()

@@ -3,8 +3,10 @@
     bash scripts/train_dpo.sh [CONFIG.yaml] [--key value ...]     (default configs/toy/dpo.yaml)
 
 Reads our pairs and the released MMed-RAG alignment files as they are (data.readers); each side
-of a pair sees its own image (dpo.pair_data). Chosen and rejected rows go through ONE forward
-pass, their images stacked in one pixel batch. The reference policy is the same model with its
+of a pair sees its own image (dpo.pair_data). Chosen and rejected answers go through ONE forward
+pass, their images stacked in one pixel batch; a pair whose sides see the same image and prompt
+(D_oa) is one row [prompt, chosen, rejected] with ``share_prompt`` (exact; off where the model
+cannot take it: policy.policy.prompt_sharing_blocker). The reference policy is the same model with its
 LoRA disabled (``disable_adapter()``), never a second copy; with ``cache_reference`` its
 log-probs are computed once, on the first step, for the training and held-out pairs. Losses
 (sigmoid, hinge, IPO, optional SFT term on the chosen answer; or ``sft`` alone, the control
@@ -60,7 +62,7 @@ from dpo.pair_data import (
 )
 from policy.adapters import load_with_adapters, save_merged
 from policy.budget import BUDGET_KEY, BudgetLog, describe
-from policy.policy import Policy, PolicySpec, causal_lm, sequence_logps, unwrap_parallel
+from policy.policy import Policy, PolicySpec, causal_lm, prompt_sharing_blocker, sequence_logps, unwrap_parallel
 from policy.prompts import load_prompt_templates
 
 
@@ -75,6 +77,9 @@ class DpoConfig:
     loss_type: Literal["sigmoid", "hinge", "ipo", "sft"] = doc("sigmoid", f"loss: one of {list(LOSS_TYPES)}; sft = NLL of the "
                                                                           "chosen answers only (no rejected side, no reference)")
     sft_weight: float = doc(0.0, "weight of an added SFT term (token-mean NLL of the chosen answer); 0 = none")
+    share_prompt: bool = doc(True, "a pair whose sides see the same image and prompt runs as one row [prompt, chosen, "
+                                   "rejected], the rejected answer not seeing the chosen: the same log-probs, the prompt "
+                                   "computed once (two rows where the model cannot take it, logged)")
     cache_reference: bool = doc(False, "compute the reference log-probs once (first step) instead of a reference forward per step")
     pair_types: list[str] = doc([], "train and evaluate only on these pair types, e.g. [cm] ([] = all)")
     stages: list[list[str]] = doc([], "data schedule: [] = one mixed pass; e.g. [[cm], [oa1, oa2]] = each epoch takes cm pairs first")
@@ -109,7 +114,7 @@ def check(cfg: DpoConfig) -> None:
 
 
 def pair_logps(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed answer log-probs from ONE forward over the 2B rows."""
+    """(chosen, rejected) summed answer log-probs from ONE forward over the batch's 2B answers."""
     return sequence_logps(model, inputs).chunk(2)
 
 
@@ -293,21 +298,29 @@ class DpoTrainer:
         lengths = pair_lengths(self.train_records) if cfg.train.group_by_length else None
         templates = load_prompt_templates(cfg.policy.prompts)
         self.budget = BudgetLog.of(policy, cfg.max_length)
+        share = cfg.share_prompt and self._prompt_sharing(policy.model)
         self.bad_log = BadImageLog()
         self.train_set = PairDataset(self.train_records, roots, cfg.noise_seed, cfg.bad_image)
         self.collate_train = PairCollator(self.train_records, policy.processor, self.types, templates,
-                                          self.budget.max_length)
+                                          self.budget.max_length, share)
         self.train_loader = make_loader(self.train_set, cfg.train.batch_size, num_workers=cfg.train.num_workers,
                                         collate_fn=self.collate_train, seed=cfg.train.seed,
                                         sampler=StagedSampler(stages, cfg.train.seed, lengths=lengths,
                                                               batch_size=cfg.train.batch_size))
         self.heldout_set = PairDataset(self.heldout_records, roots, cfg.noise_seed, cfg.bad_image)
         self.collate_heldout = PairCollator(self.heldout_records, policy.processor, self.types, templates,
-                                            self.budget.max_length)
+                                            self.budget.max_length, share)
         self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout, self.heldout_records)
         self.filler = self._filler()
         self.reference: dict[str, torch.Tensor] | None = None
         self.share_images: bool | None = None  # known at the first step (what trains is set after __init__)
+
+    def _prompt_sharing(self, model: Any) -> bool:
+        """Whether this model scores a shared-prompt row exactly; says so when it does not."""
+        blocker = prompt_sharing_blocker(model)
+        if blocker:
+            self.accelerator.print(f"share_prompt: off for this model ({blocker}); each pair takes two rows")
+        return blocker is None
 
     def _filler(self) -> dict:
         """A stand-in batch for a process whose own batch was dropped (see lockstep): the first

@@ -33,7 +33,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from common.config import ConfigError, cli_main, doc, help_text, load_config
-from common.engine import PROJECTOR_MODULES, VISION_MODULES, LoraConfig, _has_part, apply_lora
+from common.engine import PROJECTOR_MODULES, VISION_MODULES, LoraConfig, apply_lora, has_part
 from common.io import InputError, atomic_write_json
 from data.datasets import QueryDataset
 from data.release import image_search_path
@@ -42,7 +42,7 @@ from dpo.train_dpo import DpoConfig
 from policy.budget import answer_tokens, budget_for, fit_prompt, model_limit, percentiles
 from policy.policy import LOGITS_CHUNK_MB, PolicySpec
 from policy.prompts import load_prompt_templates
-from policy.train_sft import SftConfig, _keep, read_examples, training_sources
+from policy.train_sft import SftConfig, keep, read_examples, training_sources
 from retriever.clip_data import item_records
 from retriever.finetune_clip import ClipTrainConfig
 from retriever.model import resolve_model_config
@@ -117,9 +117,9 @@ def with_lora(model: torch.nn.Module, lora: LoraConfig, gradient_checkpointing: 
 def policy_part(name: str) -> str:
     """Which part of a vision-language model a parameter belongs to, by the engine's module names
     (the projector first: Qwen2-VL's ``merger`` lies inside its ``visual`` tower)."""
-    if _has_part(name, PROJECTOR_MODULES):
+    if has_part(name, PROJECTOR_MODULES):
         return "projector"
-    return "vision_tower" if _has_part(name, VISION_MODULES) else "language_model"
+    return "vision_tower" if has_part(name, VISION_MODULES) else "language_model"
 
 
 def clip_part(name: str) -> str:
@@ -317,7 +317,7 @@ def dpo_items(cfg: DpoConfig, records: list[Any], templates: Any) -> tuple[list,
 def sft_data(cfg: SftConfig, limit: int) -> tuple[list[Any], int]:
     """(the training examples whose lengths are measured, the number one epoch goes through)."""
     examples = read_examples(training_sources(cfg.data), cfg.data, cfg.train.seed, skipped=[])
-    train = [e for e in examples if _keep(f"{e.domain}/{e.record.id}", cfg.data.val_fraction, cfg.train.seed, "val")]
+    train = [e for e in examples if keep(f"{e.domain}/{e.record.id}", cfg.data.val_fraction, cfg.train.seed, "val")]
     return train[: limit or None], len(train)
 
 
@@ -364,7 +364,9 @@ def policy_plan(kind: str, cfg: DpoConfig | SftConfig, opts: PlanOptions) -> dic
         raise ConfigError(f"max_length {max_length} is below the median prompt ({lengths['prompt']['median']} tokens, "
                           f"p90 {lengths['prompt']['p90']}): most records would be refused; raise it")
 
-    rows = cfg.train.batch_size * (2 if kind == "dpo" else 1)  # DPO: chosen and rejected rows in one forward
+    # DPO: chosen and rejected rows in one forward (an upper bound: a pair sharing its prompt is one row,
+    # shorter than two)
+    rows = cfg.train.batch_size * (2 if kind == "dpo" else 1)
     # the longest batch: the longest sequence of the data (fitted to max_length), else max_length itself
     measured = lengths["sequence"]["max"] if lengths["available"] else None
     length = min(x for x in (max_length, measured) if x) if max_length or measured else None

@@ -10,6 +10,7 @@ through the same code.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,12 +22,15 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers.masking_utils import create_causal_mask
 
 from common.config import doc
 from common.io import InputError
 from policy.prompts import DEFAULT_PROMPTS, Message, plain_text
 
 IGNORE = -100  # label value the loss skips (prompt and padding)
+# batch keys sequence_logps reads to score answers and does not pass to the model (Policy.encode_for_training)
+SCORING_KEYS = ("labels", "answer_index", "predicted_from")
 LOGITS_CHUNK_MB = 64  # float32 logits per chunk of answer positions (policy.sequence_logps); above glibc's
 # largest mmap threshold (32 MB), so on CPU each chunk goes back to the system when freed (smaller ones fragment the heap)
 # text-config fields of models whose logits are a transform of the LM head's output
@@ -206,14 +210,22 @@ class Policy:
     def encode_for_training(
         self,
         prompts: Sequence[Prompt],
-        answers: Sequence[str],
+        answers: Sequence[str | tuple[str, ...]],
         images: Sequence[Image.Image],
+        slots: Sequence[Sequence[int]] | None = None,
     ) -> Batch:
         """Right-padded batch: input_ids, attention_mask, labels, and the processor's image keys.
 
         ``labels`` are the answer tokens + EOS; prompt and padding are IGNORE (-100). Prompt and
         answer are tokenized apart and joined, exactly the split generation sees. Nothing is cut:
         prompts are fitted to the token budget before (policy.budget).
+
+        A row may hold several answers to its one prompt (a tuple): ``[prompt, a1, a2]``, each
+        answer seeing the prompt and itself only, its positions starting where the prompt ends,
+        so each scores as in a row of its own while the prompt is computed once. Such a batch
+        (or one given ``slots``) also carries ``position_ids`` and, for ``sequence_logps``,
+        ``answer_index`` (the output slot of each answer token; ``slots[i]`` gives row i's answers',
+        default row-major order) and ``predicted_from`` (the position whose hidden state predicts it).
         """
         if not (len(prompts) == len(answers) == len(images)):
             raise ValueError(
@@ -224,25 +236,45 @@ class Policy:
             raise InputError(f"{self.path or name}: {name} is a prefix LM (token_type_ids mark the answer); "
                              "SFT and DPO encode prompt + answer as one causal sequence and do not support it")
         tok = self.tokenizer
+        groups = [(a,) if isinstance(a, str) else tuple(a) for a in answers]
+        indexed = slots is not None or any(len(g) > 1 for g in groups)
+        if slots is None:
+            count = itertools.count()
+            slots = [[next(count) for _ in g] for g in groups]
+        answer_ids = iter(self.answer_ids([a for g in groups for a in g]))
         enc = self._process(images, [self.render(p) for p in prompts], "right")
         # Other per-token outputs (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids) are
         # laid out like input_ids; answer and padding positions get 0, the text-token type.
         text = ("input_ids", "attention_mask", "labels")  # rebuilt below (a processor's own labels too)
         types: dict[str, list[list[int]]] = {k: [] for k in _per_token_keys(enc) if k not in text}
-        ids, labels = [], []
-        for i, (row, mask, ans) in enumerate(zip(enc["input_ids"], enc["attention_mask"], self.answer_ids(answers))):
+        ids, labels, index, source, positions = [], [], [], [], []
+        for i, (row, mask, group) in enumerate(zip(enc["input_ids"], enc["attention_mask"], groups)):
             keep = mask.bool()
             prompt = row[keep].tolist()
-            ids.append(prompt + ans)
-            labels.append([IGNORE] * len(prompt) + ans)
+            n = len(prompt)
+            ids.append(list(prompt))
+            labels.append([IGNORE] * n)
+            index.append([-1] * n)
+            source.append([-1] * n)
+            positions.append(list(range(n)))
+            for slot, ans in zip(slots[i], (next(answer_ids) for _ in group)):
+                ids[-1] += ans
+                labels[-1] += ans
+                index[-1] += [slot] * len(ans)
+                source[-1] += [n - 1] + list(range(len(ids[-1]) - len(ans), len(ids[-1]) - 1))
+                positions[-1] += list(range(n, n + len(ans)))
             for k, rows in types.items():
-                rows.append(enc[k][i][keep].tolist() + [0] * len(ans))
+                rows.append(enc[k][i][keep].tolist() + [0] * (len(ids[-1]) - n))
         width = max(len(x) for x in ids)
         batch = {k: v for k, v in enc.items() if k not in text and k not in types}
         batch["input_ids"] = _pad(ids, width, tok.pad_token_id)
         batch["attention_mask"] = _pad([[1] * len(x) for x in ids], width, 0)
         batch["labels"] = _pad(labels, width, IGNORE)
         batch.update({k: _pad(rows, width, 0) for k, rows in types.items()})
+        if indexed:
+            batch["position_ids"] = _pad(positions, width, 0)
+            batch["answer_index"] = _pad(index, width, -1)
+            batch["predicted_from"] = _pad(source, width, -1)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def encode_preference(
@@ -252,17 +284,32 @@ class Policy:
         rejected: Sequence[str],
         images: Sequence[Image.Image],
         rejected_images: Sequence[Image.Image] | None = None,
+        share_prompt: bool = False,
     ) -> Batch:
-        """One batch of 2B rows for a single DPO forward: rows [0, B) chosen, [B, 2B) rejected.
+        """One batch for a single DPO forward, scored (``sequence_logps``) as 2B answers: [0, B)
+        chosen, [B, 2B) rejected.
 
         Each side has its own image (``rejected_images`` default to ``images``), e.g. the noised
-        image on the rejected side of a cross-modality pair.
+        image on the rejected side of a cross-modality pair: such a pair takes two rows. With
+        ``share_prompt`` a pair whose sides see the same image (the same object) takes one row
+        [prompt, chosen, rejected] (``encode_for_training``), which scores the same.
         """
         rejected_images = images if rejected_images is None else rejected_images
+        b = len(prompts)
+        shared = [share_prompt and rejected_images[i] is images[i] for i in range(b)]
+        if not any(shared):
+            return self.encode_for_training(
+                list(prompts) * 2,
+                list(chosen) + list(rejected),
+                list(images) + list(rejected_images),
+            )
+        one = [i for i in range(b) if shared[i]]
+        two = [i for i in range(b) if not shared[i]]
         return self.encode_for_training(
-            list(prompts) * 2,
-            list(chosen) + list(rejected),
-            list(images) + list(rejected_images),
+            [prompts[i] for i in one + two + two],
+            [(chosen[i], rejected[i]) for i in one] + [chosen[i] for i in two] + [rejected[i] for i in two],
+            [images[i] for i in one + two] + [rejected_images[i] for i in two],
+            slots=[(i, b + i) for i in one] + [(i,) for i in two] + [(b + i,) for i in two],
         )
 
 
@@ -277,7 +324,9 @@ def _per_token_keys(batch: Any) -> list[str]:
 
 
 def sequence_logps(model: Any, batch: Batch, average: bool = False, chunk_mb: int = LOGITS_CHUNK_MB) -> torch.Tensor:
-    """Sum (or mean, ``average``) of log p(token) over answer tokens (labels != -100): Tensor[B].
+    """Sum (or mean, ``average``) of log p(token) over each answer's tokens (labels != -100):
+    Tensor[answers], one answer per row, or per ``answer_index`` slot when rows hold several
+    (``Policy.encode_for_training``; the attention mask then hides each answer from the others).
 
     The one answer scorer of SFT, DPO and their evaluations. The model runs to its last hidden
     states only; the LM head and log-softmax then run on the answer positions alone, ``chunk_mb``
@@ -286,16 +335,64 @@ def sequence_logps(model: Any, batch: Batch, average: bool = False, chunk_mb: in
     weights, decide whether a training step fits.
     """
     lm = causal_lm(model)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in SCORING_KEYS}
+    if "answer_index" in batch:
+        inputs["attention_mask"] = answers_apart_mask(lm, batch)
     with last_hidden_state(lm.base_model) as kept:
         model(**inputs, use_cache=False, logits_to_keep=1)  # one position's logits: the head runs below
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
+    rows, cols = (batch["labels"] != IGNORE).nonzero(as_tuple=True)
+    source = batch["predicted_from"][rows, cols] if "predicted_from" in batch else cols - 1
     vocab = lm.config.get_text_config().vocab_size
-    logps = answer_token_logps(lm.get_output_embeddings(), kept[0][:, :-1][mask], labels[mask],
+    logps = answer_token_logps(lm.get_output_embeddings(), kept[0][rows, source], batch["labels"][rows, cols],
                                max(1, chunk_mb * 2**20 // (4 * vocab)))
-    total = logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    slot = batch["answer_index"][rows, cols] if "answer_index" in batch else rows
+    counts = answer_token_counts(batch)
+    total = logps.new_zeros(len(counts)).index_add(0, slot, logps)
+    return total / counts.clamp(min=1).to(total) if average else total
+
+
+def answer_token_counts(batch: Batch) -> torch.Tensor:
+    """Tokens of each answer ``sequence_logps`` scores (its labels that are not IGNORE): Tensor[answers]."""
+    answer = batch["labels"] != IGNORE
+    if "answer_index" not in batch:
+        return answer.sum(-1)
+    slots = batch["answer_index"][answer]
+    return torch.zeros(int(batch["answer_index"].max()) + 1, dtype=torch.long, device=slots.device).index_add(
+        0, slots, torch.ones_like(slots))
+
+
+def answers_apart_mask(lm: Any, batch: Batch) -> Any:
+    """The 4D attention mask of a batch whose rows hold several answers to one prompt: causal,
+    padding hidden, and a key inside an answer seen only by that answer's own tokens. Built by
+    transformers' ``create_causal_mask`` with the text config, so it has the form the attention
+    implementation takes (boolean for sdpa, additive float for eager); models call it on a 4D
+    mask no further (``prompt_sharing_blocker`` names those whose layers need more)."""
+    index = batch["answer_index"]
+
+    def own_answer(b: Any, _h: Any, q: Any, kv: Any) -> Any:
+        return (index[b, kv] < 0) | (index[b, kv] == index[b, q])
+
+    shape = torch.empty(*index.shape, 0, dtype=lm.dtype, device=index.device)  # read for size, dtype, device only
+    return create_causal_mask(lm.config.get_text_config(), shape, batch["attention_mask"], None,
+                              and_mask_function=own_answer)
+
+
+def prompt_sharing_blocker(model: Any) -> str | None:
+    """Why rows holding several answers to one prompt (``answers_apart_mask``, shifted positions)
+    would not score as separate rows on this model, or None when they do: the 4D mask reaches
+    eager and sdpa attention only, in layers that all attend causally over the whole row, with
+    positions that are one integer per token."""
+    lm = causal_lm(model)
+    text = lm.config.get_text_config()
+    impl = text._attn_implementation
+    if impl not in ("eager", "sdpa"):
+        return f"attention {impl!r} takes no custom 4D mask here"
+    if hasattr(lm.base_model, "get_rope_index"):
+        return "its multimodal rotary positions are not one position per token"
+    layers = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if layers != {"full_attention"} or getattr(text, "sliding_window", None) is not None:
+        return f"its layers are not all full attention ({sorted(layers)}, sliding_window {getattr(text, 'sliding_window', None)})"
+    return None
 
 
 def causal_lm(model: Any) -> Any:

@@ -130,7 +130,7 @@ def training_sources(cfg: SftDataConfig) -> list[Source]:
     return index_sources(cfg.retrieval_index, cfg.roles, cfg.domain)
 
 
-def _keep(key: str, rate: float, seed: int, purpose: str) -> bool:
+def keep(key: str, rate: float, seed: int, purpose: str) -> bool:
     """A fixed pseudo-random draw per (record, purpose): True with probability 1 - rate."""
     return stable_seed(purpose, key, seed) % 1_000_000 >= rate * 1_000_000
 
@@ -189,7 +189,7 @@ def read_examples(
                 raise InputError(f"{rec.source}: `reference_reports` must be a list of strings")
             if refs and cfg.max_references:
                 refs = refs[: cfg.max_references]
-            if refs and not _keep(f"{domain}/{rec.id}", cfg.no_reference_rate, seed, "no-reference"):
+            if refs and not keep(f"{domain}/{rec.id}", cfg.no_reference_rate, seed, "no-reference"):
                 refs = None
             if isinstance(rec, VqaRecord):
                 examples.append(Example(rec, domain, "vqa", rec.question, rec.answer, refs or None))
@@ -401,7 +401,7 @@ def run_sft(cfg: SftConfig) -> Path:
         save_config(cfg, out / "run_config.yaml")
     bad_records: list[str] = []
     examples = read_examples(training_sources(cfg.data), cfg.data, cfg.train.seed, skipped=bad_records)
-    held = [not _keep(f"{e.domain}/{e.record.id}", cfg.data.val_fraction, cfg.train.seed, "val") for e in examples]
+    held = [not keep(f"{e.domain}/{e.record.id}", cfg.data.val_fraction, cfg.train.seed, "val") for e in examples]
     train_ex = [e for e, h in zip(examples, held) if not h]
     val_ex = [e for e, h in zip(examples, held) if h]
     with_refs = sum(e.references is not None for e in train_ex)

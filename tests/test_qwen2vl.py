@@ -85,8 +85,10 @@ def test_lora_leaves_the_vision_tower_alone_but_trains_the_merger(world):
     assert trainable and all(".visual.merger." in n for n in trainable)
 
 
-def test_dpo_trains_saves_and_merges(world, tmp_path):
+def test_dpo_trains_saves_and_merges(world, tmp_path, capsys):
     summary = run(config(world, tmp_path / "run", pairs="released.json", merge=True, train={"max_steps": 3}))
+    # M-RoPE positions are not one integer per token: each pair takes two rows, and the run says so
+    assert "share_prompt: off for this model (its multimodal rotary positions" in capsys.readouterr().out
     train_rows = [r for r in rows(tmp_path / "run") if "loss" in r]
     assert len(train_rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
     adapter_cfg = json.loads((Path(summary["adapter"]) / "adapter_config.json").read_text())

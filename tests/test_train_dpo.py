@@ -1,5 +1,6 @@
-"""The DPO trainer on an untrained tiny LLaVA: one concatenated forward, per-side images, the
-released format, cached reference, exact resume, merged export, ZeRO-2 on 2 CPU processes.
+"""The DPO trainer on an untrained tiny LLaVA: one concatenated forward, the shared-prompt row,
+per-side images, the released format, cached reference, exact resume, merged export, ZeRO-2 on
+2 CPU processes.
 
 The 2-process test runs this file as a module under torchrun (``-m tests.test_train_dpo ds OUT``).
 """
@@ -29,7 +30,8 @@ from dpo.train_dpo import (
     DpoConfig, DpoTrainer, collapse_metrics, encoded_images, frozen_image_encoder, pair_logps, run, shard, step_loss,
     summarize,
 )
-from policy.policy import PolicySpec, load_policy, sequence_logps
+from policy.budget import BUDGET_KEY
+from policy.policy import PolicySpec, load_policy, prompt_sharing_blocker, sequence_logps
 from policy.prompts import load_prompt_templates
 from tests.test_engine import LAUNCHER_VARS
 from tests.test_pair_data import toy_policy, write_pairs
@@ -77,14 +79,15 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _batch(world: Path, policy, indices=(0, 1, 2), rejected_image=None):
+def _batch(world: Path, policy, indices=(0, 1, 2), rejected_image=None, max_length=None, share_prompt=False):
     records = load_pairs([world / "pairs.json"])
     ds = PairDataset(records, world / "images")
     items = [ds[i] for i in indices]
     if rejected_image is not None:
         for it in items:
             it["rejected_image"] = rejected_image
-    collate = PairCollator(records, policy.processor, ["cm", "oa1", "oa2"], load_prompt_templates(), None)
+    collate = PairCollator(records, policy.processor, ["cm", "oa1", "oa2"], load_prompt_templates(), max_length,
+                           share_prompt)
     return records, items, collate(items)
 
 
@@ -118,6 +121,96 @@ def test_concatenated_forward_equals_two_forwards(world):
     _sharpen(policy.model)
     chosen, rejected = one_forward_equals_two(world, policy)
     assert not torch.allclose(chosen, rejected, atol=1e-2)  # the rows were really different
+
+
+MIXED = (0, 1, 2, 4, 5)  # cm (own noised image: two rows), oa1, oa2, oa1, oa2 (one shared row each)
+
+
+def _dpo_step(model, inputs, chunk_mb):
+    """Per-pair policy (chosen, rejected) log-probs, the DPO loss and the LoRA gradients of one step."""
+    model.zero_grad()
+    chosen, rejected = sequence_logps(model, inputs, chunk_mb=chunk_mb).chunk(2)
+    with torch.no_grad(), model.disable_adapter():
+        ref_c, ref_r = sequence_logps(model, inputs, chunk_mb=chunk_mb).chunk(2)
+    loss = dpo_loss(chosen, rejected, ref_c, ref_r, 0.1, "sigmoid").losses.mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.stack([chosen, rejected, ref_c, ref_r]).detach(), loss.detach(), grads
+
+
+def shared_prompt_rows_score_as_two_rows(world: Path, policy, checkpointing: bool, chunk_mb: int) -> None:
+    """A batch whose oa pairs take one [prompt, chosen, rejected] row (the cm pair two rows, its
+    rejected side seeing its own image) gives the two-row batch's log-probs, DPO loss and LoRA
+    gradients, on the adapted model and the reference (adapter off)."""
+    model = apply_lora(policy.model, LoraConfig(r=4, alpha=8, dropout=0.0), checkpointing).train()
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    two = _batch(world, policy, MIXED)[2]["inputs"]
+    shared = _batch(world, policy, MIXED, share_prompt=True)[2]["inputs"]
+    assert two["input_ids"].shape[0] == 10 and shared["input_ids"].shape[0] == 6  # 4 pairs share their prompt
+    want, want_loss, want_grads = _dpo_step(model, two, chunk_mb)
+    got, loss, grads = _dpo_step(model, shared, chunk_mb)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # sums of up to ~60 nats: float32 order
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-6)
+    assert grads.keys() == want_grads.keys() and grads and all("lora_" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert (want[1] - want[0]).abs().min() > 1e-2  # chosen and rejected answers really differ
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("chunk_mb", [0, 64])  # one answer position per chunk; all in one chunk
+def test_shared_prompt_rows_score_as_two_rows(world, checkpointing, chunk_mb):
+    policy = load_policy(world / "policy")
+    _sharpen(policy.model)
+    shared_prompt_rows_score_as_two_rows(world, policy, checkpointing, chunk_mb)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_shared_prompt_needs_its_mask_and_positions(world, monkeypatch, attention):
+    """The shared row scores right in either attention, and wrong if the rejected answer could
+    see the chosen one or its positions did not restart at the prompt's end (the test above can fail)."""
+    import policy.policy as policy_module
+
+    policy = load_policy(world / "policy")
+    _sharpen(policy.model)
+    policy.model.set_attn_implementation(attention)
+    assert prompt_sharing_blocker(policy.model) is None
+    two = _batch(world, policy, MIXED)[2]["inputs"]
+    shared = _batch(world, policy, MIXED, share_prompt=True)[2]["inputs"]
+    with torch.no_grad():
+        want = pair_logps(policy.model, two)
+        torch.testing.assert_close(pair_logps(policy.model, shared), want, rtol=1e-6, atol=1e-5)
+        width = shared["input_ids"].shape[1]
+        plain_positions = {**shared, "position_ids": torch.arange(width).expand(len(shared["input_ids"]), -1)}
+        with monkeypatch.context() as m:  # causal and padding only: the rejected answer sees the chosen one
+            m.setattr(policy_module, "answers_apart_mask", lambda lm, batch: batch["attention_mask"])
+            seen = pair_logps(policy.model, shared)
+        for got in (pair_logps(policy.model, plain_positions), seen):
+            torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)  # chosen answers come first: untouched
+            assert (got[1] - want[1])[1:].abs().min() > 1e-3  # every shared rejected answer changed
+
+
+def test_shared_prompt_keeps_the_token_budget(world):
+    """At a budget the longest two-row row just fits, the shared rows fit the same pairs, hold no
+    position beyond the budget, and score the same."""
+    policy = load_policy(world / "policy")
+    _sharpen(policy.model)
+    budget = int(_batch(world, policy, MIXED)[2]["inputs"]["attention_mask"].sum(1).max())
+    for max_length, fitted in ((budget, 5), (budget - 1, None)):
+        two = _batch(world, policy, MIXED, max_length=max_length)[2]
+        shared = _batch(world, policy, MIXED, max_length=max_length, share_prompt=True)[2]
+        assert shared[BUDGET_KEY] == two[BUDGET_KEY]
+        if fitted is None:  # every pair refused (its prompt cannot lose references), the same both ways
+            assert "inputs" not in shared and "inputs" not in two
+            continue
+        assert len(shared["index"]) == fitted and shared["inputs"]["input_ids"].shape[1] > max_length
+        assert int(shared["inputs"]["position_ids"].max()) == max_length - 1
+        with torch.no_grad():
+            torch.testing.assert_close(pair_logps(policy.model, shared["inputs"]), pair_logps(policy.model, two["inputs"]),
+                                       rtol=1e-6, atol=1e-5)
 
 
 def images_encoded_once_give_the_same_logps(world: Path, policy) -> None:
