@@ -45,6 +45,13 @@ def merged_rows(path: Path, new: list[str]) -> list[str]:
     return kept + [r for r in new if name(r) in fresh]
 
 
+def text_after_table(path: Path) -> list[str]:
+    """The lines of ``path`` after its table (notes on earlier runs), kept by ``--only``."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    last = max((i for i, line in enumerate(lines) if line.startswith("|")), default=len(lines))
+    return lines[last + 1:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -89,6 +96,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     lines += table
+    if args.only:
+        lines += [line for line in text_after_table(Path(args.out)) if not line.startswith("Failed: ")]
     if failed:
         lines += ["", f"Failed: {', '.join(failed)} (see the run's output)."]
     atomic_write_text(args.out, "\n".join(lines) + "\n")
