@@ -42,6 +42,7 @@ def _policy_dir(tmp: Path, world: Path) -> tuple[Path, str]:
 
     argv = [str(TOY_POLICY_CONFIG)] if TOY_POLICY_CONFIG.is_file() else []
     cfg = load_config(ToyPolicyConfig, argv)
+    cfg.vision_pretrain_epochs = cfg.reading_steps = 0  # the architecture is what is timed, not what it learned
     return build_toy_policy(world_texts(world), tmp / "policy", cfg), "untrained policy of the toy architecture"
 
 

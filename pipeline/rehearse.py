@@ -319,7 +319,8 @@ def rehearse(cfg: RehearseConfig) -> dict[str, Any]:
         atomic_write_text(texts, "".join(t + "\n" for t in sample_texts(sample)))
         policy = str(out / "policy")
         record(run_stage("policy", None, py("toy.toy_policy", "configs/toy/toy_policy.yaml", "--texts", str(texts),
-                                           "--out", policy, "--prompts", "configs/prompts/mmed_rag.yaml"), logs, cfg.timeout))
+                                           "--out", policy, "--prompts", "configs/prompts/mmed_rag.yaml",
+                                           "--vision_pretrain_epochs", "0", "--reading_steps", "0"), logs, cfg.timeout))
     else:
         stages.append(_row("policy", None, Path(policy).is_dir(), 0.0, None if Path(policy).is_dir() else f"{policy}: not a folder"))
     record(run_stage("sources", None, py("pairs.release_sources", "--data_root", str(sample), "--out", str(out / "sources")),

@@ -1,32 +1,37 @@
 #!/usr/bin/env bash
 # The toy base policy (the GPU-free stand-in for LLaVA-Med): an untrained tiny LLaVA with a
-# tokenizer trained on the toy text (toy.toy_policy), then full SFT on the toy world's
-# policy_train split with oracle references in most prompts (toy.oracle_retrieval), so that it
-# answers from the image and leans on retrieved text; finally its reliance is measured on val_vqa.
-# Usage: bash scripts/make_toy_policy.sh [--world DIR] [--out DIR] [--seed N] [--key value ...]
+# tokenizer trained on the toy text (toy.toy_policy) whose language model first learns to read
+# references (text-only yes/no on the oracle references, as LLaVA starts from a language model
+# that reads), then full SFT on the toy world's policy_train split with oracle references in half
+# of the prompts (toy.oracle_retrieval); finally its reliance is measured on val_vqa.
+# Usage: bash scripts/make_toy_policy.sh [--world DIR] [--out DIR] [--seed N] [--reading_steps N] [--key value ...]
 #   --world  toy world (default outputs/toy/world; made with scripts/make_toy.sh if absent)
 #   --out    the policy folder (default outputs/toy/policy); policy_init/ and oracle_retrieval/
 #            are written beside it. Other options go to the SFT (see configs/toy/sft.yaml).
 #   --seed   seed of the oracle references, the initial weights and the SFT (default 0)
+#   --reading_steps  text-only reading steps (default: configs/toy/toy_policy.yaml's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-case "${1:-}" in -h|--help) sed -n '2,10p' "$0" | cut -c3-; exit 0 ;; esac
+case "${1:-}" in -h|--help) sed -n '2,12p' "$0" | cut -c3-; exit 0 ;; esac
 bash scripts/setup.sh
 world=outputs/toy/world
 out=outputs/toy/policy
 seed=0
+reading=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --world) world=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
+    --reading_steps) reading=(--reading_steps "$2"); shift 2 ;;
     *) break ;;
   esac
 done
 base=$(dirname "$out")
 [ -f "$world/manifest.json" ] || bash scripts/make_toy.sh --out "$world"
 .venv/bin/python -m toy.oracle_retrieval --world "$world" --out "$base/oracle_retrieval" --seed "$seed"
-.venv/bin/python -m toy.toy_policy configs/toy/toy_policy.yaml --world "$world" --out "$base/policy_init" --seed "$seed"
+.venv/bin/python -m toy.toy_policy configs/toy/toy_policy.yaml --world "$world" --out "$base/policy_init" --seed "$seed" \
+  --reading_index "$base/oracle_retrieval/index.json" "${reading[@]}"
 rm -rf "$out"
 exec .venv/bin/python -m policy.train_sft configs/toy/sft.yaml --policy.path "$base/policy_init" \
   --data.retrieval_index "$base/oracle_retrieval/index.json" --train.output_dir "$out" --train.seed "$seed" "$@"

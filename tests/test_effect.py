@@ -298,7 +298,7 @@ def test_an_unknown_map_knob_stops_before_any_run(monkeypatch, capsys):
 # ---------------------------------------------------------------- the whole study on a tiny world
 
 TINY = {  # a tiny world's chain in about two minutes on 2 busy cores
-    "make_toy_policy": ["--train.max_steps", "2", "--measure.limit", "4"],
+    "make_toy_policy": ["--reading_steps", "2", "--train.max_steps", "2", "--measure.limit", "4"],
     "finetune_clip": ["--epochs", "1", "--classifier.steps", "5"],
     "build_pairs": ["--limit", "12"],
     "train_dpo": ["--train.max_steps", "2"],

@@ -286,7 +286,7 @@ def test_make_toy_policy(tmp_path):
     """The toy base policy end to end: loads through the Auto classes and leans on references."""
     world = make_world(tmp_path / "world", size="tiny", progress=False)
     cmd = ["bash", "scripts/make_toy_policy.sh", "--world", str(world), "--out", str(tmp_path / "policy"),
-           "--train.max_steps", "20", "--measure.limit", "10"]
+           "--reading_steps", "20", "--train.max_steps", "20", "--measure.limit", "10"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     policy = tmp_path / "policy"
