@@ -342,11 +342,22 @@ def settings_of(cfg: PairsConfig, inputs: list[Input]) -> dict[str, Any]:
     keys = ("noise", "max_new_tokens_vqa", "max_new_tokens_report", "max_length", "limit", "image_root", "domain")
     plain = to_dict(cfg)
     spec = cfg.policy
-    policy = {"policy": spec.path, "adapter": spec.init_adapter, "dtype": spec.dtype, "prompts": spec.prompts}
+    policy = {"policy": spec.path, "adapter": spec.init_adapter, "dtype": spec.dtype, "prompts": spec.prompts,
+              "policy_weights": weights_listing(spec.path), "adapter_weights": weights_listing(spec.init_adapter)}
     settings = {**policy, **{k: plain[k] for k in keys}, "inputs": [os.path.abspath(i.path) for i in inputs]}
     if cfg.option_text:  # only when on: answers made before the option existed stay reusable
         settings["option_text"] = True
     return settings
+
+
+def weights_listing(path: str) -> list[list[Any]]:
+    """Name, size and mtime of a local model folder's weight files, so that a policy retrained into
+    the same folder does not reuse the answers of the one before (a hub id lists nothing)."""
+    root = Path(path) if path else None
+    if root is None or not root.is_dir():
+        return []
+    return [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(root.rglob("*")) if f.suffix in (".safetensors", ".bin")]
 
 
 def settings_differ(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:

@@ -50,7 +50,8 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
         "finetune_clip": ["--data.world", str(w), "--output_dir", str(out / "clip"), "--seed", str(seed)],
         "retrieve": ["--data.world", str(w), "--clip_dir", str(out / "clip"), "--output_dir", str(out / "retrieval")],
         "build_pairs": ["--policy.path", str(out / "policy"), "--retrieval_index", str(out / "retrieval" / "index.json"),
-                        "--image_root", f"{w}/{{domain}}/images", "--out", str(out / "pairs"), "--noise.seed", str(seed)],
+                        "--image_root", f"{w}/{{domain}}/images", "--out", str(out / "pairs"), "--noise.seed", str(seed),
+                        "--overwrite", "true"],  # rerun only when an input changed: answers of an earlier policy are stale
         "train_dpo": ["--pairs", f"[{out / 'pairs' / 'pairs.json'}]", "--policy.path", str(out / "policy"),
                       "--train.output_dir", str(out / "dpo"), "--train.seed", str(seed), "--noise_seed", str(seed),
                       "--train.resume", ""],

@@ -39,6 +39,7 @@ from pairs.build_pairs import (
     read_generations,
     read_items,
     run,
+    settings_of,
 )
 from policy.budget import BudgetLog, PromptParts, fit_prompt
 from policy.policy import PolicySpec, load_policy
@@ -346,6 +347,17 @@ def test_other_settings_are_refused(world, baseline):
     with pytest.raises(InputError, match="other settings"):
         run(_cfg(world, out, noise=NoiseConfig(seed=3)))
     assert _outputs(out) == baseline["bytes"]
+
+
+def test_a_policy_retrained_into_the_same_folder_does_not_reuse_answers(world, tmp_path):
+    """The answers depend on the weights, not only on the policy's path."""
+    policy = tmp_path / "policy"
+    shutil.copytree(world["policy"], policy)
+    cfg = replace(_cfg(world, tmp_path / "out"), policy=PolicySpec(path=str(policy)))
+    before = settings_of(cfg, [])
+    weights = next(policy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")  # a retrained policy: other bytes in the same file
+    assert settings_of(cfg, []) != before and settings_of(cfg, []) == settings_of(cfg, [])
 
 
 def test_two_processes_equal_one(world, baseline):
