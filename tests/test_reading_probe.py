@@ -97,3 +97,10 @@ def test_toy_policy_reading_steps_teach_the_policy_itself_to_read(setup, tmp_pat
 def test_reading_steps_need_an_index(tmp_path):
     with pytest.raises(ConfigError, match="reading_index"):
         build_toy_policy(["a b c"] * 5, tmp_path / "p", _tiny(reading_steps=5))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 20])
+def test_short_reading_runs_have_a_schedule(setup, steps, tmp_path):
+    """OneCycleLR divides by zero when its warm-up rounds to no step (20 steps at 5%)."""
+    index, _ = setup
+    build_toy_policy(["Is there effusion? Yes. No."] * 5, tmp_path / "p", _tiny(reading_index=str(index), reading_steps=steps))

@@ -116,7 +116,8 @@ def train_reading(model, prompts: list[list[int]], labels: list[int], choice: to
     ``on_eval(step, loss)`` every ``eval_every`` steps and at the end."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
+    # 5% warm-up; at least two steps of it, or OneCycleLR divides by zero on short runs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=min(0.9, max(0.05, 2 / steps)))
     model.train()
     for step in tqdm(range(1, steps + 1), desc=desc):
         batch = rng.sample(range(len(prompts)), batch_size)
