@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from policy.policy import Policy, Prompt
 
@@ -75,32 +75,20 @@ class VcdLogitsProcessor(LogitsProcessor):
         return vcd_logits(scores, out.logits[:, -1].to(scores.dtype), self.alpha, self.beta)
 
 
-def _encode(policy: Policy, images: Sequence[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
-    """The processor's left-padded batch, on the policy's device and dtype."""
-    enc = policy.processor(images=[im.convert("RGB") for im in images], text=texts, return_tensors="pt",
-                           padding=True, padding_side="left")
-    return dict(enc.to(policy.device).to(policy.dtype))
-
-
-@torch.inference_mode()
 def vcd_generate(policy: Policy, images: Sequence[Image.Image], distorted: Sequence[Image.Image],
                  prompts: Sequence[Prompt], max_new_tokens: int = 64, alpha: float = 1.0, beta: float = 0.1,
                  batch_size: int = 8) -> list[str]:
-    """Greedy VCD answers, one per (image, its distorted image, prompt), in input order.
+    """Greedy VCD answers, one per (image, its distorted image, prompt), in input order:
+    ``Policy.generate`` with the distorted branch as each batch's logits processor.
 
     With ``alpha`` = 0 they are ``Policy.generate``'s greedy answers (tests/test_decoding.py).
     """
     if not len(images) == len(distorted) == len(prompts):
         raise ValueError(f"{len(images)} images, {len(distorted)} distorted images, {len(prompts)} prompts")
-    tok, texts = policy.tokenizer, [policy.render(p) for p in prompts]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    answers = []
-    for s in range(0, len(texts), batch_size):
-        batch = slice(s, s + batch_size)
-        real = _encode(policy, images[batch], texts[batch])
-        vcd = VcdLogitsProcessor(policy.model, _encode(policy, distorted[batch], texts[batch]), alpha, beta)
-        out = policy.model.generate(**real, generation_config=config, logits_processor=LogitsProcessorList([vcd]))
-        new = out[:, real["input_ids"].shape[1]:]
-        answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    return answers
+    texts = [policy.render(p) for p in prompts]
+
+    def contrast(idx: list[int]) -> LogitsProcessorList:
+        encoded = dict(policy.process([distorted[i] for i in idx], [texts[i] for i in idx], "left"))
+        return LogitsProcessorList([VcdLogitsProcessor(policy.model, encoded, alpha, beta)])
+
+    return policy.generate(images, prompts, max_new_tokens, batch_size, logits_processor=contrast)

@@ -15,13 +15,13 @@ import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessorList
 from transformers.masking_utils import create_causal_mask
 
 from common.config import doc
@@ -153,7 +153,7 @@ class Policy:
         ids = tok([a.replace(self.image_token, " ").strip() for a in answers], add_special_tokens=False)["input_ids"]
         return [list(x) + [tok.eos_token_id] for x in ids]
 
-    def _process(self, images: Sequence[Image.Image], texts: list[str], padding_side: str) -> Any:
+    def process(self, images: Sequence[Image.Image], texts: list[str], padding_side: str) -> Any:
         """Processor call: pixel values + prompt ids with the image tokens expanded."""
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} prompts")
@@ -171,8 +171,12 @@ class Policy:
         max_new_tokens: int = 64,
         batch_size: int = 8,
         progress: bool = False,
+        logits_processor: Callable[[list[int]], LogitsProcessorList] | None = None,
     ) -> list[str]:
         """Greedy answers, one per (image, prompt), in input order.
+
+        ``logits_processor(indices)``: extra logits processors for the batch of those inputs
+        (e.g. VCD's distorted-image branch, policy.decoding).
 
         Batches are formed from prompts of similar length (less padding) and left-padded, so
         every row's answer starts at the same column; the attention mask hides the padding and
@@ -199,8 +203,9 @@ class Policy:
         starts = range(0, len(order), batch_size)
         for s in tqdm(starts, desc="generate", disable=not progress or len(starts) < 2):
             idx = order[s : s + batch_size]
-            enc = self._process([images[i] for i in idx], [texts[i] for i in idx], "left")
-            out = self.model.generate(**enc, generation_config=config)
+            enc = self.process([images[i] for i in idx], [texts[i] for i in idx], "left")
+            extra = {"logits_processor": logits_processor(idx)} if logits_processor else {}
+            out = self.model.generate(**enc, generation_config=config, **extra)
             new = out[:, enc["input_ids"].shape[1] :]
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 answers[i] = text.strip()
@@ -242,7 +247,7 @@ class Policy:
             count = itertools.count()
             slots = [[next(count) for _ in g] for g in groups]
         answer_ids = iter(self.answer_ids([a for g in groups for a in g]))
-        enc = self._process(images, [self.render(p) for p in prompts], "right")
+        enc = self.process(images, [self.render(p) for p in prompts], "right")
         # Other per-token outputs (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids) are
         # laid out like input_ids; answer and padding positions get 0, the text-token type.
         text = ("input_ids", "attention_mask", "labels")  # rebuilt below (a processor's own labels too)

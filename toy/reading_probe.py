@@ -108,6 +108,12 @@ def answer_rows(tokenizer, where: str) -> torch.Tensor:
     return choice
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle rate with a 5% warm-up of at least two steps (OneCycleLR divides by zero when
+    its warm-up rounds to none)."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=min(0.9, max(0.05, 2 / steps)))
+
+
 def train_reading(model, prompts: list[list[int]], labels: list[int], choice: torch.Tensor, pad: int,
                   steps: int, batch_size: int, lr: float, seed: int, desc: str = "yes/no",
                   on_eval: Callable[[int, float], None] | None = None, eval_every: int = 0) -> None:
@@ -116,8 +122,7 @@ def train_reading(model, prompts: list[list[int]], labels: list[int], choice: to
     ``on_eval(step, loss)`` every ``eval_every`` steps and at the end."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    # 5% warm-up; at least two steps of it, or OneCycleLR divides by zero on short runs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=min(0.9, max(0.05, 2 / steps)))
+    sched = one_cycle(opt, lr, steps)
     model.train()
     for step in tqdm(range(1, steps + 1), desc=desc):
         batch = rng.sample(range(len(prompts)), batch_size)
@@ -143,7 +148,7 @@ def probe(cfg: ReadingProbeConfig) -> dict:
         texts = sorted({r for e in read_index(cfg.retrieval_index, cfg.train_roles)
                         for rec in read_records(e["path"]) for r in rec.meta.get("reference_reports", [])})
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.lm_steps, pct_start=0.05)
+        sched = one_cycle(opt, cfg.lr, cfg.lm_steps)
         for _ in tqdm(range(cfg.lm_steps), desc="next-token"):
             ids, mask = left_padded([tokenizer(t)["input_ids"] for t in rng.sample(texts, cfg.batch_size)], pad)
             model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
