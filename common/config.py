@@ -251,7 +251,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def cli_main(fn: typing.Callable[[], Any]) -> None:
     """Run an entry point; user errors (ConfigError, InputError) exit 2 with the message, a run
     stopped on purpose (RunStopped, e.g. diverged) and an output that cannot be written
-    (read-only, full disk, no permission) exit 1 with one line."""
+    (read-only, full disk, no permission) exit 1 with one line. A process group is closed
+    before the interpreter exits: left to teardown, gloo's threads can abort a rank."""
     import errno
 
     from common.io import InputError, RunStopped
@@ -270,3 +271,13 @@ def cli_main(fn: typing.Callable[[], Any]) -> None:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}cannot write: {e.strerror or e}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's default group if this process has one (a no-op otherwise,
+    without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -19,6 +19,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
+from common.config import cli_main
 from common.engine import (
     EngineConfig,
     LoraConfig,
@@ -288,7 +289,7 @@ def _deepspeed_worker(out: Path) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ds"]:
-    _deepspeed_worker(Path(sys.argv[2]))
+    cli_main(lambda: _deepspeed_worker(Path(sys.argv[2])))
 
 
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -374,4 +375,4 @@ def _nan_worker(out: Path) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["nan"]:
-    _nan_worker(Path(sys.argv[2]))
+    cli_main(lambda: _nan_worker(Path(sys.argv[2])))

@@ -22,6 +22,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
+from common.config import cli_main
 from common.engine import EngineConfig, LoraConfig, apply_lora
 from data.noise import pure_noise
 from dpo.loss import dpo_loss
@@ -478,7 +479,7 @@ def test_zero2_two_processes(world, tmp_path):
 def _zero2_worker(world: Path, out: Path) -> None:
     cfg = config(world, out, cache_reference=True,
                  train={"deepspeed": str(ROOT / "configs/deepspeed/zero2.json"), "max_steps": 4, "batch_size": 2})
-    run(cfg)
+    cli_main(lambda: run(cfg))
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ds"]:
