@@ -17,14 +17,16 @@ from pathlib import Path
 from common.stages import Stage, run
 
 OUT = Path("outputs/toy")
-# name, script, output folder, config files that feed it, packages whose code it runs (its
-# package and every package that may import per docs/DESIGN.md's layout), folders of the run it reads
+# name, script (scripts/<name>.sh, or a module run with python -m), output folder, config files
+# that feed it, packages whose code it runs (its package and every package that may import per
+# docs/DESIGN.md's layout), folders of the run it reads
 PIPELINE = [
     ("make_toy", "make_toy", "world", [], ["toy", "pairs", "policy", "retriever"], []),
     ("validate_world", None, "world", [], [], ["world"]),
     ("make_toy_policy", "make_toy_policy", "policy", ["configs/toy/toy_policy.yaml", "configs/toy/sft.yaml", "configs/prompts/default.yaml"],
      ["toy", "pairs", "policy", "retriever"], ["world"]),
-    ("finetune_clip", "finetune_clip", "clip", ["configs/toy/clip.yaml"], ["retriever"], ["world"]),
+    ("pretrain_clip_tower", "toy.pretrain_vision", "clip_init", [], ["toy", "retriever"], ["world"]),
+    ("finetune_clip", "finetune_clip", "clip", ["configs/toy/clip.yaml"], ["retriever"], ["world", "clip_init"]),
     ("retrieve", "retrieve", "retrieval", ["configs/toy/retrieve.yaml"], ["retriever"], ["world", "clip"]),
     ("build_pairs", "build_pairs", "pairs", ["configs/toy/pairs.yaml"], ["pairs", "policy", "retriever"],
      ["world", "retrieval", "policy"]),
@@ -33,6 +35,7 @@ PIPELINE = [
      ["world", "retrieval", "policy", "dpo"]),
 ]
 STAGE_NAMES = [p[0] for p in PIPELINE]
+TOWER = "open_clip_model.safetensors"  # the pretrained toy-clip the retrievers start from
 BASE_CODE = ["common", "data"]  # every stage runs these
 
 
@@ -47,7 +50,9 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
     return {
         "make_toy": ["--out", str(w), "--seed", str(seed)],
         "make_toy_policy": ["--world", str(w), "--out", str(out / "policy"), "--seed", str(seed)],
-        "finetune_clip": ["--data.world", str(w), "--output_dir", str(out / "clip"), "--seed", str(seed)],
+        "pretrain_clip_tower": ["--world", str(w), "--out", str(out / "clip_init" / TOWER), "--seed", str(seed)],
+        "finetune_clip": ["--data.world", str(w), "--output_dir", str(out / "clip"), "--seed", str(seed),
+                          "--clip.image_tower_from", str(out / "clip_init" / TOWER)],
         "retrieve": ["--data.world", str(w), "--clip_dir", str(out / "clip"), "--output_dir", str(out / "retrieval")],
         "build_pairs": ["--policy.path", str(out / "policy"), "--retrieval_index", str(out / "retrieval" / "index.json"),
                         "--image_root", f"{w}/{{domain}}/images", "--out", str(out / "pairs"), "--noise.seed", str(seed),
@@ -68,6 +73,8 @@ def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = ()) -> list[S
         code = [Path(p) for p in [*packages, *BASE_CODE]]
         if script is None:  # every file of the world, as a user checks data before a long run
             cmd = [sys.executable, "-m", "data.validate", "--manifest", str(out / folder / "manifest.json"), "--check-images"]
+        elif "." in script:
+            cmd = [sys.executable, "-m", script, *stage_args(name, out, seed)]
         else:
             extra = list(world_args) if name == "make_toy" else []
             cmd = ["bash", f"scripts/{script}.sh", *stage_args(name, out, seed), *extra]

@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from common.config import ConfigError, doc
+from common.io import InputError
 
 TOY_MODEL = "toy-clip"
 # Tiny enough to train on 2 CPU cores in about a minute per domain (64x64 toy images).
@@ -108,6 +109,9 @@ def resolve_model_config(spec: ClipSpec) -> tuple[str, dict[str, Any]]:
 
 def _load_visual_from(model: torch.nn.Module, checkpoint: str) -> None:
     """Copy the image tower of a full CLIP checkpoint (keys ``visual.*``) into ``model.visual``."""
+    if not Path(checkpoint).is_file():
+        raise InputError(f"clip.image_tower_from {checkpoint}: no such file (the toy's is made by "
+                         "`python -m toy.pretrain_vision`, the demo's pretrain_clip_tower stage)")
     state = open_clip.factory.load_state_dict(checkpoint, weights_only=True)
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:

@@ -299,6 +299,7 @@ def test_an_unknown_map_knob_stops_before_any_run(monkeypatch, capsys):
 
 TINY = {  # a tiny world's chain in about two minutes on 2 busy cores
     "make_toy_policy": ["--reading_steps", "2", "--train.max_steps", "2", "--measure.limit", "4"],
+    "pretrain_clip_tower": ["--epochs", "1"],
     "finetune_clip": ["--epochs", "1", "--classifier.steps", "5"],
     "build_pairs": ["--limit", "12", "--report_threshold", "0"],  # every report right: a 2-step policy still yields D_cm pairs
     "train_dpo": ["--train.max_steps", "2"],

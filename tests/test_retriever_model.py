@@ -6,6 +6,7 @@ import open_clip
 import pytest
 import torch
 
+from common.io import InputError
 from retriever.finetune_clip import ContrastiveLoss, MatryoshkaConfig
 from retriever.model import TOY_MODEL, ClipSpec, build_clip, export_clip, load_clip, truncate
 
@@ -155,3 +156,11 @@ def test_offline_uncached_hub_weights_fail_fast_in_one_line(tmp_path, model, pre
     assert lines[0].startswith("error: ") and "not in the local cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
     assert (repr(pretrained) if pretrained else model) in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_image_tower_file_is_named(tmp_path):
+    spec = ClipSpec(model="donor-test", model_config={
+        "embed_dim": 16, "vision_cfg": VISION, "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1}},
+        image_tower_from=str(tmp_path / "clip_init" / "open_clip_model.safetensors"))
+    with pytest.raises(InputError, match="clip_init/open_clip_model.safetensors: no such file.*toy.pretrain_vision"):
+        build_clip(spec)

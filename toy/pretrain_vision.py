@@ -12,7 +12,7 @@ projector, the CLIP pooling) sees every token: the tower learns to write a findi
 tokens where it is seen (val_vqa, 30 epochs: max 0.85, mean 0.80, CLS 0.81). The loop is written
 by hand: a classifier of a few minutes with no checkpoint or process group is not a stage.
 
-Run: ``python -m toy.pretrain_vision --world outputs/toy/world --out outputs/toy/clip_init.safetensors``
+Run: ``python -m toy.pretrain_vision --world outputs/toy/world --out outputs/toy/clip_init/open_clip_model.safetensors``
 writes a toy-clip checkpoint (pretrained ``visual.*``, random text tower) for
 ``bash scripts/finetune_clip.sh --clip.image_tower_from FILE``. The policy's tower is pretrained
 by ``toy.toy_policy --vision_pretrain_epochs N``.
@@ -126,7 +126,7 @@ def pretrain_on_world(
 @dataclass
 class PretrainVisionConfig:
     world: str = doc("outputs/toy/world", "toy world: its policy_train images and their findings train the tower")
-    out: str = doc("outputs/toy/clip_init.safetensors", "the toy-clip checkpoint written (pretrained visual.*, random text tower)")
+    out: str = doc("outputs/toy/clip_init/open_clip_model.safetensors", "the toy-clip checkpoint written (pretrained visual.*, random text tower)")
     model: str = doc(TOY_MODEL, "open_clip model whose image tower is pretrained (the toy retrievers' architecture)")
     epochs: int = doc(15, "passes over the images")
     lr: float = doc(1e-3, "peak learning rate (one-cycle schedule)")
