@@ -122,7 +122,7 @@ def read_records(
             if bad_record == "error":
                 raise
             n_bad += 1
-            _skip(str(e), n_bad, path, skipped)
+            skip_record(str(e), n_bad, path, skipped)
             continue
         parse = record_parse
         if rec.image_root is not None and not os.path.isabs(rec.image_root):
@@ -145,8 +145,9 @@ def _kind_at(raw: dict, where: str) -> Kind:
         raise InputError(f"{where}: {e}") from None
 
 
-def _skip(message: str, n_bad: int, path: Path, skipped: list[str] | None) -> None:
-    """Log (the first MAX_LOGGED of a file) and collect one skipped bad record."""
+def skip_record(message: str, n_bad: int, path: Path, skipped: list[str] | None) -> None:
+    """Log (the first MAX_LOGGED of a file) and collect one skipped bad record; every reader of
+    annotation files skips this way."""
     if n_bad <= MAX_LOGGED:
         log.warning("%s (record skipped)", message)
     elif n_bad == MAX_LOGGED + 1:

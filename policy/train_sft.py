@@ -39,7 +39,7 @@ from data.datasets import QueryDataset
 from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
 from data.loader import StagedSampler, make_loader
 from data.noise import NoiseConfig, make_x_v_star, stable_seed
-from data.readers import bad_records_summary, detect_kind, read_index, read_records, strip_image_mark
+from data.readers import bad_records_summary, detect_kind, read_index, read_records, skip_record, strip_image_mark
 from data.records import ReportRecord, VqaRecord
 from policy.adapters import load_with_adapters, save_merged
 from policy.align import FindingAligner
@@ -140,30 +140,41 @@ def _root(src: Source, cfg: SftDataConfig, domain: str) -> str | None:
     return src.image_root or (cfg.image_root.format(domain=domain) if cfg.image_root else None)
 
 
-def read_conversations(path: str, domain: str, root: str | None) -> list[Example]:
-    """LLaVA conversation JSON (a list): first human turn -> prompt, the next gpt turn -> answer."""
+def read_conversations(path: str, domain: str, root: str | None, bad_record: str = "skip",
+                       skipped: list[str] | None = None) -> list[Example]:
+    """LLaVA conversation JSON (a list): first human turn -> prompt, the next gpt turn -> answer.
+    A record without them is skipped and named in ``skipped`` (``bad_record: error`` stops)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of conversation records")
-    out = []
+    out, n_bad = [], 0
     for n, raw in enumerate(data):
-        where = f"{path}:[{n}]"
-        turns = raw.get("conversations") if isinstance(raw, dict) else None
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            raise InputError(f"{where}: `conversations` must be a list of {{from, value}} turns")
-        h = next((i for i, t in enumerate(turns) if t.get("from") == "human"), None)
-        gpt = next((t for t in turns[(h or 0) + 1:] if t.get("from") == "gpt"), None)
-        image = raw.get("image")
-        if h is None or gpt is None or not isinstance(image, str) or not image:
-            raise InputError(f"{where}: needs `image` and a human turn followed by a gpt turn")
-        prompt, answer = strip_image_mark(str(turns[h].get("value", ""))), str(gpt.get("value", "")).strip()
-        rec = VqaRecord(id=str(raw.get("id", n)), question=prompt, answer=answer, images=[image],
-                        image_root=pick_root(raw.get("image_root"), root), source=where)
-        out.append(Example(rec, str(raw.get("domain") or domain), "conversation", prompt, answer, None))
+        try:
+            out.append(_conversation(raw, f"{path}:[{n}]", n, domain, root))
+        except InputError as e:
+            if bad_record == "error":
+                raise
+            n_bad += 1
+            skip_record(str(e), n_bad, Path(path), skipped)
     return out
+
+
+def _conversation(raw: Any, where: str, n: int, domain: str, root: str | None) -> Example:
+    turns = raw.get("conversations") if isinstance(raw, dict) else None
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise InputError(f"{where}: `conversations` must be a list of {{from, value}} turns")
+    h = next((i for i, t in enumerate(turns) if t.get("from") == "human"), None)
+    gpt = next((t for t in turns[(h or 0) + 1:] if t.get("from") == "gpt"), None)
+    image = raw.get("image")
+    if h is None or gpt is None or not isinstance(image, str) or not image:
+        raise InputError(f"{where}: needs `image` and a human turn followed by a gpt turn")
+    prompt, answer = strip_image_mark(str(turns[h].get("value", ""))), str(gpt.get("value", "")).strip()
+    rec = VqaRecord(id=str(raw.get("id", n)), question=prompt, answer=answer, images=[image],
+                    image_root=pick_root(raw.get("image_root"), root), source=where)
+    return Example(rec, str(raw.get("domain") or domain), "conversation", prompt, answer, None)
 
 
 def read_examples(
@@ -177,7 +188,8 @@ def read_examples(
         if kind == "preference":
             if not vqa_only:
                 domain = src.domain or "default"
-                examples += read_conversations(src.path, domain, _root(src, cfg, domain))[: cfg.limit or None]
+                examples += read_conversations(src.path, domain, _root(src, cfg, domain), cfg.bad_record,
+                                                skipped)[: cfg.limit or None]
             continue
         if vqa_only and kind != "vqa":
             continue

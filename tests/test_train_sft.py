@@ -181,9 +181,13 @@ def test_conversation_json_is_read(tmp_path, world):
     cfg = load_config(SftConfig, ["--data.files", f"[{path}]", "--data.domain", "pathology"])
     (ex,) = read_examples(training_sources(cfg.data), cfg.data, seed=0)
     assert (ex.task, ex.question, ex.answer, ex.domain) == ("conversation", "Describe the slide.", "Dense fibrosis.", "pathology")
-    path.write_text(json.dumps([{"id": "c2", "image": "x.png", "conversations": [{"from": "gpt", "value": "hi"}]}]))
-    with pytest.raises(InputError, match=r"conv.json:\[0\]"):
-        read_examples(training_sources(cfg.data), cfg.data, seed=0)
+    path.write_text(json.dumps(conv + [{"id": "c2", "image": "x.png", "conversations": [{"from": "gpt", "value": "hi"}]}]))
+    skipped = []
+    (ex,) = read_examples(training_sources(cfg.data), cfg.data, seed=0, skipped=skipped)  # the bad one skipped, named
+    assert ex.record.id == "c1" and len(skipped) == 1 and "conv.json:[1]: needs `image` and a human turn" in skipped[0]
+    strict = load_config(SftConfig, ["--data.files", f"[{path}]", "--data.domain", "pathology", "--data.bad_record", "error"])
+    with pytest.raises(InputError, match=r"conv.json:\[1\]"):
+        read_examples(training_sources(strict.data), strict.data, seed=0)
 
 
 # ---------------------------------------------------------------- training
