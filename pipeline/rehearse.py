@@ -47,6 +47,7 @@ class RehearseConfig:
     image_roots: dict[str, str] = doc({}, "image set -> folder (mimic, iuxray, harvard, pmc, quilt); looked up before image_root")
     out: str = doc("outputs/rehearsal", "output folder: sample/, outputs/, logs/, rehearsal.json, rehearsal.md")
     policy: str = doc("", "policy folder (Hugging Face format); empty = the untrained toy architecture, tokenizer from the sample")
+    trust_remote_code: bool = doc(False, "let every stage that loads --policy run the code shipped in it (off: safe by default)")
     records: int = doc(24, "records per release file in the sample the chain runs on")
     domains: list[str] = doc(list(DOMAINS), "domains to rehearse")
     configs: str = doc("configs/mmed_rag", "the chain's configs: <configs>/<domain>/{clip,retrieve,pairs,dpo,evaluate}.yaml")
@@ -185,6 +186,7 @@ def chain_commands(cfg: RehearseConfig, domain: str, retrievers: list[str], poli
     clip_dir, run = str(out / "outputs" / "clip"), out / "outputs" / domain
     adapter = str(run / "dpo" / "adapter")
     budget = ["--max_length", str(cfg.max_length)] if cfg.max_length else []
+    pol = ["--policy.path", policy, "--policy.dtype", "float32", "--policy.trust_remote_code", str(cfg.trust_remote_code).lower()]
     yield "retrieve", py(
         "retriever.retrieve", str(conf / "retrieve.yaml"), "--data.data_root", str(out / "sample"),
         *roots_arguments(cfg, "data."),
@@ -192,13 +194,13 @@ def chain_commands(cfg: RehearseConfig, domain: str, retrievers: list[str], poli
         "--output_dir", str(run / "retrieval"), "--batch_size", "16", "--num_workers", "0", "--mixed_precision", "no",
     )
     yield "build_pairs", py(
-        "pairs.build_pairs", str(conf / "pairs.yaml"), "--policy.path", policy, "--policy.dtype", "float32",
+        "pairs.build_pairs", str(conf / "pairs.yaml"), *pol,
         "--device", "cpu", "--retrieval_index", str(run / "retrieval" / "index.json"), "--out", str(run / "pairs"),
         "--limit", "6", "--batch_size", "4", "--max_new_tokens_report", "24", "--progress", "false", *budget,
     )
     ours = [str(run / "pairs" / "pairs.json")] if built_pairs(run / "pairs") else []
     yield "train_dpo", py(
-        "dpo.train_dpo", str(conf / "dpo.yaml"), "--policy.path", policy, "--policy.dtype", "float32",
+        "dpo.train_dpo", str(conf / "dpo.yaml"), *pol,
         *roots_arguments(cfg), "--pairs", json.dumps(ours + released_pairs(cfg, domain)),
         "--lora.r", "4", "--lora.alpha", "8", "--train.output_dir", str(run / "dpo"), "--train.deepspeed", "",
         "--train.mixed_precision", "no", "--train.gradient_checkpointing", "false", "--train.max_steps", str(cfg.steps),
@@ -206,16 +208,16 @@ def chain_commands(cfg: RehearseConfig, domain: str, retrievers: list[str], poli
         "--train.eval_every", str(cfg.steps), "--train.progress", "false", *budget,
     )
     yield "evaluate", py(
-        "evaluation.evaluate", str(conf / "evaluate.yaml"), "--policy.path", policy, "--policy.dtype", "float32",
+        "evaluation.evaluate", str(conf / "evaluate.yaml"), *pol,
         "--adapter", adapter, "--device", "cpu", "--retrieval_dir", str(run / "retrieval"), "--clip_dir", clip_dir,
         "--dpo_dir", str(run / "dpo"), "--out", str(run / "eval"), "--limit", "4", "--batch_size", "4",
         "--meteor", "false", "--max_new_tokens_report", "24", *budget,
     )
     yield "infer", py(
         "evaluation.infer", "--queries", str(run / "infer_queries.jsonl"), "--out", str(run / "infer" / "answers.jsonl"),
-        "--policy.path", policy, "--adapter", adapter, "--clip_dir", clip_dir,
+        *pol, "--adapter", adapter, "--clip_dir", clip_dir,
         "--cache_dir", str(run / "retrieval" / "cache"), "--policy.prompts", "configs/prompts/mmed_rag.yaml",
-        "--device", "cpu", "--policy.dtype", "float32", "--max_new_tokens_report", "24", *budget,
+        "--device", "cpu", "--max_new_tokens_report", "24", *budget,
     )
 
 

@@ -88,3 +88,24 @@ def test_rehearsal_runs_the_whole_chain_on_the_toy_release(tmp_path):
     for stage in ("finetune_clip", "retrieve", "build_pairs", "train_dpo", "evaluate", "infer"):
         assert {(stage, d) for d in ("radiology", "pathology", "ophthalmology")} <= ran
     assert (out / "rehearsal.md").is_file()
+
+
+def test_trust_remote_code_reaches_every_stage_that_loads_the_policy(tmp_path):
+    """Each command parses under its own stage's config, and the flag arrives there (off by default)."""
+    import importlib
+
+    from common.config import load_config
+    from pipeline.rehearse import RehearseConfig, chain_commands
+
+    configs = {"pairs.build_pairs": "PairsConfig", "dpo.train_dpo": "DpoConfig",
+               "evaluation.evaluate": "EvalConfig", "evaluation.infer": "InferConfig"}
+    for trust in (False, True):
+        cfg = RehearseConfig(out=str(tmp_path), policy="some/policy", trust_remote_code=trust)
+        seen = set()
+        for _, cmd in chain_commands(cfg, "radiology", ["radiology"], "some/policy"):
+            module = cmd[2]
+            if module in configs:
+                parsed = load_config(getattr(importlib.import_module(module), configs[module]), cmd[3:])
+                assert parsed.policy.path == "some/policy" and parsed.policy.trust_remote_code is trust
+                seen.add(module)
+        assert seen == set(configs)
