@@ -4,12 +4,13 @@
 # references (text-only yes/no on the oracle references, as LLaVA starts from a language model
 # that reads), then full SFT on the toy world's policy_train split with oracle references in half
 # of the prompts (toy.oracle_retrieval); finally its reliance is measured on val_vqa.
-# Usage: bash scripts/make_toy_policy.sh [--world DIR] [--out DIR] [--seed N] [--reading_steps N] [--key value ...]
+# Usage: bash scripts/make_toy_policy.sh [--world DIR] [--out DIR] [--seed N] [--reading_steps N] [--reading_target A] [--key value ...]
 #   --world  toy world (default outputs/toy/world; made with scripts/make_toy.sh if absent)
 #   --out    the policy folder (default outputs/toy/policy); policy_init/ and oracle_retrieval/
 #            are written beside it. Other options go to the SFT (see configs/toy/sft.yaml).
 #   --seed   seed of the oracle references, the initial weights and the SFT (default 0)
 #   --reading_steps  text-only reading steps (default: configs/toy/toy_policy.yaml's)
+#   --reading_target stop reading once held-out questions are answered this well (reading_steps: the most)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in -h|--help) sed -n '2,12p' "$0" | cut -c3-; exit 0 ;; esac
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     --world) world=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
-    --reading_steps) reading=(--reading_steps "$2"); shift 2 ;;
+    --reading_steps|--reading_target) reading+=("$1" "$2"); shift 2 ;;
     *) break ;;
   esac
 done

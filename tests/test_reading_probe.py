@@ -94,6 +94,17 @@ def test_toy_policy_reading_steps_teach_the_policy_itself_to_read(setup, tmp_pat
     assert _reads(read, index) >= 0.9 and _reads(policy, index) <= 0.7
 
 
+def test_reading_stops_at_its_target(setup, tmp_path):
+    """With reading_target, reading ends at the first check (every 200 steps) that reaches it."""
+    index, _ = setup
+    texts = ["Is there effusion? Is there nodule? Yes, there is effusion. No, there is no nodule. The study is clear."] * 20
+    read = build_toy_policy(texts, tmp_path / "read", _tiny(reading_index=str(index), reading_steps=2000,
+                                                             reading_target=0.9, text_init_std=0.08))
+    curve = json.loads((read / "reading.json").read_text())["curve"]
+    assert curve[-1]["step"] < 2000 and curve[-1]["held_out_accuracy"] >= 0.9
+    assert all(c["held_out_accuracy"] < 0.9 for c in curve[:-1]) and _reads(read, index) >= 0.9
+
+
 def test_reading_steps_need_an_index(tmp_path):
     with pytest.raises(ConfigError, match="reading_index"):
         build_toy_policy(["a b c"] * 5, tmp_path / "p", _tiny(reading_steps=5))

@@ -18,12 +18,14 @@ The world's files are found through its manifest (``data.manifest.manifest_files
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm import tqdm
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -36,13 +38,13 @@ from transformers import (
 )
 
 from common.config import ConfigError, cli_main, doc, load_config, save_config
-from common.io import InputError, atomic_dir
+from common.io import InputError, atomic_dir, atomic_write_json
 from data.manifest import manifest_files
 from data.readers import read_records
 from data.records import Record, ReportRecord, VqaRecord
 from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
 from toy.pretrain_vision import pretrain_on_world
-from toy.reading_probe import answer_rows, read_prompts, train_reading
+from toy.reading_probe import accuracy, answer_rows, read_prompts, train_reading
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 
@@ -90,6 +92,7 @@ class ToyPolicyConfig:
     vision_pretrain_epochs: int = doc(0, "epochs of finding-label pretraining of the vision tower on the world's policy_train images (toy.pretrain_vision; 0: a random tower)")
     reading_index: str = doc("", "retrieval index.json whose policy_train yes/no questions, with their references, teach the language model to read (toy.oracle_retrieval writes one)")
     reading_steps: int = doc(0, "steps of text-only reading (toy.reading_probe.train_reading, batch 32, lr 1e-3) before SFT, as LLaVA starts from a language model that reads; 0: none")
+    reading_target: float = doc(0.0, "stop reading once the accuracy on held-out policy_train questions reaches this (checked every 200 steps; reading_steps is then the most it takes): the step at which a seed learns to read varies from 600 to over 2,000 (docs/RESULTS.md); 0: always reading_steps")
 
 
 def record_texts(record: Record) -> list[str]:
@@ -240,15 +243,43 @@ def build_toy_policy(texts: list[str], out: str | Path, cfg: ToyPolicyConfig) ->
         pretrain_on_world(tower, lambda x: tower(pixel_values=x).last_hidden_state[:, 1:],  # CLS dropped, as LLaVA does
                           lambda images: processor.image_processor(images=images, return_tensors="pt")["pixel_values"],
                           cfg.world, cfg.vision_pretrain_epochs, seed=cfg.seed)
+    curve: list[dict[str, float]] = []
     if cfg.reading_steps > 0:
-        prompts, labels = read_prompts(cfg.reading_index, ["policy_train"], tokenizer, cfg.prompts)
-        train_reading(model, prompts, labels, answer_rows(tokenizer, cfg.reading_index), tokenizer.pad_token_id,
-                      cfg.reading_steps, batch_size=32, lr=1e-3, seed=cfg.seed, desc="reading")
+        curve = learn_to_read(model, tokenizer, cfg)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         save_config(cfg, Path(tmp) / "run_config.yaml")
+        if curve:
+            atomic_write_json(Path(tmp) / "reading.json", {"target": cfg.reading_target, "curve": curve})
     return Path(out)
+
+
+HELD_OUT = 512  # at most this many policy_train questions (a fifth at most) decide when reading is learnt
+
+
+def learn_to_read(model: torch.nn.Module, tokenizer: Any, cfg: ToyPolicyConfig) -> list[dict[str, float]]:
+    """Text-only reading on the policy_train questions; with ``reading_target``, until the held-out
+    ones are answered that well. Returns the held-out accuracy curve (empty without a target)."""
+    prompts, labels = read_prompts(cfg.reading_index, ["policy_train"], tokenizer, cfg.prompts)
+    choice, pad = answer_rows(tokenizer, cfg.reading_index), tokenizer.pad_token_id
+    curve: list[dict[str, float]] = []
+    if cfg.reading_target <= 0:
+        train_reading(model, prompts, labels, choice, pad, cfg.reading_steps, 32, 1e-3, cfg.seed, desc="reading")
+        return curve
+    order = random.Random(cfg.seed).sample(range(len(prompts)), len(prompts))
+    cut = min(HELD_OUT, len(order) // 5)
+    held, train = order[:cut], order[cut:]
+
+    def reached(step: int, loss: float) -> bool:
+        acc = accuracy(model, [prompts[i] for i in held], [labels[i] for i in held], choice, pad) / len(held)
+        curve.append({"step": step, "train_loss": loss, "held_out_accuracy": acc})
+        tqdm.write(f"reading step {step}: held-out accuracy {acc:.3f} (target {cfg.reading_target})")
+        return acc >= cfg.reading_target
+
+    train_reading(model, [prompts[i] for i in train], [labels[i] for i in train], choice, pad, cfg.reading_steps,
+                  32, 1e-3, cfg.seed, desc="reading", on_eval=reached, eval_every=200)
+    return curve
 
 
 def main() -> None:
