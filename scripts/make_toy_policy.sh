@@ -13,7 +13,7 @@
 #   --reading_target stop reading once held-out questions are answered this well (reading_steps: the most)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-case "${1:-}" in -h|--help) sed -n '2,12p' "$0" | cut -c3-; exit 0 ;; esac
+case "${1:-}" in -h|--help) sed -n '/^set /q; 2,$p' "$0" | cut -c3-; exit 0 ;; esac
 bash scripts/setup.sh
 world=outputs/toy/world
 out=outputs/toy/policy

@@ -479,11 +479,11 @@ def test_zero2_two_processes(world, tmp_path):
 def _zero2_worker(world: Path, out: Path) -> None:
     cfg = config(world, out, cache_reference=True,
                  train={"deepspeed": str(ROOT / "configs/deepspeed/zero2.json"), "max_steps": 4, "batch_size": 2})
-    cli_main(lambda: run(cfg))
+    run(cfg)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ds"]:
-    _zero2_worker(Path(sys.argv[2]), Path(sys.argv[3]))
+    cli_main(lambda: _zero2_worker(Path(sys.argv[2]), Path(sys.argv[3])))
 
 
 def test_collapse_metrics_are_per_token_drops_over_pairs_with_a_reference():

@@ -116,11 +116,11 @@ def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.
 
 def train_reading(model, prompts: list[list[int]], labels: list[int], choice: torch.Tensor, pad: int,
                   steps: int, batch_size: int, lr: float, seed: int, desc: str = "yes/no",
-                  on_eval: Callable[[int, float], bool | None] | None = None, eval_every: int = 0) -> int:
+                  on_eval: Callable[[int, float], bool | None] | None = None, eval_every: int = 0) -> None:
     """Train ``model`` (a causal LM, or a LLaVA given text only) on the two-way cross-entropy
     between the "No" and "Yes" rows at each prompt's last position, AdamW with a one-cycle rate;
     ``on_eval(step, loss)`` every ``eval_every`` steps and at the end, and training stops when it
-    returns True. Returns the steps taken."""
+    returns True."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     sched = one_cycle(opt, lr, steps)
@@ -134,7 +134,6 @@ def train_reading(model, prompts: list[list[int]], labels: list[int], choice: to
         opt.step(), sched.step(), opt.zero_grad()
         if on_eval and ((eval_every and step % eval_every == 0) or step == steps) and on_eval(step, loss.item()):
             break
-    return step
 
 
 def probe(cfg: ReadingProbeConfig) -> dict:

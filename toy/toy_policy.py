@@ -263,22 +263,22 @@ def learn_to_read(model: torch.nn.Module, tokenizer: Any, cfg: ToyPolicyConfig) 
     ones are answered that well. Returns the held-out accuracy curve (empty without a target)."""
     prompts, labels = read_prompts(cfg.reading_index, ["policy_train"], tokenizer, cfg.prompts)
     choice, pad = answer_rows(tokenizer, cfg.reading_index), tokenizer.pad_token_id
-    curve: list[dict[str, float]] = []
-    if cfg.reading_target <= 0:
-        train_reading(model, prompts, labels, choice, pad, cfg.reading_steps, 32, 1e-3, cfg.seed, desc="reading")
-        return curve
-    order = random.Random(cfg.seed).sample(range(len(prompts)), len(prompts))
-    cut = min(HELD_OUT, len(order) // 5)
+    order, cut = list(range(len(prompts))), 0
+    if cfg.reading_target > 0:
+        order = random.Random(cfg.seed).sample(order, len(order))
+        cut = min(HELD_OUT, len(order) // 5)
     held, train = order[:cut], order[cut:]
+    held_x, held_y = [prompts[i] for i in held], [labels[i] for i in held]
+    curve: list[dict[str, float]] = []
 
     def reached(step: int, loss: float) -> bool:
-        acc = accuracy(model, [prompts[i] for i in held], [labels[i] for i in held], choice, pad) / len(held)
+        acc = accuracy(model, held_x, held_y, choice, pad) / len(held_y)
         curve.append({"step": step, "train_loss": loss, "held_out_accuracy": acc})
         tqdm.write(f"reading step {step}: held-out accuracy {acc:.3f} (target {cfg.reading_target})")
         return acc >= cfg.reading_target
 
     train_reading(model, [prompts[i] for i in train], [labels[i] for i in train], choice, pad, cfg.reading_steps,
-                  32, 1e-3, cfg.seed, desc="reading", on_eval=reached, eval_every=200)
+                  32, 1e-3, cfg.seed, desc="reading", on_eval=reached if held else None, eval_every=200)
     return curve
 
 
