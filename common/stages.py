@@ -18,9 +18,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from common.io import atomic_write_json
-
 
 
 @dataclass
@@ -83,21 +83,28 @@ def is_done(stage: Stage, fp: str) -> bool:
         return False
 
 
-def plan(stages: list[Stage], force: bool = False, start: str | None = None) -> list[tuple[Stage, str, bool]]:
-    """(stage, fingerprint, run?) for each stage. Once one stage runs, all after it run too."""
+def _walk(stages: list[Stage], force: bool, start: str | None) -> Iterator[tuple[Stage, str, bool]]:
+    """(stage, fingerprint, run?) one stage at a time. Once one stage runs, all after it run too.
+    A fingerprint is taken only when its stage is reached: iterated by ``run``, that is after the
+    stages before it have written the inputs it reads (taken up front, a fresh chain would stamp
+    the listing of folders not yet written, and the next run would redo everything)."""
     if start is not None and start not in [s.name for s in stages]:
         raise ValueError(f"--from {start!r}: no such stage; stages are {[s.name for s in stages]}")
-    out, upstream, rerun = [], "", force
+    upstream, rerun = "", force
     for s in stages:
         fp = fingerprint(s, upstream)
         rerun = rerun or s.name == start or not is_done(s, fp)
-        out.append((s, fp, rerun))
+        yield s, fp, rerun
         upstream = fp
-    return out
+
+
+def plan(stages: list[Stage], force: bool = False, start: str | None = None) -> list[tuple[Stage, str, bool]]:
+    """(stage, fingerprint, run?) for each stage, as things stand now."""
+    return list(_walk(stages, force, start))
 
 
 def run(stages: list[Stage], force: bool = False, start: str | None = None) -> None:
-    for stage, fp, todo in plan(stages, force, start):
+    for stage, fp, todo in _walk(stages, force, start):
         if not todo:
             print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
             continue

@@ -37,6 +37,18 @@ def test_skip_force_from_and_config_change(tmp_path):
         plan(stages, start="zzz")
 
 
+def test_a_fresh_chain_is_up_to_date_after_its_first_run(tmp_path):
+    """A stage reading what the stage before it writes is stamped with what it read, not with the
+    folder as it was before the chain started: the second run skips everything."""
+    made = tmp_path / "made"
+    write = f"import pathlib; p = pathlib.Path({str(made)!r}); p.mkdir(exist_ok=True); (p / 'x.txt').write_text('x')"
+    stages = [Stage("make", [sys.executable, "-c", write], made),
+              Stage("use", [sys.executable, "-c", "pass"], tmp_path / "use", inputs=[made])]
+    assert todo(stages) == ["make", "use"]
+    run(stages)
+    assert todo(stages) == []
+
+
 def test_failed_stage_stops_and_leaves_no_stamp(tmp_path):
     bad = [Stage("bad", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad")]
     with pytest.raises(SystemExit):
