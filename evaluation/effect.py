@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from common.io import read_jsonl
+from common.stats import wilson
 
 METRICS = ("accuracy_no_rag", "accuracy_rag_fixed", "copy_rate", "over_reliance_rate")
 CONDITIONS = ("no_rag", "rag_fixed", "noised_rag")  # what the study evaluates; rag_adaptive is left out
@@ -214,6 +215,27 @@ def _n(differences: list[Differences]) -> str:
     return "no" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
 
 
+def _with_interval(diag: dict[str, Any], metric: str) -> str:
+    """A rate of ``diag`` (one policy's diagnostics) with its 95% Wilson interval over its n questions."""
+    x, n = diag.get(metric), diag.get("n")
+    if x is None or not n:
+        return "n/a"
+    low, high = wilson(x * n, n)
+    return f"{x:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def seed_table(runs: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """Each seed's figures per policy, each with its n and 95% Wilson interval over questions."""
+    lines = ["Per seed, each rate with its 95% Wilson interval over the seed's n questions.", "",
+             "| seed | policy | n | " + " | ".join(LABELS[m] for m in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for s, diag in runs.items():
+        for policy, d in diag.items():
+            lines.append(f"| {s} | {policy} | {d.get('n', 'n/a')} | "
+                         + " | ".join(_with_interval(d, m) for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _mean_table(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     lines = ["| policy | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for policy, ms in summary.items():
@@ -253,11 +275,13 @@ def controls_table(effect: dict[str, Any]) -> str:
              "Mean ± sample std over seeds.", "",
              *_mean_table(summarise(runs)), "",
              f"Method − base per seed, 95% paired bootstrap interval over {_n(all_diffs)} questions.", "",
-             "| method | seed | " + " | ".join(LABELS[m] for m in CONTROL_METRICS) + " |",
-             "|---|---|" + "---|" * len(CONTROL_METRICS)]
+             "| method | seed | acc RAG (95% Wilson) | " + " | ".join(f"Δ {LABELS[m]}" for m in CONTROL_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(CONTROL_METRICS)]
     for name, by_seed in per_seed.items():
         for s, d in by_seed.items():
-            lines.append(f"| {name} | {s} | " + " | ".join(_interval((d or {}).get(m)) for m in CONTROL_METRICS) + " |")
+            own = _with_interval(runs.get(s, {}).get(name, {}), "accuracy_rag_fixed")
+            lines.append(f"| {name} | {s} | {own} | "
+                         + " | ".join(_interval((d or {}).get(m)) for m in CONTROL_METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,14 +297,14 @@ def map_table(effect_map: dict[str, Any] | None) -> str:
     lines = [f"## Effect map: {knob}", "",
              f"One whole chain (seed 0) per value of `{knob}`; DPO − base with a 95% paired bootstrap interval "
              f"over {_n([p['differences'] for p in points])} questions per point. Plot: effect_map.png.", "",
-             f"| {knob} | reference vote | base acc RAG | DPO acc RAG | Δ acc RAG | Δ copy rate |",
+             f"| {knob} | reference vote | base acc RAG (95% Wilson) | DPO acc RAG (95% Wilson) | Δ acc RAG | Δ copy rate |",
              "|---|---|---|---|---|---|"]
     for p in points:
         diag, d = p["diagnostics"], p["differences"] or {}
         value = f"{p['value']:g}" if isinstance(p["value"], float) else p["value"]
         lines.append(f"| {value} | {_fmt(p['reference_vote_accuracy'])} | "
-                     f"{_fmt(diag.get('base', {}).get('accuracy_rag_fixed'))} | "
-                     f"{_fmt(diag.get('dpo', {}).get('accuracy_rag_fixed'))} | "
+                     f"{_with_interval(diag.get('base', {}), 'accuracy_rag_fixed')} | "
+                     f"{_with_interval(diag.get('dpo', {}), 'accuracy_rag_fixed')} | "
                      f"{_interval(d.get('accuracy_rag_fixed'))} | {_interval(d.get('copy_rate'))} |")
     return "\n".join(lines) + "\n"
 
@@ -305,5 +329,5 @@ def markdown(effect: dict[str, Any]) -> str:
              "with that seed. Conditions no_rag, rag_fixed, noised_rag (copy rate = accuracy with a noised image and "
              "retrieval); over-reliance = right without retrieval and wrong with it.\n")
     sections = [intro, table(effect["summary"], list(effect["seeds"]), effect["differences"]),
-                controls_table(effect), map_table(effect.get("map")), regime_table(effect["regime"])]
+                seed_table(effect["seeds"]), controls_table(effect), map_table(effect.get("map")), regime_table(effect["regime"])]
     return "\n".join(s for s in sections if s)

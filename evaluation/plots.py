@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.io import atomic_path  # noqa: E402
+from common.stats import wilson  # noqa: E402
 
 Rows = list[dict[str, Any]]
 CLIP_RECALL = re.compile(r"^val/(i2t_R@\d+|mean_recall|findings_mean_recall)$")
@@ -158,13 +159,15 @@ def plot_effect_map(effect_map: dict[str, Any], path: str | Path) -> Path | None
     left.axhline(0, color="grey", lw=0.8)
     left.set_title("DPO − base (95% paired interval)")
     left.set_ylabel("difference")
-    for policy, style in (("base", "o-"), ("dpo", "s-")):
-        ys = [p["diagnostics"].get(policy, {}).get("accuracy_rag_fixed") for p in points]
-        right.plot(xs, [float("nan") if y is None else y for y in ys], style, ms=4, label=f"{policy} RAG accuracy")
+    for policy, marker in (("base", "o"), ("dpo", "s")):
+        diags = [p["diagnostics"].get(policy, {}) for p in points]
+        ys = [float("nan") if d.get("accuracy_rag_fixed") is None else d["accuracy_rag_fixed"] for d in diags]
+        bounds = [wilson(y * d["n"], d["n"]) if y == y and d.get("n") else (y, y) for y, d in zip(ys, diags)]
+        err = [[y - lo for y, (lo, _) in zip(ys, bounds)], [hi - y for y, (_, hi) in zip(ys, bounds)]]
+        right.errorbar(xs, ys, yerr=err, marker=marker, ms=4, capsize=3, label=f"{policy} RAG accuracy")
     votes = [p.get("reference_vote_accuracy") for p in points]
     right.plot(xs, [float("nan") if v is None else v for v in votes], "k--", lw=1, label="reference vote")
-    right.set_title("accuracy with retrieval")
-    right.set_ylim(0, 1.02)
+    right.set_title("accuracy with retrieval (95% Wilson interval)")
     for ax in (left, right):
         ax.set_xlabel(effect_map["knob"])
         ax.grid(alpha=0.3)

@@ -11,6 +11,7 @@ import pytest
 
 import pipeline.demo as demo
 import pipeline.effect as driver
+from common.stats import wilson
 from evaluation.effect import (
     CONDITIONS, CONTROLS, assemble, control_figures, markdown, paired_differences, question_outcomes, reference_vote,
     regime, run_figures, summarise, table,
@@ -184,9 +185,11 @@ def test_study_assembles_seeds_controls_map_and_regime(tmp_path):
     assert holds["DPO − base RAG accuracy"] and holds["DPO − base copy rate"]  # +0.15 and −0.23 on 200 questions
     md = markdown(json.loads(json.dumps(effect)))  # as read back from effect.json
     assert "`sft_chosen` supervised tuning on the chosen answers" in md and "`dpo_cm`" not in md
-    assert "## Controls" in md and "| sft_chosen | 1 | +0.050 [" in md and "| dpo | 0 | +0.150 [" in md
+    assert "## Controls" in md and "| sft_chosen | 1 | 0.850 [0.794, 0.893] | +0.050 [" in md
+    assert "| dpo | 0 | 0.950 [0.910, 0.973] | +0.150 [" in md
+    assert "| 0 | base | 200 | 0.750 [0.686, 0.805] | 0.800 [" in md  # every rate with its n and interval
     assert "| sft_chosen | 0.750 ± 0.000 | 0.850 ± 0.000 |" in md
-    assert "## Effect map: prior_share" in md and "| 0.9 | 0.850 | 0.800 | 0.950 | +0.150 [" in md
+    assert "## Effect map: prior_share" in md and "| 0.9 | 0.850 | 0.800 [0.711, 0.867] | 0.950 [0.888, 0.978] | +0.150 [" in md
     assert "over 100 questions per point" in md
     assert "| DPO − base copy rate | ≤ −0.05, every seed's 95% interval below 0 | -0.230 (3 of 3" in md
     assert "| base over-reliance | > 0 | 0.000 | **no** |" in md  # never right alone and wrong with references
@@ -196,6 +199,14 @@ def test_study_assembles_seeds_controls_map_and_regime(tmp_path):
     png = plot_effect_map(effect["map"], tmp_path / "effect_map.png")
     assert png is not None and png.stat().st_size > 1000
     assert plot_effect_map({"knob": "k", "points": []}, tmp_path / "none.png") is None
+
+
+def test_wilson_interval_of_an_accuracy():
+    low, high = wilson(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    with pytest.raises(ValueError, match="n = 0"):
+        wilson(0, 0)
 
 
 def test_no_controls_and_no_map_leave_their_sections_out(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from common.config import ConfigError
-from toy.reading_probe import ReadingProbeConfig, accuracy, answer_rows, main, probe, read_prompts, wilson
+from toy.reading_probe import ReadingProbeConfig, accuracy, answer_rows, main, probe, read_prompts
 from toy.toy_policy import ToyPolicyConfig, build_toy_policy
 
 
@@ -62,11 +62,6 @@ def test_the_probe_learns_what_the_references_say(setup):
 def test_without_references_it_stays_near_chance(setup):
     got = probe(_cfg(setup, references=False))
     assert got["curve"][-1]["val_accuracy"] <= max(0.7, got["majority_answer_accuracy"] + 0.1)
-
-
-def test_wilson_interval():
-    low, high = wilson(50, 100)
-    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
 
 
 def test_main_writes_the_curve(setup, tmp_path, monkeypatch):

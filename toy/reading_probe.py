@@ -18,7 +18,6 @@ text, a stand-in for a language model pretrained on reports). Writes the validat
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
 from common.config import cli_main, doc, load_config
 from common.io import InputError, atomic_write_json
+from common.stats import wilson
 from data.answers import yes_no
 from data.readers import read_index, read_records
 from data.records import VqaRecord
@@ -52,13 +52,6 @@ class ReadingProbeConfig:
     eval_every: int = doc(250, "measure on val_roles every N steps")
     seed: int = doc(0, "seed of the model's initialisation and the batches")
     out: str = doc("outputs/toy/reading_probe.json", "where the curve is written")
-
-
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of an accuracy."""
-    p, d = correct / n, 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return mid - half, mid + half
 
 
 def read_prompts(index: str, roles: list[str], tokenizer, prompts: str = str(DEFAULT_PROMPTS),
