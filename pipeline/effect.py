@@ -3,6 +3,7 @@ controls, and where in the toy world's settings?
 
     bash scripts/effect.sh [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50] [--roles test_vqa]
         [--controls NAME ...] [--map_knob prior_share] [--map_values 0.0 0.5 0.9] [--world_args "..."]
+        [--jobs N]
 
 Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, base policy,
 retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
@@ -26,6 +27,11 @@ seed 0's own world (the knob's default) is that seed's run, not a second copy of
 ``<out>/seed<N>/dpo`` with those options, on the chain's pairs; the controls get them too. That
 compares DPO settings on ``--roles val_vqa`` without touching test.
 
+``--jobs N`` runs N independent runs at once (the chains of seeds and map points, then the
+controls), each a forked process with its share of the cores (``OMP_NUM_THREADS`` = cores / N
+unless set) and its output in ``<folder>/effect.log``. The toy's runs are small and
+single-threaded ones use cores best: on 2 cores, ``--jobs 2``.
+
 Writes ``<out>/effect.json``, ``effect.md`` (docs/DESIGN.md: the effect study) and
 ``effect_map.png``. A run whose results exist is not redone, and an existing chain stage is
 skipped unless its inputs changed: a changed setting needs its own ``--out``.
@@ -36,13 +42,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import multiprocessing
+import os
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from common.config import load_config, to_dict
 from common.io import atomic_write_json, atomic_write_text
@@ -167,11 +176,8 @@ def progress(what: str) -> Iterator[None]:
     print(f"[effect] {what}: done in {time.time() - start:.0f} s", flush=True)
 
 
-def run_main(run: Run, study: Study) -> Path:
-    """The run's chain (up to DPO) and its evaluation of base and DPO; its eval folder."""
-    if (run.eval_dir / "results.json").is_file():
-        print(f"[effect] {run.label}: results exist, not redone ({run.eval_dir})", flush=True)
-        return run.eval_dir
+def run_main(run: Run, study: Study) -> None:
+    """The run's chain (up to DPO) and its evaluation of base and DPO into ``run.eval_dir``."""
     with progress(f"{run.label}: chain {run.chain}"):
         demo.run_chain(run.chain, run.seed, run.world_args, until="build_pairs" if study.retrain else "train_dpo")
     dpo_dir = run.chain / "dpo"
@@ -181,19 +187,70 @@ def run_main(run: Run, study: Study) -> Path:
             _python(*dpo_command(run, study, dpo_dir))
     with progress(f"{run.label}: evaluation -> {run.eval_dir}"):
         _python(*eval_command(run, study, dpo_dir, run.eval_dir, ["base", "dpo"]))
-    return run.eval_dir
 
 
-def run_control(run: Run, name: str, study: Study) -> Path:
-    """One control trained on the run's pairs and evaluated alone; its eval folder."""
-    folder = run.folder / "controls" / name
-    if (folder / "eval" / "results.json").is_file():
-        print(f"[effect] {run.label} {name}: results exist, not redone ({folder / 'eval'})", flush=True)
-        return folder / "eval"
+def run_control(run: Run, name: str, study: Study) -> None:
+    """One control trained on the run's pairs and evaluated alone, into ``control_dir``."""
+    folder = control_dir(run, name)
     with progress(f"{run.label} {name}: training and evaluation -> {folder}"):
         _python(*dpo_command(run, study, folder / "dpo", CONTROLS[name]))
         _python(*eval_command(run, study, folder / "dpo", folder / "eval", ["dpo"]))
-    return folder / "eval"
+
+
+def control_dir(run: Run, name: str) -> Path:
+    return run.folder / "controls" / name
+
+
+@dataclass
+class Job:
+    """One run of the study: ``fn(*args)`` writes ``eval_dir``; in a worker its output goes to ``log``."""
+
+    label: str
+    fn: Callable[..., None]
+    args: tuple[Any, ...]
+    eval_dir: Path
+    log: Path
+
+
+def _in_worker(job: Job, threads: int) -> tuple[str, float]:
+    """One run in a forked worker: its output (and its stages') into its log, its share of cores."""
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    fd = os.open(job.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1), os.dup2(fd, 2)  # the stages' subprocesses write there
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # and so do this process's own lines
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    start = time.time()
+    try:
+        job.fn(*job.args)
+    except (Exception, SystemExit) as e:  # a SystemExit would end the worker and leave the pool waiting
+        raise RuntimeError(f"{job.label} failed ({type(e).__name__}: {e}); its output: {job.log}") from None
+    return job.label, time.time() - start
+
+
+def run_jobs(jobs: list[Job], n: int) -> None:
+    """The jobs whose results are not there yet: in turn (n = 1, output to the terminal), or n at a
+    time in forked workers with one log each; the first failure stops the study, naming the run
+    and its log."""
+    todo = []
+    for job in jobs:
+        if (job.eval_dir / "results.json").is_file():
+            print(f"[effect] {job.label}: results exist, not redone ({job.eval_dir})", flush=True)
+        else:
+            todo.append(job)
+    if n <= 1 or len(todo) <= 1:
+        for job in todo:
+            job.fn(*job.args)
+        return
+    threads = max(1, len(os.sched_getaffinity(0)) // n)
+    for job in todo:
+        print(f"[effect] {job.label}: queued ({n} at a time, {threads} thread(s) each), output in {job.log}", flush=True)
+    with multiprocessing.get_context("fork").Pool(min(n, len(todo)), maxtasksperchild=1) as pool:
+        try:
+            for label, seconds in pool.imap_unordered(functools.partial(_in_worker, threads=threads), todo):
+                print(f"[effect] {label}: done in {seconds:.0f} s", flush=True)
+        except RuntimeError as e:
+            raise SystemExit(f"[effect] {e}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -217,7 +274,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--map_knob", default="prior_share", help="world knob of the effect map (a toy.make_toy option)")
     ap.add_argument("--map_values", nargs="*", default=["0.0", "0.5", "0.9"],
                     help="its values, one seed-0 chain each (default 0.0 0.5 0.9; none when given empty)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="independent runs at once, each in its own process with its share of the cores "
+                         "(default 1; 2 on 2 cores)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: at least 1")
     knobs = [f.name for f in dataclasses.fields(ToyConfig) if f.name not in ("out", "seed")]
     if args.map_values and args.map_knob not in knobs:
         ap.error(f"--map_knob {args.map_knob}: not a make_toy option; its options are {knobs}")
@@ -230,11 +292,15 @@ def main(argv: list[str] | None = None) -> None:
     study = Study(args.dpo_config, args.eval_config, args.limit, args.roles, shlex.split(args.dpo_args),
                   shlex.split(args.eval_args))
     seeds = seed_runs(args.seeds, args.out, world_args)
-    figures = {r.seed: run_figures(run_main(r, study)) for r in seeds}
-    controls = {name: {r.seed: control_figures(r.eval_dir, run_control(r, name, study)) for r in seeds}
+    on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds)
+    mains = seeds + [r for r in on_map if r not in seeds]
+    run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log") for r in mains], args.jobs)
+    run_jobs([Job(f"{r.label} {name}", run_control, (r, name, study), control_dir(r, name) / "eval",
+                  control_dir(r, name) / "effect.log") for name in args.controls for r in seeds], args.jobs)
+    figures = {r.seed: run_figures(r.eval_dir) for r in seeds}
+    controls = {name: {r.seed: control_figures(r.eval_dir, control_dir(r, name) / "eval") for r in seeds}
                 for name in args.controls}
-    points = [{"value": knob_value(v), **run_figures(run_main(r, study))}
-              for v, r in zip(args.map_values, map_runs(args.map_knob, args.map_values, args.out, world_args, seeds))]
+    points = [{"value": knob_value(v), **run_figures(r.eval_dir)} for v, r in zip(args.map_values, on_map)]
     effect = assemble(figures, controls, args.map_knob if args.map_values else None, points)
     text = markdown(effect)
     atomic_write_json(args.out / "effect.json", effect)

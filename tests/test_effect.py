@@ -298,6 +298,40 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     assert effect["controls"] == {} and "map" not in effect and list(effect["seeds"]) == ["2"]
 
 
+def test_jobs_run_in_workers_with_a_log_each_and_give_the_same_study(tmp_path, monkeypatch, capsys):
+    stub = Stub()
+    monkeypatch.setattr(demo, "run_chain", stub.run_chain)
+    monkeypatch.setattr(driver, "_python", stub.python)
+    argv = ["--seeds", "0", "1", "--limit", "7", "--controls", "sft_chosen", "--map_knob", "subtle_share",
+            "--map_values", "0.1"]
+    driver.main([*argv, "--out", str(tmp_path / "one")])
+    capsys.readouterr()
+    driver.main([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"])
+    printed = capsys.readouterr().out
+    assert "seed 1: queued (2 at a time" in printed and "[effect] seed 1 sft_chosen: done in" in printed
+    assert "[effect] seed 1: chain" not in printed  # a worker's own lines go to its log
+    assert "[effect] seed 1: evaluation" in (tmp_path / "two" / "seed1" / "effect.log").read_text()
+    assert "sft_chosen: training" in (tmp_path / "two" / "seed0" / "controls" / "sft_chosen" / "effect.log").read_text()
+    one, two = (json.loads((tmp_path / d / "effect.json").read_text()) for d in ("one", "two"))
+    assert one == two
+
+
+def test_a_failed_run_in_a_worker_stops_the_study_naming_its_log(tmp_path, monkeypatch):
+    stub = Stub()
+    monkeypatch.setattr(demo, "run_chain", stub.run_chain)
+
+    def python(module: str, *args: str) -> None:
+        if "--loss_type" in args and any("seed1" in a for a in args):
+            raise SystemExit(1)  # as a failed stage ends
+        stub.python(module, *args)
+
+    monkeypatch.setattr(driver, "_python", python)
+    out = tmp_path / "effect"
+    with pytest.raises(SystemExit, match=r"seed 1 sft_chosen failed \(SystemExit: 1\); its output: .*effect\.log"):
+        driver.main(["--seeds", "0", "1", "--out", str(out), "--controls", "sft_chosen", "--map_values", "--jobs", "2"])
+    assert not (out / "effect.json").exists()
+
+
 def test_an_unknown_map_knob_stops_before_any_run(monkeypatch, capsys):
     stub = Stub()
     monkeypatch.setattr(demo, "run_chain", stub.run_chain)
