@@ -215,13 +215,16 @@ def _n(differences: list[Differences]) -> str:
     return "no" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
 
 
-def _with_interval(diag: dict[str, Any], metric: str) -> str:
-    """A rate of ``diag`` (one policy's diagnostics) with its 95% Wilson interval over its n questions."""
+def rate_interval(diag: dict[str, Any], metric: str) -> tuple[float, float, float] | None:
+    """(rate, low, high): a rate of ``diag`` (one policy's diagnostics) and its 95% Wilson interval
+    over the diagnostics' n questions; None when not measured."""
     x, n = diag.get(metric), diag.get("n")
-    if x is None or not n:
-        return "n/a"
-    low, high = wilson(x * n, n)
-    return f"{x:.3f} [{low:.3f}, {high:.3f}]"
+    return None if x is None or not n else (x, *wilson(x * n, n))
+
+
+def _with_interval(diag: dict[str, Any], metric: str) -> str:
+    got = rate_interval(diag, metric)
+    return "n/a" if got is None else "{:.3f} [{:.3f}, {:.3f}]".format(*got)
 
 
 def seed_table(runs: dict[int, dict[str, dict[str, Any]]]) -> str:

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.io import atomic_path  # noqa: E402
-from common.stats import wilson  # noqa: E402
+from evaluation.effect import rate_interval  # noqa: E402
 
 Rows = list[dict[str, Any]]
 CLIP_RECALL = re.compile(r"^val/(i2t_R@\d+|mean_recall|findings_mean_recall)$")
@@ -160,10 +160,10 @@ def plot_effect_map(effect_map: dict[str, Any], path: str | Path) -> Path | None
     left.set_title("DPO − base (95% paired interval)")
     left.set_ylabel("difference")
     for policy, marker in (("base", "o"), ("dpo", "s")):
-        diags = [p["diagnostics"].get(policy, {}) for p in points]
-        ys = [float("nan") if d.get("accuracy_rag_fixed") is None else d["accuracy_rag_fixed"] for d in diags]
-        bounds = [wilson(y * d["n"], d["n"]) if y == y and d.get("n") else (y, y) for y, d in zip(ys, diags)]
-        err = [[y - lo for y, (lo, _) in zip(ys, bounds)], [hi - y for y, (_, hi) in zip(ys, bounds)]]
+        nan = (float("nan"),) * 3
+        ys, lows, highs = zip(*(rate_interval(p["diagnostics"].get(policy, {}), "accuracy_rag_fixed") or nan
+                                for p in points))
+        err = [[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]]
         right.errorbar(xs, ys, yerr=err, marker=marker, ms=4, capsize=3, label=f"{policy} RAG accuracy")
     votes = [p.get("reference_vote_accuracy") for p in points]
     right.plot(xs, [float("nan") if v is None else v for v in votes], "k--", lw=1, label="reference vote")

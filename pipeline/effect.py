@@ -215,9 +215,11 @@ class Job:
 def _in_worker(job: Job, threads: int) -> tuple[str, float]:
     """One run in a forked worker: its output (and its stages') into its log, its share of cores."""
     job.log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     fd = os.open(job.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1), os.dup2(fd, 2)  # the stages' subprocesses write there
+    for stream in (1, 2):  # the stages' subprocesses write there
+        os.dup2(fd, stream)
     sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # and so do this process's own lines
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     start = time.time()

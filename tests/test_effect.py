@@ -11,7 +11,6 @@ import pytest
 
 import pipeline.demo as demo
 import pipeline.effect as driver
-from common.stats import wilson
 from evaluation.effect import (
     CONDITIONS, CONTROLS, assemble, control_figures, markdown, paired_differences, question_outcomes, reference_vote,
     regime, run_figures, summarise, table,
@@ -199,14 +198,6 @@ def test_study_assembles_seeds_controls_map_and_regime(tmp_path):
     png = plot_effect_map(effect["map"], tmp_path / "effect_map.png")
     assert png is not None and png.stat().st_size > 1000
     assert plot_effect_map({"knob": "k", "points": []}, tmp_path / "none.png") is None
-
-
-def test_wilson_interval_of_an_accuracy():
-    low, high = wilson(50, 100)
-    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
-    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
-    with pytest.raises(ValueError, match="n = 0"):
-        wilson(0, 0)
 
 
 def test_no_controls_and_no_map_leave_their_sections_out(tmp_path):
