@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from common.io import read_jsonl
-from common.stats import wilson
+from common.stats import paired_interval, resamples, wilson
 
 METRICS = ("accuracy_no_rag", "accuracy_rag_fixed", "copy_rate", "over_reliance_rate")
 CONDITIONS = ("no_rag", "rag_fixed", "noised_rag")  # what the study evaluates; rag_adaptive is left out
@@ -75,13 +75,12 @@ def paired_differences(outcomes: Outcomes, n_boot: int = 2000, seed: int = 0) ->
     n = len(outcomes["base"]["copy_rate"])
     if n == 0:
         return {}
-    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    draws = resamples(n, n_boot, seed)
     out = {}
     for m in METRICS:
         diff = outcomes["dpo"][m] - outcomes["base"][m]
-        boot = diff[draws].mean(axis=1)
-        out[m] = {"diff": float(diff.mean()), "low": float(np.percentile(boot, 2.5)),
-                  "high": float(np.percentile(boot, 97.5)), "n": n}
+        low, high = paired_interval(diff, draws)
+        out[m] = {"diff": float(diff.mean()), "low": low, "high": high, "n": n}
     return out
 
 
@@ -162,10 +161,10 @@ def _effect_check(check: str, differences: dict[int, Differences], metric: str, 
 
 
 def regime(runs: dict[int, dict[str, dict[str, Any]]], differences: dict[int, Differences],
-           votes: dict[int, float | None]) -> list[dict[str, Any]]:
+           votes: dict[int, float | None], rooms: dict[int, dict[str, Any] | None] | None = None) -> list[dict[str, Any]]:
     """Whether the study ran in the regime where the paper's effect can show, and whether it
     showed: one row per check with its target, the measured mean over seeds, and whether it holds
-    (None when not measured)."""
+    (None when not measured). ``rooms``: each seed's toy.room figures."""
     base = [d["base"] for d in runs.values() if "base" in d]
 
     def per_seed(f: Callable[[dict[str, Any]], float]) -> float | None:
@@ -182,6 +181,8 @@ def regime(runs: dict[int, dict[str, dict[str, Any]]], differences: dict[int, Di
         _check("base RAG accuracy − copy rate (it copies)", f"≤ {MAX_COPY_GAP:.2f}",
                per_seed(lambda b: b["accuracy_rag_fixed"] - b["copy_rate"]), lambda x: x <= MAX_COPY_GAP),
         _check("base over-reliance", "> 0", _mean([b.get("over_reliance_rate") for b in base]), lambda x: x > 0),
+        _check("room: combined − base RAG accuracy", f"≥ {MIN_EFFECT:.2f}",
+               _mean([r["room"]["diff"] for r in (rooms or {}).values() if r]), lambda x: x >= MIN_EFFECT),
         _effect_check("DPO − base RAG accuracy", differences, "accuracy_rag_fixed", +1),
         _effect_check("DPO − base copy rate", differences, "copy_rate", -1),
     ]
@@ -189,16 +190,18 @@ def regime(runs: dict[int, dict[str, dict[str, Any]]], differences: dict[int, Di
 
 def assemble(seeds: dict[int, dict[str, Any]], controls: dict[str, dict[int, dict[str, Any]]],
              knob: str | None = None, points: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """effect.json from each seed's ``run_figures``, each control's ``control_figures`` per seed
-    and each map point's ``run_figures`` with its ``value`` (no map without ``knob``)."""
+    """effect.json from each seed's ``run_figures`` (with its toy.room figures as ``room`` when
+    measured), each control's ``control_figures`` per seed and each map point's ``run_figures``
+    with its ``value`` and ``room`` (no map without ``knob``)."""
     runs = {s: f["diagnostics"] for s, f in seeds.items()}
     differences = {s: f["differences"] for s, f in seeds.items()}
     votes = {s: f["reference_vote_accuracy"] for s, f in seeds.items()}
+    rooms = {s: f.get("room") for s, f in seeds.items()}
     effect = {"seeds": runs, "summary": summarise(runs), "differences": differences,
-              "reference_vote_accuracy": votes, "controls": controls}
+              "reference_vote_accuracy": votes, "room": rooms, "controls": controls}
     if knob is not None:
         effect["map"] = {"knob": knob, "points": list(points)}
-    effect["regime"] = regime(runs, differences, votes)
+    effect["regime"] = regime(runs, differences, votes, rooms)
     return effect
 
 
@@ -288,6 +291,31 @@ def controls_table(effect: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def room_table(effect: dict[str, Any]) -> str:
+    """Per seed and map point: what the base's image reading and its references, combined as well
+    as a per-domain logistic rule fitted on validation questions allows, would answer (toy.room),
+    beside what the base and DPO answer with references."""
+    rows = [(f"seed {s}", r, effect["differences"].get(s)) for s, r in (effect.get("room") or {}).items() if r]
+    knob = (effect.get("map") or {}).get("knob")
+    rows += [(f"{knob} = {p['value']:g}" if isinstance(p["value"], float) else f"{knob} = {p['value']}", p["room"],
+              p["differences"]) for p in (effect.get("map") or {}).get("points", []) if p.get("room")]
+    if not rows:
+        return ""
+    lines = ["## Room for the effect", "",
+             "What the base would answer by trusting its references as much as they deserve: a logistic combiner of "
+             "its own image reading (yes − no logit without references) and the references' vote share, one per "
+             "domain, fitted on val_vqa (toy.room). Room = combined − base RAG accuracy, 95% paired bootstrap "
+             "interval; beside it what DPO took of it.", "",
+             "| run | n | base acc RAG | reference vote | combined (95% Wilson) | room | DPO − base acc RAG |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r, d in rows:
+        combined = r["combined"]
+        lines.append(f"| {label} | {r['n']} | {r['base_rag']['accuracy']:.3f} | {r['reference_vote']['accuracy']:.3f} | "
+                     f"{combined['accuracy']:.3f} [{combined['low']:.3f}, {combined['high']:.3f}] | "
+                     f"{_interval(r['room'])} | {_interval((d or {}).get('accuracy_rag_fixed'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(x: float | None, signed: bool = False) -> str:
     return "n/a" if x is None else f"{x:+.3f}" if signed else f"{x:.3f}"
 
@@ -314,7 +342,7 @@ def map_table(effect_map: dict[str, Any] | None) -> str:
 
 def regime_table(rows: list[dict[str, Any]]) -> str:
     lines = ["## Regime", "",
-             "Means over seeds. The first five say whether the toy is in the regime where the paper's effect can "
+             "Means over seeds. The first six say whether the toy is in the regime where the paper's effect can "
              "show; the last two whether it showed.", "",
              "| check | target | measured | holds |", "|---|---|---|---|"]
     for r in rows:
@@ -327,10 +355,11 @@ def regime_table(rows: list[dict[str, Any]]) -> str:
 
 
 def markdown(effect: dict[str, Any]) -> str:
-    """effect.md: the main table, the controls, the effect map and the regime check."""
+    """effect.md: the main table, the controls, the effect map, the room and the regime check."""
     intro = ("# Effect study\n\nBase vs DPO, each seed a whole chain (world, base policy, retrievers, pairs, DPO) "
              "with that seed. Conditions no_rag, rag_fixed, noised_rag (copy rate = accuracy with a noised image and "
              "retrieval); over-reliance = right without retrieval and wrong with it.\n")
     sections = [intro, table(effect["summary"], list(effect["seeds"]), effect["differences"]),
-                seed_table(effect["seeds"]), controls_table(effect), map_table(effect.get("map")), regime_table(effect["regime"])]
+                seed_table(effect["seeds"]), controls_table(effect), map_table(effect.get("map")), room_table(effect),
+                regime_table(effect["regime"])]
     return "\n".join(s for s in sections if s)

@@ -32,6 +32,12 @@ controls), each a forked process with its share of the cores (``OMP_NUM_THREADS`
 unless set) and its output in ``<folder>/effect.log``. The toy's runs are small and
 single-threaded ones use cores best: on 2 cores, ``--jobs 2``.
 
+The room for the effect (toy.room), on every seed and map point: how much the base would gain by
+trusting its references exactly as much as they deserve, a per-domain logistic combiner of its
+own image reading and the references' vote fitted on val_vqa, against its accuracy with them
+(``<folder>/room.json``). Where the room is below the effect looked for, no tuning that teaches
+trust can show it.
+
 Writes ``<out>/effect.json``, ``effect.md`` (docs/DESIGN.md: the effect study) and
 ``effect_map.png``. A run whose results exist is not redone, and an existing chain stage is
 skipped unless its inputs changed: a changed setting needs its own ``--out``.
@@ -43,6 +49,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import multiprocessing
 import os
 import shlex
@@ -59,6 +66,7 @@ from evaluation.effect import CONDITIONS, CONTROLS as MEANING, assemble, control
 from evaluation.plots import plot_effect_map
 from pipeline import demo
 from toy.make_toy import ToyConfig
+from toy.room import room
 
 DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
 CONTROLS = {  # train_dpo options on top of the main method's (their meaning: evaluation.effect.CONTROLS)
@@ -255,6 +263,20 @@ def run_jobs(jobs: list[Job], n: int) -> None:
             raise SystemExit(f"[effect] {e}") from None
 
 
+def run_room(run: Run, study: Study) -> dict[str, Any]:
+    """The room for the effect on the run's base (toy.room) over the study's questions, kept in
+    ``<folder>/room.json`` and measured again when the roles or the limit differ."""
+    path = run.folder / "room.json"
+    if path.is_file():
+        got = json.loads(path.read_text(encoding="utf-8"))
+        if got.get("roles") == study.roles and got.get("limit") == study.limit:
+            return got
+    with progress(f"{run.label}: room for the effect -> {path}"):
+        got = {**room(run.chain, study.roles, study.limit), "limit": study.limit}
+    atomic_write_json(path, got)
+    return got
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="whole-chain seeds (default 0 1 2)")
@@ -299,10 +321,12 @@ def main(argv: list[str] | None = None) -> None:
     run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log") for r in mains], args.jobs)
     run_jobs([Job(f"{r.label} {name}", run_control, (r, name, study), control_dir(r, name) / "eval",
                   control_dir(r, name) / "effect.log") for name in args.controls for r in seeds], args.jobs)
-    figures = {r.seed: run_figures(r.eval_dir) for r in seeds}
+    rooms = {r.label: run_room(r, study) for r in mains}
+    figures = {r.seed: {**run_figures(r.eval_dir), "room": rooms[r.label]} for r in seeds}
     controls = {name: {r.seed: control_figures(r.eval_dir, control_dir(r, name) / "eval") for r in seeds}
                 for name in args.controls}
-    points = [{"value": knob_value(v), **run_figures(r.eval_dir)} for v, r in zip(args.map_values, on_map)]
+    points = [{"value": knob_value(v), **run_figures(r.eval_dir), "room": rooms[r.label]}
+              for v, r in zip(args.map_values, on_map)]
     effect = assemble(figures, controls, args.map_knob if args.map_values else None, points)
     text = markdown(effect)
     atomic_write_json(args.out / "effect.json", effect)

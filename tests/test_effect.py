@@ -158,6 +158,11 @@ def test_regime_rows_say_target_measured_and_holds():
     assert gain["holds"] is False  # big enough on average, but seed 1's interval spans zero
     copy = rows["DPO − base copy rate"]
     assert copy["holds"] is False and copy["seeds_excluding_zero"] == 0  # it went up
+    room = rows["room: combined − base RAG accuracy"]
+    assert room["measured"] is None and room["holds"] is None  # not measured
+    rooms = {0: {"room": {"diff": 0.08}}, 1: {"room": {"diff": 0.01}}}
+    room = next(r for r in regime(runs, {}, {}, rooms) if r["check"].startswith("room"))
+    assert room["measured"] == pytest.approx(0.045) and room["holds"] is False and room["target"] == "≥ 0.05"
     nothing = regime({}, {}, {})
     assert all(r["measured"] is None and r["holds"] is None for r in nothing)
 
@@ -175,7 +180,8 @@ def test_study_assembles_seeds_controls_map_and_regime(tmp_path):
                                                      votes={"radiology_test_vqa": (vote, 50)}))}
               for v, dpo, vote in ((0.0, BASE, 0.6), (0.9, GOOD_DPO, 0.85))]
     effect = assemble(seeds, controls, "prior_share", points)
-    assert set(effect) == {"seeds", "summary", "differences", "reference_vote_accuracy", "controls", "map", "regime"}
+    assert set(effect) == {"seeds", "summary", "differences", "reference_vote_accuracy", "room", "controls", "map",
+                           "regime"}
     assert effect["controls"]["sft_chosen"][1]["differences"]["accuracy_rag_fixed"]["diff"] == pytest.approx(0.05)
     assert [p["reference_vote_accuracy"] for p in effect["map"]["points"]] == [0.6, 0.85]
     assert effect["map"]["points"][0]["differences"]["copy_rate"]["diff"] == 0
@@ -235,6 +241,13 @@ class Stub:
     def __init__(self):
         self.chains: list[tuple] = []
         self.commands: list[tuple[str, list[str]]] = []
+        self.rooms: list[tuple] = []
+
+    def room(self, chain, roles, limit=0):
+        self.rooms.append((Path(chain), list(roles), limit))
+        rate = {"accuracy": 0.9, "low": 0.8, "high": 0.95}
+        return {"n": 30, "roles": list(roles), "fit_roles": ["val_vqa"], "base_no_rag": rate, "base_rag": rate,
+                "reference_vote": rate, "combined": rate, "room": {"diff": 0.06, "low": 0.01, "high": 0.11, "n": 30}}
 
     def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None):
         self.chains.append((Path(out), seed, list(world_args), until))
@@ -248,10 +261,17 @@ class Stub:
         write_eval(Path(opt["--out"]), {p: _outcomes(BASE if p == "base" else GOOD_DPO, 30) for p in policies})
 
 
-def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys):
+def stubbed(monkeypatch) -> Stub:
+    """The driver with its chains, stage commands and room measurement recorded instead of run."""
     stub = Stub()
     monkeypatch.setattr(demo, "run_chain", stub.run_chain)
     monkeypatch.setattr(driver, "_python", stub.python)
+    monkeypatch.setattr(driver, "room", stub.room)
+    return stub
+
+
+def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys):
+    stub = stubbed(monkeypatch)
     out = tmp_path / "effect"
     argv = ["--seeds", "0", "1", "--out", str(out), "--limit", "7", "--controls", "dpo_cm", "sft_chosen",
             "--map_knob", "subtle_share", "--map_values", "0.1", "0.6"]
@@ -269,16 +289,22 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     assert main_eval[main_eval.index("--limit") + 1] == "7" and "[no_rag,rag_fixed,noised_rag]" in main_eval
     assert main_eval[main_eval.index("--noise.seed") + 1] == "1"
 
+    assert stub.rooms == [(demo.OUT, ["test_vqa"], 7), (out / "chains" / "seed1", ["test_vqa"], 7),
+                          (out / "map" / "subtle_share=0.1" / "chain", ["test_vqa"], 7),
+                          (out / "map" / "subtle_share=0.6" / "chain", ["test_vqa"], 7)]
     effect = json.loads((out / "effect.json").read_text())
     assert set(effect["controls"]) == {"dpo_cm", "sft_chosen"} and set(effect["controls"]["dpo_cm"]) == {"0", "1"}
     assert [p["value"] for p in effect["map"]["points"]] == [0.1, 0.6]
+    assert effect["room"]["1"]["room"]["diff"] == 0.06 and effect["map"]["points"][1]["room"]["n"] == 30
+    assert "| seed 1 | 30 | 0.900 | 0.900 | 0.900 [0.800, 0.950] | +0.060 [+0.010, +0.110] | +0.133 [" in (
+        out / "effect.md").read_text()
     assert (out / "effect.md").is_file() and (out / "effect_map.png").is_file()
     printed = capsys.readouterr().out
     assert "[effect] seed 1 sft_chosen: training and evaluation" in printed and "done in" in printed
 
-    stub.chains.clear(), stub.commands.clear()
+    stub.chains.clear(), stub.commands.clear(), stub.rooms.clear()
     driver.main(argv)  # everything there: nothing redone
-    assert stub.chains == [] and stub.commands == []
+    assert stub.chains == [] and stub.commands == [] and stub.rooms == []
     assert "results exist, not redone" in capsys.readouterr().out
 
     driver.main(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
@@ -290,9 +316,7 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
 
 
 def test_jobs_run_in_workers_with_a_log_each_and_give_the_same_study(tmp_path, monkeypatch, capsys):
-    stub = Stub()
-    monkeypatch.setattr(demo, "run_chain", stub.run_chain)
-    monkeypatch.setattr(driver, "_python", stub.python)
+    stub = stubbed(monkeypatch)
     argv = ["--seeds", "0", "1", "--limit", "7", "--controls", "sft_chosen", "--map_knob", "subtle_share",
             "--map_values", "0.1"]
     driver.main([*argv, "--out", str(tmp_path / "one")])

@@ -1,0 +1,99 @@
+"""toy.room: the combiner trusts each signal where it is right, and the room is measured on a chain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.io import InputError
+from toy.make_toy import make_world
+from toy.oracle_retrieval import ToyRetrievalConfig, write_oracle_retrieval
+from toy.room import combine, combine_out_of_fold, folds, main, read_questions, room
+from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+
+
+def _two_domains(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """In "eye" the image margin gives the answer and the vote is noise; in "skin" the other way."""
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.5
+    domains = ["eye" if i % 2 else "skin" for i in range(n)]
+    image = np.where(y, 1.0, -1.0) + 0.3 * rng.standard_normal(n)
+    vote = np.where(y, 0.8, 0.2) + 0.05 * rng.standard_normal(n)
+    noise_image, noise_vote = 3 * rng.standard_normal(n), rng.random(n)
+    eye = np.array(domains) == "eye"
+    x = np.stack([np.where(eye, image, noise_image), np.where(eye, noise_vote, vote)], 1)
+    return x, y, domains
+
+
+def test_the_combiner_trusts_each_signal_in_the_domain_where_it_is_right():
+    x, y, d = _two_domains(400, 0)
+    tx, ty, td = _two_domains(400, 1)
+    assert (combine(x, y, d, tx, td) == ty).mean() > 0.97
+    assert (combine_out_of_fold(tx, ty, td) == ty).mean() > 0.97
+    image_only = (tx[:, 0] > 0) == ty  # right in "eye" only
+    assert image_only.mean() < 0.8
+
+
+def test_folds_are_disjoint_and_cover_every_question():
+    got = folds(12, 5)
+    assert sorted(np.concatenate(got).tolist()) == list(range(12)) and len(got) == 5
+    assert folds(3, 5) == [np.array([0]), np.array([1]), np.array([2])]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A tiny world, oracle references as its retrieval and an untrained tiny policy: a chain's folders."""
+    root = tmp_path_factory.mktemp("room")
+    world = make_world(root / "world", size="tiny", progress=False)
+    write_oracle_retrieval(ToyRetrievalConfig(world=str(world), out=str(root / "retrieval"),
+                                              roles=["val_vqa", "test_vqa"]))
+    cfg = ToyPolicyConfig(vocab_size=500, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
+                          text_heads=2, vision_heads=2)
+    build_toy_policy(world_texts(world), root / "policy", cfg)
+    return root
+
+
+def test_room_is_combined_minus_base_rag_on_the_same_questions(chain):
+    got = room(chain, ["test_vqa"], limit=6)
+    n = got["n"]
+    assert 0 < n <= 6 * 4 and got["fit_roles"] == ["val_vqa"]
+    r = got["room"]
+    assert r["diff"] == pytest.approx(got["combined"]["accuracy"] - got["base_rag"]["accuracy"])
+    assert r["low"] <= r["diff"] <= r["high"] and r["n"] == n
+    for k in ("base_no_rag", "base_rag", "reference_vote", "combined"):
+        assert got[k]["low"] <= got[k]["accuracy"] <= got[k]["high"]
+    shares = [q.share for q in read_questions(chain, ["test_vqa"], limit=6)]
+    assert got["reference_vote"]["accuracy"] > 0.6 and all(0 <= s <= 1 for s in shares)  # oracle references know
+
+
+def test_validation_questions_are_scored_out_of_fold_and_mixing_roles_is_refused(chain):
+    assert room(chain, ["val_vqa"], limit=6)["n"] > 0
+    with pytest.raises(ValueError, match="either the fitting roles"):
+        room(chain, ["val_vqa", "test_vqa"])
+
+
+def test_a_reference_from_another_world_is_named(chain, tmp_path):
+    bad = tmp_path / "chain"
+    (bad / "retrieval").mkdir(parents=True)
+    (bad / "world").symlink_to(chain / "world")
+    index = json.loads((chain / "retrieval" / "index.json").read_text())
+    entry = next(e for e in index["files"] if e["role"] == "test_vqa")
+    name = Path(entry["path"]).name
+    rows = [json.loads(line) for line in (chain / "retrieval" / name).read_text().splitlines()]
+    rows[1]["reference_reports"] = ["A report of no world."]
+    (bad / "retrieval" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entry.update(path=name, image_root=str((chain / "retrieval" / entry["image_root"]).resolve()))
+    (bad / "retrieval" / "index.json").write_text(json.dumps({"files": [entry]}))
+    with pytest.raises(InputError, match=rf"{bad}/retrieval/{name}:2: reference 'A report of no world\.' is not a report"):
+        read_questions(bad, ["test_vqa"])
+
+
+def test_main_writes_the_figures(chain, tmp_path, capsys):
+    out = tmp_path / "room.json"
+    main(["--chain", str(chain), "--limit", "4", "--out", str(out)])
+    assert json.loads(out.read_text())["room"]["n"] > 0 and "room" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="toy.room: .*nowhere/policy: policy checkpoint folder does not exist"):
+        main(["--chain", str(tmp_path / "nowhere")])
