@@ -75,19 +75,36 @@ def test_validation_questions_are_scored_out_of_fold_and_mixing_roles_is_refused
         room(chain, ["val_vqa", "test_vqa"])
 
 
-def test_a_reference_from_another_world_is_named(chain, tmp_path):
-    bad = tmp_path / "chain"
-    (bad / "retrieval").mkdir(parents=True)
-    (bad / "world").symlink_to(chain / "world")
+def _copy_with(chain: Path, to: Path, change) -> None:
+    """``to`` a chain whose one test_vqa retrieval file has ``change(rows)`` applied (world shared)."""
+    (to / "retrieval").mkdir(parents=True)
+    (to / "world").symlink_to(chain / "world")
     index = json.loads((chain / "retrieval" / "index.json").read_text())
-    entry = next(e for e in index["files"] if e["role"] == "test_vqa")
+    entry = next(e for e in index["files"] if e["role"] == "test_vqa" and e["domain"] == "radiology")
     name = Path(entry["path"]).name
     rows = [json.loads(line) for line in (chain / "retrieval" / name).read_text().splitlines()]
-    rows[1]["reference_reports"] = ["A report of no world."]
-    (bad / "retrieval" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    change(rows)
+    (to / "retrieval" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     entry.update(path=name, image_root=str((chain / "retrieval" / entry["image_root"]).resolve()))
-    (bad / "retrieval" / "index.json").write_text(json.dumps({"files": [entry]}))
-    with pytest.raises(InputError, match=rf"{bad}/retrieval/{name}:2: reference 'A report of no world\.' is not a report"):
+    (to / "retrieval" / "index.json").write_text(json.dumps({"files": [entry]}))
+
+
+def test_a_misrouted_question_is_read_in_its_routed_domain(chain, tmp_path):
+    pathology = json.loads(next((chain / "retrieval").glob("pathology_test_vqa*.jsonl")).read_text().splitlines()[0])
+
+    def misroute(rows):  # the retriever sent it to pathology: pathology's references
+        rows[0].update(domain="pathology", reference_reports=pathology["reference_reports"], finding=pathology["finding"])
+
+    _copy_with(chain, tmp_path / "chain", misroute)
+    got = read_questions(tmp_path / "chain", ["test_vqa"], limit=2)
+    assert got[0].domain == "pathology" and got[1].domain == "radiology"
+
+
+def test_a_reference_from_another_world_is_named(chain, tmp_path):
+    bad = tmp_path / "chain"
+    _copy_with(chain, bad, lambda rows: rows[1].update(reference_reports=["A report of no world."]))
+    with pytest.raises(InputError, match=r"/retrieval/radiology_test_vqa\w*\.jsonl:2: reference 'A report of no world\.' "
+                                         "is not a report"):
         read_questions(bad, ["test_vqa"])
 
 

@@ -57,19 +57,18 @@ class Question:
 
 def read_questions(chain: Path, roles: list[str], limit: int = 0) -> list[Question]:
     """The yes/no questions (those naming a ``finding``) of the chain's retrieval files of ``roles``,
-    the first ``limit`` records of each file (0 = all), as evaluation.evaluate takes them."""
+    the first ``limit`` records of each file (0 = all), as evaluation.evaluate takes them: in the
+    domain the retriever routed them to."""
     corpora: dict[str, dict[str, frozenset[str]]] = {}
     out = []
     for entry in read_index(chain / "retrieval" / "index.json", roles):
-        domain = entry["domain"]
-        if domain not in corpora:
-            corpora[domain] = {}
-            for ref in load_corpus(chain / "world", domain):
-                corpora[domain].setdefault(ref.text, ref.findings)
         for rec in read_records(entry["path"], kind="vqa")[: limit or None]:
             finding = rec.meta.get("finding")
             if finding is None:
                 continue
+            domain = rec.meta.get("domain") or entry["domain"]  # routed: its prompt and its corpus
+            if domain not in corpora:
+                corpora[domain] = {ref.text: ref.findings for ref in reversed(load_corpus(chain / "world", domain))}
             refs = rec.meta["reference_reports"]
             unknown = [r for r in refs if r not in corpora[domain]]
             if unknown:
