@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.config import cli_main
+from common.config import ConfigError, cli_main
 from common.io import InputError
 from data.manifest import load_manifest, manifest_files
 from toy import make_toy
@@ -248,3 +248,17 @@ def test_cli_errors_exit_2(tmp_path):
     assert e.value.code == 2
     with pytest.raises(InputError, match="manifest.json"):
         load_manifest(tmp_path)
+
+
+def test_a_larger_alignment_split_adds_studies_and_changes_nothing_else(world, tmp_path):
+    more = make_world(tmp_path / "more", seed=0, size="tiny", alignment_studies=11, progress=False)
+    assert load_manifest(more)["config"]["alignment_studies"] == 11
+    for e in manifest_files(world):
+        other = {**e, "path": str(more / Path(e["path"]).relative_to(world))}
+        if ROLES[e["role"]][0] == "alignment":
+            small, large = _records(e), _records(other)
+            assert large[: len(small)] == small and len(large) > len(small)
+        else:
+            assert Path(other["path"]).read_bytes() == Path(e["path"]).read_bytes(), e["path"]
+    with pytest.raises(ConfigError, match="alignment_studies"):
+        make_world(tmp_path / "bad", size="tiny", alignment_studies=-1, progress=False)

@@ -510,13 +510,21 @@ def make_world(
     subtle_share: float = 0.3,
     normal_share: float = 0.25,
     prior_share: float = 0.0,
+    alignment_studies: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Write a complete toy world to ``out`` (atomically replacing it) and return its path."""
+    """Write a complete toy world to ``out`` (atomically replacing it) and return its path.
+
+    ``alignment_studies`` (0: the size's own) sets the alignment split alone; studies are drawn
+    by position, so a larger split holds the smaller one's studies and every other split is
+    unchanged (the retriever corpus too, but for the priors of the added studies)."""
     if size not in SIZES:
         raise ConfigError(f"size {size!r} is not one of {list(SIZES)}")
+    if alignment_studies < 0:
+        raise ConfigError(f"alignment_studies must be >= 0, got {alignment_studies}")
+    sizes = {**SIZES[size], **({"alignment": alignment_studies} if alignment_studies else {})}
     out = Path(out)
-    total = len(DOMAINS) * sum(SIZES[size].values())
+    total = len(DOMAINS) * sum(sizes.values())
     files = []
     with (
         atomic_dir(out) as tmp,
@@ -526,12 +534,12 @@ def make_world(
     ):
         for d in DOMAINS:
             images = tmp / d / "images"
-            for split, count in SIZES[size].items():
+            for split, count in sizes.items():
                 reports: dict[str, list] = {}
                 vqa: dict[str, list] = {}
                 studies = [sample_study(seed, d, split, i, subtle_share, normal_share) for i in range(count)]
                 if split == "retriever_train":
-                    studies += prior_studies(seed, d, SIZES[size], prior_share,
+                    studies += prior_studies(seed, d, sizes, prior_share,
                                              subtle_share=subtle_share, normal_share=normal_share)
                     bar.total += len(studies) - count
                 for study in studies:
@@ -546,7 +554,8 @@ def make_world(
             "seed": seed,
             "size": size,
             "version": VERSION,
-            "config": {"subtle_share": subtle_share, "normal_share": normal_share, "prior_share": prior_share},
+            "config": {"subtle_share": subtle_share, "normal_share": normal_share, "prior_share": prior_share,
+                       "alignment_studies": sizes["alignment"]},
             "domains": {d: {"findings": FINDINGS[d], "image_root": f"{d}/images"} for d in DOMAINS},
             "files": files,
         }
@@ -597,6 +606,8 @@ class ToyConfig:
     subtle_share: float = doc(0.3, "share of finding instances drawn subtle (small, low contrast)")
     normal_share: float = doc(0.25, "share of studies without any finding")
     prior_share: float = doc(0.0, "share of queried studies (val, alignment, test) with a prior study of the same patient in the retriever corpus: how much the references can know")
+    alignment_studies: int = doc(0, "studies per domain in the alignment split, the one preference pairs are built from "
+                                    "(0: the size's own, 200 for small): how many examples the tuning learns from")
 
 
 def main(argv: list[str] | None = None) -> None:
