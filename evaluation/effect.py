@@ -297,8 +297,8 @@ def room_table(effect: dict[str, Any]) -> str:
     beside what the base and DPO answer with references."""
     rows = [(f"seed {s}", r, effect["differences"].get(s)) for s, r in (effect.get("room") or {}).items() if r]
     knob = (effect.get("map") or {}).get("knob")
-    rows += [(f"{knob} = {p['value']:g}" if isinstance(p["value"], float) else f"{knob} = {p['value']}", p["room"],
-              p["differences"]) for p in (effect.get("map") or {}).get("points", []) if p.get("room")]
+    rows += [(f"{knob} = {_value(p['value'])}", p["room"], p["differences"])
+             for p in (effect.get("map") or {}).get("points", []) if p.get("room")]
     if not rows:
         return ""
     lines = ["## Room for the effect", "",
@@ -314,6 +314,11 @@ def room_table(effect: dict[str, Any]) -> str:
                      f"{combined['accuracy']:.3f} [{combined['low']:.3f}, {combined['high']:.3f}] | "
                      f"{_interval(r['room'])} | {_interval((d or {}).get('accuracy_rag_fixed'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _value(v: float | str) -> str:
+    """A map value as the tables print it: 0.9, not 0.900000."""
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:
@@ -332,8 +337,7 @@ def map_table(effect_map: dict[str, Any] | None) -> str:
              "|---|---|---|---|---|---|"]
     for p in points:
         diag, d = p["diagnostics"], p["differences"] or {}
-        value = f"{p['value']:g}" if isinstance(p["value"], float) else p["value"]
-        lines.append(f"| {value} | {_fmt(p['reference_vote_accuracy'])} | "
+        lines.append(f"| {_value(p['value'])} | {_fmt(p['reference_vote_accuracy'])} | "
                      f"{_with_interval(diag.get('base', {}), 'accuracy_rag_fixed')} | "
                      f"{_with_interval(diag.get('dpo', {}), 'accuracy_rag_fixed')} | "
                      f"{_interval(d.get('accuracy_rag_fixed'))} | {_interval(d.get('copy_rate'))} |")

@@ -93,8 +93,8 @@ def yes_margins(policy: Policy, questions: list[Question], references: bool, bat
     starts = range(0, len(questions), batch_size)
     for s in tqdm(starts, desc="score", disable=not progress):
         enc = policy.process([q.image for q in questions[s:s + batch_size]], texts[s:s + batch_size], "left")
-        logits = policy.model(**enc).logits[:, -1, :].float()
-        out.append((logits[:, yes] - logits[:, no]).cpu().numpy())
+        logits = policy.model(**enc, logits_to_keep=1).logits[:, -1, [no, yes]].float()  # not [batch, length, vocab]
+        out.append((logits[:, 1] - logits[:, 0]).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -164,19 +164,20 @@ def room(chain: Path, roles: list[str], limit: int = 0, policy: Policy | None = 
         raise ValueError(f"roles {roles}: evaluate either the fitting roles {FIT_ROLES} alone or none of them")
     policy = policy or load_policy(chain / "policy")
 
-    def features(qs: list[Question]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def features(qs: list[Question]) -> tuple[np.ndarray, np.ndarray]:
+        """(image margin, reference share) per question, and the truth: what the combiner sees."""
         image = yes_margins(policy, qs, references=False, progress=progress)
-        with_refs = yes_margins(policy, qs, references=True, progress=progress)
-        return np.stack([image, [q.share for q in qs]], 1), with_refs, np.array([q.yes for q in qs])
+        return np.stack([image, [q.share for q in qs]], 1), np.array([q.yes for q in qs])
 
     questions = read_questions(chain, roles, limit)
-    x, with_refs, y = features(questions)
+    x, y = features(questions)
+    with_refs = yes_margins(policy, questions, references=True, progress=progress)
     domains = [q.domain for q in questions]
     if set(roles) == set(FIT_ROLES):
         combined = combine_out_of_fold(x, y, domains)
     else:
         fit = read_questions(chain, FIT_ROLES)
-        fit_x, _, fit_y = features(fit)
+        fit_x, fit_y = features(fit)
         combined = combine(fit_x, fit_y, [q.domain for q in fit], x, domains)
     right = {"base_no_rag": (x[:, 0] > 0) == y, "base_rag": (with_refs > 0) == y,
              "reference_vote": (x[:, 1] > 0.5) == y, "combined": combined == y}
