@@ -23,6 +23,11 @@ METEOR runs a Java jar: without ``java`` the run stops before generating, or set
 ``over_reliance_rate_adaptive`` against ``rag_adaptive``). Retrieval recall is copied from the
 retrieval stage's ``retrieval_metrics.json``.
 
+Answers are decoded greedily by default; ``decoding: beam`` searches ``num_beams`` beams, and
+``decoding: vcd`` contrasts each step's logits with those under the record's x_v* (visual
+contrastive decoding, policy.decoding). Under ``noised_rag`` the image shown is already x_v*, so
+VCD contrasts it with itself and answers as greedy does: VCD's copy rate is greedy's.
+
 Every prompt is fitted to ``max_length`` with ``max_new_tokens`` after it (policy.budget): references
 are dropped from the last one or the last kept one shortened, and a prompt that cannot fit is not
 run. A row's ``k`` is the references its prompt held; ``results.json``'s ``budget`` counts what was
@@ -59,6 +64,7 @@ from evaluation.metrics import report_metrics, tokenize, vqa_metrics
 from pairs.rules import copy_rate, over_reliance_rate
 from policy.adapters import check_adapter_base, find_adapter, load_with_adapters
 from policy.budget import BudgetLog, PromptParts, fit_prompt
+from policy.decoding import vcd_generate
 from policy.policy import PolicySpec
 from policy.prompts import OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule, select_k
@@ -81,8 +87,15 @@ class EvalConfig:
     policies: list[str] = doc(list(POLICIES), "policies to evaluate: [base], [dpo] or [base, dpo]")
     conditions: list[str] = doc(list(CONDITIONS), f"conditions to run, from {list(CONDITIONS)}")
     fixed_k: int = doc(5, "reports in the prompt for rag_fixed and noised_rag (at most as many as retrieved)")
+    k_by_domain: dict[str, int] = doc({}, "fixed_k of a routed domain, where given (RULE's calibrated k, chosen on "
+                                          "validation questions: retriever.select_k.calibrated_k)")
     adaptive: KRule = doc(KRule(rule="gap", k=10, gamma=0.1), "k rule of rag_adaptive, applied to the stored reference_scores")
     noise: NoiseConfig = doc(NoiseConfig(), "x_v* of noised_rag, made as the pair builder makes it (pairs.build_pairs)")
+    decoding: Literal["greedy", "beam", "vcd"] = doc("greedy", "greedy; beam (num_beams beams); vcd: visual contrastive "
+                                                                "decoding against the record's x_v* (policy.decoding)")
+    num_beams: int = doc(3, "beams of decoding: beam")
+    vcd_alpha: float = doc(1.0, "VCD's contrast: (1 + alpha) * logit(real image) - alpha * logit(x_v*); 0 = greedy")
+    vcd_beta: float = doc(0.1, "VCD's plausibility cut: tokens under beta x the top probability with the real image are dropped")
     option_text: bool = doc(False, OPTION_TEXT_HELP)
     max_new_tokens_vqa: int = doc(16, "answer length cap for VQA")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
@@ -159,15 +172,15 @@ def references(record: VqaRecord | ReportRecord) -> tuple[list[str], list[str], 
     return reports, ids, scores
 
 
-def condition_k(condition: str, scores: list[float], n_refs: int, cfg: EvalConfig) -> int:
-    """How many retrieved reports a condition puts in the prompt."""
+def condition_k(condition: str, scores: list[float], n_refs: int, cfg: EvalConfig, domain: str = "") -> int:
+    """How many retrieved reports a condition puts in the prompt of a record routed to ``domain``."""
     if condition == "no_rag":
         return 0
     if condition == "rag_adaptive" and n_refs:
         if not scores:
             raise InputError("rag_adaptive needs `reference_scores` in the retrieval JSONL")
         return select_k(scores, cfg.adaptive)
-    return min(cfg.fixed_k, n_refs)
+    return min(cfg.k_by_domain.get(domain, cfg.fixed_k), n_refs)
 
 
 # ---------------------------------------------------------------- images
@@ -213,14 +226,15 @@ class ImageSource:
                              domain=domain)
 
     def load(self, f: EvalFile, index: int) -> tuple[str, Image.Image, Image.Image | None] | None:
-        """(image as written, x_v, x_v* if noised_rag is run) of record ``index``; None if skipped."""
+        """(image as written, x_v, x_v* if noised_rag or VCD needs it) of record ``index``; None if skipped."""
         record = f.records[index]
         rel = first_image(record) or ""
         try:
             if not rel:
                 raise BadImageError(record.source, "missing", "the record names no image")
             img = self._load(rel, record.image_root, f.image_root)
-            noised = self.noised(rel, img, f.domain or "") if "noised_rag" in self.cfg.conditions else None
+            wanted = "noised_rag" in self.cfg.conditions or self.cfg.decoding == "vcd"
+            noised = self.noised(rel, img, f.domain or "") if wanted else None
             return rel, img, noised
         except BadImageError as e:
             if self.cfg.bad_image == "error":
@@ -249,6 +263,15 @@ def judge_vqa(prediction: str, answer: str) -> dict[str, Any]:
     return {"gold_label": gold, "pred_label": pred, "correct": pred == gold if gold != "other" else None}
 
 
+def decode(policy: Any, images: list[Image.Image], prompts: list[Any], noised: list[Image.Image | None],
+           max_new: int, cfg: EvalConfig) -> list[str]:
+    """The answers to (image, prompt) under ``cfg.decoding``; ``noised``: each image's record's x_v*, VCD's distortion."""
+    if cfg.decoding == "vcd":
+        return vcd_generate(policy, images, noised, prompts, max_new, cfg.vcd_alpha, cfg.vcd_beta, cfg.batch_size)
+    beams = {"num_beams": cfg.num_beams} if cfg.decoding == "beam" else {}
+    return policy.generate(images, prompts, max_new_tokens=max_new, batch_size=cfg.batch_size, **beams)
+
+
 def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: EvalConfig,
                  budget: BudgetLog) -> Iterable[dict[str, Any]]:
     """Prediction rows of one policy on one file, every condition; records with a bad image skipped,
@@ -258,7 +281,7 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
     max_new = cfg.max_new_tokens_vqa if f.task == "vqa" else cfg.max_new_tokens_report
     bar = tqdm(total=len(records), desc=f"{name} {f.name}", unit="rec")
     for start in range(0, len(records), cfg.chunk):
-        jobs: list[tuple[Image.Image, Any, dict[str, Any]]] = []
+        jobs: list[tuple[Image.Image, Any, dict[str, Any], Image.Image | None]] = []  # image, prompt, row, x_v*
         for index in range(start, min(start + cfg.chunk, len(records))):
             r = records[index]
             loaded = images.load(f, index)
@@ -272,7 +295,7 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
             base = {"policy": name, "file": f.name, "task": f.task, "index": index, "id": r.id,
                     "domain": domain, "image": image, "question": question, "answer": _gold(r)}
             for cond in cfg.conditions:
-                k = condition_k(cond, scores, len(reports), cfg)
+                k = condition_k(cond, scores, len(reports), cfg, domain)
                 image = noised if cond == "noised_rag" else real
                 parts = PromptParts(domain, f.task, question, tuple(reports[:k]), options=options)
                 fit = fit_prompt(policy, parts, templates, [image], budget.max_length, max_new)
@@ -281,10 +304,9 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
                     continue
                 k = len(fit.references)
                 row = {**base, "condition": cond, "k": k, "reference_ids": ids[:k], "budget": fit.note._asdict()}
-                jobs.append((image, fit.prompt, row))
-        answers = policy.generate([j[0] for j in jobs], [j[1] for j in jobs], max_new_tokens=max_new,
-                                  batch_size=cfg.batch_size) if jobs else []
-        for (_, _, row), pred in zip(jobs, answers):
+                jobs.append((image, fit.prompt, row, noised))
+        answers = decode(policy, [j[0] for j in jobs], [j[1] for j in jobs], [j[3] for j in jobs], max_new, cfg) if jobs else []
+        for (_, _, row, _), pred in zip(jobs, answers):
             row["prediction"] = pred
             if f.task == "vqa":
                 row.update(judge_vqa(pred, row["answer"]))
@@ -471,6 +493,8 @@ def policy_plan(cfg: EvalConfig) -> tuple[list[tuple[str, str | None]], list[str
     bad = [c for c in cfg.conditions if c not in CONDITIONS]
     if bad or not cfg.conditions:
         raise ConfigError(f"conditions: {bad or '[]'} not valid; choose from {list(CONDITIONS)}")
+    if cfg.decoding == "beam" and cfg.num_beams < 2:
+        raise ConfigError(f"num_beams: {cfg.num_beams}; beam search needs 2 or more (decoding greedy is one beam)")
     if not Path(cfg.policy.path).is_dir():
         raise InputError(f"{cfg.policy.path}: policy checkpoint folder does not exist; make the toy one with `bash scripts/make_toy_policy.sh`")
     plan, notes = [], []
@@ -542,6 +566,8 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
         "bad_images": bad,
         "bad_records": bad_records_summary(bad_records),
         "budget": cut,
+        "decoding": {"method": cfg.decoding, **({"num_beams": cfg.num_beams} if cfg.decoding == "beam" else {}),
+                     **({"alpha": cfg.vcd_alpha, "beta": cfg.vcd_beta} if cfg.decoding == "vcd" else {})},
         "notes": notes,
     }
     gallery = None

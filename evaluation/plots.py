@@ -188,3 +188,21 @@ def plot_all(out: str | Path, results: dict[str, Any], clip_dir: str | Path, dpo
         plot_conditions(results, out / "conditions.png"),
     ]
     return [p for p in made if p is not None]
+
+
+def plot_comparison(rows: list[dict[str, Any]], anchor: str, path: str | Path) -> Path | None:
+    """compare.json over all files: each method's accuracy − the anchor's, with its 95% paired interval."""
+    over_all = [r for r in rows if r["file"] == "all"]
+    if not over_all:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * len(over_all) + 1.2))
+    ys = range(len(over_all))
+    diffs = [r["diff"] for r in over_all]
+    err = [[d - r["low"] for d, r in zip(diffs, over_all)], [r["high"] - d for d, r in zip(diffs, over_all)]]
+    ax.errorbar(diffs, ys, xerr=err, fmt="o", ms=4, capsize=3)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(list(ys), [f"{r['method']} ({r['accuracy']:.3f})" for r in over_all], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"accuracy − {anchor} (95% paired interval), n = {over_all[0]['n']}")
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))

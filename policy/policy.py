@@ -172,8 +172,9 @@ class Policy:
         batch_size: int = 8,
         progress: bool = False,
         logits_processor: Callable[[list[int]], LogitsProcessorList] | None = None,
+        num_beams: int = 1,
     ) -> list[str]:
-        """Greedy answers, one per (image, prompt), in input order.
+        """Greedy (or, with ``num_beams`` > 1, beam-search) answers, one per (image, prompt), in input order.
 
         ``logits_processor(indices)``: extra logits processors for the batch of those inputs
         (e.g. VCD's distorted-image branch, policy.decoding).
@@ -190,7 +191,7 @@ class Policy:
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            num_beams=1,
+            num_beams=num_beams,
             use_cache=True,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,

@@ -214,6 +214,10 @@ def test_k_per_condition():
     assert condition_k("rag_adaptive", [], 0, cfg) == 0  # a record retrieval could not serve
     with pytest.raises(InputError, match="reference_scores"):
         condition_k("rag_adaptive", [], 3, cfg)
+    calibrated = EvalConfig(fixed_k=2, k_by_domain={"pathology": 1, "radiology": 5})  # RULE's k per domain
+    assert [condition_k(c, SCORES, 3, calibrated, "pathology") for c in CONDITIONS] == [0, 1, 1, 1]
+    assert condition_k("rag_fixed", SCORES, 3, calibrated, "radiology") == 3  # no more than retrieved
+    assert condition_k("rag_fixed", SCORES, 3, calibrated, "ophthalmology") == 2  # not calibrated: fixed_k
 
 
 @pytest.mark.parametrize("written", ["by train_dpo", "flat"])
@@ -368,3 +372,45 @@ def test_noised_image_is_data_noise_x_v_star(hand_world):
     want = make_x_v_star(rel, load_image(pool[rel]), cfg.noise, pool, load_image, domain="radiology")
     assert np.asarray(noised).tobytes() == np.asarray(want).tobytes()
     assert not np.array_equal(np.asarray(noised), np.asarray(real))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _decoded(tiny_run, name: str, **kw) -> tuple[dict, list[dict]]:
+    cfg = EvalConfig(retrieval_dir=str(tiny_run / "retrieval"), policy=PolicySpec(path=str(tiny_run / "policy")),
+                     policies=["base"], roles=["test_vqa"], conditions=["rag_fixed", "noised_rag"],
+                     clip_dir=str(tiny_run / "none"), out=str(tiny_run / name), limit=2, max_new_tokens_vqa=4,
+                     meteor=False, plots=False, gallery=0, **kw)
+    results = evaluate(cfg)
+    return results, [json.loads(x) for x in (tiny_run / name / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_vcd_contrasts_each_record_with_its_x_v_star(tiny_run, monkeypatch):
+    import evaluation.evaluate as ev
+
+    greedy, greedy_rows = _decoded(tiny_run, "greedy")
+    assert greedy["decoding"] == {"method": "greedy"}
+    seen = []
+    real_vcd = ev.vcd_generate
+
+    def spy(policy, images, distorted, prompts, *args):
+        seen.extend(zip(images, distorted))
+        return real_vcd(policy, images, distorted, prompts, *args)
+
+    monkeypatch.setattr(ev, "vcd_generate", spy)
+    vcd0, rows = _decoded(tiny_run, "vcd0", decoding="vcd", vcd_alpha=0.0)
+    assert vcd0["decoding"] == {"method": "vcd", "alpha": 0.0, "beta": 0.1}
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in greedy_rows]  # alpha 0 is greedy
+    # the distortion of every job is its record's x_v*: the noised_rag image itself, another image under rag_fixed
+    by_cond = {r["condition"]: [] for r in rows}
+    for r, (image, distorted) in zip(rows, seen):
+        by_cond[r["condition"]].append(np.array(image).tobytes() == np.array(distorted).tobytes())
+    assert by_cond == {"rag_fixed": [False, False] * 4, "noised_rag": [True, True] * 4}
+
+
+def test_beam_search_is_recorded_and_needs_two_beams(tiny_run):
+    results, rows = _decoded(tiny_run, "beam", decoding="beam", num_beams=2)
+    assert results["decoding"] == {"method": "beam", "num_beams": 2} and all("prediction" in r for r in rows)
+    with pytest.raises(ConfigError, match="num_beams"):
+        _decoded(tiny_run, "beam1", decoding="beam", num_beams=1)
