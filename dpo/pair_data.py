@@ -5,13 +5,16 @@ Both our pairs (with ``pair_type``, ``rejected_image``) and the released MMed-RA
 own image: the chosen side sees x_v, the rejected side ``rejected_image`` when the record names
 one, else pure Gaussian noise when ``rejected_noised`` = 1 (made at load time, the same for a
 record in every run, worker and process: ``pure_noise(size, stable_seed(id, seed))``), else x_v.
-``chosen_noised`` = 1 puts noise on the chosen side the same way.
+``chosen_noised`` = 1 puts noise on the chosen side the same way. For mDPO every pair also gets
+a corrupted image m_l, pure noise of x_v's size made the same way (``stable_seed(id, seed,
+"corrupted")``), under which the chosen answer is scored again.
 
 A batch is ONE forward pass scored as 2B answers: [0, B) the chosen answers, [B, 2B) the rejected
-ones (policy.policy.Policy.encode_preference). A pair whose sides see different images takes two
-rows, each with its image; with ``share_prompt`` a pair whose sides see the same image and prompt
-takes one row [prompt, chosen, rejected], the rejected answer hidden from the chosen one and its
-positions restarting where the prompt ends: the same log-probs, the prompt computed once.
+ones (policy.policy.Policy.encode_preference); for mDPO 3B, [2B, 3B) the chosen ones under m_l,
+a row each. A pair whose sides see different images takes two rows, each with its image; with
+``share_prompt`` a pair whose sides see the same image and prompt takes one row [prompt, chosen,
+rejected], the rejected answer hidden from the chosen one and its positions restarting where the
+prompt ends: the same log-probs, the prompt computed once.
 
 Every pair is fitted to the token budget (policy.budget) with its longer answer: our pairs name their
 question and references, so references are dropped or shortened; a released pair is plain text
@@ -132,7 +135,8 @@ def _keep(img: Image.Image) -> Image.Image:
 
 
 class PairDataset(PreferenceDataset):
-    """PreferenceDataset (decoding, bad-image policy) with the noise images filled in."""
+    """PreferenceDataset (decoding, bad-image policy) with the noise images filled in; with
+    ``corrupted`` (mDPO only: it costs a noise image per pair) also ``corrupted_image``."""
 
     def __init__(
         self,
@@ -140,9 +144,11 @@ class PairDataset(PreferenceDataset):
         image_root: Roots,
         noise_seed: int = 0,
         bad_image: BadImagePolicy = "skip",
+        corrupted: bool = False,
     ):
         super().__init__(records, image_root, _keep, bad_image)
         self.noise_seed = noise_seed
+        self.corrupted = corrupted
 
     def _item(self, i: int) -> dict[str, Any]:
         item = super()._item(i)
@@ -151,6 +157,8 @@ class PairDataset(PreferenceDataset):
             item["rejected_image"] = pure_noise(size, stable_seed(item["id"], self.noise_seed))
         if item["chosen_noised"]:
             item["image"] = pure_noise(size, stable_seed(item["id"], self.noise_seed, "chosen"))
+        if self.corrupted:  # x_v's size, so the prompt takes the tokens its budget counted
+            item["corrupted_image"] = pure_noise(size, stable_seed(item["id"], self.noise_seed, "corrupted"))
         return item
 
 
@@ -182,6 +190,8 @@ class CpuEncoder(Policy):
 
 class PairCollator(CollateSkip):
     """Items of a PairDataset -> ``{"inputs": model batch of 2B answers, "index", "pair_type", "skipped", "budget"}``.
+
+    Items with a ``corrupted_image`` (mDPO) make 3B answers, the last B the chosen ones under it.
 
     ``index`` is the pair's position in the dataset (the key of cached reference log-probs),
     ``pair_type`` a code into ``types``, ``budget`` the notes of fitting each pair to
@@ -232,6 +242,7 @@ class PairCollator(CollateSkip):
             [s["image"] for s in fitted],
             [s["rejected_image"] for s in fitted],
             share_prompt=self.share_prompt,
+            corrupted_images=[s["corrupted_image"] for s in fitted] if "corrupted_image" in fitted[0] else None,
         )
         return {
             "inputs": inputs,

@@ -9,14 +9,17 @@ pass, their images stacked in one pixel batch; a pair whose sides see the same i
 cannot take it: policy.policy.prompt_sharing_blocker). The reference policy is the same model with its
 LoRA disabled (``disable_adapter()``), never a second copy; with ``cache_reference`` its
 log-probs are computed once, on the first step, for the training and held-out pairs. Losses
-(sigmoid, hinge, IPO, optional SFT term on the chosen answer; or ``sft`` alone, the control
-without a preference, which trains without a reference forward) are dpo.loss; the loop,
-DeepSpeed, checkpoints and exact resume are common.engine. Outputs in ``train.output_dir``:
+(sigmoid, hinge, IPO, mDPO, optional SFT term on the chosen answer; or ``sft`` alone, the control
+without a preference, which trains without a reference forward) are dpo.loss; mDPO scores a third
+answer per pair in the same forward, the chosen one under a corrupted image (pure noise, seeded by
+the record: dpo.pair_data). The loop, DeepSpeed, checkpoints and exact resume are common.engine.
+Outputs in ``train.output_dir``:
 
 - ``adapter/``: the LoRA adapter (PEFT format) + processor; ``merged/`` with ``--merge``;
 - ``metrics.jsonl`` + ``tensorboard/``: per step loss, rewards/{chosen,rejected,accuracies,
-  margins}, logps/{chosen,rejected}; at each evaluation the same on the held-out pairs, overall
-  (``eval/...``) and per pair type (``eval/cm/...``);
+  margins} (mdpo: also rewards/corrupted{,_accuracies,_margins}), logps/{chosen,rejected}; at
+  each evaluation the same on the held-out pairs, overall (``eval/...``) and per pair type
+  (``eval/cm/...``);
 - ``checkpoints/`` (resume with ``--train.resume latest``), ``run_config.yaml``;
 - ``bad_records.json``: the pair records skipped as unusable (data.readers), beside ``bad_images.json``;
 - ``run_summary.json``: the step reached, the last evaluation and ``budget``: what fitting the pairs
@@ -34,7 +37,7 @@ import math
 from dataclasses import dataclass
 from inspect import signature
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -55,7 +58,7 @@ from data.noise import pure_noise
 from data.readers import bad_records_summary
 from data.records import PreferenceRecord
 from data.release import image_search_path
-from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss, sft_loss
+from dpo.loss import LOSS_TYPES, DpoOutput, dpo_loss, mdpo_loss, sft_loss
 from dpo.pair_data import (
     PairCollator, PairDataset, answer_lengths, load_pairs, pair_lengths, pair_type_of, select_types, split_heldout,
     stage_indices,
@@ -74,8 +77,12 @@ class DpoConfig:
     image_root: str = doc("", "image folder for records whose own image_root is absent or does not exist here (or one holding a folder per image set)")
     image_roots: dict[str, str] = doc({}, "image set (mimic, iuxray, harvard, pmc, quilt) -> its folder, looked in before image_root (the released pairs)")
     beta: float = doc(0.1, "DPO beta (strength of the pull towards the reference)")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "sft"] = doc("sigmoid", f"loss: one of {list(LOSS_TYPES)}; sft = NLL of the "
-                                                                          "chosen answers only (no rejected side, no reference)")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "sft", "mdpo"] = doc(
+        "sigmoid", f"loss: one of {[*LOSS_TYPES, 'mdpo']}; sft = NLL of the chosen answers only (no rejected "
+                   "side, no reference); mdpo = sigmoid + mDPO's conditional term (the chosen answer under a "
+                   "pure-noise image) and anchored term")
+    mdpo_delta: float = doc(0.0, "mdpo's anchor delta: the chosen answer's reward is pulled above it (0 as the "
+                                 "paper and its code)")
     sft_weight: float = doc(0.0, "weight of an added SFT term (token-mean NLL of the chosen answer); 0 = none")
     share_prompt: bool = doc(True, "a pair whose sides see the same image and prompt runs as one row [prompt, chosen, "
                                    "rejected], the rejected answer not seeing the chosen: the same log-probs, the prompt "
@@ -106,6 +113,8 @@ def check(cfg: DpoConfig) -> None:
         raise ConfigError(f"sft_weight: must be >= 0, got {cfg.sft_weight}")
     if cfg.loss_type == "sft" and cfg.sft_weight > 0:
         raise ConfigError("sft_weight: loss_type sft is already the chosen answers' NLL; set sft_weight 0")
+    if cfg.loss_type != "mdpo" and cfg.mdpo_delta != 0:
+        raise ConfigError(f"mdpo_delta: only loss_type mdpo has an anchor; loss_type is {cfg.loss_type}")
     if not Path(cfg.policy.path).is_dir():
         raise ConfigError(f"policy.path: {cfg.policy.path}: checkpoint folder does not exist")
 
@@ -113,9 +122,15 @@ def check(cfg: DpoConfig) -> None:
 # ---------------------------------------------------------------- forward passes
 
 
-def pair_logps(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed answer log-probs from ONE forward over the batch's 2B answers."""
-    return sequence_logps(model, inputs).chunk(2)
+def answers_per_pair(loss_type: str) -> int:
+    """Answers scored per pair: chosen and rejected, for mdpo also the chosen one under the corrupted image."""
+    return 3 if loss_type == "mdpo" else 2
+
+
+def pair_logps(model: Any, inputs: dict[str, torch.Tensor], sides: int = 2) -> tuple[torch.Tensor, ...]:
+    """(chosen, rejected[, corrupted]) summed answer log-probs from ONE forward over the batch's
+    ``sides`` x B answers."""
+    return sequence_logps(model, inputs).chunk(sides)
 
 
 def encoded_images(model: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
@@ -186,10 +201,12 @@ def score_pairs(
     reference: torch.Tensor | None,
     take: Callable[[Any], Any],
     desc: str,
+    sides: int = 2,
 ) -> dict[int, list[float]]:
-    """Per pair position: [type code, policy chosen, policy rejected, ref chosen, ref rejected,
-    chosen length, rejected length], from all processes. Reference from ``reference`` (cached)
-    or a forward with the adapter disabled; policy log-probs only when ``policy``."""
+    """Per pair position: [type code, policy chosen, policy rejected(, policy corrupted), ref chosen,
+    ref rejected(, ref corrupted), chosen length, rejected length], from all processes; the
+    corrupted columns with ``sides`` 3 (mdpo). Reference from ``reference`` (cached) or a forward
+    with the adapter disabled; policy log-probs only when ``policy``."""
     was_training = model.training
     model.eval()
     rows: list[list[float]] = []
@@ -199,18 +216,18 @@ def score_pairs(
         bar.update(1)
         inputs = batch["inputs"]
         if reference is not None:
-            ref_c, ref_r = reference[batch["index"].cpu()].to(accelerator.device).unbind(1)
+            ref = reference[batch["index"].cpu()].to(accelerator.device).unbind(1)
         else:
             with reference_mode(accelerator, model) as ref_model:
-                ref_c, ref_r = pair_logps(ref_model, inputs)
-        pol_c = pol_r = torch.full_like(ref_c, float("nan"))
+                ref = pair_logps(ref_model, inputs, sides)
+        pol = [torch.full_like(r, float("nan")) for r in ref]
         if policy:
             with torch.no_grad():
-                pol_c, pol_r = pair_logps(unwrapped, inputs)
+                pol = pair_logps(unwrapped, inputs, sides)
         if not real:
             continue
-        lengths = answer_lengths(inputs).chunk(2)
-        cols = [batch["pair_type"].float(), pol_c, pol_r, ref_c, ref_r, *lengths]
+        lengths = answer_lengths(inputs).chunk(sides)[:2]
+        cols = [batch["pair_type"].float(), *pol, *ref, *lengths]
         table = torch.stack([c.float().cpu() for c in cols], 1).tolist()
         rows += [[int(i)] + r for i, r in zip(batch["index"].tolist(), table)]
     bar.close()
@@ -220,17 +237,27 @@ def score_pairs(
 
 def reference_cache(
     accelerator: Accelerator, model: Any, loader: DataLoader, n: int, filler: dict, take: Callable[[Any], Any],
-    desc: str,
+    desc: str, sides: int = 2,
 ) -> torch.Tensor:
-    """[n, 2] reference (chosen, rejected) log-probs by pair position; NaN where the pair's
-    image could not be read or the pair was refused for length."""
-    cache = torch.full((n, 2), float("nan"))
-    for i, row in score_pairs(accelerator, model, loader, filler, False, None, take, desc).items():
-        cache[i] = torch.tensor(row[3:5])
+    """[n, sides] reference (chosen, rejected[, corrupted]) log-probs by pair position; NaN where
+    the pair's image could not be read or the pair was refused for length."""
+    cache = torch.full((n, sides), float("nan"))
+    for i, row in score_pairs(accelerator, model, loader, filler, False, None, take, desc, sides).items():
+        cache[i] = torch.tensor(row[1 + sides : 1 + 2 * sides])
     return cache
 
 
 # ---------------------------------------------------------------- loss and evaluation
+
+
+def pair_loss(
+    cfg: DpoConfig, policy: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> DpoOutput:
+    """The configured loss from the (chosen, rejected[, corrupted]) log-probs of policy and reference."""
+    if cfg.loss_type == "mdpo":
+        return mdpo_loss(*policy, *reference, cfg.beta, cfg.mdpo_delta)
+    return dpo_loss(*policy, *reference, cfg.beta, cfg.loss_type, chosen_lengths, rejected_lengths)
 
 
 def step_loss(
@@ -266,19 +293,20 @@ def summarize(scores: dict[int, list[float]], types: list[str], cfg: DpoConfig) 
     """eval/ metrics over all held-out pairs and per pair type (loss, rewards/*, logps/*, count)."""
     if not scores:
         return {}
+    sides = answers_per_pair(cfg.loss_type)
     t = torch.tensor([scores[i] for i in sorted(scores)], dtype=torch.float64)
-    ok = ~t[:, 1:5].isnan().any(1)
-    t = t[ok]
+    t = t[~t.isnan().any(1)]
     groups = [("eval/", torch.ones(len(t), dtype=torch.bool))]
     groups += [(f"eval/{name}/", t[:, 0] == k) for k, name in enumerate(types) if (t[:, 0] == k).any()]
     out: dict[str, float] = {}
     for prefix, sel in groups:
         s = t[sel]
-        res = dpo_loss(s[:, 1], s[:, 2], s[:, 3], s[:, 4], cfg.beta, cfg.loss_type, s[:, 5], s[:, 6])
+        pol, ref = s[:, 1 : 1 + sides].unbind(1), s[:, 1 + sides : 1 + 2 * sides].unbind(1)
+        res = pair_loss(cfg, pol, ref, s[:, -2], s[:, -1])
         out[f"{prefix}loss"] = res.losses.mean().item()
         out.update(res.metrics(prefix))
-        out[f"{prefix}logps/chosen"] = s[:, 1].mean().item()
-        out[f"{prefix}logps/rejected"] = s[:, 2].mean().item()
+        out[f"{prefix}logps/chosen"] = pol[0].mean().item()
+        out[f"{prefix}logps/rejected"] = pol[1].mean().item()
         out[f"{prefix}count"] = float(len(s))
     return out
 
@@ -300,14 +328,16 @@ class DpoTrainer:
         self.budget = BudgetLog.of(policy, cfg.max_length)
         share = cfg.share_prompt and self._prompt_sharing(policy.model)
         self.bad_log = BadImageLog()
-        self.train_set = PairDataset(self.train_records, roots, cfg.noise_seed, cfg.bad_image)
+        self.sides = answers_per_pair(cfg.loss_type)
+        corrupted = self.sides == 3
+        self.train_set = PairDataset(self.train_records, roots, cfg.noise_seed, cfg.bad_image, corrupted)
         self.collate_train = PairCollator(self.train_records, policy.processor, self.types, templates,
                                           self.budget.max_length, share)
         self.train_loader = make_loader(self.train_set, cfg.train.batch_size, num_workers=cfg.train.num_workers,
                                         collate_fn=self.collate_train, seed=cfg.train.seed,
                                         sampler=StagedSampler(stages, cfg.train.seed, lengths=lengths,
                                                               batch_size=cfg.train.batch_size))
-        self.heldout_set = PairDataset(self.heldout_records, roots, cfg.noise_seed, cfg.bad_image)
+        self.heldout_set = PairDataset(self.heldout_records, roots, cfg.noise_seed, cfg.bad_image, corrupted)
         self.collate_heldout = PairCollator(self.heldout_records, policy.processor, self.types, templates,
                                             self.budget.max_length, share)
         self.heldout_loader = self._fixed_loader(self.heldout_set, self.collate_heldout, self.heldout_records)
@@ -326,8 +356,9 @@ class DpoTrainer:
         """A stand-in batch for a process whose own batch was dropped (see lockstep): the first
         training pair that fits, on noise images."""
         noise = pure_noise((32, 32), 0)
+        item = {"image": noise, "rejected_image": noise} | ({"corrupted_image": noise} if self.sides == 3 else {})
         for i in range(len(self.train_records)):
-            batch = self.collate_train([{"image": noise, "rejected_image": noise, "index": i}])
+            batch = self.collate_train([{**item, "index": i}])
             if "inputs" in batch:
                 return batch
         raise InputError(f"{self.cfg.pairs}: no training pair fits max_length {self.budget.max_length}: "
@@ -359,7 +390,7 @@ class DpoTrainer:
             filler = send_to_device(self.filler, self.accelerator.device)
             self.reference = {
                 name: reference_cache(self.accelerator, model, loader, len(loader.dataset), filler, self.take_again,
-                                      f"reference ({name})")
+                                      f"reference ({name})", self.sides)
                 for name, loader in (
                     ("train", self._fixed_loader(self.train_set, self.collate_train, self.train_records)),
                     ("heldout", self.heldout_loader),
@@ -374,22 +405,21 @@ class DpoTrainer:
             self.share_images = self.cfg.loss_type != "sft" and not self.cfg.cache_reference and frozen_image_encoder(model)
         if self.share_images:  # one vision-tower pass for the policy and the reference forward
             inputs = encoded_images(model, inputs) or inputs
-        chosen, rejected = pair_logps(model, inputs)  # rejected rows share the forward; sft only logs them
-        len_c, len_r = answer_lengths(inputs).chunk(2)
+        logps = pair_logps(model, inputs, self.sides)  # all rows in one forward; sft only logs the rejected
+        chosen, rejected = logps[:2]
+        len_c, len_r = answer_lengths(inputs).chunk(self.sides)[:2]
         metrics = {"logps/chosen": chosen.detach().mean().item(), "logps/rejected": rejected.detach().mean().item()}
         if self.cfg.loss_type == "sft":
             return sft_loss(chosen, len_c), metrics
         if self.cfg.cache_reference:
             ref = self._cache(model)["train"][batch["index"].cpu()].to(chosen.device)
-            ref_c, ref_r = ref.unbind(1)
         else:
             with reference_mode(self.accelerator, model) as ref_model:
-                ref_c, ref_r = pair_logps(ref_model, inputs)
-        valid = ~(ref_c.isnan() | ref_r.isnan())
-        out = dpo_loss(chosen, rejected, ref_c.nan_to_num(), ref_r.nan_to_num(), self.cfg.beta, self.cfg.loss_type,
-                       len_c, len_r)
+                ref = torch.stack(pair_logps(ref_model, inputs, self.sides), 1)
+        valid = ~ref.isnan().any(1)
+        out = pair_loss(self.cfg, logps, ref.nan_to_num().unbind(1), len_c, len_r)
         loss, step_metrics = step_loss(out, chosen, len_c, self.cfg.sft_weight, valid)
-        collapse = collapse_metrics(chosen, rejected, ref_c, ref_r, len_c, len_r, valid)
+        collapse = collapse_metrics(chosen, rejected, ref[:, 0], ref[:, 1], len_c, len_r, valid)
         return loss, {**step_metrics, **out.metrics(), **metrics, **collapse}
 
     def evaluate(self, model: Any) -> dict[str, float]:
@@ -397,7 +427,8 @@ class DpoTrainer:
             return {}
         reference = self._cache(model)["heldout"] if self.cfg.cache_reference else None
         filler = send_to_device(self.filler, self.accelerator.device)
-        scores = score_pairs(self.accelerator, model, self.heldout_loader, filler, True, reference, self.take_again, "eval")
+        scores = score_pairs(self.accelerator, model, self.heldout_loader, filler, True, reference, self.take_again,
+                             "eval", self.sides)
         return summarize(scores, self.types, self.cfg)
 
 

@@ -38,7 +38,7 @@ from common.io import InputError, atomic_write_json
 from data.datasets import QueryDataset
 from data.release import image_search_path
 from dpo.pair_data import CpuEncoder, PairDataset, load_pairs, prompt_parts, select_types, split_heldout
-from dpo.train_dpo import DpoConfig
+from dpo.train_dpo import DpoConfig, answers_per_pair
 from policy.budget import answer_tokens, budget_for, fit_prompt, model_limit, percentiles
 from policy.policy import LOGITS_CHUNK_MB, PolicySpec
 from policy.prompts import load_prompt_templates
@@ -364,9 +364,9 @@ def policy_plan(kind: str, cfg: DpoConfig | SftConfig, opts: PlanOptions) -> dic
         raise ConfigError(f"max_length {max_length} is below the median prompt ({lengths['prompt']['median']} tokens, "
                           f"p90 {lengths['prompt']['p90']}): most records would be refused; raise it")
 
-    # DPO: chosen and rejected rows in one forward (an upper bound: a pair sharing its prompt is one row,
-    # shorter than two)
-    rows = cfg.train.batch_size * (2 if kind == "dpo" else 1)
+    # DPO: chosen and rejected rows (mdpo: + the chosen answer under the corrupted image) in one forward
+    # (an upper bound: a pair sharing its prompt takes one row for its two answers, shorter than two)
+    rows = cfg.train.batch_size * (answers_per_pair(cfg.loss_type) if kind == "dpo" else 1)
     # the longest batch: the longest sequence of the data (fitted to max_length), else max_length itself
     measured = lengths["sequence"]["max"] if lengths["available"] else None
     length = min(x for x in (max_length, measured) if x) if max_length or measured else None

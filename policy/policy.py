@@ -291,9 +291,11 @@ class Policy:
         images: Sequence[Image.Image],
         rejected_images: Sequence[Image.Image] | None = None,
         share_prompt: bool = False,
+        corrupted_images: Sequence[Image.Image] | None = None,
     ) -> Batch:
         """One batch for a single DPO forward, scored (``sequence_logps``) as 2B answers: [0, B)
-        chosen, [B, 2B) rejected.
+        chosen, [B, 2B) rejected; with ``corrupted_images`` (mDPO) 3B, [2B, 3B) the chosen answer
+        again under that image, each in a row of its own (its image differs, so no prompt to share).
 
         Each side has its own image (``rejected_images`` default to ``images``), e.g. the noised
         image on the rejected side of a cross-modality pair: such a pair takes two rows. With
@@ -302,20 +304,24 @@ class Policy:
         """
         rejected_images = images if rejected_images is None else rejected_images
         b = len(prompts)
+        corrupted = list(corrupted_images or ())
+        third = list(range(len(corrupted)))
         shared = [share_prompt and rejected_images[i] is images[i] for i in range(b)]
         if not any(shared):
             return self.encode_for_training(
-                list(prompts) * 2,
-                list(chosen) + list(rejected),
-                list(images) + list(rejected_images),
+                list(prompts) * 2 + [prompts[i] for i in third],
+                list(chosen) + list(rejected) + [chosen[i] for i in third],
+                list(images) + list(rejected_images) + corrupted,
             )
         one = [i for i in range(b) if shared[i]]
         two = [i for i in range(b) if not shared[i]]
         return self.encode_for_training(
-            [prompts[i] for i in one + two + two],
-            [(chosen[i], rejected[i]) for i in one] + [chosen[i] for i in two] + [rejected[i] for i in two],
-            [images[i] for i in one + two] + [rejected_images[i] for i in two],
-            slots=[(i, b + i) for i in one] + [(i,) for i in two] + [(b + i,) for i in two],
+            [prompts[i] for i in one + two + two + third],
+            [(chosen[i], rejected[i]) for i in one] + [chosen[i] for i in two] + [rejected[i] for i in two]
+            + [chosen[i] for i in third],
+            [images[i] for i in one + two] + [rejected_images[i] for i in two] + corrupted,
+            slots=[(i, b + i) for i in one] + [(i,) for i in two] + [(b + i,) for i in two]
+            + [(2 * b + i,) for i in third],
         )
 
 

@@ -146,6 +146,12 @@ def test_dpo_logits_are_one_chunk_at_a_real_vocabulary(tmp_path, cached):
     assert got["memory_gb"]["zero3"]["logits"] == round(3 * 64 * 2**20 / plan.GB, 3)
 
 
+def test_mdpo_plans_a_third_row_per_pair(tmp_path):
+    got, _ = plan.make_plan([DPO, "--policy.path", str(FIXTURES / "llava-1.5-7b"), "--loss_type", "mdpo",
+                             "--out", str(tmp_path)])
+    assert got["memory_assumptions"]["rows"] == 3  # chosen, rejected, chosen under the corrupted image
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("plan")

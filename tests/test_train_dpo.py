@@ -1,6 +1,6 @@
 """The DPO trainer on an untrained tiny LLaVA: one concatenated forward, the shared-prompt row,
-per-side images, the released format, cached reference, exact resume, merged export, ZeRO-2 on
-2 CPU processes.
+per-side images, the released format, cached reference, exact resume, merged export, mDPO's
+third answer, ZeRO-2 on 2 CPU processes.
 
 The 2-process test runs this file as a module under torchrun (``-m tests.test_train_dpo ds OUT``).
 """
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -23,16 +25,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from common.config import cli_main
-from common.engine import EngineConfig, LoraConfig, apply_lora
-from data.noise import pure_noise
-from dpo.loss import dpo_loss
+from common.engine import EngineConfig, LoraConfig, apply_lora, build_accelerator
+from data.noise import pure_noise, stable_seed
+from dpo.loss import dpo_loss, mdpo_loss, sft_loss
 from dpo.pair_data import PairCollator, PairDataset, is_heldout, load_pairs, split_heldout
 from dpo.train_dpo import (
     DpoConfig, DpoTrainer, collapse_metrics, encoded_images, frozen_image_encoder, pair_logps, run, shard, step_loss,
     summarize,
 )
 from policy.budget import BUDGET_KEY
-from policy.policy import PolicySpec, load_policy, prompt_sharing_blocker, sequence_logps
+from policy.policy import PolicySpec, answer_token_counts, load_policy, prompt_sharing_blocker, sequence_logps
 from policy.prompts import load_prompt_templates
 from tests.test_engine import LAUNCHER_VARS
 from tests.test_pair_data import toy_policy, write_pairs
@@ -92,6 +94,10 @@ def _batch(world: Path, policy, indices=(0, 1, 2), rejected_image=None, max_leng
     return records, items, collate(items)
 
 
+def _user_prompt(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
 def _sharpen(model) -> None:
     """Larger random weights, so that log-probs depend clearly on the input (untrained init is flat)."""
     torch.manual_seed(0)
@@ -106,8 +112,7 @@ def one_forward_equals_two(world: Path, policy) -> tuple[torch.Tensor, torch.Ten
     records, items, batch = _batch(world, policy)
     with torch.no_grad():
         chosen, rejected = pair_logps(policy.model, batch["inputs"])
-        prompts = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": records[i].prompt}]}]
-                   for i in (0, 1, 2)]
+        prompts = [_user_prompt(records[i].prompt) for i in (0, 1, 2)]
         alone_c = sequence_logps(policy.model, policy.encode_for_training(
             prompts, [records[i].chosen for i in (0, 1, 2)], [it["image"] for it in items]))
         alone_r = sequence_logps(policy.model, policy.encode_for_training(
@@ -346,6 +351,85 @@ def test_resume_gives_the_same_weights(world, tmp_path, monkeypatch):
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.parametrize("setting, n_rows", [
+    ({}, 2 + 1 + 1 + 3),  # cm two rows, oa one shared row each, a corrupted row each
+    ({"share_prompt": False}, 2 * 3 + 3),
+    ({"lora": LoraConfig(r=8, alpha=16, dropout=0.0)}, 7),  # frozen projector: images encoded once (share_images)
+    ({"cache_reference": True}, 7),
+])
+def test_mdpo_loss_is_mdpo_loss_of_the_three_answers_scored_alone(world, tmp_path, setting, n_rows):
+    """One batch (a cm pair, two oa pairs, each with its corrupted row): the trainer's loss and
+    metrics are ``mdpo_loss`` + the SFT term on the log-probs of each answer scored alone, the
+    policy with its adapter and the reference with it disabled, the chosen answer's third score
+    under the seeded pure noise."""
+    cfg = config(world, tmp_path, loss_type="mdpo", mdpo_delta=0.3, sft_weight=0.5, noise_seed=3, **setting)
+    policy = load_policy(world / "policy")
+    _sharpen(policy.model)
+    trainer = DpoTrainer(cfg, build_accelerator(cfg.train), policy)
+    model = apply_lora(policy.model, cfg.lora).train()
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    types = [r.pair_type for r in trainer.train_records]
+    idx = [types.index("cm"), types.index("oa1"), types.index("oa2")]
+    batch = trainer.take(trainer.collate_train([trainer.train_set[i] for i in idx]))
+    assert batch["inputs"]["input_ids"].shape[0] == n_rows
+    loss, metrics = trainer.loss(model, batch)
+    assert trainer.share_images == ("lora" in setting)
+
+    records, items = [trainer.train_records[i] for i in idx], [trainer.train_set[i] for i in idx]
+    noise = [pure_noise(it["image"].size, stable_seed(r.id, 3, "corrupted")) for r, it in zip(records, items)]
+    for it, want in zip(items, noise):
+        assert np.array_equal(np.asarray(it["corrupted_image"]), np.asarray(want))
+    prompts = [_user_prompt(r.prompt) for r in records]
+    chosen, rejected = [r.chosen for r in records], [r.rejected for r in records]
+    sides = [policy.encode_for_training(prompts, chosen, [it["image"] for it in items]),
+             policy.encode_for_training(prompts, rejected, [it["rejected_image"] for it in items]),
+             policy.encode_for_training(prompts, chosen, noise)]
+    with torch.no_grad():
+        pol = [sequence_logps(model, b) for b in sides]
+        with model.disable_adapter():
+            ref = [sequence_logps(model, b) for b in sides]
+    assert (pol[2] - pol[0]).abs().min() > 1e-2  # the noise, not the real image, decides the third score
+    want = mdpo_loss(*pol, *ref, beta=cfg.beta, delta=0.3)
+    sft = sft_loss(pol[0], answer_token_counts(sides[0]))
+    torch.testing.assert_close(loss.detach(), want.losses.mean() + 0.5 * sft, rtol=0, atol=1e-5)
+    assert metrics["sft_loss"] == pytest.approx(sft.item(), abs=1e-5)
+    for key, value in want.metrics().items():
+        assert metrics[key] == pytest.approx(value, abs=1e-5), key
+    assert abs(metrics["rewards/corrupted_margins"]) > 1e-3  # the corrupted side moved apart from the chosen one
+
+
+def test_mdpo_trains_and_logs_the_corrupted_rewards(world, tmp_path):
+    """A few mdpo steps, the reference on the fly and cached: the same adapter and metrics. Step 1
+    runs the policy at its zero adapter, so every reward is 0 and the loss is log 2 (DPO) + log 2
+    (conditional) + log(1 + e^delta) (anchored)."""
+    results = {}
+    for cached in (False, True):
+        out = tmp_path / str(cached)
+        run(config(world, out, loss_type="mdpo", mdpo_delta=0.5, cache_reference=cached, train={"max_steps": 3}))
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        assert (out / "adapter" / "adapter_config.json").is_file()
+        results[cached] = (load_file(out / "adapter" / "adapter_model.safetensors"), rows(out))
+    corrupted = ("rewards/corrupted", "rewards/corrupted_accuracies", "rewards/corrupted_margins")
+    for _, got in results.values():
+        train_rows = [r for r in got if "loss" in r]
+        assert len(train_rows) == 3 and all(k in r for k in corrupted for r in train_rows)
+        assert train_rows[0]["loss"] == pytest.approx(2 * math.log(2) + math.log1p(math.exp(0.5)), abs=1e-4)
+        assert train_rows[0]["rewards/corrupted"] == pytest.approx(0.0, abs=1e-5)
+        assert abs(train_rows[-1]["rewards/corrupted_margins"]) > 1e-4  # training moved the two images apart
+        last_eval = [r for r in got if "eval/loss" in r][-1]
+        assert {f"eval/{k}" for k in corrupted} | {f"eval/cm/{k}" for k in corrupted} <= set(last_eval)
+    (w0, m0), (w1, m1) = results[False], results[True]
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=0, atol=1e-5, msg=k)
+    e0, e1 = [r for r in m0 if "eval/loss" in r][-1], [r for r in m1 if "eval/loss" in r][-1]
+    for key in ("eval/loss", "eval/rewards/corrupted", "eval/rewards/corrupted_margins"):
+        assert e1[key] == pytest.approx(e0[key], abs=1e-4), key
+
+
 def test_eval_summary_per_pair_type_and_sft_term():
     # rows: type code, policy chosen / rejected, reference chosen / rejected, lengths
     scores = {0: [0, -1.0, -5.0, -2.0, -2.0, 3, 3], 1: [0, -4.0, -1.0, -2.0, -2.0, 3, 3],
@@ -357,6 +441,12 @@ def test_eval_summary_per_pair_type_and_sft_term():
     want = dpo_loss(torch.tensor([-1.0, -4, -1]), torch.tensor([-5.0, -1, -3]), torch.full((3,), -2.0),
                     torch.full((3,), -2.0), beta=0.5).losses.mean()
     assert got["eval/loss"] == pytest.approx(want.item())
+    # mdpo: policy chosen / rejected / corrupted, then the reference's, then lengths
+    three = {0: [0, -1.0, -5.0, -3.0, -2.0, -2.0, -2.5, 3, 3], 1: [1, -4.0, -1.0, -2.0, -2.0, -2.0, -1.0, 3, 3]}
+    got = summarize(three, ["cm", "oa1"], DpoConfig(beta=0.5, loss_type="mdpo", mdpo_delta=0.2))
+    want = mdpo_loss(*torch.tensor([r[1:7] for r in three.values()]).T, beta=0.5, delta=0.2)
+    assert got["eval/loss"] == pytest.approx(want.losses.mean().item())
+    assert got["eval/cm/rewards/corrupted_margins"] == pytest.approx(0.5 * ((-1.0 + 2.0) - (-3.0 + 2.5)))
 
     out = dpo_loss(torch.tensor([-2.0, -6.0]), torch.tensor([-3.0, -1.0]), torch.zeros(2), torch.zeros(2))
     lengths, valid = torch.tensor([2.0, 4.0]), torch.tensor([True, True])
@@ -390,6 +480,7 @@ def test_sft_loss_trains_on_chosen_answers_without_a_reference(world, tmp_path, 
     (["--pairs", "[nope.json]"], "nope.json: annotation file does not exist"),
     (["--loss_type", "kto"], "loss_type"),
     (["--loss_type", "sft", "--sft_weight", "1"], "sft_weight"),  # would add the same NLL again
+    (["--mdpo_delta", "0.5"], "mdpo_delta: only loss_type mdpo"),  # sigmoid has no anchor to move
     (["--pair_types", "[oa]"], "pair_types"),
 ])
 def test_bad_input_exits_2_naming_it(world, tmp_path, monkeypatch, capsys, args, message):
