@@ -104,7 +104,7 @@ def conditional_preference_loss(chosen_logps: torch.Tensor, corrupted_chosen_log
                               - beta * log [pi(y_w|m_l, x) / ref(y_w|m_l, x)])
 
     The same chosen answer y_w on both sides; the preferred image m_w is the real one and the
-    dispreferred m_l a corrupted one (here x_v*), so only the image can decide the preference.
+    dispreferred m_l a corrupted one (train_dpo: seeded pure noise), so only the image can decide the preference.
     It is the sigmoid DPO loss with the corrupted-image chosen answer as the rejected side.
     """
     return dpo_loss(chosen_logps, corrupted_chosen_logps, ref_chosen_logps, ref_corrupted_chosen_logps,
@@ -113,7 +113,7 @@ def conditional_preference_loss(chosen_logps: torch.Tensor, corrupted_chosen_log
 
 @dataclass
 class MdpoOutput(DpoOutput):
-    corrupted_rewards: torch.Tensor  # [B] beta * (log pi - log ref) on the chosen answer with x_v*, detached
+    corrupted_rewards: torch.Tensor  # [B] beta * (log pi - log ref) on the chosen answer with m_l, detached
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """TRL's reward metrics plus the image-conditional ones the mDPO code logs."""
@@ -137,7 +137,7 @@ def mdpo_loss(
 
         L_mDPO = L_DPO (sigmoid) + L_CoPO + L_AncPO
 
-    ``corrupted_chosen_logps``: the chosen answer's summed log-probs with the corrupted image x_v*.
+    ``corrupted_chosen_logps``: the chosen answer's summed log-probs with the corrupted image m_l.
     """
     dpo = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, "sigmoid")
     losses = (dpo.losses

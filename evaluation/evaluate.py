@@ -23,9 +23,10 @@ METEOR runs a Java jar: without ``java`` the run stops before generating, or set
 ``over_reliance_rate_adaptive`` against ``rag_adaptive``). Retrieval recall is copied from the
 retrieval stage's ``retrieval_metrics.json``.
 
-Answers are decoded greedily by default; ``decoding: beam`` searches ``num_beams`` beams, and
+Answers are decoded greedily by default; ``decoding: beam`` searches ``num_beams`` beams,
 ``decoding: vcd`` contrasts each step's logits with those under the record's x_v* (visual
-contrastive decoding, policy.decoding). Under ``noised_rag`` the image shown is already x_v*, so
+contrastive decoding), and ``decoding: dola`` the final layer's with an earlier layer's (DoLa;
+both in policy.decoding). Under ``noised_rag`` the image shown is already x_v*, so
 VCD contrasts it with itself and answers as greedy does: VCD's copy rate is greedy's.
 
 Every prompt is fitted to ``max_length`` with ``max_new_tokens`` after it (policy.budget): references
@@ -64,7 +65,7 @@ from evaluation.metrics import report_metrics, tokenize, vqa_metrics
 from pairs.rules import copy_rate, over_reliance_rate
 from policy.adapters import check_adapter_base, find_adapter, load_with_adapters
 from policy.budget import BudgetLog, PromptParts, fit_prompt
-from policy.decoding import vcd_generate
+from policy.decoding import dola_generate, vcd_generate
 from policy.policy import PolicySpec
 from policy.prompts import OPTION_TEXT_HELP, load_prompt_templates, own_options
 from retriever.select_k import KRule, select_k
@@ -91,11 +92,13 @@ class EvalConfig:
                                           "validation questions: retriever.select_k.calibrated_k)")
     adaptive: KRule = doc(KRule(rule="gap", k=10, gamma=0.1), "k rule of rag_adaptive, applied to the stored reference_scores")
     noise: NoiseConfig = doc(NoiseConfig(), "x_v* of noised_rag, made as the pair builder makes it (pairs.build_pairs)")
-    decoding: Literal["greedy", "beam", "vcd"] = doc("greedy", "greedy; beam (num_beams beams); vcd: visual contrastive "
-                                                                "decoding against the record's x_v* (policy.decoding)")
+    decoding: Literal["greedy", "beam", "vcd", "dola"] = doc("greedy", "greedy; beam (num_beams beams); vcd: visual "
+                                                                        "contrastive decoding against the record's x_v*; "
+                                                                        "dola: layer-contrastive decoding (policy.decoding)")
     num_beams: int = doc(3, "beams of decoding: beam")
     vcd_alpha: float = doc(1.0, "VCD's contrast: (1 + alpha) * logit(real image) - alpha * logit(x_v*); 0 = greedy")
     vcd_beta: float = doc(0.1, "VCD's plausibility cut: tokens under beta x the top probability with the real image are dropped")
+    dola_layers: str | list[int] = doc("high", "DoLa's candidate early layers: high, low or a list (0 = the embeddings)")
     option_text: bool = doc(False, OPTION_TEXT_HELP)
     max_new_tokens_vqa: int = doc(16, "answer length cap for VQA")
     max_new_tokens_report: int = doc(96, "answer length cap for reports")
@@ -268,6 +271,8 @@ def decode(policy: Any, images: list[Image.Image], prompts: list[Any], noised: l
     """The answers to (image, prompt) under ``cfg.decoding``; ``noised``: each image's record's x_v*, VCD's distortion."""
     if cfg.decoding == "vcd":
         return vcd_generate(policy, images, noised, prompts, max_new, cfg.vcd_alpha, cfg.vcd_beta, cfg.batch_size)
+    if cfg.decoding == "dola":
+        return dola_generate(policy, images, prompts, max_new, cfg.dola_layers, batch_size=cfg.batch_size)
     beams = {"num_beams": cfg.num_beams} if cfg.decoding == "beam" else {}
     return policy.generate(images, prompts, max_new_tokens=max_new, batch_size=cfg.batch_size, **beams)
 
@@ -567,7 +572,8 @@ def evaluate(cfg: EvalConfig, load: Any = None) -> dict[str, Any]:
         "bad_records": bad_records_summary(bad_records),
         "budget": cut,
         "decoding": {"method": cfg.decoding, **({"num_beams": cfg.num_beams} if cfg.decoding == "beam" else {}),
-                     **({"alpha": cfg.vcd_alpha, "beta": cfg.vcd_beta} if cfg.decoding == "vcd" else {})},
+                     **({"alpha": cfg.vcd_alpha, "beta": cfg.vcd_beta} if cfg.decoding == "vcd" else {}),
+                     **({"layers": cfg.dola_layers} if cfg.decoding == "dola" else {})},
         "notes": notes,
     }
     gallery = None

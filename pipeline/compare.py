@@ -8,8 +8,9 @@ Each method is one evaluation (evaluation.evaluate) of the chain's base policy o
 trained on the chain's pairs, under the same prompts, references, images and x_v*:
 
 - decoding, without and with retrieval: ``greedy`` / ``rag_fixed`` (the anchor every interval is
-  paired against), ``beam`` / ``beam_rag`` (3 beams), ``vcd`` / ``vcd_rag`` (visual contrastive
-  decoding against the record's x_v*; policy.decoding);
+  paired against), ``beam`` / ``beam_rag`` (3 beams), ``dola`` / ``dola_rag`` (DoLa, the "high"
+  layers), ``vcd`` / ``vcd_rag`` (visual contrastive decoding against the record's x_v*;
+  policy.decoding);
 - retrieval: ``rag_adaptive`` (the paper's gap rule), ``rule`` (RULE: k per routed domain calibrated
   on ``val_vqa`` answers of the base, retriever.select_k.calibrated_k, with DPO on the
   over-reliance pairs D_oa2 alone);
@@ -57,6 +58,7 @@ class Evaluation:
 EVALUATIONS = {
     "greedy": Evaluation("base", ("no_rag", "rag_fixed", "rag_adaptive", "noised_rag")),
     "beam": Evaluation("base", decoding=["--decoding", "beam", "--num_beams", "3"]),
+    "dola": Evaluation("base", decoding=["--decoding", "dola", "--dola_layers", "high"]),
     "vcd": Evaluation("base", decoding=["--decoding", "vcd"]),
     "mmed_rag": Evaluation("dpo"),
     "mdpo": Evaluation("dpo", train=["--loss_type", "mdpo"]),
@@ -66,9 +68,11 @@ EVALUATIONS = {
 METHODS = {
     "greedy": ("base, greedy, no retrieval", "greedy", "no_rag", False),
     "beam": ("base, beam search (3 beams), no retrieval", "beam", "no_rag", False),
+    "dola": ("base, DoLa (high layers), no retrieval", "dola", "no_rag", False),
     "vcd": ("base, VCD against x_v*, no retrieval", "vcd", "no_rag", False),
     "rag_fixed": ("base, greedy, top-5 reports (the anchor)", "greedy", "rag_fixed", True),
     "beam_rag": ("base, beam search, top-5 reports", "beam", "rag_fixed", True),
+    "dola_rag": ("base, DoLa, top-5 reports", "dola", "rag_fixed", True),
     "vcd_rag": ("base, VCD, top-5 reports", "vcd", "rag_fixed", True),
     "rag_adaptive": ("base, greedy, the paper's adaptive k (gap rule)", "greedy", "rag_adaptive", True),
     "rule": ("RULE: calibrated k per domain + DPO on D_oa2 alone", "rule", "rag_fixed", True),
@@ -162,8 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         policy = EVALUATIONS[evaluation].policy
         outcomes[m] = method_outcomes(Answers(predictions[evaluation], policy, condition, retrieves))
     rows = comparison_rows(outcomes, ANCHOR)
-    notes = ["dola: not run; transformers 5.23 has no DoLa without remote code (docs/DESIGN.md)",
-             "grpo, grpo_copy_penalty: not run yet (their rewards and advantages: dpo/grpo.py)"]
+    notes = ["grpo, grpo_copy_penalty: not run yet (their rewards and advantages: dpo/grpo.py)"]
     if rule is not None:
         notes.append(f"rule: k per domain {rule['k_by_domain'] or 'none proven safe'} at alpha {rule['alpha']}, "
                      f"delta {rule['delta']} (val_vqa risks: {json.dumps(rule['risk'])})")

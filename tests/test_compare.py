@@ -70,7 +70,7 @@ def test_driver_calibrates_rule_and_pairs_every_method_with_the_anchor(tmp_path,
             return
         out = Path(opts["out"])
         k = int(opts.get("fixed_k", 5))
-        right = {"beam": [1, 1, 1, 1], "vcd": [0, 0, 0, 0]}.get(opts.get("decoding"), [1, 0, 1, 0])
+        right = {"beam": [1, 1, 1, 1], "vcd": [0, 0, 0, 0], "dola": [1, 1, 1, 0]}.get(opts.get("decoding"), [1, 0, 1, 0])
         if "val_vqa" in opts["roles"]:  # calibration: risk falls with k in radiology
             right = [1] * 40 if k >= 3 else [0] * 40
             files = ("v",) * 40
@@ -92,6 +92,7 @@ def test_driver_calibrates_rule_and_pairs_every_method_with_the_anchor(tmp_path,
     by = {(r["method"], r["file"]): r for r in result["rows"]}
     assert set(m for m, _ in by) == set(compare.METHODS)
     assert by[("beam", ALL)]["diff"] == pytest.approx(0.5) and by[("vcd", ALL)]["diff"] == pytest.approx(-0.5)
+    assert by[("dola_rag", ALL)]["diff"] == pytest.approx(0.25)
     assert by[("vcd", ALL)]["copy_rate"] is None and by[("vcd_rag", ALL)]["copy_rate"] == 0.0
     assert (tmp_path / "cmp" / "compare.md").is_file() and (tmp_path / "cmp" / "compare.png").stat().st_size > 0
     n_calls = len(calls)

@@ -414,3 +414,19 @@ def test_beam_search_is_recorded_and_needs_two_beams(tiny_run):
     assert results["decoding"] == {"method": "beam", "num_beams": 2} and all("prediction" in r for r in rows)
     with pytest.raises(ConfigError, match="num_beams"):
         _decoded(tiny_run, "beam1", decoding="beam", num_beams=1)
+
+
+def test_dola_is_recorded_and_runs_through_dola_generate(tiny_run, monkeypatch):
+    import evaluation.evaluate as ev
+
+    seen = {}
+    real_dola = ev.dola_generate
+
+    def spy(policy, images, prompts, max_new, layers, **kw):
+        seen["layers"] = layers
+        return real_dola(policy, images, prompts, max_new, layers, **kw)
+
+    monkeypatch.setattr(ev, "dola_generate", spy)
+    results, rows = _decoded(tiny_run, "dola", decoding="dola", dola_layers=[0])
+    assert results["decoding"] == {"method": "dola", "layers": [0]} and seen["layers"] == [0]
+    assert len(rows) == 16 and all(isinstance(r["prediction"], str) for r in rows)
