@@ -70,10 +70,10 @@ METHODS = {
     "beam": ("base, beam search (3 beams), no retrieval", "beam", "no_rag", False),
     "dola": ("base, DoLa (high layers), no retrieval", "dola", "no_rag", False),
     "vcd": ("base, VCD against x_v*, no retrieval", "vcd", "no_rag", False),
-    "rag_fixed": ("base, greedy, top-5 reports (the anchor)", "greedy", "rag_fixed", True),
-    "beam_rag": ("base, beam search, top-5 reports", "beam", "rag_fixed", True),
-    "dola_rag": ("base, DoLa, top-5 reports", "dola", "rag_fixed", True),
-    "vcd_rag": ("base, VCD, top-5 reports", "vcd", "rag_fixed", True),
+    "rag_fixed": ("base, greedy, fixed k (the anchor)", "greedy", "rag_fixed", True),
+    "beam_rag": ("base, beam search, fixed k", "beam", "rag_fixed", True),
+    "dola_rag": ("base, DoLa, fixed k", "dola", "rag_fixed", True),
+    "vcd_rag": ("base, VCD, fixed k", "vcd", "rag_fixed", True),
     "rag_adaptive": ("base, greedy, the paper's adaptive k (gap rule)", "greedy", "rag_adaptive", True),
     "rule": ("RULE: calibrated k per domain + DPO on D_oa2 alone", "rule", "rag_fixed", True),
     "mmed_rag": ("MMed-RAG's RAG-PT: DPO on D_cm, then D_oa", "mmed_rag", "rag_fixed", True),
@@ -96,11 +96,11 @@ def evaluate_args(chain: Path, roles: list[str], limit: int, out: Path, policy: 
     return args
 
 
-def calibrate(chain: Path, out: Path, alpha: float, delta: float, limit: int) -> dict[str, Any]:
-    """RULE's k per routed domain: the base's greedy answers to ``val_vqa`` with k = 1..5 references,
+def calibrate(chain: Path, out: Path, alpha: float, delta: float, limit: int, ks: list[int]) -> dict[str, Any]:
+    """RULE's k per routed domain: the base's greedy answers to ``val_vqa`` with each k of ``ks`` references,
     errors per domain and k, ``calibrated_k`` at (alpha, delta); a domain with no safe k is left to fixed_k."""
     errors: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for k in range(1, 6):
+    for k in ks:
         folder = out / f"k{k}"
         if not (folder / "results.json").is_file():
             _python("evaluation.evaluate", *evaluate_args(chain, ["val_vqa"], limit, folder, "base", ("rag_fixed",),
@@ -111,7 +111,7 @@ def calibrate(chain: Path, out: Path, alpha: float, delta: float, limit: int) ->
     chosen = {d: calibrated_k(by_k, alpha, delta) for d, by_k in sorted(errors.items())}
     return {"alpha": alpha, "delta": delta, "k_by_domain": {d: k for d, k in chosen.items() if k is not None},
             "risk": {d: {k: sum(e) / len(e) for k, e in by_k.items()} for d, by_k in sorted(errors.items())},
-            "n": {d: len(by_k[1]) for d, by_k in sorted(errors.items())}}
+            "n": {d: len(by_k[ks[0]]) for d, by_k in sorted(errors.items())}}
 
 
 def run_evaluation(name: str, chain: Path, out: Path, roles: list[str], limit: int,
@@ -148,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rule_alpha", type=float, default=0.35,
                     help="RULE: the risk (wrong-answer rate) a calibrated k must be shown to stay under")
     ap.add_argument("--rule_delta", type=float, default=0.1, help="RULE: the calibration's error probability")
+    ap.add_argument("--rule_ks", type=int, nargs="+", default=[1, 2, 3],
+                    help="RULE: the numbers of references tried (default 1 2 3; at most what the retrieval kept)")
     return ap.parse_args(argv)
 
 
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = list(dict.fromkeys([ANCHOR, *args.methods]))
     rule = None
     if "rule" in methods:
-        rule = calibrate(args.chain, args.out / "rule" / "calibration", args.rule_alpha, args.rule_delta, args.limit)
+        rule = calibrate(args.chain, args.out / "rule" / "calibration", args.rule_alpha, args.rule_delta, args.limit,
+                         args.rule_ks)
     predictions = {e: run_evaluation(e, args.chain, args.out, args.roles, args.limit,
                                      rule["k_by_domain"] if e == "rule" else None)
                    for e in dict.fromkeys(METHODS[m][1] for m in methods)}
