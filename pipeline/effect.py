@@ -7,8 +7,11 @@ controls, and where in the toy world's settings?
 
 Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, base policy,
 retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
-that of the whole method. Seed 0 without ``--world_args`` is the demo's own run, ``outputs/toy``
-(run the study after the demo); the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``).
+that of the whole method. The study's world is the demo's with ten times its alignment split
+(``--world_args "--alignment_studies 2000"``, the default; docs/RESULTS.md: with the demo's 200
+studies per domain there are too few pairs for DPO to learn when to trust its references). A run
+whose world is the demo's (``--world_args ""``, seed 0) is the demo's own chain, ``outputs/toy``;
+the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``).
 Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
 noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
 
@@ -65,10 +68,11 @@ from common.io import atomic_write_json, atomic_write_text
 from evaluation.effect import CONDITIONS, CONTROLS as MEANING, assemble, control_figures, markdown, run_figures
 from evaluation.plots import plot_effect_map
 from pipeline import demo
-from toy.make_toy import ToyConfig
+from toy.make_toy import SIZES, ToyConfig
 from toy.room import room
 
 DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
+EFFECT_WORLD = "--alignment_studies 2000"  # the study's make_toy options (module docstring: why)
 CONTROLS = {  # train_dpo options on top of the main method's (their meaning: evaluation.effect.CONTROLS)
     "dpo_cm": ["--pair_types", "[cm]", "--stages", "[[cm]]"],
     "dpo_oa": ["--pair_types", "[oa1,oa2]", "--stages", "[[oa1,oa2]]"],
@@ -130,10 +134,10 @@ def knob_value(text: str) -> float | str:
 
 
 def seed_runs(seeds: list[int], out: Path, world_args: list[str]) -> list[Run]:
-    """Seed 0 without world options is the demo's chain; every other seed gets its own."""
+    """Seed 0 in the demo's world is the demo's chain; every other run gets its own."""
     runs = []
     for s in seeds:
-        if s == 0 and not world_args:
+        if s == 0 and same_world(world_args, []):
             chain = demo.OUT
         else:
             chain = out / "chains" / (f"seed{s}_{world_label(world_args)}" if world_args else f"seed{s}")
@@ -142,19 +146,27 @@ def seed_runs(seeds: list[int], out: Path, world_args: list[str]) -> list[Run]:
 
 
 def same_world(a: list[str], b: list[str]) -> bool:
-    """Whether two make_toy option lists give the same world (``--prior_share 0.0`` is the default)."""
-    return to_dict(load_config(ToyConfig, a)) == to_dict(load_config(ToyConfig, b))
+    """Whether two make_toy option lists give the same world (``--prior_share 0.0`` is the default,
+    ``--alignment_studies 200`` the small size's own)."""
+
+    def world(args: list[str]) -> dict[str, Any]:
+        cfg = to_dict(load_config(ToyConfig, args))
+        return {**cfg, "alignment_studies": cfg["alignment_studies"] or SIZES[cfg["size"]]["alignment"]}
+
+    return world(a) == world(b)
 
 
 def map_runs(knob: str, values: list[str], out: Path, world_args: list[str], seeds: list[Run] = ()) -> list[Run]:
     """One seed-0 chain per knob value, the study's world options plus ``--<knob> <value>``; a value
-    whose world is a seed-0 run's takes that run rather than repeating its whole chain."""
+    whose world is a seed-0 run's takes that run rather than repeating its whole chain, and one
+    whose world is the demo's takes the demo's chain."""
     runs = []
     for v in values:
         args = [*world_args, f"--{knob}", v]
         same = next((r for r in seeds if r.seed == 0 and same_world(r.world_args, args)), None)
         folder = out / "map" / f"{knob}={v}"
-        runs.append(same or Run(f"{knob}={v}", 0, folder / "chain", args, folder))
+        chain = demo.OUT if same_world(args, []) else folder / "chain"
+        runs.append(same or Run(f"{knob}={v}", 0, chain, args, folder))
     return runs
 
 
@@ -281,8 +293,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="whole-chain seeds (default 0 1 2)")
     ap.add_argument("--out", type=Path, default=Path("outputs/toy/effect"), help="output folder")
-    ap.add_argument("--world_args", default="",
-                    help='make_toy options of every chain, one string: "--subtle_share 0.5"')
+    ap.add_argument("--world_args", default=EFFECT_WORLD,
+                    help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": ten times the '
+                         'demo\'s alignment split; "" = the demo\'s world, whose seed 0 is the demo\'s chain)')
     ap.add_argument("--dpo_config", type=Path, default=DPO_CONFIG,
                     help="DPO config of the controls (and of the main method when not the default)")
     ap.add_argument("--eval_config", default="configs/toy/evaluate.yaml", help="evaluation config")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,11 @@ def test_world_label_and_chain_folders(tmp_path):
     assert point.chain == tmp_path / "map" / "subtle_share=0.5" / "chain"
     default, other = driver.map_runs("prior_share", ["0.0", "0.5"], tmp_path, [], runs)
     assert default is runs[0] and other.chain == tmp_path / "map" / "prior_share=0.5" / "chain"  # 0.0: the demo's world
+    study = driver.parse_args([])  # the study's own world: ten times the demo's alignment split
+    big = driver.seed_runs([0], tmp_path, shlex.split(study.world_args))[0]
+    assert study.world_args == driver.EFFECT_WORLD and big.chain == tmp_path / "chains" / "seed0_alignment_studies=2000"
+    small, same = driver.map_runs("alignment_studies", ["200", "2000"], tmp_path, ["--alignment_studies", "2000"], [big])
+    assert small.chain == demo.OUT and small.folder == tmp_path / "map" / "alignment_studies=200" and same is big
 
 
 class Stub:
@@ -274,7 +280,7 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     stub = stubbed(monkeypatch)
     out = tmp_path / "effect"
     argv = ["--seeds", "0", "1", "--out", str(out), "--limit", "7", "--controls", "dpo_cm", "sft_chosen",
-            "--map_knob", "subtle_share", "--map_values", "0.1", "0.6"]
+            "--map_knob", "subtle_share", "--map_values", "0.1", "0.6", "--world_args", ""]
     driver.main(argv)
     assert stub.chains == [(demo.OUT, 0, [], "train_dpo"), (out / "chains" / "seed1", 1, [], "train_dpo"),
                            (out / "map" / "subtle_share=0.1" / "chain", 0, ["--subtle_share", "0.1"], "train_dpo"),
@@ -308,7 +314,8 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     assert "results exist, not redone" in capsys.readouterr().out
 
     driver.main(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
-    assert stub.chains == [(out / "chains" / "seed2", 2, [], "build_pairs")]  # its own DPO: the chain stops before
+    # the study's own world by default; its own DPO: the chain stops before
+    assert stub.chains == [(out / "chains" / "seed2_alignment_studies=2000", 2, ["--alignment_studies", "2000"], "build_pairs")]
     (module, train), = [c for c in stub.commands if c[0] == "dpo.train_dpo"]
     assert train[-2:] == ["--beta", "0.5"] and str(out / "seed2" / "dpo") in train
     effect = json.loads((out / "effect.json").read_text())
