@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from common.io import atomic_write_json, atomic_write_text, read_jsonl
 from evaluation.compare import Answers, comparison_rows, markdown, method_outcomes
 from evaluation.plots import plot_comparison
 from pipeline import demo
+from pipeline.demo import run_module as _python
 from retriever.select_k import calibrated_k
 
 ANCHOR = "rag_fixed"
@@ -79,10 +78,6 @@ METHODS = {
     "mmed_rag": ("MMed-RAG's RAG-PT: DPO on D_cm, then D_oa", "mmed_rag", "rag_fixed", True),
     "mdpo": ("mDPO: DPO + conditional + anchored terms, same pairs", "mdpo", "rag_fixed", True),
 }
-
-
-def _python(module: str, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", module, *args], check=True)
 
 
 def evaluate_args(chain: Path, roles: list[str], limit: int, out: Path, policy: str, conditions: tuple[str, ...],

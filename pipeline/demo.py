@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,6 +82,11 @@ def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = ()) -> list[S
             code.append(Path(f"scripts/{script}.sh"))
         result.append(Stage(name, cmd, out / folder, [Path(c) for c in configs], code, [out / i for i in inputs]))
     return result
+
+
+def run_module(module: str, *args: str) -> None:
+    """``python -m module args`` in a child process, as the studies run a stage's program; a failure raises."""
+    subprocess.run([sys.executable, "-m", module, *args], check=True)
 
 
 def run_chain(out: Path = OUT, seed: int = 0, world_args: list[str] = (), force: bool = False,

@@ -56,7 +56,6 @@ import json
 import multiprocessing
 import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from common.io import atomic_write_json, atomic_write_text
 from evaluation.effect import CONDITIONS, CONTROLS as MEANING, assemble, control_figures, markdown, run_figures
 from evaluation.plots import plot_effect_map
 from pipeline import demo
+from pipeline.demo import run_module as _python
 from toy.make_toy import SIZES, ToyConfig
 from toy.room import room
 
@@ -182,10 +182,6 @@ def eval_command(run: Run, study: Study, dpo_dir: Path, out: Path, policies: lis
             "--adapter", str(dpo_dir / "adapter"), "--dpo_dir", str(dpo_dir), "--out", str(out),
             "--policies", f"[{','.join(policies)}]", "--conditions", f"[{','.join(CONDITIONS)}]",
             "--limit", str(study.limit), "--roles", f"[{','.join(study.roles)}]", *study.eval_args]
-
-
-def _python(module: str, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", module, *args], check=True)
 
 
 @contextlib.contextmanager
