@@ -43,7 +43,8 @@ trust can show it.
 
 Writes ``<out>/effect.json``, ``effect.md`` (docs/DESIGN.md: the effect study) and
 ``effect_map.png``. A run whose results exist is not redone, and an existing chain stage is
-skipped unless its inputs changed: a changed setting needs its own ``--out``.
+skipped unless its inputs changed; results made with other settings (world, limit, roles, options:
+``<eval>/study.json``) stop the study: a changed setting needs its own ``--out``.
 """
 
 from __future__ import annotations
@@ -219,13 +220,43 @@ def control_dir(run: Run, name: str) -> Path:
 
 @dataclass
 class Job:
-    """One run of the study: ``fn(*args)`` writes ``eval_dir``; in a worker its output goes to ``log``."""
+    """One run of the study: ``fn(*args)`` writes ``eval_dir``; in a worker its output goes to ``log``.
+    ``settings`` (what the results depend on) are kept beside them, in ``eval_dir/study.json``."""
 
     label: str
     fn: Callable[..., None]
     args: tuple[Any, ...]
     eval_dir: Path
     log: Path
+    settings: dict[str, Any]
+
+
+def settings(run: Run, study: Study, control: str | None = None) -> dict[str, Any]:
+    """What a run's results depend on beyond the code: its chain and world, the study's options."""
+    got = {"chain": str(run.chain), "seed": run.seed, "world_args": run.world_args,
+           **{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(study).items()}}
+    return got | ({"control": CONTROLS[control]} if control else {})
+
+
+def finished(job: Job) -> bool:
+    """Whether the job's results exist, made with its settings; results made with others stop the
+    study rather than being read as this one's (or silently replaced)."""
+    if not (job.eval_dir / "results.json").is_file():
+        return False
+    path = job.eval_dir / "study.json"
+    got = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if got != job.settings:
+        changed = sorted(k for k in {*got, *job.settings} if got.get(k) != job.settings.get(k))
+        raise SystemExit(f"[effect] {job.eval_dir}: its results were made with other settings "
+                         f"({', '.join(changed) if got else 'not recorded'}); give this study its own --out, "
+                         "or remove that folder to redo it")
+    return True
+
+
+def execute(job: Job) -> None:
+    """Run the job, then record the settings its results were made with."""
+    job.fn(*job.args)
+    atomic_write_json(job.eval_dir / "study.json", job.settings)
 
 
 def _in_worker(job: Job, threads: int) -> tuple[str, float]:
@@ -240,7 +271,7 @@ def _in_worker(job: Job, threads: int) -> tuple[str, float]:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     start = time.time()
     try:
-        job.fn(*job.args)
+        execute(job)
     except (Exception, SystemExit) as e:  # a SystemExit would end the worker and leave the pool waiting
         raise RuntimeError(f"{job.label} failed ({type(e).__name__}: {e}); its output: {job.log}") from None
     return job.label, time.time() - start
@@ -252,13 +283,13 @@ def run_jobs(jobs: list[Job], n: int) -> None:
     and its log."""
     todo = []
     for job in jobs:
-        if (job.eval_dir / "results.json").is_file():
+        if finished(job):
             print(f"[effect] {job.label}: results exist, not redone ({job.eval_dir})", flush=True)
         else:
             todo.append(job)
     if n <= 1 or len(todo) <= 1:
         for job in todo:
-            job.fn(*job.args)
+            execute(job)
         return
     threads = max(1, len(os.sched_getaffinity(0)) // n)
     for job in todo:
@@ -327,9 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     seeds = seed_runs(args.seeds, args.out, world_args)
     on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds)
     mains = seeds + [r for r in on_map if r not in seeds]
-    run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log") for r in mains], args.jobs)
+    run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log", settings(r, study))
+              for r in mains], args.jobs)
     run_jobs([Job(f"{r.label} {name}", run_control, (r, name, study), control_dir(r, name) / "eval",
-                  control_dir(r, name) / "effect.log") for name in args.controls for r in seeds], args.jobs)
+                  control_dir(r, name) / "effect.log", settings(r, study, name))
+              for name in args.controls for r in seeds], args.jobs)
     rooms = {r.label: run_room(r, study) for r in mains}
     figures = {r.seed: {**run_figures(r.eval_dir), "room": rooms[r.label]} for r in seeds}
     controls = {name: {r.seed: control_figures(r.eval_dir, control_dir(r, name) / "eval") for r in seeds}

@@ -312,6 +312,9 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     driver.main(argv)  # everything there: nothing redone
     assert stub.chains == [] and stub.commands == [] and stub.rooms == []
     assert "results exist, not redone" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"seed0/eval: its results were made with other settings \(limit\)"):
+        driver.main([*argv[:argv.index("--limit")], "--limit", "8", *argv[argv.index("--limit") + 2:]])
+    assert stub.commands == []
 
     driver.main(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
     # the study's own world by default; its own DPO: the chain stops before
