@@ -100,6 +100,9 @@ def check(cfg: GrpoConfig) -> None:
         raise ConfigError("lora.enabled: GRPO here trains a LoRA (the reference is the model with its adapter disabled)")
     if not Path(cfg.policy.path).is_dir():
         raise ConfigError(f"policy.path: {cfg.policy.path}: checkpoint folder does not exist")
+    if not (Path(cfg.pairs_dir) / "run_config.yaml").is_file():
+        raise ConfigError(f"pairs_dir: {cfg.pairs_dir}: no pair builder run here (scripts/build_pairs.sh writes its "
+                          "run_config.yaml)")
 
 
 # ---------------------------------------------------------------- the questions
@@ -122,8 +125,6 @@ def read_questions(pairs_dir: Path, max_new_tokens: int, skipped: list[str], bad
     and x_v* of its generations.jsonl. Records it skipped, and gold answers without a yes/no, go to
     ``skipped`` (``bad_record`` error: stop at the first)."""
     run_config = pairs_dir / "run_config.yaml"
-    if not run_config.is_file():
-        raise InputError(f"{run_config}: no pair builder run here (scripts/build_pairs.sh writes it)")
     pairs = load_config(PairsConfig, [str(run_config)])
     if max_new_tokens > pairs.max_new_tokens_vqa:
         raise InputError(f"{run_config}: its prompts were fitted for {pairs.max_new_tokens_vqa} new tokens; "

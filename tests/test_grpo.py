@@ -261,7 +261,7 @@ def test_repeated_batches_give_each_window_its_repeats():
     ({"group_size": 1}, "group_size"), ({"temperature": 0.0}, "temperature"), ({"beta": -0.1}, "beta"),
     ({"epsilon": 0.0}, "epsilon"), ({"copy_penalty": -1.0}, "copy_penalty"), ({"iterations": 0}, "iterations"),
     ({"iterations": 2, "train": {"grad_accum": 2}}, "grad_accum"), ({"lora": LoraConfig(enabled=False)}, "lora"),
-    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"pairs_dir": "/nonexistent"}, "pairs_dir"),
 ])
 def test_bad_settings_are_refused(chain, tmp_path, setting, message):
     with pytest.raises(ConfigError, match=message):
