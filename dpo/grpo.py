@@ -1,4 +1,4 @@
-"""GRPO's pieces for yes/no VQA with retrieval: group-relative advantages and two rewards.
+"""GRPO's pieces for yes/no VQA with retrieval: group-relative advantages, two rewards and the loss.
 
 GRPO (Shao et al. 2024, DeepSeekMath) samples G answers per question and scores each against
 its own group instead of a learned value function. TRL's GRPOTrainer computes the advantages
@@ -13,6 +13,10 @@ for an answer that cannot be scored), so they can be handed to GRPOTrainer as th
 - ``copy_penalty``: ours, the copy signal of the pair builder's D_cm as a reward: minus
   ``penalty`` when the answer with the noised image x_v* and the same references says the same
   yes/no as the answer with the real image (the answer did not need the image).
+
+``grpo_loss`` is TRL's per-token objective with TRL 1.16's defaults, a function of per-token
+log-probs (tests/test_grpo.py runs TRL's own ``GRPOTrainer._compute_loss`` on the same numbers);
+``by_answer`` lays the scorer's flat answer tokens out as TRL's [answers, tokens] grid.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Literal, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from data.answers import yes_no
 
@@ -92,3 +97,55 @@ def copy_penalty(completions: Sequence[str], noised_completions: Sequence[str], 
         label = yes_no(real)
         out.append(-penalty if label != "other" and label == yes_no(noised) else 0.0)
     return out
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's clipped objective, as TRL 1.16's GRPOTrainer computes it with its defaults
+    (``loss_type`` dapo, token-level ratios, ``use_bias_correction_kl``, one epsilon both sides):
+
+        ratio_t = exp(logp_t - old_logp_t)
+        loss_t  = -min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps) A) + beta ratio_t KL_t
+        KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1        (the k3 estimator, >= 0)
+        loss    = sum of loss_t over every answer token / number of answer tokens   (DAPO)
+
+    ``logps``, ``old_logps`` (the policy that sampled the answers), ``ref_logps`` (None with
+    ``beta`` 0), ``mask``: [answers, tokens]; ``advantages``: [answers]. DAPO's mean over the
+    batch's tokens, not per answer first, so a long answer does not weigh less per token.
+    Metrics as TRL logs them: ``kl`` (with beta: the mean of ratio_t KL_t, 1 x KL_t on fresh
+    answers) and ``clip_ratio/region_mean``, the share of tokens whose ratio the clip holds (low
+    side with A < 0, high side with A > 0).
+    """
+    mask = mask.to(logps.dtype)
+    tokens = mask.sum().clamp(min=1.0)
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
+    metrics: dict[str, float] = {}
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference's log-probs")
+        delta = ref_logps - logps
+        kl = ratio * (torch.exp(delta) - delta - 1)
+        per_token = per_token + beta * kl
+        metrics["kl"] = ((kl * mask).sum() / tokens).item()
+    clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
+    metrics["clip_ratio/region_mean"] = ((clipped * mask).sum() / tokens).item()
+    return (per_token * mask).sum() / tokens, metrics
+
+
+def by_answer(values: torch.Tensor, slot: torch.Tensor, answers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token values of several answers (``policy.policy.token_logps``: value, answer slot) as a
+    zero-padded [answers, tokens] grid, each answer's tokens in order, and its 0/1 mask."""
+    order = torch.argsort(slot, stable=True)
+    counts = torch.bincount(slot, minlength=answers).tolist()
+    grid = pad_sequence(list(values[order].split(counts)), batch_first=True)
+    mask = pad_sequence([torch.ones(n, device=values.device) for n in counts], batch_first=True)
+    return grid, mask

@@ -467,22 +467,30 @@ def fill_deepspeed_sizes(accelerator: Accelerator, model: Any) -> None:
             zero[key] = value
 
 
-def run(cfg: DpoConfig) -> dict[str, Any]:
-    """Train; returns the last evaluation, the step reached and the output paths."""
-    check(cfg)
+def start_run(cfg: Any, make_trainer: Callable[[Any, Accelerator, Policy], Any]
+              ) -> tuple[Path, Accelerator, Policy, Any, Any]:
+    """What a LoRA stage on the policy (DPO, GRPO) does before it trains: the accelerator first
+    (ZeRO-3 must be set up before the model loads), the policy, the stage's trainer, the output
+    folder with run_config.yaml, DeepSpeed's sizes from the model; then LoRA on the model.
+    Returns (output folder, accelerator, policy, model to train, trainer)."""
     out = Path(cfg.train.output_dir)
     accelerator = build_accelerator(cfg.train)
     policy = load_with_adapters(cfg.policy)
-    trainer = DpoTrainer(cfg, accelerator, policy)
+    trainer = make_trainer(cfg, accelerator, policy)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "run_config.yaml")
-        accelerator.print(
-            f"pairs: {len(trainer.train_records)} train, {len(trainer.heldout_records)} held out; "
-            f"types {trainer.types}; {accelerator.num_processes} process(es)"
-        )
     fill_deepspeed_sizes(accelerator, policy.model)
     model = apply_lora(policy.model, cfg.lora, cfg.train.gradient_checkpointing)
+    return out, accelerator, policy, model, trainer
+
+
+def run(cfg: DpoConfig) -> dict[str, Any]:
+    """Train; returns the last evaluation, the step reached and the output paths."""
+    check(cfg)
+    out, accelerator, policy, model, trainer = start_run(cfg, DpoTrainer)
+    accelerator.print(f"pairs: {len(trainer.train_records)} train, {len(trainer.heldout_records)} held out; "
+                      f"types {trainer.types}; {accelerator.num_processes} process(es)")
     result = train(cfg.train, accelerator, model, trainer.train_loader, trainer.loss, trainer.evaluate,
                    processor=policy.processor, take_batch=trainer.take)
     adapter = save_model(accelerator, result.model, out / "adapter", policy.processor)

@@ -15,9 +15,12 @@ trained on the chain's pairs, under the same prompts, references, images and x_v
   on ``val_vqa`` answers of the base, retriever.select_k.calibrated_k, with DPO on the
   over-reliance pairs D_oa2 alone);
 - tuning: ``mmed_rag`` (the chain's DPO: D_cm then D_oa, the paper's RAG-PT), ``mdpo`` (mDPO's
-  objective on the same pairs, train_dpo ``loss_type mdpo``).
+  objective on the same pairs, train_dpo ``loss_type mdpo``), ``grpo`` (dpo.train_grpo: the yes/no
+  reward on the alignment questions the pairs were built from, references in the prompt) and
+  ``grpo_copy_penalty`` (the same, an answer that survives x_v* losing 0.5).
 
-Each evaluation goes to ``<out>/<evaluation>/eval`` (an adapter it trains to ``<out>/<evaluation>/dpo``)
+Each evaluation goes to ``<out>/<evaluation>/eval`` (an adapter it trains to ``<out>/<evaluation>/dpo``,
+or ``.../grpo``)
 and is not redone when its results exist. Writes ``<out>/compare.json`` (rows: method, file, n,
 accuracy, diff/low/high against the anchor, copy_rate, over_reliance_rate), ``compare.md`` and
 ``compare.png``.
@@ -51,7 +54,8 @@ class Evaluation:
     policy: str  # "base" | "dpo"
     conditions: tuple[str, ...] = RETRIEVED
     decoding: list[str] = field(default_factory=list)  # evaluate options
-    train: list[str] | None = None  # train_dpo options on the chain's pairs; None: no training
+    train: list[str] | None = None  # the trainer's options on the chain; None: no training
+    trainer: str = "train_dpo"  # the stage that trains it, on the chain's pairs (train_dpo) or questions (train_grpo)
 
 
 EVALUATIONS = {
@@ -62,7 +66,12 @@ EVALUATIONS = {
     "mmed_rag": Evaluation("dpo"),
     "mdpo": Evaluation("dpo", train=["--loss_type", "mdpo"]),
     "rule": Evaluation("dpo", train=["--pair_types", "[oa2]", "--stages", "[[oa2]]"]),
+    "grpo": Evaluation("dpo", train=[], trainer="train_grpo"),
+    "grpo_copy_penalty": Evaluation("dpo", train=["--copy_penalty", "0.5"], trainer="train_grpo"),
 }
+# trainer: (module, its toy config, the folder its run writes under <out>/<evaluation>/)
+TRAINERS = {"train_dpo": ("dpo.train_dpo", "configs/toy/dpo.yaml", "dpo"),
+            "train_grpo": ("dpo.train_grpo", "configs/toy/grpo.yaml", "grpo")}
 # method: (what it is, its evaluation, whose answers, whether it retrieves)
 METHODS = {
     "greedy": ("base, greedy, no retrieval", "greedy", "no_rag", False),
@@ -77,6 +86,9 @@ METHODS = {
     "rule": ("RULE: calibrated k per domain + DPO on D_oa2 alone", "rule", "rag_fixed", True),
     "mmed_rag": ("MMed-RAG's RAG-PT: DPO on D_cm, then D_oa", "mmed_rag", "rag_fixed", True),
     "mdpo": ("mDPO: DPO + conditional + anchored terms, same pairs", "mdpo", "rag_fixed", True),
+    "grpo": ("GRPO: yes/no reward, alignment questions with retrieval", "grpo", "rag_fixed", True),
+    "grpo_copy_penalty": ("GRPO + copy penalty: -0.5 when the answer survives x_v*", "grpo_copy_penalty", "rag_fixed",
+                          True),
 }
 
 
@@ -117,10 +129,11 @@ def run_evaluation(name: str, chain: Path, out: Path, roles: list[str], limit: i
     if spec.policy == "dpo":
         adapter = chain / "dpo" / "adapter"
         if spec.train is not None:
-            adapter = folder / "dpo" / "adapter"
+            module, config, sub = TRAINERS[spec.trainer]
+            adapter = folder / sub / "adapter"
             if not (adapter / "adapter_config.json").is_file():
                 print(f"[compare] {name}: training -> {adapter.parent}", flush=True)
-                _python("dpo.train_dpo", "configs/toy/dpo.yaml", *demo.stage_args("train_dpo", chain, 0),
+                _python(module, config, *demo.stage_args(spec.trainer, chain, 0),
                         "--train.output_dir", str(adapter.parent), *spec.train)
     extra = list(spec.decoding)
     if k_by_domain:
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         policy = EVALUATIONS[evaluation].policy
         outcomes[m] = method_outcomes(Answers(predictions[evaluation], policy, condition, retrieves))
     rows = comparison_rows(outcomes, ANCHOR)
-    notes = ["grpo, grpo_copy_penalty: not run yet (their rewards and advantages: dpo/grpo.py)"]
+    notes = []
     if rule is not None:
         notes.append(f"rule: k per domain {rule['k_by_domain'] or 'none proven safe'} at alpha {rule['alpha']}, "
                      f"delta {rule['delta']} (val_vqa risks: {json.dumps(rule['risk'])})")

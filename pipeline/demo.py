@@ -44,8 +44,8 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
     """The options that put a stage's inputs and outputs under ``out`` and seed it with ``seed``.
 
     With the defaults (outputs/toy, seed 0) they repeat what the toy configs say, so one chain
-    serves the demo and every whole-chain seed of the effect study; except that DPO starts
-    fresh: the chain reruns a stage when its inputs changed, and resuming would continue a run
+    serves the demo and every whole-chain seed of the effect study; except that DPO (and GRPO, which
+    the comparison trains on the chain, not a stage of it) starts fresh: the chain reruns a stage when its inputs changed, and resuming would continue a run
     made on the earlier pairs."""
     w = out / "world"
     return {
@@ -61,6 +61,8 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
         "train_dpo": ["--pairs", f"[{out / 'pairs' / 'pairs.json'}]", "--policy.path", str(out / "policy"),
                       "--train.output_dir", str(out / "dpo"), "--train.seed", str(seed), "--noise_seed", str(seed),
                       "--train.resume", ""],
+        "train_grpo": ["--pairs_dir", str(out / "pairs"), "--policy.path", str(out / "policy"),
+                       "--train.output_dir", str(out / "grpo"), "--train.seed", str(seed), "--train.resume", ""],
         "evaluate": ["--retrieval_dir", str(out / "retrieval"), "--policy.path", str(out / "policy"),
                      "--clip_dir", str(out / "clip"), "--dpo_dir", str(out / "dpo"), "--out", str(out / "eval"),
                      "--noise.seed", str(seed)],

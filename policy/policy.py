@@ -173,8 +173,11 @@ class Policy:
         progress: bool = False,
         logits_processor: Callable[[list[int]], LogitsProcessorList] | None = None,
         num_beams: int = 1,
+        temperature: float = 0.0,
     ) -> list[str]:
         """Greedy (or, with ``num_beams`` > 1, beam-search) answers, one per (image, prompt), in input order.
+        With ``temperature`` > 0 each answer is sampled at that temperature from the whole vocabulary
+        (no top-k or top-p cut, as TRL's GRPOTrainer samples), from torch's seeded generator.
 
         ``logits_processor(indices)``: extra logits processors for the batch of those inputs
         (e.g. VCD's distorted-image branch, policy.decoding).
@@ -188,10 +191,12 @@ class Policy:
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} prompts")
         tok = self.tokenizer
+        sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            do_sample=temperature > 0,
             num_beams=num_beams,
+            **sampling,
             use_cache=True,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
@@ -340,11 +345,22 @@ def sequence_logps(model: Any, batch: Batch, average: bool = False, chunk_mb: in
     Tensor[answers], one answer per row, or per ``answer_index`` slot when rows hold several
     (``Policy.encode_for_training``; the attention mask then hides each answer from the others).
 
-    The one answer scorer of SFT, DPO and their evaluations. The model runs to its last hidden
-    states only; the LM head and log-softmax then run on the answer positions alone, ``chunk_mb``
-    of float32 logits at a time, each chunk's logits recomputed in the backward instead of kept.
-    The [B, T, vocab] logits never exist: at a real vocabulary (Qwen2-VL: 151,936) they, not the
-    weights, decide whether a training step fits.
+    The one answer scorer of SFT, DPO, GRPO and their evaluations (``token_logps`` per token).
+    """
+    logps, slot = token_logps(model, batch, chunk_mb)
+    counts = answer_token_counts(batch)
+    total = logps.new_zeros(len(counts)).index_add(0, slot, logps)
+    return total / counts.clamp(min=1).to(total) if average else total
+
+
+def token_logps(model: Any, batch: Batch, chunk_mb: int = LOGITS_CHUNK_MB) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of every answer token (labels != -100), row by row; the answer slot each belongs to):
+    two Tensor[answer tokens]. GRPO's loss is per token; ``sequence_logps`` sums them per answer.
+
+    The model runs to its last hidden states only; the LM head and log-softmax then run on the
+    answer positions alone, ``chunk_mb`` of float32 logits at a time, each chunk's logits
+    recomputed in the backward instead of kept. The [B, T, vocab] logits never exist: at a real
+    vocabulary (Qwen2-VL: 151,936) they, not the weights, decide whether a training step fits.
     """
     lm = causal_lm(model)
     inputs = {k: v for k, v in batch.items() if k not in SCORING_KEYS}
@@ -358,9 +374,7 @@ def sequence_logps(model: Any, batch: Batch, average: bool = False, chunk_mb: in
     logps = answer_token_logps(lm.get_output_embeddings(), kept[0][rows, source], batch["labels"][rows, cols],
                                max(1, chunk_mb * 2**20 // (4 * vocab)))
     slot = batch["answer_index"][rows, cols] if "answer_index" in batch else rows
-    counts = answer_token_counts(batch)
-    total = logps.new_zeros(len(counts)).index_add(0, slot, logps)
-    return total / counts.clamp(min=1).to(total) if average else total
+    return logps, slot
 
 
 def answer_token_counts(batch: Batch) -> torch.Tensor:

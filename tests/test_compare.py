@@ -19,6 +19,11 @@ def _rows(policy: str, answers: dict[str, list[int]], files=("a", "a", "b", "b")
             for c, xs in answers.items() for i, (f, x) in enumerate(zip(files, xs))]
 
 
+def _option(args: tuple[str, ...], key: str) -> str:
+    """The value a command line gives ``key``: its last occurrence's (a later option wins)."""
+    return args[len(args) - args[::-1].index(key)]
+
+
 def test_outcomes_and_rows_by_hand(tmp_path):
     preds = _write(tmp_path / "p.jsonl", _rows("base", {"no_rag": [1, 1, 0, 0], "rag_fixed": [1, 0, 1, 0],
                                                         "noised_rag": [1, 0, 0, 0]})
@@ -63,7 +68,7 @@ def test_driver_calibrates_rule_and_pairs_every_method_with_the_anchor(tmp_path,
     def fake_python(module, *args):
         calls.append((module, args))
         opts = {args[i][2:]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
-        if module == "dpo.train_dpo":
+        if module in ("dpo.train_dpo", "dpo.train_grpo"):
             adapter = Path(opts["train.output_dir"]) / "adapter"
             adapter.mkdir(parents=True)
             (adapter / "adapter_config.json").write_text("{}")
@@ -89,6 +94,14 @@ def test_driver_calibrates_rule_and_pairs_every_method_with_the_anchor(tmp_path,
     assert json.loads(rule_eval[rule_eval.index("--k_by_domain") + 1]) == {"radiology": 3}
     trained = [a for m, a in calls if m == "dpo.train_dpo"]
     assert len(trained) == 2 and any("mdpo" in a for a in trained) and any("[[oa2]]" in a for a in trained)
+    grpo = {Path(_option(a, "--train.output_dir")).parts[-2:]: a for m, a in calls if m == "dpo.train_grpo"}
+    assert set(grpo) == {("grpo", "grpo"), ("grpo_copy_penalty", "grpo")}
+    assert "--copy_penalty" not in grpo[("grpo", "grpo")] and grpo[("grpo_copy_penalty", "grpo")][-2:] == ("--copy_penalty", "0.5")
+    assert all(a[0] == "configs/toy/grpo.yaml" and a[a.index("--pairs_dir") + 1] == str(tmp_path / "chain" / "pairs")
+               for a in grpo.values())
+    grpo_eval = next(a for m, a in calls if m == "evaluation.evaluate" and str(tmp_path / "cmp" / "grpo" / "eval") in a)
+    assert grpo_eval[grpo_eval.index("--adapter") + 1] == str(tmp_path / "cmp" / "grpo" / "grpo" / "adapter")
+    assert result["notes"] == [n for n in result["notes"] if n.startswith("rule:")]
     by = {(r["method"], r["file"]): r for r in result["rows"]}
     assert set(m for m, _ in by) == set(compare.METHODS)
     assert by[("beam", ALL)]["diff"] == pytest.approx(0.5) and by[("vcd", ALL)]["diff"] == pytest.approx(-0.5)

@@ -9,6 +9,7 @@ import pytest
 
 from common.config import ConfigError, load_config, to_dict
 from dpo.train_dpo import DpoConfig
+from dpo.train_grpo import GrpoConfig
 from evaluation.evaluate import EvalConfig
 from evaluation.infer import InferConfig
 from evaluation.serve import ServeConfig
@@ -21,7 +22,7 @@ from toy.toy_policy import ToyPolicyConfig
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-CLASSES = {"clip": ClipTrainConfig, "retrieve": RetrieveConfig, "pairs": PairsConfig, "dpo": DpoConfig,
+CLASSES = {"clip": ClipTrainConfig, "retrieve": RetrieveConfig, "pairs": PairsConfig, "dpo": DpoConfig, "grpo": GrpoConfig,
            "evaluate": EvalConfig, "sft": SftConfig, "toy_policy": ToyPolicyConfig, "serve": ServeConfig}
 DOMAINS = ("radiology", "pathology", "ophthalmology")
 
@@ -67,7 +68,8 @@ def test_shipped_paths_finds_nested_and_absolute_paths():
     assert found == ["configs/x.yaml", "configs/y.json"]
 
 
-@pytest.mark.parametrize("cls", [SftConfig, PairsConfig, DpoConfig, EvalConfig, InferConfig], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [SftConfig, PairsConfig, DpoConfig, GrpoConfig, EvalConfig, InferConfig],
+                         ids=lambda c: c.__name__)
 def test_every_stage_names_its_policy_in_one_section(cls, tmp_path):
     """``policy:`` is a PolicySpec in every stage that loads the policy; ``--policy.KEY`` overrides
     one key and keeps the others the file sets."""
