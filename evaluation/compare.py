@@ -58,14 +58,16 @@ def method_outcomes(answers: Answers) -> dict[str, dict[Question, float]]:
     return out
 
 
-def comparison_rows(methods: dict[str, dict[str, dict[Question, float]]], anchor: str,
+def comparison_rows(methods: dict[str, dict[str, dict[Question, float]]], anchor: str, versus: tuple[str, ...] = (),
                     n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
     """compare.json's rows: per method, per file and over ``ALL``, on the questions every method
     answered (so every row of a file stands on the same questions): n, accuracy, accuracy − the
-    ``anchor`` method's with its 95% paired bootstrap interval (``diff``, ``low``, ``high``), copy
-    and over-reliance rates (None where a method has none)."""
-    if anchor not in methods:
-        raise ValueError(f"the anchor method {anchor!r} is not among {sorted(methods)}")
+    ``anchor`` method's with its 95% paired bootstrap interval (``diff``, ``low``, ``high``), the
+    same against each method of ``versus`` (``versus: {method: {diff, low, high}}``, e.g. RAG-PT,
+    the method the others claim to beat), copy and over-reliance rates (None where a method has none)."""
+    for name in (anchor, *versus):
+        if name not in methods:
+            raise ValueError(f"the reference method {name!r} is not among {sorted(methods)}")
     common = set.intersection(*(set(m["accuracy"]) for m in methods.values()))
     files = sorted({f for f, _ in common})
     rows = []
@@ -74,12 +76,18 @@ def comparison_rows(methods: dict[str, dict[str, dict[Question, float]]], anchor
         if not questions:
             continue
         draws = resamples(len(questions), n_boot, seed)
-        base = np.array([methods[anchor]["accuracy"][q] for q in questions])
+        correct = {name: np.array([m["accuracy"][q] for q in questions]) for name, m in methods.items()}
+
+        def difference(acc: np.ndarray, ref: str) -> dict[str, float]:
+            low, high = paired_interval(acc - correct[ref], draws)
+            return {"diff": float((acc - correct[ref]).mean()), "low": low, "high": high}
+
         for name, m in methods.items():
-            acc = np.array([m["accuracy"][q] for q in questions])
-            low, high = paired_interval(acc - base, draws)
+            acc = correct[name]
             row = {"method": name, "file": file, "n": len(questions), "accuracy": float(acc.mean()),
-                   "diff": float((acc - base).mean()), "low": low, "high": high}
+                   **difference(acc, anchor)}
+            if versus:
+                row["versus"] = {ref: difference(acc, ref) for ref in versus}
             for rate in ("copy_rate", "over_reliance_rate"):
                 values = [m[rate][q] for q in questions if q in m.get(rate, {})]
                 row[rate] = float(np.mean(values)) if values and len(values) == len(questions) else None
@@ -93,8 +101,8 @@ def _pct(x: float | None) -> str:
 
 def markdown(rows: list[dict[str, Any]], meaning: dict[str, str], anchor: str, notes: list[str] = ()) -> str:
     """compare.md: methods as rows and files as columns (accuracy, n per column), as the paper's
-    Table 1; then over all files each method's accuracy with its Wilson interval, its difference to the
-    anchor with the paired interval, copy and over-reliance rates."""
+    Table 1; then over all files each method's accuracy with its Wilson interval, its differences to the
+    anchor (and to each ``versus`` method of the rows) with their paired intervals, copy and over-reliance rates."""
     files = sorted({r["file"] for r in rows} - {ALL})
     by = {(r["method"], r["file"]): r for r in rows}
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -107,15 +115,21 @@ def markdown(rows: list[dict[str, Any]], meaning: dict[str, str], anchor: str, n
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(_pct(by[(m, f)]["accuracy"]) if (m, f) in by else "–"
                                               for f in [*files, ALL]) + " |")
+    versus = list(by[(methods[0], ALL)].get("versus", {}))
     lines += ["", f"Over all files (n = {n_of[ALL]}):", "",
-              "| method | what | accuracy [95% Wilson] | − anchor [95% paired] | copy rate | over-reliance |",
-              "|---|---|---|---|---|---|"]
+              "| method | what | accuracy [95% Wilson] | − anchor [95% paired] | "
+              + "".join(f"− {v} [95% paired] | " for v in versus) + "copy rate | over-reliance |",
+              "|---|---|---|---|" + "---|" * len(versus) + "---|---|"]
+
+    def interval(d: dict[str, float]) -> str:
+        return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
     for m in methods:
         r = by[(m, ALL)]
         lo, hi = wilson(round(r["accuracy"] * r["n"]), r["n"])
-        lines.append(f"| {m} | {meaning.get(m, '')} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | "
-                     f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {_pct(r['copy_rate'])} | "
-                     f"{_pct(r['over_reliance_rate'])} |")
+        lines.append(f"| {m} | {meaning.get(m, '')} | {r['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {interval(r)} | "
+                     + "".join(f"{interval(r['versus'][v])} | " for v in versus)
+                     + f"{_pct(r['copy_rate'])} | {_pct(r['over_reliance_rate'])} |")
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"

@@ -35,7 +35,7 @@ def test_outcomes_and_rows_by_hand(tmp_path):
     plain = method_outcomes(Answers(preds, "base", "no_rag", False))
     assert set(plain) == {"accuracy"}  # no retrieval: no copy or over-reliance rate
     tuned = method_outcomes(Answers(preds, "dpo", "rag_fixed", True))
-    rows = comparison_rows({"rag_fixed": anchor, "greedy": plain, "tuned": tuned}, "rag_fixed", n_boot=200)
+    rows = comparison_rows({"rag_fixed": anchor, "greedy": plain, "tuned": tuned}, "rag_fixed", ("tuned",), n_boot=200)
     by = {(r["method"], r["file"]): r for r in rows}
     assert by[("tuned", ALL)]["accuracy"] == 0.75 and by[("tuned", ALL)]["diff"] == pytest.approx(0.25)
     assert by[("tuned", ALL)]["copy_rate"] == 0.0 and by[("tuned", ALL)]["over_reliance_rate"] == 0.0
@@ -44,8 +44,11 @@ def test_outcomes_and_rows_by_hand(tmp_path):
     assert by[("greedy", "b")]["accuracy"] == 0.0 and by[("greedy", "b")]["copy_rate"] is None
     assert by[("tuned", "a")]["n"] == 2 and by[("tuned", "a")]["diff"] == pytest.approx(0.5)
     assert by[("tuned", ALL)]["low"] <= 0.25 <= by[("tuned", ALL)]["high"]
+    assert by[("rag_fixed", ALL)]["versus"]["tuned"]["diff"] == pytest.approx(-0.25)  # the same pairs, seen from tuned
+    assert by[("greedy", "b")]["versus"]["tuned"] == pytest.approx({"diff": -0.5, "low": -1.0, "high": 0.0})
     text = markdown(rows, {"tuned": "a tuned policy"}, "rag_fixed")
     assert "| tuned | 1.000 | 0.500 | 0.750 |" in text and "| tuned | a tuned policy | 0.750 [" in text
+    assert "| − anchor [95% paired] | − tuned [95% paired] | copy rate |" in text
     with pytest.raises(ValueError, match="no `dpo` answers under rag_adaptive"):
         method_outcomes(Answers(preds, "dpo", "rag_adaptive", True))
 
@@ -56,7 +59,7 @@ def test_rows_stand_on_the_questions_every_method_answered(tmp_path):
     rows = comparison_rows({"rag_fixed": method_outcomes(Answers(a, "base", "rag_fixed", True)),
                             "other": method_outcomes(Answers(b, "base", "rag_fixed", True))}, "rag_fixed", n_boot=50)
     assert {r["file"] for r in rows} == {"a", ALL} and all(r["n"] == 2 for r in rows)
-    with pytest.raises(ValueError, match="anchor"):
+    with pytest.raises(ValueError, match="reference method 'rag_fixed'"):
         comparison_rows({"other": {"accuracy": {}}}, "rag_fixed")
 
 
