@@ -45,8 +45,8 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
 
     With the defaults (outputs/toy, seed 0) they repeat what the toy configs say, so one chain
     serves the demo and every whole-chain seed of the effect study; except that DPO (and GRPO, which
-    the comparison trains on the chain, not a stage of it) starts fresh: the chain reruns a stage when its inputs changed, and resuming would continue a run
-    made on the earlier pairs."""
+    the comparison trains on a chain) starts fresh: the chain reruns a stage when its inputs
+    changed, and resuming would continue a run made on the earlier pairs."""
     w = out / "world"
     return {
         "make_toy": ["--out", str(w), "--seed", str(seed)],
