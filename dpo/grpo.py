@@ -32,14 +32,14 @@ Scale = Literal["group", "batch", "none"]
 EPS = 1e-4  # TRL's: advantages = (r - group mean) / (std + 1e-4)
 
 
-def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Unbiased (Bessel-corrected) std ignoring NaNs, NaN below two values (trl.trainer.utils.nanstd)."""
     mean = torch.nanmean(x, dim=dim, keepdim=True)
     count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
     var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True) * count / (count - 1)
     var = torch.where(count > 1, var, torch.full_like(var, float("nan")))
     std = var.sqrt()
-    return std if dim is None else std.squeeze(dim)
+    return std.squeeze() if dim is None else std.squeeze(dim)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: Scale = "group") -> torch.Tensor:
@@ -59,10 +59,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: Scale = "gro
     mean = torch.nanmean(grouped, dim=1).repeat_interleave(group_size)
     advantages = rewards - mean
     if scale == "group":
-        std = (_nanstd(grouped, dim=1).repeat_interleave(group_size) if group_size > 1
+        std = (nanstd(grouped, dim=1).repeat_interleave(group_size) if group_size > 1
                else torch.zeros_like(rewards))
     elif scale == "batch":
-        std = _nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
     elif scale != "none":
         raise ValueError(f"unknown scale {scale!r}; choose group, batch or none")
     if scale != "none":

@@ -43,7 +43,7 @@ from data.answers import yes_no
 from data.images import BadImageError, BadImageLog, load_image
 from data.loader import make_loader
 from data.readers import bad_records_summary
-from dpo.grpo import Scale, by_answer, copy_penalty, group_advantages, grpo_loss, yes_no_reward
+from dpo.grpo import Scale, by_answer, copy_penalty, group_advantages, grpo_loss, nanstd, yes_no_reward
 from dpo.train_dpo import reference_mode, start_run
 from pairs.build_pairs import GENERATIONS, PairsConfig, find_inputs, read_generations, read_items
 from policy.budget import PromptParts
@@ -262,7 +262,7 @@ class GrpoTrainer:
             rewards = correct + penalty
             metrics.update({"rewards/copy_penalty/mean": penalty.mean().item(),
                             "copy_rate": (penalty != 0).float().mean().item()})
-        group_std = rewards.view(-1, g).std(1)
+        group_std = nanstd(rewards.view(-1, g), dim=1)
         metrics.update({"reward": rewards.nanmean().item(), "reward_std": group_std.nanmean().item(),
                         "frac_reward_zero_std": (group_std == 0).float().mean().item()})
         if self.share_prompt:  # one row per question: [prompt, answer 1, ..., answer G]

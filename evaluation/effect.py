@@ -265,20 +265,21 @@ def table(summary: dict[str, dict[str, dict[str, float]]], seeds: list[int],
 
 
 def controls_table(effect: dict[str, Any]) -> str:
-    """Each control beside the main method: mean ± std over seeds, then per seed its paired
-    difference from base in RAG accuracy and copy rate."""
+    """Each control beside the main method on the seeds the controls ran on: mean ± std over
+    those seeds, then per seed its paired difference from base in RAG accuracy and copy rate."""
     controls = effect.get("controls") or {}
     if not controls:
         return ""
+    seeds = {s for per in controls.values() for s in per}
     runs = {s: {**diag, **{name: per[s]["diagnostics"] for name, per in controls.items() if s in per}}
-            for s, diag in effect["seeds"].items()}
-    per_seed = {"dpo": effect["differences"]}
+            for s, diag in effect["seeds"].items() if s in seeds}
+    per_seed = {"dpo": {s: d for s, d in effect["differences"].items() if s in seeds}}
     per_seed.update({name: {s: f["differences"] for s, f in per.items()} for name, per in controls.items()})
     all_diffs = [d for by_seed in per_seed.values() for d in by_seed.values()]
     meaning = "; ".join(f"`{name}` {CONTROLS.get(name, '')}".rstrip() for name in controls)
     lines = ["## Controls", "",
              f"On the main method's pairs, base policy, engine, LoRA, prompts and images: {meaning}. "
-             "Mean ± sample std over seeds.", "",
+             f"Mean ± sample std over seeds {', '.join(map(str, sorted(runs)))}.", "",
              *_mean_table(summarise(runs)), "",
              f"Method − base per seed, 95% paired bootstrap interval over {_n(all_diffs)} questions.", "",
              "| method | seed | acc RAG (95% Wilson) | " + " | ".join(f"Δ {LABELS[m]}" for m in CONTROL_METRICS) + " |",

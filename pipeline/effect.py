@@ -2,8 +2,8 @@
 controls, and where in the toy world's settings?
 
     bash scripts/effect.sh [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50] [--roles test_vqa]
-        [--controls NAME ...] [--map_knob prior_share] [--map_values 0.0 0.5 0.9] [--world_args "..."]
-        [--jobs N]
+        [--controls NAME ...] [--control_seeds 0] [--map_knob prior_share] [--map_values 0.0 0.5 0.9]
+        [--world_args "..."] [--jobs N]
 
 Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, base policy,
 retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
@@ -15,12 +15,14 @@ the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``).
 Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
 noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
 
-Controls, on every seed, differ from the main method (configs/toy/dpo.yaml: the paper's order,
-stages [[cm], [oa1, oa2]]) in one thing each, on the same pairs, base policy, engine, LoRA,
-prompts and images: ``dpo_cm`` D_cm alone, ``dpo_oa`` D_oa1 + D_oa2 alone, ``dpo_mixed`` all pairs
-in one mixed pass, ``sft_chosen`` supervised tuning on the chosen answers (loss_type sft). Each
-trains into ``<out>/seed<N>/controls/<name>/dpo`` and is evaluated alone, paired with its seed's
-base on the same questions.
+Controls, on the first seed (``--control_seeds`` for others), differ from the main method
+(configs/toy/dpo.yaml: the paper's order, stages [[cm], [oa1, oa2]]) in one thing each, on the same
+pairs, base policy, engine, LoRA, prompts and images: ``dpo_cm`` D_cm alone, ``dpo_oa`` D_oa1 +
+D_oa2 alone, ``dpo_mixed`` all pairs in one mixed pass, ``sft_chosen`` supervised tuning on the
+chosen answers (loss_type sft). Each trains into ``<out>/seed<N>/controls/<name>/dpo`` and is
+evaluated alone, paired with its seed's base on the same questions. One seed by default: a control
+costs as much as the chain's own DPO (in the study's world about 20 minutes of a core), and four
+on every seed would double the study.
 
 The effect map: one whole chain (seed 0) per value of a world knob (a toy.make_toy option), in
 ``<out>/map/<knob>=<value>/`` (``chain/``, ``eval/``), evaluated like a seed; a value that gives
@@ -333,8 +335,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                    "retrains the main method under <out>/seed<N>/dpo")
     ap.add_argument("--eval_args", default="", help='extra evaluate options, one string: "--batch_size 8"')
     ap.add_argument("--controls", nargs="*", choices=list(CONTROLS), default=list(CONTROLS),
-                    help="controls to run on every seed (default all; none when given empty): "
+                    help="controls to run on each of --control_seeds (default all; none when given empty): "
                          + "; ".join(f"{name}: {MEANING[name]}" for name in CONTROLS))
+    ap.add_argument("--control_seeds", type=int, nargs="+", default=None,
+                    help="seeds whose chains get the controls (default: the first of --seeds); each must be one of --seeds")
     ap.add_argument("--map_knob", default="prior_share", help="world knob of the effect map (a toy.make_toy option)")
     ap.add_argument("--map_values", nargs="*", default=["0.0", "0.5", "0.9"],
                     help="its values, one seed-0 chain each (default 0.0 0.5 0.9; none when given empty)")
@@ -344,6 +348,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs {args.jobs}: at least 1")
+    args.control_seeds = args.control_seeds or args.seeds[:1]
+    if not set(args.control_seeds) <= set(args.seeds):
+        ap.error(f"--control_seeds {args.control_seeds}: each must be one of --seeds {args.seeds}")
     knobs = [f.name for f in dataclasses.fields(ToyConfig) if f.name not in ("out", "seed")]
     if args.map_values and args.map_knob not in knobs:
         ap.error(f"--map_knob {args.map_knob}: not a make_toy option; its options are {knobs}")
@@ -358,14 +365,15 @@ def main(argv: list[str] | None = None) -> None:
     seeds = seed_runs(args.seeds, args.out, world_args)
     on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds)
     mains = seeds + [r for r in on_map if r not in seeds]
+    controlled = [r for r in seeds if r.seed in args.control_seeds]
     run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log", settings(r, study))
               for r in mains], args.jobs)
     run_jobs([Job(f"{r.label} {name}", run_control, (r, name, study), control_dir(r, name) / "eval",
                   control_dir(r, name) / "effect.log", settings(r, study, name))
-              for name in args.controls for r in seeds], args.jobs)
+              for name in args.controls for r in controlled], args.jobs)
     rooms = {r.label: run_room(r, study) for r in mains}
     figures = {r.seed: {**run_figures(r.eval_dir), "room": rooms[r.label]} for r in seeds}
-    controls = {name: {r.seed: control_figures(r.eval_dir, control_dir(r, name) / "eval") for r in seeds}
+    controls = {name: {r.seed: control_figures(r.eval_dir, control_dir(r, name) / "eval") for r in controlled}
                 for name in args.controls}
     points = [{"value": knob_value(v), **run_figures(r.eval_dir), "room": rooms[r.label]}
               for v, r in zip(args.map_values, on_map)]

@@ -280,7 +280,8 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     stub = stubbed(monkeypatch)
     out = tmp_path / "effect"
     argv = ["--seeds", "0", "1", "--out", str(out), "--limit", "7", "--controls", "dpo_cm", "sft_chosen",
-            "--map_knob", "subtle_share", "--map_values", "0.1", "0.6", "--world_args", ""]
+            "--control_seeds", "0", "1", "--map_knob", "subtle_share", "--map_values", "0.1", "0.6",
+            "--world_args", ""]
     driver.main(argv)
     assert stub.chains == [(demo.OUT, 0, [], "train_dpo"), (out / "chains" / "seed1", 1, [], "train_dpo"),
                            (out / "map" / "subtle_share=0.1" / "chain", 0, ["--subtle_share", "0.1"], "train_dpo"),
@@ -327,8 +328,8 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
 
 def test_jobs_run_in_workers_with_a_log_each_and_give_the_same_study(tmp_path, monkeypatch, capsys):
     stub = stubbed(monkeypatch)
-    argv = ["--seeds", "0", "1", "--limit", "7", "--controls", "sft_chosen", "--map_knob", "subtle_share",
-            "--map_values", "0.1"]
+    argv = ["--seeds", "0", "1", "--limit", "7", "--controls", "sft_chosen", "--control_seeds", "0", "1",
+            "--map_knob", "subtle_share", "--map_values", "0.1"]
     driver.main([*argv, "--out", str(tmp_path / "one")])
     capsys.readouterr()
     driver.main([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"])
@@ -339,6 +340,20 @@ def test_jobs_run_in_workers_with_a_log_each_and_give_the_same_study(tmp_path, m
     assert "sft_chosen: training" in (tmp_path / "two" / "seed0" / "controls" / "sft_chosen" / "effect.log").read_text()
     one, two = (json.loads((tmp_path / d / "effect.json").read_text()) for d in ("one", "two"))
     assert one == two
+
+
+def test_controls_run_on_the_first_seed_by_default_and_compare_on_it_alone(tmp_path, monkeypatch):
+    stub = stubbed(monkeypatch)
+    out = tmp_path / "effect"
+    driver.main(["--seeds", "3", "1", "--out", str(out), "--controls", "sft_chosen", "--map_values"])
+    trains = [args for module, args in stub.commands if module == "dpo.train_dpo"]
+    assert len(trains) == 1 and str(out / "seed3" / "controls" / "sft_chosen" / "dpo") in trains[0]
+    effect = json.loads((out / "effect.json").read_text())
+    assert list(effect["controls"]["sft_chosen"]) == ["3"] and set(effect["seeds"]) == {"1", "3"}
+    controls = (out / "effect.md").read_text().split("## Controls")[1]
+    assert "over seeds 3." in controls and "| dpo | 1 |" not in controls and "| dpo | 3 |" in controls
+    with pytest.raises(SystemExit):
+        driver.main(["--seeds", "0", "--control_seeds", "1", "--out", str(out)])
 
 
 def test_a_failed_run_in_a_worker_stops_the_study_naming_its_log(tmp_path, monkeypatch):
@@ -353,7 +368,8 @@ def test_a_failed_run_in_a_worker_stops_the_study_naming_its_log(tmp_path, monke
     monkeypatch.setattr(driver, "_python", python)
     out = tmp_path / "effect"
     with pytest.raises(SystemExit, match=r"seed 1 sft_chosen failed \(SystemExit: 1\); its output: .*effect\.log"):
-        driver.main(["--seeds", "0", "1", "--out", str(out), "--controls", "sft_chosen", "--map_values", "--jobs", "2"])
+        driver.main(["--seeds", "0", "1", "--out", str(out), "--controls", "sft_chosen", "--control_seeds", "0", "1",
+                     "--map_values", "--jobs", "2"])
     assert not (out / "effect.json").exists()
 
 

@@ -13,7 +13,7 @@ import torch
 
 from common.config import ConfigError
 from common.engine import EngineConfig, LoraConfig
-from dpo.grpo import by_answer, copy_penalty, group_advantages, grpo_loss, yes_no_reward
+from dpo.grpo import by_answer, copy_penalty, group_advantages, grpo_loss, nanstd, yes_no_reward
 from common.engine import apply_lora, build_accelerator
 from dpo.train_grpo import GrpoConfig, GrpoTrainer, RepeatedBatches, check, read_questions, run
 from pairs.build_pairs import PairsConfig
@@ -46,6 +46,13 @@ def _trl_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: 
     if scale_rewards != "none":
         advantages = advantages / (std_rewards + 1e-4)
     return torch.nan_to_num(advantages, nan=0.0)
+
+
+def test_nanstd_is_trls_with_unscored_answers_left_out():
+    r = torch.tensor([[1.0, float("nan"), 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [float("nan"), 1.0, float("nan"), float("nan")]])
+    torch.testing.assert_close(nanstd(r, dim=1), trl_utils.nanstd(r, dim=1), equal_nan=True)
+    assert nanstd(r, dim=1)[0].item() == pytest.approx(math.sqrt(1 / 3)) and math.isnan(nanstd(r, dim=1)[2].item())
+    torch.testing.assert_close(nanstd(r), trl_utils.nanstd(r))
 
 
 def test_group_advantages_are_the_papers_formula_on_hand_made_rewards():
