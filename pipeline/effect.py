@@ -13,8 +13,8 @@ studies per domain there are too few pairs for DPO to learn when to trust its re
 long: a chain there takes about 45 minutes of one core for itself and two hours with three chains
 sharing 2 cores, so the default study (3 seeds, 2 more map chains, 4 controls) takes about 4 hours
 on 2 cores (a GPU machine, ``--jobs``, or ``--seeds 0 --controls --map_values`` for a first
-look). A run whose world is the demo's (``--world_args ""``, seed 0) is the demo's own chain, ``outputs/toy``;
-the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``).
+look). A run whose world is the demo's (``--world_args ""``, seed 0) is the demo's own chain,
+``outputs/toy``; the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``).
 Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
 noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
 
@@ -341,7 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="controls to run on each of --control_seeds (default all; none when given empty): "
                          + "; ".join(f"{name}: {MEANING[name]}" for name in CONTROLS))
     ap.add_argument("--control_seeds", type=int, nargs="+", default=None,
-                    help="seeds whose chains get the controls (default: the first of --seeds); each must be one of --seeds")
+                    help="seeds whose chains get the controls (default: the first of --seeds); "
+                         "each must be one of --seeds")
     ap.add_argument("--map_knob", default="prior_share", help="world knob of the effect map (a toy.make_toy option)")
     ap.add_argument("--map_values", nargs="*", default=["0.0", "0.5", "0.9"],
                     help="its values, one seed-0 chain each (default 0.0 0.5 0.9; none when given empty)")
