@@ -97,6 +97,8 @@ class EngineConfig:
     keep: int = doc(2, "step checkpoints kept (the best one is never removed)")
     best_metric: str = doc("", "eval metric that picks the best checkpoint, e.g. eval_loss (empty = none)")
     higher_is_better: bool = doc(False, "whether a larger best_metric is better")
+    stop_at: float | None = doc(None, "end the run at the first evaluation whose best_metric reaches this value "
+                                      "(max_steps is then the most it takes); None = never")
     resume: str = doc("", "continue from 'latest' (fresh start if there is none), 'best' or a checkpoint folder")
     progress: bool = doc(True, "show a tqdm progress bar")
     collapse_nats: float = doc(2.0, "stop when, over a log window, the chosen and rejected answers' log-probs both fell more "
@@ -345,6 +347,8 @@ def train(
     ``take_batch(batch)`` sees every batch first and may return None to skip it (e.g.
     ``data.images.BadImageLog.take``, which counts the samples dropped for bad images).
     """
+    if cfg.stop_at is not None and not (cfg.best_metric and eval_fn):
+        raise ConfigError("stop_at needs best_metric and an evaluation (eval_fn) that reports it")
     out = Path(cfg.output_dir)
     # The DataLoader draws a base seed for its workers at every epoch; its own generator keeps
     # that draw out of the global RNG, which checkpoints restore (dropout continues exactly).
@@ -405,7 +409,8 @@ def train(
     logged_at = step  # weights of steps from here on made the current log window's figures
     last_eval: dict[str, float] = {}
     model.train()
-    while step < total and (cfg.max_steps or epoch < cfg.epochs):
+    ended = False  # stop_at reached
+    while not ended and step < total and (cfg.max_steps or epoch < cfg.epochs):
         loader = accelerator.skip_first_batches(train_loader, seen) if seen else train_loader
         loader.set_epoch(epoch)  # seeds this epoch's order (a skipping loader is new and needs it too)
         for batch in loader:
@@ -457,6 +462,9 @@ def train(
                 model.train()
                 log.log(last_eval, step)
                 accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+                if reached(cfg, last_eval):
+                    accelerator.print(f"step {step}: {cfg.best_metric} reached {cfg.stop_at}; the run ends here")
+                    last = ended = True
             if last or (step % cfg.save_every == 0 if cfg.save_every else end_of_epoch):
                 save(last_eval)
             if last:
@@ -469,6 +477,14 @@ def train(
         h.remove()
     accelerator.wait_for_everyone()
     return TrainResult(model=model, step=step, metrics=last_eval, best_checkpoint=manager.resolve("best"))
+
+
+def reached(cfg: EngineConfig, metrics: dict[str, float]) -> bool:
+    """Whether ``metrics`` meet ``cfg.stop_at`` (at or above it, or at or below with a lower-is-better metric)."""
+    value = metrics.get(cfg.best_metric)
+    if cfg.stop_at is None or value is None:
+        return False
+    return value >= cfg.stop_at if cfg.higher_is_better else value <= cfg.stop_at
 
 
 def _write_pretrained(model: Any, state_dict: dict, out_dir: Path, processor: Any = None) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,8 @@ class SftDataConfig:
     no_reference_rate: float = doc(0.3, "share of retrieval records trained without their references")
     max_references: int = doc(0, "use at most this many references per record (0 = all)")
     val_fraction: float = doc(0.0, "share of records held out (by id) for the eval loss")
+    val_reading: int = doc(0, "held-out VQA questions (at most) asked without references at each evaluation: their "
+                              "accuracy is eval_reading, how well the policy reads the image (0 = not asked)")
     max_length: int = doc(0, "token budget of prompt (image tokens included) + answer, and of prompt + max_new_tokens "
                              "when measuring; references are dropped or shortened to fit, a record that cannot fit is "
                              "refused (0 = the model's own limit)")
@@ -315,6 +318,31 @@ def eval_loss_fn(accelerator: Any, loader: Any, take_batch: Any):
     return evaluate
 
 
+def reading_fn(policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int | None,
+               cfg: MeasureConfig):
+    """eval_fn for the engine: ``eval_reading``, the accuracy on ``examples`` (VQA) asked without
+    references, i.e. how well the policy answers from the image alone. Every process asks the
+    same questions (identical forwards, as ZeRO-3's gathered layers need), so nothing is reduced."""
+    images, prompts, golds = [], [], []
+    for e in examples:
+        try:
+            image = load_image(str(_image_path(e)))
+        except BadImageError:
+            continue
+        fit = fit_prompt(policy, dataclasses.replace(e.parts(), references=()), templates, [image], max_length,
+                         cfg.max_new_tokens)
+        if not fit.refused:
+            images.append(image)
+            prompts.append(fit.prompt)
+            golds.append(e.answer)
+
+    def evaluate(model: Any) -> dict[str, float]:
+        answers = policy.generate(images, prompts, cfg.max_new_tokens, cfg.batch_size)
+        return {"eval_reading": _mean([vqa_correct(a, g) for a, g in zip(answers, golds)])}
+
+    return evaluate
+
+
 # ---------------------------------------------------------------- reliance on retrieval
 
 
@@ -428,10 +456,16 @@ def run_sft(cfg: SftConfig) -> Path:
         aligner = FindingAligner([e.record for e in train_ex], [e.domain for e in train_ex], policy.tokenizer)
         hook = aligner.attach(policy.model)
     loader = make_sft_loader(policy, train_ex, cfg, shuffle=True, bad_log=bad_log, aligner=aligner)
-    eval_fn = None
+    evals = []
     if val_ex:
         val_loader = accelerator.prepare(make_sft_loader(policy, val_ex, cfg, shuffle=False, bad_log=bad_log))
-        eval_fn = eval_loss_fn(accelerator, val_loader, take)
+        evals.append(eval_loss_fn(accelerator, val_loader, take))
+    questions = [e for e in val_ex if e.task == "vqa"]
+    if cfg.data.val_reading and questions:
+        questions = random.Random(cfg.train.seed).sample(questions, min(cfg.data.val_reading, len(questions)))
+        evals.append(reading_fn(policy, questions, load_prompt_templates(cfg.policy.prompts),
+                                budget_for(cfg.data.max_length, policy_limit(policy)), cfg.measure))
+    eval_fn = (lambda model: {k: v for fn in evals for k, v in fn(model).items()}) if evals else None
     start = time.perf_counter()
     result = train(cfg.train, accelerator, policy.model, loader, sft_loss_fn(aligner, cfg.align_findings), eval_fn,
                    policy.processor, take)

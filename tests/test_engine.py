@@ -19,7 +19,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-from common.config import cli_main
+from common.config import ConfigError, cli_main
 from common.engine import (
     EngineConfig,
     LoraConfig,
@@ -225,6 +225,29 @@ def test_fresh_start_clears_an_earlier_runs_checkpoints(tmp_path):
     _, again = run(tmp_path, None, lm_loss(), epochs=1)  # resume "" : a fresh run into the same folder
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-00000003"]
     assert again.best_checkpoint is None  # the earlier run's `best` is gone with it
+
+
+def test_a_run_ends_at_the_first_evaluation_that_reaches_stop_at(tmp_path):
+    calls: list[int] = []
+
+    def rising(model):  # 0.2, 0.4, 0.6, ...: the target 0.55 is first met at the third evaluation
+        calls.append(len(calls))
+        return {"eval_reading": 0.2 * len(calls)}
+
+    cfg = engine_cfg(tmp_path, epochs=6, eval_every=2, best_metric="eval_reading", higher_is_better=True, stop_at=0.55)
+    acc = build_accelerator(cfg)
+    loader = DataLoader(Sequences(), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
+    result = train(cfg, acc, tiny_llama(), loader, lm_loss(), rising)
+    assert result.step == 6 and len(calls) == 3  # not the 18 steps of 6 epochs
+    assert result.metrics == {"eval_reading": pytest.approx(0.6)}
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 6  # the final model is saved
+
+
+def test_stop_at_without_a_metric_to_watch_is_refused(tmp_path):
+    cfg = engine_cfg(tmp_path, stop_at=0.5)
+    loader = DataLoader(Sequences(), batch_size=cfg.batch_size, collate_fn=collate)
+    with pytest.raises(ConfigError, match="stop_at needs best_metric"):
+        train(cfg, build_accelerator(cfg), tiny_llama(), loader, lm_loss())
 
 
 def test_bad_batches_are_skipped(tmp_path):

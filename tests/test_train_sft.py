@@ -36,6 +36,7 @@ from policy.train_sft import (
     index_sources,
     measure_reliance,
     read_examples,
+    reading_fn,
     run_sft,
     training_sources,
 )
@@ -196,13 +197,14 @@ def test_conversation_json_is_read(tmp_path, world):
 def test_full_sft_lowers_the_loss_and_saves_an_auto_loadable_model(world, oracle, policy_dir, tmp_path):
     out = tmp_path / "full"
     cfg = sft_config(policy_dir, oracle, out, "--train.epochs", "3", "--lora.enabled", "false",
-                     "--lora.train_projector", "true", "--data.val_fraction", "0.1", "--data.limit", "10")
+                     "--lora.train_projector", "true", "--data.val_fraction", "0.1", "--data.limit", "10", "--data.val_reading", "50")
     run_sft(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-3:]) < 0.85 * sum(losses[:3])
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(evals) == 3 and evals[-1] < evals[0]
+    assert all(0 <= r["eval_reading"] <= 1 for r in rows if "eval_loss" in r)  # held-out VQA asked bare
     assert (out / "run_config.yaml").is_file()
     assert json.loads((out / "bad_records.json").read_text()) == {"bad_records": {"count": 0, "records": []}}
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -283,6 +285,25 @@ def test_measure_reliance_on_a_scripted_policy(world, oracle, policy_dir):
         pool = {p: p for x, p in zip(examples, paths) if x.domain == e.domain}
         want = make_x_v_star(paths[i], load_image(paths[i]), noise, pool, load_image, salt="measure")
         assert np.asarray(policy.seen[3 * i + 2][1]).tobytes() == np.asarray(want).tobytes()
+
+
+def test_reading_asks_held_out_questions_without_references(world, oracle, policy_dir):
+    """eval_reading is the accuracy of answers to the bare question: a policy right only from the
+    image scores 1; one answering "yes" to everything scores the share of "yes" answers."""
+    sft = load_config(SftConfig, ["--data.retrieval_index", str(oracle), "--data.no_reference_rate", "0",
+                                  "--data.limit", "6"])
+    examples = read_examples(index_sources(oracle, ["test_vqa"]), sft.data, seed=0, vqa_only=True)
+    gold: dict[bytes, dict[str, tuple[str, str]]] = {}
+    for e in examples:
+        gold.setdefault(np.asarray(load_image(str(_image_path(e)))).tobytes(), {})[e.record.question] = (e.domain, e.answer)
+    policy = _ScriptedMeasurePolicy(load_policy(policy_dir).processor, gold)
+    templates = load_prompt_templates(sft.policy.prompts)
+    assert reading_fn(policy, examples, templates, None, MeasureConfig())(None) == {"eval_reading": 1.0}
+    assert [refs for refs, _ in policy.seen] == [False] * len(examples) == [False] * 24
+    policy.generate = lambda images, prompts, *a, **k: ["Yes."] * len(prompts)
+    yes = sum(e.answer.lower().startswith("yes") for e in examples) / len(examples)
+    assert 0 < yes < 1
+    assert reading_fn(policy, examples, templates, None, MeasureConfig())(None) == {"eval_reading": pytest.approx(yes)}
 
 
 @pytest.mark.slow
