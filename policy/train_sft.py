@@ -61,7 +61,7 @@ class SftDataConfig:
     domain: str = doc("", "domain of records that name none (retrieval rows and index entries do)")
     no_reference_rate: float = doc(0.3, "share of retrieval records trained without their references")
     max_references: int = doc(0, "use at most this many references per record (0 = all)")
-    val_fraction: float = doc(0.0, "share of records held out (by id) for the eval loss")
+    val_fraction: float = doc(0.0, "share of images held out with all their records, for eval_loss and eval_reading")
     val_reading: int = doc(0, "held-out VQA questions (at most) asked without references at each evaluation: their "
                               "accuracy is eval_reading, how well the policy reads the image (0 = not asked)")
     max_length: int = doc(0, "token budget of prompt (image tokens included) + answer, and of prompt + max_new_tokens "
@@ -213,6 +213,17 @@ def read_examples(
     if not examples:
         raise InputError(f"{sources[0].path}: no training records found" if sources else "no training files")
     return examples
+
+
+def held_out(examples: list[Example], fraction: float, seed: int) -> list[bool]:
+    """Which examples are held out: about ``fraction`` of the images, with every record of each.
+    A question whose image was trained on with other questions or its report would measure memory,
+    not reading."""
+    def image(e: Example) -> str:
+        rec = e.record
+        return f"{e.domain}/{rec.images[0] if rec.images else getattr(rec, 'npz', None) or rec.id}"
+
+    return [not keep(image(e), fraction, seed, "val") for e in examples]
 
 
 def _rgb(img: Image.Image) -> Image.Image:
@@ -441,7 +452,7 @@ def run_sft(cfg: SftConfig) -> Path:
         save_config(cfg, out / "run_config.yaml")
     bad_records: list[str] = []
     examples = read_examples(training_sources(cfg.data), cfg.data, cfg.train.seed, skipped=bad_records)
-    held = [not keep(f"{e.domain}/{e.record.id}", cfg.data.val_fraction, cfg.train.seed, "val") for e in examples]
+    held = held_out(examples, cfg.data.val_fraction, cfg.train.seed)
     train_ex = [e for e, h in zip(examples, held) if not h]
     val_ex = [e for e, h in zip(examples, held) if h]
     with_refs = sum(e.references is not None for e in train_ex)

@@ -31,6 +31,7 @@ from policy.prompts import load_prompt_templates
 from policy.train_sft import (
     MeasureConfig,
     _image_path,
+    held_out,
     SftCollate,
     SftConfig,
     index_sources,
@@ -197,7 +198,7 @@ def test_conversation_json_is_read(tmp_path, world):
 def test_full_sft_lowers_the_loss_and_saves_an_auto_loadable_model(world, oracle, policy_dir, tmp_path):
     out = tmp_path / "full"
     cfg = sft_config(policy_dir, oracle, out, "--train.epochs", "3", "--lora.enabled", "false",
-                     "--lora.train_projector", "true", "--data.val_fraction", "0.1", "--data.limit", "10", "--data.val_reading", "50")
+                     "--lora.train_projector", "true", "--data.val_fraction", "0.3", "--data.limit", "10", "--data.val_reading", "50")
     run_sft(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -285,6 +286,20 @@ def test_measure_reliance_on_a_scripted_policy(world, oracle, policy_dir):
         pool = {p: p for x, p in zip(examples, paths) if x.domain == e.domain}
         want = make_x_v_star(paths[i], load_image(paths[i]), noise, pool, load_image, salt="measure")
         assert np.asarray(policy.seen[3 * i + 2][1]).tobytes() == np.asarray(want).tobytes()
+
+
+def test_records_of_one_image_are_held_out_together(world, oracle):
+    sft = load_config(SftConfig, ["--data.retrieval_index", str(oracle)])
+    examples = read_examples(index_sources(oracle, ["policy_train"]), sft.data, seed=0)
+    held = held_out(examples, 0.2, seed=0)
+    by_image: dict[str, set[bool]] = {}
+    for e, h in zip(examples, held):
+        by_image.setdefault(str(_image_path(e)), set()).add(h)
+    assert max(len(v) for v in by_image.values()) == 1  # never split
+    assert len(by_image) < len(examples)  # images do carry several records here
+    share = sum(v == {True} for v in by_image.values()) / len(by_image)
+    assert 0.1 < share < 0.3
+    assert held_out(examples, 0.0, seed=0) == [False] * len(examples)
 
 
 def test_reading_asks_held_out_questions_without_references(world, oracle, policy_dir):
