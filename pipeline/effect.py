@@ -10,10 +10,10 @@ retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the sp
 that of the whole method. The study's world is the demo's with ten times its alignment split
 (``--world_args "--alignment_studies 2000"``, the default; docs/RESULTS.md: with the demo's 200
 studies per domain there are too few pairs for DPO to learn when to trust its references). It is
-long: a chain there takes about 45 minutes of one core for itself and two hours with three chains
-sharing 2 cores, so the default study (3 seeds, 2 more map chains, 4 controls) takes about 4 hours
-on 2 cores (a GPU machine, ``--jobs``, or ``--seeds 0 --controls --map_values`` for a first
-look). A run whose world is the demo's (``--world_args ""``, seed 0) is the demo's own chain,
+long: a chain there takes about an hour of one core for itself and two and a half hours with three
+chains sharing 2 cores, so the default study (3 seeds, 2 more map chains, 4 controls) takes about
+4.5 hours on 2 cores (a GPU machine, ``--jobs``, or ``--seeds 0 --controls --map_values`` for a
+first look). A run whose world is the demo's (``--world_args ""``, seed 0) is the demo's own chain,
 ``outputs/toy``; the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``).
 Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
 noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
