@@ -198,7 +198,8 @@ def test_conversation_json_is_read(tmp_path, world):
 def test_full_sft_lowers_the_loss_and_saves_an_auto_loadable_model(world, oracle, policy_dir, tmp_path):
     out = tmp_path / "full"
     cfg = sft_config(policy_dir, oracle, out, "--train.epochs", "3", "--lora.enabled", "false",
-                     "--lora.train_projector", "true", "--data.val_fraction", "0.3", "--data.limit", "10", "--data.val_reading", "50")
+                     "--lora.train_projector", "true", "--data.val_fraction", "0.3", "--data.limit", "10",
+                     "--data.val_reading", "50")
     run_sft(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -258,6 +259,14 @@ class _ScriptedMeasurePolicy(Policy):
         return out
 
 
+def scripted_policy(examples, policy_dir: Path) -> _ScriptedMeasurePolicy:
+    """A _ScriptedMeasurePolicy that knows the gold answer of each example by its image and question."""
+    gold: dict[bytes, dict[str, tuple[str, str]]] = {}  # image -> question -> (domain, gold answer)
+    for e in examples:
+        gold.setdefault(np.asarray(load_image(str(_image_path(e)))).tobytes(), {})[e.record.question] = (e.domain, e.answer)
+    return _ScriptedMeasurePolicy(load_policy(policy_dir).processor, gold)
+
+
 def test_measure_reliance_on_a_scripted_policy(world, oracle, policy_dir):
     """The three accuracies of a policy whose answers are known; x_v* is data.noise.make_x_v_star's."""
     sft = load_config(SftConfig, ["--data.retrieval_index", str(oracle), "--data.no_reference_rate", "0",
@@ -265,11 +274,8 @@ def test_measure_reliance_on_a_scripted_policy(world, oracle, policy_dir):
     data = sft.data
     examples = read_examples(index_sources(oracle, ["test_vqa"]), data, seed=0, vqa_only=True)
     paths = [str(_image_path(e)) for e in examples]
-    gold: dict[bytes, dict[str, tuple[str, str]]] = {}  # image -> question -> (domain, gold answer)
-    for e, path in zip(examples, paths):
-        gold.setdefault(np.asarray(load_image(path)).tobytes(), {})[e.record.question] = (e.domain, e.answer)
-    assert sum(map(len, gold.values())) == len(examples)  # image and question tell every record apart
-    policy = _ScriptedMeasurePolicy(load_policy(policy_dir).processor, gold)
+    policy = scripted_policy(examples, policy_dir)
+    assert sum(map(len, policy.gold.values())) == len(examples)  # image and question tell every record apart
     cfg = MeasureConfig(max_new_tokens=3, sigma=0.05, seed=4)
     result = measure_reliance(policy, examples, cfg, load_prompt_templates(sft.policy.prompts), BudgetLog.of(policy, 0))
     n, n_rad = len(examples), sum(e.domain == "radiology" for e in examples)
@@ -308,10 +314,7 @@ def test_reading_asks_held_out_questions_without_references(world, oracle, polic
     sft = load_config(SftConfig, ["--data.retrieval_index", str(oracle), "--data.no_reference_rate", "0",
                                   "--data.limit", "6"])
     examples = read_examples(index_sources(oracle, ["test_vqa"]), sft.data, seed=0, vqa_only=True)
-    gold: dict[bytes, dict[str, tuple[str, str]]] = {}
-    for e in examples:
-        gold.setdefault(np.asarray(load_image(str(_image_path(e)))).tobytes(), {})[e.record.question] = (e.domain, e.answer)
-    policy = _ScriptedMeasurePolicy(load_policy(policy_dir).processor, gold)
+    policy = scripted_policy(examples, policy_dir)
     templates = load_prompt_templates(sft.policy.prompts)
     assert reading_fn(policy, examples, templates, None, MeasureConfig())(None) == {"eval_reading": 1.0}
     assert [refs for refs, _ in policy.seen] == [False] * len(examples) == [False] * 24
