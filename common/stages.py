@@ -5,14 +5,22 @@ folder holding its fingerprint: a hash of its command, the text of the config fi
 the text of its code (every ``.py`` file under the folders it names, and any file it names), a
 listing of its inputs (a file by its content; a folder by the relative path, size and mtime of
 every file under it, not their content, to stay fast; stamp files left out) and the fingerprints
-of the stages before it. A rerun skips a stage whose stamp matches, so a changed config, code
-file or input (or a redone upstream stage) redoes it and everything after it.
+of the stages it follows (``after``; by default the one before it). A rerun skips a stage whose
+stamp matches, so a changed config, code file or input (or a redone stage it follows) redoes it
+and every stage that follows it.
+
+``run(..., jobs=N)`` runs up to N stages at once when what they follow is done (the demo's
+retriever stages beside its policy): the first running stage keeps the terminal and the process's
+threads; one started beside it writes ``<output>/../<name>.log`` and gets one thread
+(``OMP_NUM_THREADS=1``, unless set). The scheduler is written by hand: a handful of processes with
+known dependencies is not worth a workflow engine.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +39,7 @@ class Stage:
     configs: list[Path] = field(default_factory=list)  # files whose content is part of the fingerprint
     code: list[Path] = field(default_factory=list)  # source: a folder's .py files (content) or a file (content)
     inputs: list[Path] = field(default_factory=list)  # data read: a file (content) or a folder (paths, sizes, mtimes)
+    after: tuple[str, ...] | None = None  # stages whose outputs it reads (None: the stage before it)
 
 
 def stamp_path(stage: Stage) -> Path:
@@ -83,38 +92,98 @@ def is_done(stage: Stage, fp: str) -> bool:
         return False
 
 
-def _walk(stages: list[Stage], force: bool, start: str | None) -> Iterator[tuple[Stage, str, bool]]:
-    """(stage, fingerprint, run?) one stage at a time. Once one stage runs, all after it run too.
-    A fingerprint is taken only when its stage is reached: iterated by ``run``, that is after the
-    stages before it have written the inputs it reads (taken up front, a fresh chain would stamp
-    the listing of folders not yet written, and the next run would redo everything)."""
-    if start is not None and start not in [s.name for s in stages]:
-        raise ValueError(f"--from {start!r}: no such stage; stages are {[s.name for s in stages]}")
-    upstream, rerun = "", force
-    for s in stages:
-        fp = fingerprint(s, upstream)
-        rerun = rerun or s.name == start or not is_done(s, fp)
-        yield s, fp, rerun
-        upstream = fp
+def _follows(stages: list[Stage]) -> dict[str, tuple[str, ...]]:
+    """Each stage's ``after``, the stage before it when not given; unknown or later names refused."""
+    names = [s.name for s in stages]
+    follows = {}
+    for i, s in enumerate(stages):
+        after = s.after if s.after is not None else tuple(names[i - 1: i])
+        bad = [a for a in after if a not in names[:i]]
+        if bad:
+            raise ValueError(f"stage {s.name!r} follows {bad}: not among the stages before it")
+        follows[s.name] = after
+    return follows
+
+
+def _decide(stage: Stage, after: tuple[str, ...], done: dict[str, tuple[str, bool]], redo: bool) -> tuple[str, bool]:
+    """(fingerprint, run?) of ``stage`` once the stages it follows are done (``done``: name ->
+    (fingerprint, ran)): taken then, the listing of its input folders is what they wrote."""
+    fp = fingerprint(stage, "|".join(done[a][0] for a in after))
+    return fp, redo or any(done[a][1] for a in after) or not is_done(stage, fp)
+
+
+def _redo(stages: list[Stage], force: bool, start: str | None) -> dict[str, bool]:
+    """Which stages are redone whatever their stamps say: all with ``force``, from ``start`` on."""
+    names = [s.name for s in stages]
+    if start is not None and start not in names:
+        raise ValueError(f"--from {start!r}: no such stage; stages are {names}")
+    first = 0 if force else names.index(start) if start is not None else len(names)
+    return {n: i >= first for i, n in enumerate(names)}
 
 
 def plan(stages: list[Stage], force: bool = False, start: str | None = None) -> list[tuple[Stage, str, bool]]:
     """(stage, fingerprint, run?) for each stage, as things stand now."""
-    return list(_walk(stages, force, start))
+    follows, redo, done = _follows(stages), _redo(stages, force, start), {}
+    out = []
+    for s in stages:
+        done[s.name] = _decide(s, follows[s.name], done, redo[s.name])
+        out.append((s, *done[s.name]))
+    return out
 
 
-def run(stages: list[Stage], force: bool = False, start: str | None = None) -> None:
-    for stage, fp, todo in _walk(stages, force, start):
-        if not todo:
-            print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
+def run(stages: list[Stage], force: bool = False, start: str | None = None, jobs: int = 1) -> None:
+    """Run the stages that need it, up to ``jobs`` at once, each when the stages it follows are
+    done; a failure stops the others and exits with its code."""
+    follows, redo = _follows(stages), _redo(stages, force, start)
+    done: dict[str, tuple[str, bool]] = {}
+    running: dict[str, tuple[Stage, subprocess.Popen, str, float, Path | None]] = {}
+    waiting = list(stages)
+    while waiting or running:
+        ready = [s for s in waiting if all(a in done for a in follows[s.name])]
+        if ready and len(running) < max(1, jobs):
+            stage = ready[0]
+            waiting.remove(stage)
+            fp, todo = _decide(stage, follows[stage.name], done, redo[stage.name])
+            if todo:
+                proc, log = _start(stage, beside=list(running))
+                running[stage.name] = (stage, proc, fp, time.time(), log)
+            else:
+                print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
+                done[stage.name] = (fp, False)
             continue
-        print(f"[{stage.name}] running: {' '.join(stage.cmd)}", flush=True)
-        t0 = time.time()
-        stamp_path(stage).unlink(missing_ok=True)
-        result = subprocess.run(stage.cmd)
-        if result.returncode != 0:
-            print(f"[{stage.name}] failed (exit {result.returncode})", file=sys.stderr)
-            raise SystemExit(result.returncode)
+        name, code = _wait_any(running)
+        stage, _, fp, t0, log = running.pop(name)
+        if code != 0:
+            for _, other, *_ in running.values():
+                other.terminate()
+                other.wait()
+            where = f"; its log: {log}" if log else ""
+            print(f"[{name}] failed (exit {code}){where}", file=sys.stderr)
+            raise SystemExit(code)
         stage.output.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stamp_path(stage), {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
-        print(f"[{stage.name}] done in {time.time() - t0:.0f} s", flush=True)
+        print(f"[{name}] done in {time.time() - t0:.0f} s", flush=True)
+        done[name] = (fp, True)
+
+
+def _start(stage: Stage, beside: list[str]) -> tuple[subprocess.Popen, Path | None]:
+    """Start a stage's command: in the terminal, or beside ``beside`` into its log on one thread."""
+    stamp_path(stage).unlink(missing_ok=True)
+    print(f"[{stage.name}] running: {' '.join(stage.cmd)}", flush=True)
+    if not beside:
+        return subprocess.Popen(stage.cmd), None
+    log = stage.output.parent / f"{stage.name}.log"  # beside its folder, which its program may clear
+    print(f"[{stage.name}] runs beside {', '.join(beside)}; its output goes to {log}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log, "w") as f:
+        return subprocess.Popen(stage.cmd, stdout=f, stderr=subprocess.STDOUT, env=env), log
+
+
+def _wait_any(running: dict[str, tuple]) -> tuple[str, int]:
+    """(name, exit code) of the first running stage to end."""
+    while True:
+        for name, (_, proc, *_) in running.items():
+            code = proc.poll()
+            if code is not None:
+                return name, code
+        time.sleep(0.2)
