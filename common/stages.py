@@ -9,18 +9,15 @@ of the stages it follows (``after``; by default the one before it). A rerun skip
 stamp matches, so a changed config, code file or input (or a redone stage it follows) redoes it
 and every stage that follows it.
 
-``run(..., jobs=N)`` runs up to N stages at once when what they follow is done (the demo's
-retriever stages beside its policy): the first running stage keeps the terminal and the process's
-threads; one started beside it writes ``<output>/../<name>.log`` and gets one thread
-(``OMP_NUM_THREADS=1``, unless set). The scheduler is written by hand: a handful of processes with
-known dependencies is not worth a workflow engine.
+A stage follows only the stages it reads (the demo's retrievers need the world, not the policy),
+so a new policy does not redo the retrievers. Stages run one at a time: on 2 cores, the
+retrievers on one thread beside the policy on two slowed the policy threefold (docs/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -131,59 +128,23 @@ def plan(stages: list[Stage], force: bool = False, start: str | None = None) -> 
     return out
 
 
-def run(stages: list[Stage], force: bool = False, start: str | None = None, jobs: int = 1) -> None:
-    """Run the stages that need it, up to ``jobs`` at once, each when the stages it follows are
-    done; a failure stops the others and exits with its code."""
+def run(stages: list[Stage], force: bool = False, start: str | None = None) -> None:
+    """Run the stages that need it, in order; a failure exits with its code."""
     follows, redo = _follows(stages), _redo(stages, force, start)
     done: dict[str, tuple[str, bool]] = {}
-    running: dict[str, tuple[Stage, subprocess.Popen, str, float, Path | None]] = {}
-    waiting = list(stages)
-    while waiting or running:
-        ready = [s for s in waiting if all(a in done for a in follows[s.name])]
-        if ready and len(running) < max(1, jobs):
-            stage = ready[0]
-            waiting.remove(stage)
-            fp, todo = _decide(stage, follows[stage.name], done, redo[stage.name])
-            if todo:
-                proc, log = _start(stage, beside=list(running))
-                running[stage.name] = (stage, proc, fp, time.time(), log)
-            else:
-                print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
-                done[stage.name] = (fp, False)
+    for stage in stages:
+        fp, todo = _decide(stage, follows[stage.name], done, redo[stage.name])
+        done[stage.name] = (fp, todo)
+        if not todo:
+            print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
             continue
-        name, code = _wait_any(running)
-        stage, _, fp, t0, log = running.pop(name)
-        if code != 0:
-            for _, other, *_ in running.values():
-                other.terminate()
-                other.wait()
-            where = f"; its log: {log}" if log else ""
-            print(f"[{name}] failed (exit {code}){where}", file=sys.stderr)
-            raise SystemExit(code)
+        print(f"[{stage.name}] running: {' '.join(stage.cmd)}", flush=True)
+        t0 = time.time()
+        stamp_path(stage).unlink(missing_ok=True)
+        result = subprocess.run(stage.cmd)
+        if result.returncode != 0:
+            print(f"[{stage.name}] failed (exit {result.returncode})", file=sys.stderr)
+            raise SystemExit(result.returncode)
         stage.output.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stamp_path(stage), {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
-        print(f"[{name}] done in {time.time() - t0:.0f} s", flush=True)
-        done[name] = (fp, True)
-
-
-def _start(stage: Stage, beside: list[str]) -> tuple[subprocess.Popen, Path | None]:
-    """Start a stage's command: in the terminal, or beside ``beside`` into its log on one thread."""
-    stamp_path(stage).unlink(missing_ok=True)
-    print(f"[{stage.name}] running: {' '.join(stage.cmd)}", flush=True)
-    if not beside:
-        return subprocess.Popen(stage.cmd), None
-    log = stage.output.parent / f"{stage.name}.log"  # beside its folder, which its program may clear
-    print(f"[{stage.name}] runs beside {', '.join(beside)}; its output goes to {log}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with open(log, "w") as f:
-        return subprocess.Popen(stage.cmd, stdout=f, stderr=subprocess.STDOUT, env=env), log
-
-
-def _wait_any(running: dict[str, tuple]) -> tuple[str, int]:
-    """(name, exit code) of the first running stage to end."""
-    while True:
-        for name, (_, proc, *_) in running.items():
-            code = proc.poll()
-            if code is not None:
-                return name, code
-        time.sleep(0.2)
+        print(f"[{stage.name}] done in {time.time() - t0:.0f} s", flush=True)

@@ -5,7 +5,6 @@ for another seed in its own folder; ``--world_args`` sets the world's knobs (toy
 
 A rerun skips stages whose output is there and whose inputs and config are unchanged
 (common/stages.py); ``--force`` redoes everything, ``--from STAGE`` redoes from there on.
-``--jobs 2`` trains the retrievers beside the policy (they need the world, not the policy).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ PIPELINE = [
 ]
 STAGE_NAMES = [p[0] for p in PIPELINE]
 # What a stage follows when it is not simply the stage before it: the retrievers need the world,
-# not the policy, so ``--jobs 2`` trains them beside it; the pairs need both.
+# not the policy (a new policy does not redo them); the pairs need both.
 FOLLOWS = {"pretrain_clip_tower": ("validate_world",), "build_pairs": ("make_toy_policy", "retrieve")}
 TOWER = "open_clip_model.safetensors"  # the pretrained toy-clip the retrievers start from
 BASE_CODE = ["common", "data"]  # every stage runs these
@@ -97,12 +96,12 @@ def run_module(module: str, *args: str) -> None:
 
 
 def run_chain(out: Path = OUT, seed: int = 0, world_args: list[str] = (), force: bool = False,
-              start: str | None = None, until: str | None = None, jobs: int = 1) -> None:
-    """Run (or resume) the chain under ``out`` up to and including ``until``, ``jobs`` stages at once."""
+              start: str | None = None, until: str | None = None) -> None:
+    """Run (or resume) the chain under ``out`` up to and including ``until``."""
     chain = stages(out, seed, world_args)
     if until is not None:
         chain = chain[: STAGE_NAMES.index(until) + 1]
-    run(chain, force=force, start=start, jobs=jobs)
+    run(chain, force=force, start=start)
 
 
 def main() -> None:
@@ -113,11 +112,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT, help="folder of the whole run (default outputs/toy)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every stage: world, policy, retrievers, pairs, DPO")
     ap.add_argument("--world_args", default="", help='make_toy options, one string: "--prior_share 0.5"')
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="stages run at once: 2 trains the retrievers (one thread, output in outputs/toy/<stage>.log) "
-                         "beside the policy")
     args = ap.parse_args()
-    run_chain(args.out, args.seed, shlex.split(args.world_args), args.force, args.start, args.until, args.jobs)
+    run_chain(args.out, args.seed, shlex.split(args.world_args), args.force, args.start, args.until)
     table = args.out / "eval" / "results.md"
     if table.is_file() and args.until in (None, "evaluate"):
         print("\n" + table.read_text())

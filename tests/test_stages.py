@@ -112,31 +112,3 @@ def test_a_stage_follows_the_stages_it_names(tmp_path):
     assert todo(stages, start="retriever") == ["retriever", "pairs"]
     with pytest.raises(ValueError, match="not among the stages before it"):
         plan([Stage("a", _py("pass"), tmp_path / "a", after=("b",)), Stage("b", _py("pass"), tmp_path / "b")])
-
-
-def test_jobs_run_independent_stages_at_once(tmp_path):
-    """Stage a waits for a file that b writes: only running both at once ends it. The stage
-    started beside another writes its output to a log and gets one thread."""
-    flag = tmp_path / "b_started"
-    wait = (f"import pathlib, sys, time\nfor _ in range(200):\n    if pathlib.Path({str(flag)!r}).exists(): sys.exit(0)\n"
-            "    time.sleep(0.05)\nsys.exit(1)")
-    touch = f"import os, pathlib; pathlib.Path({str(flag)!r}).touch(); print('threads', os.environ['OMP_NUM_THREADS'])"
-    stages = [Stage("start", _py("pass"), tmp_path / "start"),
-              Stage("a", _py(wait), tmp_path / "a"),
-              Stage("b", _py(touch), tmp_path / "b", after=("start",)),
-              Stage("join", _py("pass"), tmp_path / "join", after=("a", "b"))]
-    run(stages, jobs=2)
-    assert todo(stages) == []
-    assert (tmp_path / "b.log").read_text().strip() == "threads 1"
-    flag.unlink()
-    with pytest.raises(SystemExit):  # one at a time, a waits in vain
-        run(stages, force=True)
-
-
-def test_a_failing_stage_stops_the_one_beside_it(tmp_path):
-    stages = [Stage("slow", _py("import time; time.sleep(60)"), tmp_path / "slow"),
-              Stage("bad", _py("raise SystemExit(3)"), tmp_path / "bad", after=())]
-    with pytest.raises(SystemExit) as e:
-        run(stages, jobs=2)
-    assert e.value.code == 3
-    assert not (tmp_path / "slow" / ".stage-slow.json").exists()
