@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from common.io import atomic_write_json
 
@@ -101,13 +102,6 @@ def _follows(stages: list[Stage]) -> dict[str, tuple[str, ...]]:
     return follows
 
 
-def _decide(stage: Stage, after: tuple[str, ...], done: dict[str, tuple[str, bool]], redo: bool) -> tuple[str, bool]:
-    """(fingerprint, run?) of ``stage`` once the stages it follows are done (``done``: name ->
-    (fingerprint, ran)): taken then, the listing of its input folders is what they wrote."""
-    fp = fingerprint(stage, "|".join(done[a][0] for a in after))
-    return fp, redo or any(done[a][1] for a in after) or not is_done(stage, fp)
-
-
 def _redo(stages: list[Stage], force: bool, start: str | None) -> dict[str, bool]:
     """Which stages are redone whatever their stamps say: all with ``force``, from ``start`` on."""
     names = [s.name for s in stages]
@@ -117,23 +111,29 @@ def _redo(stages: list[Stage], force: bool, start: str | None) -> dict[str, bool
     return {n: i >= first for i, n in enumerate(names)}
 
 
+def _walk(stages: list[Stage], force: bool, start: str | None) -> Iterator[tuple[Stage, str, bool]]:
+    """(stage, fingerprint, run?) one stage at a time; a stage runs when a stage it follows ran.
+    A fingerprint is taken only when its stage is reached: iterated by ``run``, that is after the
+    stages before it have written the inputs it reads (taken up front, a fresh chain would stamp
+    the listing of folders not yet written, and the next run would redo everything)."""
+    follows, redo = _follows(stages), _redo(stages, force, start)
+    done: dict[str, tuple[str, bool]] = {}  # name -> (fingerprint, ran)
+    for s in stages:
+        after = follows[s.name]
+        fp = fingerprint(s, "|".join(done[a][0] for a in after))
+        todo = redo[s.name] or any(done[a][1] for a in after) or not is_done(s, fp)
+        done[s.name] = (fp, todo)
+        yield s, fp, todo
+
+
 def plan(stages: list[Stage], force: bool = False, start: str | None = None) -> list[tuple[Stage, str, bool]]:
     """(stage, fingerprint, run?) for each stage, as things stand now."""
-    follows, redo, done = _follows(stages), _redo(stages, force, start), {}
-    out = []
-    for s in stages:
-        done[s.name] = _decide(s, follows[s.name], done, redo[s.name])
-        out.append((s, *done[s.name]))
-    return out
+    return list(_walk(stages, force, start))
 
 
 def run(stages: list[Stage], force: bool = False, start: str | None = None) -> None:
     """Run the stages that need it, in order; a failure exits with its code."""
-    follows, redo = _follows(stages), _redo(stages, force, start)
-    done: dict[str, tuple[str, bool]] = {}
-    for stage in stages:
-        fp, todo = _decide(stage, follows[stage.name], done, redo[stage.name])
-        done[stage.name] = (fp, todo)
+    for stage, fp, todo in _walk(stages, force, start):
         if not todo:
             print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
             continue

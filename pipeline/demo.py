@@ -36,9 +36,6 @@ PIPELINE = [
      ["world", "retrieval", "policy", "dpo"]),
 ]
 STAGE_NAMES = [p[0] for p in PIPELINE]
-# What a stage follows when it is not simply the stage before it: the retrievers need the world,
-# not the policy (a new policy does not redo them); the pairs need both.
-FOLLOWS = {"pretrain_clip_tower": ("validate_world",), "build_pairs": ("make_toy_policy", "retrieve")}
 TOWER = "open_clip_model.safetensors"  # the pretrained toy-clip the retrievers start from
 BASE_CODE = ["common", "data"]  # every stage runs these
 
@@ -75,7 +72,9 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
 def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = ()) -> list[Stage]:
     """The chain's stages writing under ``out``; ``world_args`` go to make_toy (its knobs)."""
     result = []
-    for name, script, folder, configs, packages, inputs in PIPELINE:
+    for i, (name, script, folder, configs, packages, inputs) in enumerate(PIPELINE):
+        # a stage follows the stages that write what it reads: the retrievers the world, not the policy
+        after = tuple(p[0] for p in PIPELINE[:i] if p[2] in inputs)
         code = [Path(p) for p in [*packages, *BASE_CODE]]
         if script is None:  # every file of the world, as a user checks data before a long run
             cmd = [sys.executable, "-m", "data.validate", "--manifest", str(out / folder / "manifest.json"), "--check-images"]
@@ -86,7 +85,7 @@ def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = ()) -> list[S
             cmd = ["bash", f"scripts/{script}.sh", *stage_args(name, out, seed), *extra]
             code.append(Path(f"scripts/{script}.sh"))
         result.append(Stage(name, cmd, out / folder, [Path(c) for c in configs], code, [out / i for i in inputs],
-                            FOLLOWS.get(name)))
+                            after))
     return result
 
 
