@@ -248,17 +248,17 @@ class GrpoTrainer:
         policy = Policy(unwrap_parallel(model), self.processor)
         prompts = [q.prompt for q in questions for _ in range(g)]
 
-        def answers(images: list[Image.Image]) -> list[str]:
+        def answers(images: list[Image.Image]) -> tuple[list[str], list[list[int]]]:
             return policy.generate([im for im in images for _ in range(g)], prompts, cfg.max_new_tokens,
-                                   batch_size=len(prompts), temperature=cfg.temperature)
+                                   batch_size=len(prompts), temperature=cfg.temperature, return_tokens=True)
 
-        real = answers(batch["image"])
+        real, real_tokens = answers(batch["image"])  # the tokens are scored, the texts rewarded
         correct = torch.tensor([float("nan") if r is None else r
                                 for r in yes_no_reward(real, [q.answer for q in questions for _ in range(g)])])
         rewards = correct
         metrics = {"rewards/yes_no_reward/mean": correct.nanmean().item()}
         if cfg.copy_penalty > 0:
-            penalty = torch.tensor(copy_penalty(real, answers(batch["noised_image"]), cfg.copy_penalty))
+            penalty = torch.tensor(copy_penalty(real, answers(batch["noised_image"])[0], cfg.copy_penalty))
             rewards = correct + penalty
             metrics.update({"rewards/copy_penalty/mean": penalty.mean().item(),
                             "copy_rate": (penalty != 0).float().mean().item()})
@@ -268,9 +268,10 @@ class GrpoTrainer:
         if self.share_prompt:  # one row per question: [prompt, answer 1, ..., answer G]
             inputs = policy.encode_for_training([q.prompt for q in questions],
                                                 [tuple(real[k * g:(k + 1) * g]) for k in range(len(questions))],
-                                                batch["image"])
+                                                batch["image"], answer_tokens=real_tokens)
         else:
-            inputs = policy.encode_for_training(prompts, real, [im for im in batch["image"] for _ in range(g)])
+            inputs = policy.encode_for_training(prompts, real, [im for im in batch["image"] for _ in range(g)],
+                                                answer_tokens=real_tokens)
         ref = None
         if cfg.beta > 0:
             with reference_mode(self.accelerator, model) as ref_model:

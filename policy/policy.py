@@ -174,10 +174,14 @@ class Policy:
         logits_processor: Callable[[list[int]], LogitsProcessorList] | None = None,
         num_beams: int = 1,
         temperature: float = 0.0,
-    ) -> list[str]:
+        return_tokens: bool = False,
+    ) -> list[str] | tuple[list[str], list[list[int]]]:
         """Greedy (or, with ``num_beams`` > 1, beam-search) answers, one per (image, prompt), in input order.
         With ``temperature`` > 0 each answer is sampled at that temperature from the whole vocabulary
-        (no top-k or top-p cut, as TRL's GRPOTrainer samples), from torch's seeded generator.
+        but the image token (no top-k or top-p cut, as TRL's GRPOTrainer samples), from torch's
+        seeded generator. ``return_tokens``: also each answer's generated token ids, through its
+        first EOS, so that a trainer scores what was sampled (decoding and tokenizing again need
+        not give the same tokens).
 
         ``logits_processor(indices)``: extra logits processors for the batch of those inputs
         (e.g. VCD's distorted-image branch, policy.decoding).
@@ -191,7 +195,8 @@ class Policy:
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} prompts")
         tok = self.tokenizer
-        sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {}
+        sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0,  # an image token in an answer could not be scored
+                    "suppress_tokens": [tok.convert_tokens_to_ids(self.image_token)]} if temperature > 0 else {}
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=temperature > 0,
@@ -204,6 +209,7 @@ class Policy:
         )
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         answers: list[str] = [""] * len(texts)
+        tokens: list[list[int]] = [[] for _ in texts]
         was_training = self.model.training
         self.model.eval()
         starts = range(0, len(order), batch_size)
@@ -213,10 +219,11 @@ class Policy:
             extra = {"logits_processor": logits_processor(idx)} if logits_processor else {}
             out = self.model.generate(**enc, generation_config=config, **extra)
             new = out[:, enc["input_ids"].shape[1] :]
-            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+            for i, row, text in zip(idx, new.tolist(), tok.batch_decode(new, skip_special_tokens=True)):
                 answers[i] = text.strip()
+                tokens[i] = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
         self.model.train(was_training)
-        return answers
+        return (answers, tokens) if return_tokens else answers
 
     def encode_for_training(
         self,
@@ -224,12 +231,15 @@ class Policy:
         answers: Sequence[str | tuple[str, ...]],
         images: Sequence[Image.Image],
         slots: Sequence[Sequence[int]] | None = None,
+        answer_tokens: Sequence[Sequence[int]] | None = None,
     ) -> Batch:
         """Right-padded batch: input_ids, attention_mask, labels, and the processor's image keys.
 
         ``labels`` are the answer tokens + EOS; prompt and padding are IGNORE (-100). Prompt and
         answer are tokenized apart and joined, exactly the split generation sees. Nothing is cut:
-        prompts are fitted to the token budget before (policy.budget).
+        prompts are fitted to the token budget before (policy.budget). ``answer_tokens``: every
+        answer's token ids in the order the answers come (a row's several in turn), taken as
+        they are instead of tokenizing the texts (``generate(return_tokens=True)`` gives them).
 
         A row may hold several answers to its one prompt (a tuple): ``[prompt, a1, a2]``, each
         answer seeing the prompt and itself only, its positions starting where the prompt ends,
@@ -252,7 +262,10 @@ class Policy:
         if slots is None:
             count = itertools.count()
             slots = [[next(count) for _ in g] for g in groups]
-        answer_ids = iter(self.answer_ids([a for g in groups for a in g]))
+        flat = [a for g in groups for a in g]
+        if answer_tokens is not None and len(answer_tokens) != len(flat):
+            raise ValueError(f"{len(answer_tokens)} answer token lists for {len(flat)} answers")
+        answer_ids = iter([list(t) for t in answer_tokens] if answer_tokens is not None else self.answer_ids(flat))
         enc = self.process(images, [self.render(p) for p in prompts], "right")
         # Other per-token outputs (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids) are
         # laid out like input_ids; answer and padding positions get 0, the text-token type.

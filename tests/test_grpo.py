@@ -18,7 +18,7 @@ from common.engine import apply_lora, build_accelerator
 from dpo.train_grpo import GrpoConfig, GrpoTrainer, RepeatedBatches, check, read_questions, run
 from pairs.build_pairs import PairsConfig
 from pairs.build_pairs import run as build_pairs
-from policy.policy import Policy, PolicySpec, load_policy, token_logps
+from policy.policy import IGNORE, Policy, PolicySpec, load_policy, token_logps
 from tests.test_train_dpo import fresh_accelerate  # noqa: F401 (autouse: each run builds its own Accelerator)
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
@@ -305,9 +305,10 @@ def test_trainer_loss_is_grpo_loss_of_the_answers_scored_alone(chain, tmp_path, 
     noised = ["yes", "yes", "No", "maybe"]
     calls = []
 
-    def fake_generate(self, images, prompts, *args, temperature=0.0, **kw):
+    def fake_generate(self, images, prompts, *args, temperature=0.0, return_tokens=False, **kw):
         calls.append(temperature)
-        return (real if len(calls) % 2 else noised) * (len(prompts) // 4)
+        texts = (real if len(calls) % 2 else noised) * (len(prompts) // 4)
+        return (texts, self.answer_ids(texts)) if return_tokens else texts
 
     monkeypatch.setattr(Policy, "generate", fake_generate)
     cfg = _config(chain, tmp_path, copy_penalty=0.5, beta=0.1, temperature=0.7)
@@ -338,3 +339,29 @@ def test_trainer_loss_is_grpo_loss_of_the_answers_scored_alone(chain, tmp_path, 
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
     assert metrics["kl"] == pytest.approx(want_metrics["kl"], rel=1e-4) and metrics["kl"] > 0
     assert metrics["copy_rate"] == 0.5 and metrics["reward"] == pytest.approx(rewards.mean().item())
+
+
+def test_the_trainer_scores_the_tokens_it_sampled_not_their_text_tokenized_again(chain, tmp_path, monkeypatch):
+    """A sampled answer whose tokens its decoded text would not give back (a word spelt in single
+    bytes, an answer cut before EOS): the rollout's labels are those tokens, as sampled."""
+    policy = load_policy(chain["policy"])
+    tok = policy.tokenizer
+    spelt = [tok.convert_tokens_to_ids(c) for c in "Yes"] + [tok.eos_token_id]  # "Y", "e", "s": not how "Yes" tokenizes
+    cut = tok("No, there is", add_special_tokens=False).input_ids  # max_new_tokens reached: no EOS
+    assert spelt[:-1] != tok("Yes", add_special_tokens=False).input_ids and tok.unk_token_id not in spelt
+    sampled = [spelt, cut, spelt, cut]
+
+    def fake_generate(self, images, prompts, *args, return_tokens=False, **kw):
+        tokens = sampled * (len(prompts) // 4)
+        texts = [tok.decode(t, skip_special_tokens=True) for t in tokens]
+        return (texts, tokens) if return_tokens else texts
+
+    monkeypatch.setattr(Policy, "generate", fake_generate)
+    cfg = _config(chain, tmp_path, group_size=4)
+    trainer = GrpoTrainer(cfg, build_accelerator(cfg.train), policy)
+    rollout = trainer.sample(apply_lora(policy.model, cfg.lora), trainer.take({"index": [0, 1]}))
+    labels = rollout.inputs["labels"]
+    index = rollout.inputs.get("answer_index")
+    scored = ([labels[index == k].tolist() for k in range(8)] if index is not None
+              else [row[row != IGNORE].tolist() for row in labels])
+    assert scored == sampled * 2

@@ -91,6 +91,26 @@ def test_batched_generation_equals_one_at_a_time(toy_dir):
     assert other_images != batched  # the image reaches the answer
 
 
+def test_sampled_tokens_are_the_answers_through_eos_and_never_the_image_token(toy_dir):
+    policy = load_policy(toy_dir)
+    tok, head = policy.tokenizer, policy.model.get_output_embeddings().weight
+    images, prompts = _images(4), _prompts(4)
+    first = policy.tokenizer(policy.generate(images[:1], prompts[:1], max_new_tokens=1)[0], add_special_tokens=False).input_ids
+    image_id = tok.convert_tokens_to_ids(policy.image_token)
+    with torch.no_grad():  # the image token now outscores the greedy first word by far: sampling would take it
+        head[image_id] = 20 * head[first[0]]
+    torch.manual_seed(0)
+    texts, tokens = policy.generate(images, prompts, max_new_tokens=6, batch_size=4, temperature=1.0, return_tokens=True)
+    assert all(image_id not in t for t in tokens)
+    for text, t in zip(texts, tokens):
+        assert t and (t[-1] == tok.eos_token_id or len(t) == 6) and t.count(tok.eos_token_id) <= 1
+        assert tok.decode(t, skip_special_tokens=True).strip() == text
+    batch = policy.encode_for_training(prompts, texts, images, answer_tokens=tokens)
+    assert [row[row != IGNORE].tolist() for row in batch["labels"]] == tokens
+    with pytest.raises(ValueError, match="3 answer token lists for 4 answers"):
+        policy.encode_for_training(prompts, texts, images, answer_tokens=tokens[:3])
+
+
 def test_encode_for_training_masks_prompt_and_padding(policy):
     images, prompts = _images(3), _prompts(3)
     answers = ["Yes.", "No, there is no pleural effusion.", "No"]
