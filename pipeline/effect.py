@@ -47,9 +47,11 @@ own image reading and the references' vote fitted on val_vqa, against its accura
 trust can show it.
 
 Writes ``<out>/effect.json``, ``effect.md`` (docs/DESIGN.md: the effect study) and
-``effect_map.png``. A run whose results exist is not redone, and an existing chain stage is
-skipped unless its inputs changed; results made with other settings (world, limit, roles, options:
-``<eval>/study.json``) stop the study: a changed setting needs its own ``--out``.
+``effect_map.png``. A run whose results exist is not redone while its chain's stages are as they
+were when they were made (their fingerprints, common.stages, kept in ``<eval>/study.json`` and
+``room.json``): changed code, config or input of a stage redoes the stage and the results made
+from it. Results made with other settings (world, limit, roles, options) stop the study: a changed
+setting needs its own ``--out``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from typing import Any, Callable, Iterator
 
 from common.config import load_config, to_dict
 from common.io import atomic_write_json, atomic_write_text
+from common.stages import plan
 from evaluation.effect import CONDITIONS, CONTROLS as MEANING, assemble, control_figures, markdown, run_figures
 from evaluation.plots import plot_effect_map
 from pipeline import demo
@@ -198,10 +201,27 @@ def progress(what: str) -> Iterator[None]:
     print(f"[effect] {what}: done in {time.time() - start:.0f} s", flush=True)
 
 
+def chain_until(study: Study, control: str | None = None) -> str:
+    """The last chain stage a run's results come from: its DPO, or its pairs when the study trains."""
+    return "build_pairs" if control or study.retrain else "train_dpo"
+
+
+def chain_state(run: Run, until: str) -> dict[str, str] | None:
+    """The fingerprints of the run's chain stages through ``until`` (common.stages), or None while
+    one of them would run: results made from the chain stay its results while these are the same."""
+    chain = demo.stages(run.chain, run.seed, run.world_args)[: demo.STAGE_NAMES.index(until) + 1]
+    state = {}
+    for stage, fp, todo in plan(chain):
+        if todo:
+            return None
+        state[stage.name] = fp
+    return state
+
+
 def run_main(run: Run, study: Study) -> None:
     """The run's chain (up to DPO) and its evaluation of base and DPO into ``run.eval_dir``."""
     with progress(f"{run.label}: chain {run.chain}"):
-        demo.run_chain(run.chain, run.seed, run.world_args, until="build_pairs" if study.retrain else "train_dpo")
+        demo.run_chain(run.chain, run.seed, run.world_args, until=chain_until(study))
     dpo_dir = run.chain / "dpo"
     if study.retrain:
         dpo_dir = run.folder / "dpo"
@@ -226,7 +246,8 @@ def control_dir(run: Run, name: str) -> Path:
 @dataclass
 class Job:
     """One run of the study: ``fn(*args)`` writes ``eval_dir``; in a worker its output goes to ``log``.
-    ``settings`` (what the results depend on) are kept beside them, in ``eval_dir/study.json``."""
+    ``settings`` (what the results depend on) are kept beside them, in ``eval_dir/study.json``, with
+    the state of the chain stages they come from (``run``'s through ``until``)."""
 
     label: str
     fn: Callable[..., None]
@@ -234,6 +255,8 @@ class Job:
     eval_dir: Path
     log: Path
     settings: dict[str, Any]
+    run: Run
+    until: str
 
 
 def settings(run: Run, study: Study, control: str | None = None) -> dict[str, Any]:
@@ -244,24 +267,30 @@ def settings(run: Run, study: Study, control: str | None = None) -> dict[str, An
 
 
 def finished(job: Job) -> bool:
-    """Whether the job's results exist, made with its settings; results made with others stop the
-    study rather than being read as this one's (or silently replaced)."""
+    """Whether the job's results exist, made with its settings from its chain as it stands; results
+    made with other settings stop the study rather than being read as this one's (or silently
+    replaced), results from a chain that changed since are redone."""
     if not (job.eval_dir / "results.json").is_file():
         return False
     path = job.eval_dir / "study.json"
     got = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    made_from = got.pop("stages", None)
     if got != job.settings:
         changed = sorted(k for k in {*got, *job.settings} if got.get(k) != job.settings.get(k))
         raise SystemExit(f"[effect] {job.eval_dir}: its results were made with other settings "
                          f"({', '.join(changed) if got else 'not recorded'}); give this study its own --out, "
                          "or remove that folder to redo it")
+    if made_from is None or made_from != chain_state(job.run, job.until):
+        print(f"[effect] {job.label}: its chain {job.run.chain} is not as it was when its results were made, "
+              "redone", flush=True)
+        return False
     return True
 
 
 def execute(job: Job) -> None:
     """Run the job, then record the settings its results were made with."""
     job.fn(*job.args)
-    atomic_write_json(job.eval_dir / "study.json", job.settings)
+    atomic_write_json(job.eval_dir / "study.json", {**job.settings, "stages": chain_state(job.run, job.until)})
 
 
 def _in_worker(job: Job, threads: int) -> tuple[str, float]:
@@ -309,14 +338,16 @@ def run_jobs(jobs: list[Job], n: int) -> None:
 
 def run_room(run: Run, study: Study) -> dict[str, Any]:
     """The room for the effect on the run's base (toy.room) over the study's questions, kept in
-    ``<folder>/room.json`` and measured again when the roles or the limit differ."""
+    ``<folder>/room.json`` and measured again when the roles, the limit or the chain's policy or
+    retrieval differ."""
     path = run.folder / "room.json"
+    stages = chain_state(run, "retrieve")  # the base policy and its references
     if path.is_file():
         got = json.loads(path.read_text(encoding="utf-8"))
-        if got.get("roles") == study.roles and got.get("limit") == study.limit:
+        if got.get("roles") == study.roles and got.get("limit") == study.limit and got.get("stages") == stages:
             return got
     with progress(f"{run.label}: room for the effect -> {path}"):
-        got = {**room(run.chain, study.roles, study.limit), "limit": study.limit}
+        got = {**room(run.chain, study.roles, study.limit), "limit": study.limit, "stages": stages}
     atomic_write_json(path, got)
     return got
 
@@ -370,10 +401,10 @@ def main(argv: list[str] | None = None) -> None:
     on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds)
     mains = seeds + [r for r in on_map if r not in seeds]
     controlled = [r for r in seeds if r.seed in args.control_seeds]
-    run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log", settings(r, study))
-              for r in mains], args.jobs)
+    run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log", settings(r, study),
+                  r, chain_until(study)) for r in mains], args.jobs)
     run_jobs([Job(f"{r.label} {name}", run_control, (r, name, study), control_dir(r, name) / "eval",
-                  control_dir(r, name) / "effect.log", settings(r, study, name))
+                  control_dir(r, name) / "effect.log", settings(r, study, name), r, chain_until(study, name))
               for name in args.controls for r in controlled], args.jobs)
     rooms = {r.label: run_room(r, study) for r in mains}
     figures = {r.seed: {**run_figures(r.eval_dir), "room": rooms[r.label]} for r in seeds}
