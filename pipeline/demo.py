@@ -69,8 +69,9 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
     }.get(name, [])
 
 
-def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = ()) -> list[Stage]:
-    """The chain's stages writing under ``out``; ``world_args`` go to make_toy (its knobs)."""
+def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = (), until: str | None = None) -> list[Stage]:
+    """The chain's stages writing under ``out``, through ``until`` (all by default); ``world_args``
+    go to make_toy (its knobs)."""
     result = []
     for i, (name, script, folder, configs, packages, inputs) in enumerate(PIPELINE):
         # a stage follows the stages that write what it reads: the retrievers the world, not the policy
@@ -86,6 +87,8 @@ def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = ()) -> list[S
             code.append(Path(f"scripts/{script}.sh"))
         result.append(Stage(name, cmd, out / folder, [Path(c) for c in configs], code, [out / i for i in inputs],
                             after))
+        if name == until:
+            break
     return result
 
 
@@ -97,10 +100,7 @@ def run_module(module: str, *args: str) -> None:
 def run_chain(out: Path = OUT, seed: int = 0, world_args: list[str] = (), force: bool = False,
               start: str | None = None, until: str | None = None) -> None:
     """Run (or resume) the chain under ``out`` up to and including ``until``."""
-    chain = stages(out, seed, world_args)
-    if until is not None:
-        chain = chain[: STAGE_NAMES.index(until) + 1]
-    run(chain, force=force, start=start)
+    run(stages(out, seed, world_args, until), force=force, start=start)
 
 
 def main() -> None:

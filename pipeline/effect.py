@@ -206,15 +206,25 @@ def chain_until(study: Study, control: str | None = None) -> str:
     return "build_pairs" if control or study.retrain else "train_dpo"
 
 
-def chain_state(run: Run, until: str) -> dict[str, str] | None:
-    """The fingerprints of the run's chain stages through ``until`` (common.stages), or None while
-    one of them would run: results made from the chain stay its results while these are the same."""
-    chain = demo.stages(run.chain, run.seed, run.world_args)[: demo.STAGE_NAMES.index(until) + 1]
+ChainPlan = list[tuple[str, str, bool]]
+
+
+def chain_plan(run: Run) -> ChainPlan:
+    """(stage, fingerprint, would it run?) of the run's chain through its DPO, as things stand
+    (common.stages.plan): one listing of the chain serves every ``chain_state`` taken from it."""
+    return [(s.name, fp, todo) for s, fp, todo in plan(demo.stages(run.chain, run.seed, run.world_args, "train_dpo"))]
+
+
+def chain_state(steps: ChainPlan, until: str) -> dict[str, str] | None:
+    """The fingerprints of the chain's stages through ``until``, or None while one of them would
+    run: results made from the chain stay its results while these are the same."""
     state = {}
-    for stage, fp, todo in plan(chain):
+    for name, fp, todo in steps:
         if todo:
             return None
-        state[stage.name] = fp
+        state[name] = fp
+        if name == until:
+            break
     return state
 
 
@@ -266,10 +276,10 @@ def settings(run: Run, study: Study, control: str | None = None) -> dict[str, An
     return got | ({"control": CONTROLS[control]} if control else {})
 
 
-def finished(job: Job) -> bool:
+def finished(job: Job, steps: ChainPlan) -> bool:
     """Whether the job's results exist, made with its settings from its chain as it stands; results
     made with other settings stop the study rather than being read as this one's (or silently
-    replaced), results from a chain that changed since are redone."""
+    replaced), results from a chain that changed since (``steps``: its plan) are redone."""
     if not (job.eval_dir / "results.json").is_file():
         return False
     path = job.eval_dir / "study.json"
@@ -280,7 +290,7 @@ def finished(job: Job) -> bool:
         raise SystemExit(f"[effect] {job.eval_dir}: its results were made with other settings "
                          f"({', '.join(changed) if got else 'not recorded'}); give this study its own --out, "
                          "or remove that folder to redo it")
-    if made_from is None or made_from != chain_state(job.run, job.until):
+    if made_from is None or made_from != chain_state(steps, job.until):
         print(f"[effect] {job.label}: its chain {job.run.chain} is not as it was when its results were made, "
               "redone", flush=True)
         return False
@@ -290,7 +300,8 @@ def finished(job: Job) -> bool:
 def execute(job: Job) -> None:
     """Run the job, then record the settings its results were made with."""
     job.fn(*job.args)
-    atomic_write_json(job.eval_dir / "study.json", {**job.settings, "stages": chain_state(job.run, job.until)})
+    made_from = chain_state(chain_plan(job.run), job.until)
+    atomic_write_json(job.eval_dir / "study.json", {**job.settings, "stages": made_from})
 
 
 def _in_worker(job: Job, threads: int) -> tuple[str, float]:
@@ -315,9 +326,11 @@ def run_jobs(jobs: list[Job], n: int) -> None:
     """The jobs whose results are not there yet: in turn (n = 1, output to the terminal), or n at a
     time in forked workers with one log each; the first failure stops the study, naming the run
     and its log."""
-    todo = []
+    todo, plans = [], {}
     for job in jobs:
-        if finished(job):
+        if job.run.chain not in plans:  # a chain's listing once, however many of its jobs are checked
+            plans[job.run.chain] = chain_plan(job.run)
+        if finished(job, plans[job.run.chain]):
             print(f"[effect] {job.label}: results exist, not redone ({job.eval_dir})", flush=True)
         else:
             todo.append(job)
@@ -341,7 +354,7 @@ def run_room(run: Run, study: Study) -> dict[str, Any]:
     ``<folder>/room.json`` and measured again when the roles, the limit or the chain's policy or
     retrieval differ."""
     path = run.folder / "room.json"
-    stages = chain_state(run, "retrieve")  # the base policy and its references
+    stages = chain_state(chain_plan(run), "retrieve")  # the base policy and its references
     if path.is_file():
         got = json.loads(path.read_text(encoding="utf-8"))
         if got.get("roles") == study.roles and got.get("limit") == study.limit and got.get("stages") == stages:

@@ -250,10 +250,10 @@ class Stub:
         self.chains: list[tuple] = []
         self.commands: list[tuple[str, list[str]]] = []
         self.rooms: list[tuple] = []
-        self.stages = {"train_dpo": "fingerprint 1"}  # what chain_state reports for every chain
+        self.stages = {"build_pairs": "fingerprint 0", "train_dpo": "fingerprint 1"}  # every chain's plan
 
-    def chain_state(self, run, until):
-        return {**self.stages, "until": until}
+    def chain_plan(self, run):
+        return [(name, fp, False) for name, fp in self.stages.items()]
 
     def room(self, chain, roles, limit=0):
         self.rooms.append((Path(chain), list(roles), limit))
@@ -279,7 +279,7 @@ def stubbed(monkeypatch) -> Stub:
     monkeypatch.setattr(demo, "run_chain", stub.run_chain)
     monkeypatch.setattr(driver, "_python", stub.python)
     monkeypatch.setattr(driver, "room", stub.room)
-    monkeypatch.setattr(driver, "chain_state", stub.chain_state)
+    monkeypatch.setattr(driver, "chain_plan", stub.chain_plan)
     return stub
 
 
@@ -320,7 +320,7 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     driver.main(argv)  # everything there: nothing redone
     assert stub.chains == [] and stub.commands == [] and stub.rooms == []
     assert "results exist, not redone" in capsys.readouterr().out
-    stub.stages = {"train_dpo": "fingerprint 2"}  # a chain stage changed (its code, config or input)
+    stub.stages = {"build_pairs": "fingerprint 2", "train_dpo": "fingerprint 3"}  # the pairs changed (code, config or input)
     driver.main(argv)
     assert len(stub.chains) == 4 and len(stub.rooms) == 4
     assert len([c for c in stub.commands if c[0] == "evaluation.evaluate"]) == 4 + 4  # the runs and the controls
@@ -430,13 +430,13 @@ def test_effect_study_on_a_tiny_world(tmp_path, monkeypatch):
 
 def test_chain_state_is_the_stages_fingerprints_once_they_all_ran(tmp_path):
     run = driver.Run("seed 0", 0, tmp_path / "chain", [], tmp_path / "seed0")
-    assert driver.chain_state(run, "retrieve") is None  # nothing ran yet
-    chain = demo.stages(run.chain, 0, [])[: demo.STAGE_NAMES.index("retrieve") + 1]
+    assert driver.chain_state(driver.chain_plan(run), "retrieve") is None  # nothing ran yet
+    chain = demo.stages(run.chain, 0, [], "retrieve")
     for stage in chain:
         stage.output.mkdir(parents=True, exist_ok=True)
     for stage, fp, _ in plan(chain):  # as if every stage had run
         atomic_write_json(stamp_path(stage), {"fingerprint": fp})
-    state = driver.chain_state(run, "retrieve")
+    state = driver.chain_state(driver.chain_plan(run), "retrieve")
     assert list(state) == [s.name for s in chain] and state == {s.name: fp for s, fp, _ in plan(chain)}
     (run.chain / "world" / "more.txt").write_text("a file the world did not have")
-    assert driver.chain_state(run, "retrieve") is None  # the stages after the world would run again
+    assert driver.chain_state(driver.chain_plan(run), "retrieve") is None  # the world changed: stages would run
