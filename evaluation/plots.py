@@ -145,7 +145,9 @@ def plot_conditions(results: dict[str, Any], path: str | Path) -> Path | None:
 
 def plot_effect_map(effect_map: dict[str, Any], path: str | Path) -> Path | None:
     """The effect study's map (effect.json ``map``): DPO − base in RAG accuracy and copy rate with
-    their 95% paired intervals, and base / DPO RAG accuracy beside the references' vote, per knob value."""
+    their 95% paired intervals; and per knob value the base's accuracy without and with retrieval,
+    DPO's with it, the references' vote and the room's ceiling (where the base gains from retrieval,
+    and how much trusting it well could add)."""
     points = sorted((p for p in effect_map.get("points", []) if p.get("differences")), key=lambda p: p["value"])
     if not points:
         return None
@@ -159,15 +161,20 @@ def plot_effect_map(effect_map: dict[str, Any], path: str | Path) -> Path | None
     left.axhline(0, color="grey", lw=0.8)
     left.set_title("DPO − base (95% paired interval)")
     left.set_ylabel("difference")
-    for policy, marker in (("base", "o"), ("dpo", "s")):
-        nan = (float("nan"),) * 3
-        ys, lows, highs = zip(*(rate_interval(p["diagnostics"].get(policy, {}), "accuracy_rag_fixed") or nan
-                                for p in points))
+    nan = (float("nan"),) * 3
+    for policy, metric, style, color, label in (
+            ("base", "accuracy_no_rag", ":o", "tab:blue", "base without retrieval"),
+            ("base", "accuracy_rag_fixed", "-o", "tab:blue", "base RAG accuracy"),
+            ("dpo", "accuracy_rag_fixed", "-s", "tab:orange", "dpo RAG accuracy")):
+        ys, lows, highs = zip(*(rate_interval(p["diagnostics"].get(policy, {}), metric) or nan for p in points))
         err = [[y - lo for y, lo in zip(ys, lows)], [hi - y for y, hi in zip(ys, highs)]]
-        right.errorbar(xs, ys, yerr=err, marker=marker, ms=4, capsize=3, label=f"{policy} RAG accuracy")
+        right.errorbar(xs, ys, yerr=err, fmt=style, color=color, ms=4, capsize=3, label=label)
     votes = [p.get("reference_vote_accuracy") for p in points]
     right.plot(xs, [float("nan") if v is None else v for v in votes], "k--", lw=1, label="reference vote")
-    right.set_title("accuracy with retrieval (95% Wilson interval)")
+    # the room's ceiling (toy.room): the base trusting its references as much as they deserve
+    combined = [(p.get("room") or {}).get("combined", {}).get("accuracy", float("nan")) for p in points]
+    right.plot(xs, combined, "-.", color="tab:purple", lw=1, label="base + references combined (room)")
+    right.set_title("accuracy (95% Wilson interval)")
     for ax in (left, right):
         ax.set_xlabel(effect_map["knob"])
         ax.grid(alpha=0.3)

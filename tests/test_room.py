@@ -11,7 +11,7 @@ import pytest
 from common.io import InputError
 from toy.make_toy import make_world
 from toy.oracle_retrieval import ToyRetrievalConfig, write_oracle_retrieval
-from toy.room import combine, combine_out_of_fold, folds, main, read_questions, room
+from toy.room import combine, combine_out_of_fold, folds, main, read_questions, room, where_they_fail
 from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
 
@@ -35,6 +35,19 @@ def test_the_combiner_trusts_each_signal_in_the_domain_where_it_is_right():
     assert (combine_out_of_fold(tx, ty, td) == ty).mean() > 0.97
     image_only = (tx[:, 0] > 0) == ty  # right in "eye" only
     assert image_only.mean() < 0.8
+
+
+def test_where_they_fail_splits_the_vote_by_the_reading_and_both_by_the_asked_finding():
+    reading = np.array([True, True, False, False, True, False])
+    vote = np.array([True, False, False, True, True, False])
+    got = where_they_fail(reading, vote, ["absent", "marked", "subtle", "subtle", "absent", "marked"])
+    assert got["vote_where_reading"] == {"right": 2 / 3, "wrong": 1 / 3, "n_right": 3, "n_wrong": 3}
+    assert got["by_finding"]["subtle"] == {"n": 2, "reading": 0.0, "vote": 0.5}
+    assert got["by_finding"]["absent"] == {"n": 2, "reading": 1.0, "vote": 1.0}
+    assert got["by_finding"]["marked"] == {"n": 2, "reading": 0.5, "vote": 0.0}
+    none = where_they_fail(np.array([True]), np.array([True]), ["absent"])
+    assert none["by_finding"]["subtle"] == {"n": 0, "reading": None, "vote": None}
+    assert none["vote_where_reading"]["wrong"] is None
 
 
 def test_folds_are_disjoint_and_cover_every_question():
@@ -67,6 +80,11 @@ def test_room_is_combined_minus_base_rag_on_the_same_questions(chain):
         assert got[k]["low"] <= got[k]["accuracy"] <= got[k]["high"]
     shares = [q.share for q in read_questions(chain, ["test_vqa"], limit=6)]
     assert got["reference_vote"]["accuracy"] > 0.6 and all(0 <= s <= 1 for s in shares)  # oracle references know
+    kinds = [q.kind for q in read_questions(chain, ["test_vqa"], limit=6)]
+    w = got["where_they_fail"]
+    assert {k: v["n"] for k, v in w["by_finding"].items()} == {k: kinds.count(k) for k in ("subtle", "marked", "absent")}
+    assert w["vote_where_reading"]["n_right"] + w["vote_where_reading"]["n_wrong"] == n
+    assert kinds.count("absent") == sum(not q.yes for q in read_questions(chain, ["test_vqa"], limit=6))
 
 
 def test_validation_questions_are_scored_out_of_fold_and_mixing_roles_is_refused(chain):

@@ -17,6 +17,11 @@ deserve; minus the base's accuracy with references (same questions, paired boots
 is the room. Where the room is below the effect the study looks for, no tuning that only teaches
 trust can show that effect; where it is above and tuning takes none of it, the tuning fails.
 
+Why the room is what it is: ``where_they_fail`` says whether the references are right where the
+base's reading is wrong (the vote's accuracy on the questions it reads right and on those it reads
+wrong), and both accuracies by the asked finding (present and subtle, present and marked,
+absent). Two sources that fail on the same questions combine to little more than the better one.
+
     python -m toy.room --chain outputs/toy [--roles test_vqa] [--limit 0] [--out FILE]
 """
 
@@ -38,6 +43,7 @@ from data.images import load_image, resolve_image
 from data.readers import read_index, read_records
 from policy.policy import Policy, load_policy
 from policy.prompts import build_prompt, load_prompt_templates
+from toy.make_toy import SUBTLE_BELOW
 from toy.oracle_retrieval import load_corpus
 from toy.reading_probe import answer_rows
 
@@ -53,6 +59,7 @@ class Question:
     image: Image.Image
     yes: bool  # the ground truth
     share: float  # references whose study has the asked finding
+    kind: str  # the asked finding: "subtle" or "marked" when present, "absent"
 
 
 def read_questions(chain: Path, roles: list[str], limit: int = 0) -> list[Question]:
@@ -75,7 +82,9 @@ def read_questions(chain: Path, roles: list[str], limit: int = 0) -> list[Questi
                 raise InputError(f"{rec.source}: reference {unknown[0]!r} is not a report of {chain / 'world'}")
             share = float(np.mean([finding in corpora[domain][r] for r in refs])) if refs else 0.5
             image = load_image(resolve_image(rec.images[0], rec.image_root, entry.get("image_root")))
-            out.append(Question(domain, rec.question, list(refs), image, rec.answer.lower().startswith("yes"), share))
+            severity = dict(zip(rec.meta.get("findings", []), rec.meta.get("severities", []))).get(finding)
+            kind = "absent" if severity is None else "subtle" if severity < SUBTLE_BELOW else "marked"
+            out.append(Question(domain, rec.question, list(refs), image, rec.answer.lower().startswith("yes"), share, kind))
     if not out:
         raise InputError(f"{chain / 'retrieval' / 'index.json'}: no yes/no questions with a finding under roles {roles}")
     return out
@@ -156,6 +165,21 @@ def _rate(correct: np.ndarray) -> dict[str, float]:
     return {"accuracy": float(correct.mean()), "low": low, "high": high}
 
 
+def where_they_fail(reading_right: np.ndarray, vote_right: np.ndarray, kinds: list[str]) -> dict[str, Any]:
+    """The references' vote accuracy where the reading is right and where it is wrong, and both
+    accuracies per kind of asked finding: whether the two sources fail on the same questions."""
+    kinds_ = np.array(kinds)
+
+    def part(mask: np.ndarray) -> dict[str, Any]:
+        n = int(mask.sum())
+        return {"n": n, "reading": float(reading_right[mask].mean()) if n else None,
+                "vote": float(vote_right[mask].mean()) if n else None}
+
+    return {"vote_where_reading": {"right": part(reading_right)["vote"], "wrong": part(~reading_right)["vote"],
+                                   "n_right": int(reading_right.sum()), "n_wrong": int((~reading_right).sum())},
+            "by_finding": {k: part(kinds_ == k) for k in ("subtle", "marked", "absent")}}
+
+
 def room(chain: Path, roles: list[str], limit: int = 0, policy: Policy | None = None,
          progress: bool = False) -> dict[str, Any]:
     """The room on the chain's base policy over the questions of ``roles`` (``limit`` per file)."""
@@ -184,7 +208,13 @@ def room(chain: Path, roles: list[str], limit: int = 0, policy: Policy | None = 
     diff = right["combined"].astype(float) - right["base_rag"]
     low, high = paired_interval(diff, resamples(len(diff)))
     return {"n": len(y), "roles": roles, "fit_roles": FIT_ROLES, **{k: _rate(v) for k, v in right.items()},
-            "room": {"diff": float(diff.mean()), "low": low, "high": high, "n": len(y)}}
+            "room": {"diff": float(diff.mean()), "low": low, "high": high, "n": len(y)},
+            "where_they_fail": where_they_fail(right["base_no_rag"], right["reference_vote"],
+                                               [q.kind for q in questions])}
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"n = {got['n']}: base no RAG {got['base_no_rag']['accuracy']:.3f}, base RAG {got['base_rag']['accuracy']:.3f}, "
           f"reference vote {got['reference_vote']['accuracy']:.3f}, combined {got['combined']['accuracy']:.3f}; "
           f"room {r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]")
+    w = got["where_they_fail"]
+    parts = ", ".join(f"{k} (n = {v['n']}) {_fmt(v['reading'])} / {_fmt(v['vote'])}" for k, v in w["by_finding"].items())
+    print(f"reference vote where the base reads right {_fmt(w['vote_where_reading']['right'])}, wrong "
+          f"{_fmt(w['vote_where_reading']['wrong'])}; reading / vote by asked finding: {parts}")
 
 
 if __name__ == "__main__":
