@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from PIL import Image
 
@@ -54,6 +54,7 @@ class AnswerConfig:
     clip_dir: str = doc("outputs/toy/clip", "the retrievers and domain classifier (bash scripts/finetune_clip.sh)")
     checkpoint: str = doc("best", "which checkpoint of each retriever: best | latest")
     cache_dir: str = doc("outputs/toy/retrieval/cache", "corpus embedding cache (shared with the retrieval stage)")
+    match: Literal["text", "image"] = doc("text", "what the query image is scored against: each report's text | the image of each report's study (as the retrieval stage's `match`)")
     policy: PolicySpec = doc(PolicySpec(), "the policy before `adapter`: checkpoint (the toy one: bash "
                                            "scripts/make_toy_policy.sh), adapter merged into it (as train_dpo's "
                                            "policy.init_adapter), dtype, prompts")
@@ -145,7 +146,7 @@ def load_retriever(cfg: AnswerConfig, require_router: bool = True) -> Any:
         raise InputError(f"{cfg.clip_dir}: no retrievers here; make them with `bash scripts/finetune_clip.sh`")
     try:
         return Retriever.load(cfg.clip_dir, cfg.checkpoint, cache_dir=cfg.cache_dir,
-                              require_router=require_router)
+                              require_router=require_router, match=cfg.match)
     except FileNotFoundError as e:
         raise InputError(f"{e} (`bash scripts/finetune_clip.sh` makes it)") from None
 

@@ -18,9 +18,14 @@ release's preference files (those are finished pairs, not queries). A query or c
 absent is warned about (one line) and listed under ``missing`` in ``retrieval_metrics.json``; a
 domain without a corpus file is skipped; only a run left with nothing stops (exit 2).
 
-A domain's corpus is its ``retriever_train`` reports, identical texts collapsed; its embeddings
-are cached in ``<cache_dir>/corpus-<key>.safetensors``, the key hashing the retriever's weights
-and every text, so a rerun reuses them and a retrained model or changed corpus does not.
+A domain's corpus is its ``retriever_train`` reports. ``match: text`` (the paper's) scores the
+query image against each report's text embedding, identical texts collapsed; ``match: image``
+scores it against the image of each report's study (one entry per study; an unreadable corpus
+image leaves its study out, counted in ``retrieval_metrics.json``), so a patient's prior study in
+the archive is found by its anatomy, which its report does not describe. Corpus embeddings are
+cached in ``<cache_dir>/corpus-<key>.safetensors``, the key hashing the retriever's weights, the
+match and every text (and image path), so a rerun reuses them and a retrained model or changed
+corpus does not.
 Queries and corpus are encoded in shards across processes when launched with several
 (``accelerate launch`` / ``torchrun``); the main process searches and writes.
 
@@ -48,6 +53,7 @@ from tqdm import tqdm
 from common.config import ConfigError, cli_main, doc, load_config, save_config, to_dict
 from common.io import InputError, atomic_path, atomic_write_json, read_path, run_lock, write_path
 from data.answers import yes_no
+from data.datasets import QueryDataset, first_image
 from data.images import BadImageLog, Roots
 from data.readers import BadRecordPolicy, bad_records_summary
 from data.records import DOMAINS, ReportRecord, VqaRecord
@@ -60,6 +66,7 @@ from retriever.recall import KS, findings_label, label_ids, recall_at_k, referen
 from retriever.select_k import KRule, log_gap_quantiles, select_k
 
 QUERY_ROLES = ["test_vqa", "test_report", "val_vqa", "alignment_vqa", "alignment_report"]
+Match = Literal["text", "image"]
 
 
 class Hit(NamedTuple):
@@ -90,6 +97,7 @@ class RetrieveConfig:
     routing: Literal["classifier", "oracle", "fixed"] = doc("classifier", "classifier F(x_v) | oracle (the file's domain) | fixed (`domain` for all)")
     domain: str = doc("", "routing=fixed: the domain every query goes to")
     k: KRule = doc(KRule(), "how many reports each query keeps")
+    match: Match = doc("text", "what the query image is scored against: each report's text (the paper's) | the image of each report's study")
     backend: Literal["torch", "faiss"] = doc("torch", "exact chunked top-k (torch) or a FAISS index")
     faiss_factory: str = doc("Flat", "faiss.index_factory string (Flat is exact; HNSW32, IVF4096,PQ64 for millions)")
     dim: int = doc(0, "search with the first `dim` embedding coordinates (Matryoshka-trained); 0 = all")
@@ -107,24 +115,28 @@ class Corpus:
     ids: list[str]
     texts: list[str]
     findings: list[tuple[str, ...] | None]
+    records: list[ReportRecord]  # the record behind each entry (match=image embeds its image)
 
 
 def read_corpus(
-    files: Sequence[tuple[str, Roots]], bad_record: BadRecordPolicy = "skip", skipped: list[str] | None = None
+    files: Sequence[tuple[str, Roots]], bad_record: BadRecordPolicy = "skip", skipped: list[str] | None = None,
+    match: Match = "text",
 ) -> Corpus:
-    """Report texts of the files, identical texts collapsed (the first record's id and findings
-    kept); bad records go to ``skipped`` (data.readers)."""
+    """The reports of the files with a text: for ``match="text"`` identical texts collapsed (the
+    first record's id and findings kept), for ``"image"`` one entry per distinct study image;
+    bad records go to ``skipped`` (data.readers)."""
     from data.readers import read_records
 
-    first: dict[str, ReportRecord] = {}
+    first: dict[Any, ReportRecord] = {}
     for path, root in files:
         for r in read_records(path, "report", root, bad_record, skipped):
             if r.text:
-                first.setdefault(r.text, r)
+                r = with_root(r, root)
+                first.setdefault(r.text if match == "text" else (r.image_root, first_image(r)), r)
     if not first:
         raise InputError(f"{[p for p, _ in files]}: no report texts for a corpus")
     recs = list(first.values())
-    return Corpus([r.id for r in recs], [r.text for r in recs], [findings_label(r.meta) for r in recs])
+    return Corpus([r.id for r in recs], [r.text for r in recs], [findings_label(r.meta) for r in recs], recs)
 
 
 class Retriever:
@@ -135,10 +147,14 @@ class Retriever:
         corpus_files: dict[str, list[tuple[str, Roots]]], cache_dir: str | Path, accelerator: Any = None,
         backend: str = "torch", faiss_factory: str = "Flat", dim: int = 0, query_chunk: int = 2048,
         corpus_chunk: int = 8192, batch_size: int = 256, bad_record: BadRecordPolicy = "skip",
+        match: Match = "text", bad_image: str = "skip",
     ):
+        if match not in ("text", "image"):
+            raise ConfigError(f"match must be text or image, got {match!r}")
         self.encoders, self.folders, self.router = encoders, folders, router
-        self.bad_record = bad_record
+        self.bad_record, self.match, self.bad_image = bad_record, match, bad_image
         self.bad_records: list[str] = []  # the corpus files' skipped records
+        self.unreadable: dict[str, int] = {}  # match=image: per domain, corpus studies whose image could not be read
         self.corpus_files, self.cache_dir, self.accelerator = corpus_files, Path(cache_dir), accelerator
         self.backend, self.faiss_factory, self.dim = backend, faiss_factory, dim or None
         self.query_chunk, self.corpus_chunk, self.batch_size = query_chunk, corpus_chunk, batch_size
@@ -188,24 +204,44 @@ class Retriever:
 
     def corpus(self, domain: str) -> Corpus:
         if domain not in self._corpora:
-            self._corpora[domain] = read_corpus(self.corpus_files[domain], self.bad_record, self.bad_records)
+            self._corpora[domain] = read_corpus(self.corpus_files[domain], self.bad_record, self.bad_records, self.match)
         return self._corpora[domain]
 
     def index(self, domain: str) -> CorpusIndex:
         """The domain's corpus index; its embeddings come from the cache when they can."""
         if domain not in self._indexes:
             corpus, enc = self.corpus(domain), self.encoders[domain]
-            key = cache_key({"weights": weights_fingerprint(self.folders[domain]), "model": enc.name}, corpus.texts)
-            emb, _ = cached_embeddings(
-                self.cache_dir, key,
-                lambda: embed_texts(enc.model, enc.tokenizer, corpus.texts, self.batch_size, self.accelerator, desc=f"{domain} corpus"),
-                is_main=self.accelerator is None or self.accelerator.is_main_process,
-            )
+            parts = {"weights": weights_fingerprint(self.folders[domain]), "model": enc.name, "match": self.match}
+            if self.match == "text":
+                key = cache_key(parts, corpus.texts)
+            else:
+                key = cache_key(parts, [f"{r.image_root}\t{first_image(r)}\t{r.text}" for r in corpus.records])
+            emb, _ = cached_embeddings(self.cache_dir, key, lambda: self._embed_corpus(domain),
+                                       is_main=self.accelerator is None or self.accelerator.is_main_process)
+            ids, texts = corpus.ids, corpus.texts
+            if self.match == "image":  # unreadable images are NaN rows, in the cache too
+                keep = ~emb.isnan().any(dim=1)
+                self.unreadable[domain] = int((~keep).sum())
+                ids, texts, emb = [i for i, k in zip(ids, keep) if k], [t for t, k in zip(texts, keep) if k], emb[keep]
+                if not ids:
+                    raise InputError(f"{domain}: no corpus image could be read (match=image)")
             self._indexes[domain] = CorpusIndex(
-                truncate(emb, self.dim), corpus.ids, corpus.texts, backend=self.backend,
+                truncate(emb, self.dim), ids, texts, backend=self.backend,
                 faiss_factory=self.faiss_factory, query_chunk=self.query_chunk, corpus_chunk=self.corpus_chunk,
             )
         return self._indexes[domain]
+
+    def _embed_corpus(self, domain: str) -> torch.Tensor:
+        """The domain's corpus embeddings, one row per entry: of its texts, or of its images (NaN
+        rows where unreadable)."""
+        corpus, enc = self.corpus(domain), self.encoders[domain]
+        if self.match == "text":
+            return embed_texts(enc.model, enc.tokenizer, corpus.texts, self.batch_size, self.accelerator, desc=f"{domain} corpus")
+        ds = QueryDataset(corpus.records, None, enc.preprocess_val, bad_image=self.bad_image)
+        emb, idx = embed_images(enc.model, ds, self.batch_size, self.accelerator, desc=f"{domain} corpus images")
+        out = torch.full((len(ds), emb.shape[1]), float("nan"))
+        out[idx] = emb
+        return out
 
     # ---------------------------------------------------------------- queries
 
@@ -285,8 +321,6 @@ def release_sources_command(cfg: RetrieveConfig) -> str:
 
 def _unique_images(records: list[Any]) -> tuple[list[Any], list[int]]:
     """One representative record per distinct (root, first image), and each record's position."""
-    from data.datasets import first_image
-
     seen: dict[tuple, int] = {}
     reps, pos = [], []
     for r in records:
@@ -315,8 +349,6 @@ def retrieve_file(
     retriever: Retriever, qf: QueryFile, records: list[Any], cfg: RetrieveConfig, accelerator: Any
 ) -> tuple[list[dict], dict[str, Any]]:
     """Output rows (on the main process; [] elsewhere) and metrics of one query file."""
-    from data.datasets import QueryDataset
-
     kind = qf.kind or ("vqa" if records and isinstance(records[0], VqaRecord) else "report")
     if not records:
         return [], {"source": qf.path, "domain": qf.domain, "kind": kind, "records": 0}
@@ -459,6 +491,7 @@ def retrieve_all(cfg: RetrieveConfig, domains: list[str], missing: list[str], fo
             cfg.cache_dir or out / "cache", accelerator, require_router=cfg.routing == "classifier",
             backend=cfg.backend, faiss_factory=cfg.faiss_factory, dim=cfg.dim, query_chunk=cfg.query_chunk,
             corpus_chunk=cfg.corpus_chunk, batch_size=cfg.batch_size, bad_record=cfg.data.bad_record,
+            match=cfg.match, bad_image=cfg.data.bad_image,
         )
     except FileNotFoundError as e:
         raise InputError(str(e)) from None
@@ -488,11 +521,13 @@ def retrieve_all(cfg: RetrieveConfig, domains: list[str], missing: list[str], fo
                        f"query; this retriever's log-gaps between consecutive scores are {m['log_gap_p50']:.4f} "
                        f"(median) to {m['log_gap_p99']:.4f} (p99), so a gamma on that scale is needed to cut")
     if accelerator.is_main_process:
-        summary = {"routing": cfg.routing, "domain_accuracy": correct / known if known else None, "k_rule": to_dict(cfg.k),
+        summary = {"routing": cfg.routing, "match": cfg.match, "domain_accuracy": correct / known if known else None, "k_rule": to_dict(cfg.k),
                    "domains": domains, "skipped_domains": [d for d in cfg.domains if d not in domains], "missing": missing,
                    "files": per_file, "bad_records": bad_records_summary(bad_records + retriever.bad_records)}
+        if cfg.match == "image":
+            summary["corpus_unreadable_images"] = retriever.unreadable
         atomic_write_json(out / "retrieval_metrics.json", summary)
-        atomic_write_json(out / "index.json", {"clip_dir": write_path(cfg.clip_dir, out), "routing": cfg.routing,
+        atomic_write_json(out / "index.json", {"clip_dir": write_path(cfg.clip_dir, out), "routing": cfg.routing, "match": cfg.match,
                                                "k_rule": to_dict(cfg.k), "files": files})
         save_config(cfg, out / "run_config.yaml")
         acc = f"{summary['domain_accuracy']:.3f}" if known else "n/a"

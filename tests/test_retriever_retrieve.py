@@ -200,3 +200,41 @@ def test_real_config_on_a_partial_release(trained, tmp_path, capsys):
         retrieve.main([config, *common, "--routing", "oracle", "--output_dir", str(tmp_path / "pref")])
     with pytest.raises(InputError, match="no retriever_train file .* was found"):
         retrieve.main([config, *common, "--data.data_root", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "none")])
+
+
+def prior_at_rank_1(out: Path, world: Path) -> tuple[int, int]:
+    """(test VQA questions whose first reference is their own patient's prior study, questions)."""
+    prior = {}
+    for e in manifest_files(world, role="retriever_train"):
+        prior.update({r.meta["prior_of"]: r.id for r in read_records(e["path"]) if "prior_of" in r.meta})
+    rows = [r for e in read_index(out / "index.json", ["test_vqa"]) for r in read_records(e["path"])]
+    return sum(r.meta["reference_ids"][:1] == [prior[r.meta["study"]]] for r in rows), len(rows)
+
+
+def test_image_match_finds_the_patients_prior(trained, tmp_path):
+    """Every queried study has a prior in the corpus: the prior's report says nothing of the
+    patient's anatomy, its image shows it, so image match finds it first far more often."""
+    root, _ = trained
+    world = make_world(tmp_path / "world", size="tiny", progress=False, prior_share=1.0)
+    common = ["--query_roles", "[test_vqa]", "--routing", "oracle", "--k.k", "3"]
+    by_text = prior_at_rank_1(run(root, world, str(tmp_path / "text"), *common), world)
+    by_image = prior_at_rank_1(run(root, world, str(tmp_path / "image"), *common, "--match", "image"), world)
+    assert by_image[1] == by_text[1] > 50
+    assert by_image[0] >= 0.8 * by_image[1] and by_image[0] >= by_text[0] + 0.3 * by_text[1], (by_image, by_text)
+    summary = json.loads((tmp_path / "image" / "retrieval_metrics.json").read_text())
+    assert summary["match"] == "image" and summary["corpus_unreadable_images"] == {d: 0 for d in DOMAINS}
+
+
+def test_image_match_leaves_out_unreadable_corpus_images(trained, tmp_path):
+    root, _ = trained
+    world = make_world(tmp_path / "world", size="tiny", progress=False)
+    corpus = read_records(manifest_files(world, role="retriever_train", domain="pathology")[0]["path"])
+    entry = manifest_files(world, role="retriever_train", domain="pathology")[0]
+    (Path(entry["image_root"]) / read_records(entry["path"])[0].images[0]).write_bytes(b"not an image")
+    r = retrieve.Retriever.load(root / "clip", domains=["pathology"], match="image", cache_dir=tmp_path / "cache",
+                                corpus_files={"pathology": [(entry["path"], entry["image_root"])]})
+    assert len(r.index("pathology")) == len(corpus) - 1 and r.unreadable == {"pathology": 1}
+    again = retrieve.Retriever.load(root / "clip", domains=["pathology"], match="image", cache_dir=tmp_path / "cache",
+                                    corpus_files={"pathology": [(entry["path"], entry["image_root"])]})
+    assert len(again.index("pathology")) == len(corpus) - 1 and again.unreadable == {"pathology": 1}  # from the cache
+    assert corpus[0].id not in again.index("pathology").ids
