@@ -1,7 +1,8 @@
 """The whole pipeline on the toy world, each stage through its own script, as a user runs them.
 
 ``--out DIR --seed N`` runs the whole chain (world, policy, retrievers, pairs, DPO, evaluation)
-for another seed in its own folder; ``--world_args`` sets the world's knobs (toy.make_toy).
+for another seed in its own folder; ``--world_args`` sets the world's knobs (toy.make_toy),
+``--retrieve_args`` the retrieval stage's options on top of configs/toy/retrieve.yaml.
 
 A rerun skips stages whose output is there and whose inputs and config are unchanged
 (common/stages.py); ``--force`` redoes everything, ``--from STAGE`` redoes from there on.
@@ -69,9 +70,10 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
     }.get(name, [])
 
 
-def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = (), until: str | None = None) -> list[Stage]:
+def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = (), until: str | None = None,
+           retrieve_args: list[str] = ()) -> list[Stage]:
     """The chain's stages writing under ``out``, through ``until`` (all by default); ``world_args``
-    go to make_toy (its knobs)."""
+    go to make_toy (its knobs), ``retrieve_args`` to the retrieval stage."""
     result = []
     for i, (name, script, folder, configs, packages, inputs) in enumerate(PIPELINE):
         # a stage follows the stages that write what it reads: the retrievers the world, not the policy
@@ -82,7 +84,7 @@ def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = (), until: st
         elif "." in script:
             cmd = [sys.executable, "-m", script, *stage_args(name, out, seed)]
         else:
-            extra = list(world_args) if name == "make_toy" else []
+            extra = {"make_toy": list(world_args), "retrieve": list(retrieve_args)}.get(name, [])
             cmd = ["bash", f"scripts/{script}.sh", *stage_args(name, out, seed), *extra]
             code.append(Path(f"scripts/{script}.sh"))
         result.append(Stage(name, cmd, out / folder, [Path(c) for c in configs], code, [out / i for i in inputs],
@@ -98,9 +100,9 @@ def run_module(module: str, *args: str) -> None:
 
 
 def run_chain(out: Path = OUT, seed: int = 0, world_args: list[str] = (), force: bool = False,
-              start: str | None = None, until: str | None = None) -> None:
+              start: str | None = None, until: str | None = None, retrieve_args: list[str] = ()) -> None:
     """Run (or resume) the chain under ``out`` up to and including ``until``."""
-    run(stages(out, seed, world_args, until), force=force, start=start)
+    run(stages(out, seed, world_args, until, retrieve_args), force=force, start=start)
 
 
 def main() -> None:
@@ -111,8 +113,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT, help="folder of the whole run (default outputs/toy)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every stage: world, policy, retrievers, pairs, DPO")
     ap.add_argument("--world_args", default="", help='make_toy options, one string: "--prior_share 0.5"')
+    ap.add_argument("--retrieve_args", default="", help='retrieval options, one string: "--match image --k.k 1"')
     args = ap.parse_args()
-    run_chain(args.out, args.seed, shlex.split(args.world_args), args.force, args.start, args.until)
+    run_chain(args.out, args.seed, shlex.split(args.world_args), args.force, args.start, args.until,
+              shlex.split(args.retrieve_args))
     table = args.out / "eval" / "results.md"
     if table.is_file() and args.until in (None, "evaluate"):
         print("\n" + table.read_text())

@@ -243,6 +243,21 @@ def test_world_label_and_chain_folders(tmp_path):
     assert small.chain == demo.OUT and small.folder == tmp_path / "map" / "alignment_studies=200" and same is big
 
 
+def test_retrieval_options_make_the_studys_own_chains(tmp_path):
+    """Chains retrieved otherwise are never the demo's, nor a seed's retrieved by the config."""
+    by_image = ["--match", "image", "--k.k", "1"]
+    seed0, = driver.seed_runs([0], tmp_path, [], by_image)
+    assert seed0.chain == tmp_path / "chains" / "seed0_match=image_k.k=1" and seed0.retrieve_args == by_image
+    default, point = driver.map_runs("prior_share", ["0.0", "0.5"], tmp_path, [], [seed0], by_image)
+    assert default is seed0 and point.retrieve_args == by_image and point.chain == tmp_path / "map" / "prior_share=0.5" / "chain"
+    assert driver.map_runs("prior_share", ["0.0"], tmp_path, [], [seed0])[0].chain == demo.OUT
+    retrieve = next(s for s in demo.stages(seed0.chain, 0, [], "retrieve", by_image) if s.name == "retrieve")
+    assert retrieve.cmd[-4:] == by_image
+    study = driver.Study(driver.DPO_CONFIG, "configs/toy/evaluate.yaml", 0, ["val_vqa"], [], [])
+    assert driver.settings(seed0, study)["retrieve_args"] == by_image
+    assert "retrieve_args" not in driver.settings(driver.seed_runs([0], tmp_path, [])[0], study)  # earlier studies' results stand
+
+
 class Stub:
     """Records chain runs and stage commands; a stubbed evaluation writes hand-made results."""
 
@@ -261,8 +276,8 @@ class Stub:
         return {"n": 30, "roles": list(roles), "fit_roles": ["val_vqa"], "base_no_rag": rate, "base_rag": rate,
                 "reference_vote": rate, "combined": rate, "room": {"diff": 0.06, "low": 0.01, "high": 0.11, "n": 30}}
 
-    def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None):
-        self.chains.append((Path(out), seed, list(world_args), until))
+    def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None, retrieve_args=()):
+        self.chains.append((Path(out), seed, list(world_args), until) + ((list(retrieve_args),) if retrieve_args else ()))
 
     def python(self, module: str, *args: str) -> None:
         self.commands.append((module, list(args)))
@@ -440,3 +455,14 @@ def test_chain_state_is_the_stages_fingerprints_once_they_all_ran(tmp_path):
     assert list(state) == [s.name for s in chain] and state == {s.name: fp for s, fp, _ in plan(chain)}
     (run.chain / "world" / "more.txt").write_text("a file the world did not have")
     assert driver.chain_state(driver.chain_plan(run), "retrieve") is None  # the world changed: stages would run
+
+
+def test_driver_passes_retrieval_options_to_every_chain(tmp_path, monkeypatch):
+    stub = stubbed(monkeypatch)
+    out = tmp_path / "effect"
+    driver.main(["--seeds", "0", "--out", str(out), "--controls", "--map_knob", "subtle_share", "--map_values", "0.6",
+                 "--world_args", "", "--retrieve_args", "--match image"])
+    assert stub.chains == [(out / "chains" / "seed0_match=image", 0, [], "train_dpo", ["--match", "image"]),
+                           (out / "map" / "subtle_share=0.6" / "chain", 0, ["--subtle_share", "0.6"], "train_dpo",
+                            ["--match", "image"])]
+    assert json.loads((out / "seed0" / "eval" / "study.json").read_text())["retrieve_args"] == ["--match", "image"]
