@@ -2,7 +2,8 @@
 
 ``--out DIR --seed N`` runs the whole chain (world, policy, retrievers, pairs, DPO, evaluation)
 for another seed in its own folder; ``--world_args`` sets the world's knobs (toy.make_toy),
-``--retrieve_args`` the retrieval stage's options on top of configs/toy/retrieve.yaml.
+``--policy_args`` the base policy's (scripts/make_toy_policy.sh) and ``--retrieve_args`` the
+retrieval stage's options on top of its configs.
 
 A rerun skips stages whose output is there and whose inputs and config are unchanged
 (common/stages.py); ``--force`` redoes everything, ``--from STAGE`` redoes from there on.
@@ -71,9 +72,9 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
 
 
 def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = (), until: str | None = None,
-           retrieve_args: list[str] = ()) -> list[Stage]:
+           options: dict[str, list[str]] | None = None) -> list[Stage]:
     """The chain's stages writing under ``out``, through ``until`` (all by default); ``world_args``
-    go to make_toy (its knobs), ``retrieve_args`` to the retrieval stage."""
+    go to make_toy (its knobs), ``options`` (stage name -> options) to the other script stages."""
     result = []
     for i, (name, script, folder, configs, packages, inputs) in enumerate(PIPELINE):
         # a stage follows the stages that write what it reads: the retrievers the world, not the policy
@@ -84,7 +85,7 @@ def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = (), until: st
         elif "." in script:
             cmd = [sys.executable, "-m", script, *stage_args(name, out, seed)]
         else:
-            extra = {"make_toy": list(world_args), "retrieve": list(retrieve_args)}.get(name, [])
+            extra = list(world_args) if name == "make_toy" else list((options or {}).get(name, []))
             cmd = ["bash", f"scripts/{script}.sh", *stage_args(name, out, seed), *extra]
             code.append(Path(f"scripts/{script}.sh"))
         result.append(Stage(name, cmd, out / folder, [Path(c) for c in configs], code, [out / i for i in inputs],
@@ -100,9 +101,15 @@ def run_module(module: str, *args: str) -> None:
 
 
 def run_chain(out: Path = OUT, seed: int = 0, world_args: list[str] = (), force: bool = False,
-              start: str | None = None, until: str | None = None, retrieve_args: list[str] = ()) -> None:
+              start: str | None = None, until: str | None = None, options: dict[str, list[str]] | None = None) -> None:
     """Run (or resume) the chain under ``out`` up to and including ``until``."""
-    run(stages(out, seed, world_args, until, retrieve_args), force=force, start=start)
+    run(stages(out, seed, world_args, until, options), force=force, start=start)
+
+
+def stage_options(policy_args: str, retrieve_args: str) -> dict[str, list[str]]:
+    """The chain's per-stage options from the command line's strings (stages without any left out)."""
+    got = {"make_toy_policy": shlex.split(policy_args), "retrieve": shlex.split(retrieve_args)}
+    return {name: opts for name, opts in got.items() if opts}
 
 
 def main() -> None:
@@ -113,10 +120,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT, help="folder of the whole run (default outputs/toy)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every stage: world, policy, retrievers, pairs, DPO")
     ap.add_argument("--world_args", default="", help='make_toy options, one string: "--prior_share 0.5"')
+    ap.add_argument("--policy_args", default="", help='make_toy_policy.sh options, one string: "--reference_k 1"')
     ap.add_argument("--retrieve_args", default="", help='retrieval options, one string: "--match image --k.k 1"')
     args = ap.parse_args()
     run_chain(args.out, args.seed, shlex.split(args.world_args), args.force, args.start, args.until,
-              shlex.split(args.retrieve_args))
+              stage_options(args.policy_args, args.retrieve_args))
     table = args.out / "eval" / "results.md"
     if table.is_file() and args.until in (None, "evaluate"):
         print("\n" + table.read_text())

@@ -3,7 +3,7 @@ controls, and where in the toy world's settings?
 
     bash scripts/effect.sh [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50] [--roles test_vqa]
         [--controls NAME ...] [--control_seeds 0] [--map_knob prior_share] [--map_values 0.0 0.5 0.9]
-        [--world_args "..."] [--retrieve_args "..."] [--jobs N]
+        [--world_args "..."] [--policy_args "..."] [--retrieve_args "..."] [--jobs N]
 
 Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, base policy,
 retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
@@ -14,9 +14,10 @@ long: a chain there takes about an hour of one core for itself and two and a hal
 chains sharing 2 cores, so the default study (3 seeds, 2 more map chains, 4 controls) takes about
 4.5 hours on 2 cores (a GPU machine, ``--jobs``, or ``--seeds 0 --controls --map_values`` for a
 first look). A run whose world is the demo's (``--world_args ""``, seed 0) is the demo's own chain,
-``outputs/toy``; the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``). ``--retrieve_args``
-set every chain's retrieval (``"--match image --k.k 1"``: retrieval by image, one reference), and
-such chains are the study's own, never the demo's.
+``outputs/toy``; the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``). ``--policy_args``
+and ``--retrieve_args`` set every chain's base policy (``"--reference_k 1"``: tuned with one
+reference) and retrieval (``"--match image --k.k 1"``: by image, one reference); such chains are
+the study's own, never the demo's.
 Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
 noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
 
@@ -118,7 +119,7 @@ class Run:
     chain: Path  # pipeline.demo's folder: world/, policy/, clip/, retrieval/, pairs/, dpo/
     world_args: list[str]
     folder: Path  # eval/, dpo/ (with --dpo_args), controls/<name>/{dpo,eval}/
-    retrieve_args: list[str] = dataclasses.field(default_factory=list)  # the retrieval stage's options
+    options: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # stage name -> its options (demo.stages)
 
     @property
     def eval_dir(self) -> Path:
@@ -145,16 +146,16 @@ def knob_value(text: str) -> float | str:
         return text
 
 
-def seed_runs(seeds: list[int], out: Path, world_args: list[str], retrieve_args: list[str] = ()) -> list[Run]:
-    """Seed 0 in the demo's world and retrieval is the demo's chain; every other run gets its own."""
-    runs = []
-    options = [*world_args, *retrieve_args]
+def seed_runs(seeds: list[int], out: Path, world_args: list[str], options: dict[str, list[str]] | None = None) -> list[Run]:
+    """Seed 0 in the demo's world with the configs' stages is the demo's chain; every other run gets its own."""
+    runs, options = [], dict(options or {})
+    label = world_label([*world_args, *(o for opts in options.values() for o in opts)])
     for s in seeds:
-        if s == 0 and same_world(world_args, []) and not retrieve_args:
+        if s == 0 and same_world(world_args, []) and not options:
             chain = demo.OUT
         else:
-            chain = out / "chains" / (f"seed{s}_{world_label(options)}" if options else f"seed{s}")
-        runs.append(Run(f"seed {s}", s, chain, list(world_args), out / f"seed{s}", list(retrieve_args)))
+            chain = out / "chains" / (f"seed{s}_{label}" if label else f"seed{s}")
+        runs.append(Run(f"seed {s}", s, chain, list(world_args), out / f"seed{s}", options))
     return runs
 
 
@@ -170,18 +171,18 @@ def same_world(a: list[str], b: list[str]) -> bool:
 
 
 def map_runs(knob: str, values: list[str], out: Path, world_args: list[str], seeds: list[Run] = (),
-             retrieve_args: list[str] = ()) -> list[Run]:
+             options: dict[str, list[str]] | None = None) -> list[Run]:
     """One seed-0 chain per knob value, the study's world options plus ``--<knob> <value>``; a value
     whose world is a seed-0 run's takes that run rather than repeating its whole chain, and one
-    whose world and retrieval are the demo's takes the demo's chain."""
-    runs = []
+    whose world and stage options are the demo's takes the demo's chain."""
+    runs, options = [], dict(options or {})
     for v in values:
         args = [*world_args, f"--{knob}", v]
         same = next((r for r in seeds if r.seed == 0 and same_world(r.world_args, args)
-                     and r.retrieve_args == list(retrieve_args)), None)
+                     and r.options == options), None)
         folder = out / "map" / f"{knob}={v}"
-        chain = demo.OUT if same_world(args, []) and not retrieve_args else folder / "chain"
-        runs.append(same or Run(f"{knob}={v}", 0, chain, args, folder, list(retrieve_args)))
+        chain = demo.OUT if same_world(args, []) and not options else folder / "chain"
+        runs.append(same or Run(f"{knob}={v}", 0, chain, args, folder, options))
     return runs
 
 
@@ -218,7 +219,7 @@ ChainPlan = list[tuple[str, str, bool]]
 def chain_plan(run: Run) -> ChainPlan:
     """(stage, fingerprint, would it run?) of the run's chain through its DPO, as things stand
     (common.stages.plan): one listing of the chain serves every ``chain_state`` taken from it."""
-    return [(s.name, fp, todo) for s, fp, todo in plan(demo.stages(run.chain, run.seed, run.world_args, "train_dpo", run.retrieve_args))]
+    return [(s.name, fp, todo) for s, fp, todo in plan(demo.stages(run.chain, run.seed, run.world_args, "train_dpo", run.options))]
 
 
 def chain_state(steps: ChainPlan, until: str) -> dict[str, str] | None:
@@ -237,7 +238,7 @@ def chain_state(steps: ChainPlan, until: str) -> dict[str, str] | None:
 def run_main(run: Run, study: Study) -> None:
     """The run's chain (up to DPO) and its evaluation of base and DPO into ``run.eval_dir``."""
     with progress(f"{run.label}: chain {run.chain}"):
-        demo.run_chain(run.chain, run.seed, run.world_args, until=chain_until(study), retrieve_args=run.retrieve_args)
+        demo.run_chain(run.chain, run.seed, run.world_args, until=chain_until(study), options=run.options)
     dpo_dir = run.chain / "dpo"
     if study.retrain:
         dpo_dir = run.folder / "dpo"
@@ -279,8 +280,8 @@ def settings(run: Run, study: Study, control: str | None = None) -> dict[str, An
     """What a run's results depend on beyond the code: its chain and world, the study's options."""
     got = {"chain": str(run.chain), "seed": run.seed, "world_args": run.world_args,
            **{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(study).items()}}
-    if run.retrieve_args:
-        got["retrieve_args"] = run.retrieve_args
+    if run.options:
+        got["stage_options"] = run.options
     return got | ({"control": CONTROLS[control]} if control else {})
 
 
@@ -380,6 +381,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--world_args", default=EFFECT_WORLD,
                     help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": ten times the '
                          'demo\'s alignment split; "" = the demo\'s world, whose seed 0 is the demo\'s chain)')
+    ap.add_argument("--policy_args", default="",
+                    help='make_toy_policy.sh options of every chain, one string: "--reference_k 1" (default "")')
     ap.add_argument("--retrieve_args", default="",
                     help='retrieval options of every chain on top of configs/toy/retrieve.yaml, one string: '
                          '"--match image --k.k 1" (default "": the config\'s)')
@@ -421,9 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     world_args = shlex.split(args.world_args)
     study = Study(args.dpo_config, args.eval_config, args.limit, args.roles, shlex.split(args.dpo_args),
                   shlex.split(args.eval_args))
-    retrieve_args = shlex.split(args.retrieve_args)
-    seeds = seed_runs(args.seeds, args.out, world_args, retrieve_args)
-    on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds, retrieve_args)
+    options = demo.stage_options(args.policy_args, args.retrieve_args)
+    seeds = seed_runs(args.seeds, args.out, world_args, options)
+    on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds, options)
     mains = seeds + [r for r in on_map if r not in seeds]
     controlled = [r for r in seeds if r.seed in args.control_seeds]
     run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log", settings(r, study),

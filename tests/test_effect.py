@@ -243,19 +243,22 @@ def test_world_label_and_chain_folders(tmp_path):
     assert small.chain == demo.OUT and small.folder == tmp_path / "map" / "alignment_studies=200" and same is big
 
 
-def test_retrieval_options_make_the_studys_own_chains(tmp_path):
-    """Chains retrieved otherwise are never the demo's, nor a seed's retrieved by the config."""
+def test_stage_options_make_the_studys_own_chains(tmp_path):
+    """Chains whose policy or retrieval differ from the configs' are never the demo's, nor a seed's made by the configs."""
+    options = demo.stage_options("--reference_k 1", "--match image --k.k 1")
     by_image = ["--match", "image", "--k.k", "1"]
-    seed0, = driver.seed_runs([0], tmp_path, [], by_image)
-    assert seed0.chain == tmp_path / "chains" / "seed0_match=image_k.k=1" and seed0.retrieve_args == by_image
-    default, point = driver.map_runs("prior_share", ["0.0", "0.5"], tmp_path, [], [seed0], by_image)
-    assert default is seed0 and point.retrieve_args == by_image and point.chain == tmp_path / "map" / "prior_share=0.5" / "chain"
+    assert options == {"make_toy_policy": ["--reference_k", "1"], "retrieve": by_image}
+    assert demo.stage_options("", "") == {}
+    seed0, = driver.seed_runs([0], tmp_path, [], options)
+    assert seed0.chain == tmp_path / "chains" / "seed0_reference_k=1_match=image_k.k=1" and seed0.options == options
+    default, point = driver.map_runs("prior_share", ["0.0", "0.5"], tmp_path, [], [seed0], options)
+    assert default is seed0 and point.options == options and point.chain == tmp_path / "map" / "prior_share=0.5" / "chain"
     assert driver.map_runs("prior_share", ["0.0"], tmp_path, [], [seed0])[0].chain == demo.OUT
-    retrieve = next(s for s in demo.stages(seed0.chain, 0, [], "retrieve", by_image) if s.name == "retrieve")
-    assert retrieve.cmd[-4:] == by_image
+    chain = {s.name: s for s in demo.stages(seed0.chain, 0, [], "retrieve", options)}
+    assert chain["retrieve"].cmd[-4:] == by_image and chain["make_toy_policy"].cmd[-2:] == ["--reference_k", "1"]
     study = driver.Study(driver.DPO_CONFIG, "configs/toy/evaluate.yaml", 0, ["val_vqa"], [], [])
-    assert driver.settings(seed0, study)["retrieve_args"] == by_image
-    assert "retrieve_args" not in driver.settings(driver.seed_runs([0], tmp_path, [])[0], study)  # earlier studies' results stand
+    assert driver.settings(seed0, study)["stage_options"] == options
+    assert "stage_options" not in driver.settings(driver.seed_runs([0], tmp_path, [])[0], study)  # earlier studies' results stand
 
 
 class Stub:
@@ -276,8 +279,8 @@ class Stub:
         return {"n": 30, "roles": list(roles), "fit_roles": ["val_vqa"], "base_no_rag": rate, "base_rag": rate,
                 "reference_vote": rate, "combined": rate, "room": {"diff": 0.06, "low": 0.01, "high": 0.11, "n": 30}}
 
-    def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None, retrieve_args=()):
-        self.chains.append((Path(out), seed, list(world_args), until) + ((list(retrieve_args),) if retrieve_args else ()))
+    def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None, options=None):
+        self.chains.append((Path(out), seed, list(world_args), until) + ((options,) if options else ()))
 
     def python(self, module: str, *args: str) -> None:
         self.commands.append((module, list(args)))
@@ -457,12 +460,12 @@ def test_chain_state_is_the_stages_fingerprints_once_they_all_ran(tmp_path):
     assert driver.chain_state(driver.chain_plan(run), "retrieve") is None  # the world changed: stages would run
 
 
-def test_driver_passes_retrieval_options_to_every_chain(tmp_path, monkeypatch):
+def test_driver_passes_stage_options_to_every_chain(tmp_path, monkeypatch):
     stub = stubbed(monkeypatch)
     out = tmp_path / "effect"
     driver.main(["--seeds", "0", "--out", str(out), "--controls", "--map_knob", "subtle_share", "--map_values", "0.6",
-                 "--world_args", "", "--retrieve_args", "--match image"])
-    assert stub.chains == [(out / "chains" / "seed0_match=image", 0, [], "train_dpo", ["--match", "image"]),
-                           (out / "map" / "subtle_share=0.6" / "chain", 0, ["--subtle_share", "0.6"], "train_dpo",
-                            ["--match", "image"])]
-    assert json.loads((out / "seed0" / "eval" / "study.json").read_text())["retrieve_args"] == ["--match", "image"]
+                 "--world_args", "", "--retrieve_args", "--match image", "--policy_args", "--reference_k 1"])
+    options = {"make_toy_policy": ["--reference_k", "1"], "retrieve": ["--match", "image"]}
+    assert stub.chains == [(out / "chains" / "seed0_reference_k=1_match=image", 0, [], "train_dpo", options),
+                           (out / "map" / "subtle_share=0.6" / "chain", 0, ["--subtle_share", "0.6"], "train_dpo", options)]
+    assert json.loads((out / "seed0" / "eval" / "study.json").read_text())["stage_options"] == options
