@@ -127,15 +127,17 @@ def read_corpus(
     bad records go to ``skipped`` (data.readers)."""
     from data.readers import read_records
 
-    first: dict[Any, ReportRecord] = {}
-    for path, root in files:
-        for r in read_records(path, "report", root, bad_record, skipped):
-            if r.text:
-                r = with_root(r, root)
-                first.setdefault(r.text if match == "text" else (r.image_root, first_image(r)), r)
-    if not first:
+    recs = [with_root(r, root) for path, root in files
+            for r in read_records(path, "report", root, bad_record, skipped) if r.text]
+    if not recs:
         raise InputError(f"{[p for p, _ in files]}: no report texts for a corpus")
-    recs = list(first.values())
+    if match == "text":
+        first: dict[str, ReportRecord] = {}
+        for r in recs:
+            first.setdefault(r.text, r)
+        recs = list(first.values())
+    else:
+        recs = _unique_images(recs)[0]
     return Corpus([r.id for r in recs], [r.text for r in recs], [findings_label(r.meta) for r in recs], recs)
 
 
@@ -154,7 +156,6 @@ class Retriever:
         self.encoders, self.folders, self.router = encoders, folders, router
         self.bad_record, self.match, self.bad_image = bad_record, match, bad_image
         self.bad_records: list[str] = []  # the corpus files' skipped records
-        self.unreadable: dict[str, int] = {}  # match=image: per domain, corpus studies whose image could not be read
         self.corpus_files, self.cache_dir, self.accelerator = corpus_files, Path(cache_dir), accelerator
         self.backend, self.faiss_factory, self.dim = backend, faiss_factory, dim or None
         self.query_chunk, self.corpus_chunk, self.batch_size = query_chunk, corpus_chunk, batch_size
@@ -221,7 +222,6 @@ class Retriever:
             ids, texts = corpus.ids, corpus.texts
             if self.match == "image":  # unreadable images are NaN rows, in the cache too
                 keep = ~emb.isnan().any(dim=1)
-                self.unreadable[domain] = int((~keep).sum())
                 ids, texts, emb = [i for i, k in zip(ids, keep) if k], [t for t, k in zip(texts, keep) if k], emb[keep]
                 if not ids:
                     raise InputError(f"{domain}: no corpus image could be read (match=image)")
@@ -242,6 +242,11 @@ class Retriever:
         out = torch.full((len(ds), emb.shape[1]), float("nan"))
         out[idx] = emb
         return out
+
+    @property
+    def unreadable(self) -> dict[str, int]:
+        """Per indexed domain, the corpus entries left out of its index (match=image: unreadable images)."""
+        return {d: len(self._corpora[d].ids) - len(index) for d, index in self._indexes.items()}
 
     # ---------------------------------------------------------------- queries
 

@@ -175,8 +175,8 @@ def where_they_fail(reading_right: np.ndarray, vote_right: np.ndarray, kinds: li
         return {"n": n, "reading": float(reading_right[mask].mean()) if n else None,
                 "vote": float(vote_right[mask].mean()) if n else None}
 
-    return {"vote_where_reading": {"right": part(reading_right)["vote"], "wrong": part(~reading_right)["vote"],
-                                   "n_right": int(reading_right.sum()), "n_wrong": int((~reading_right).sum())},
+    right, wrong = part(reading_right), part(~reading_right)
+    return {"vote_where_reading": {"right": right["vote"], "wrong": wrong["vote"], "n_right": right["n"], "n_wrong": wrong["n"]},
             "by_finding": {k: part(kinds_ == k) for k in ("subtle", "marked", "absent")}}
 
 
