@@ -7,17 +7,19 @@ controls, and where in the toy world's settings?
 
 Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, base policy,
 retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
-that of the whole method. The study's world is the demo's with ten times its alignment split
-(``--world_args "--alignment_studies 2000"``, the default; docs/RESULTS.md: with the demo's 200
-studies per domain there are too few pairs for DPO to learn when to trust its references). It is
-long: a chain there takes about an hour of one core for itself and two and a half hours with three
-chains sharing 2 cores, so the default study (3 seeds, 2 more map chains, 4 controls) takes about
-4.5 hours on 2 cores (a GPU machine, ``--jobs``, or ``--seeds 0 --controls --map_values`` for a
-first look). A run whose world is the demo's (``--world_args ""``, seed 0) is the demo's own chain,
-``outputs/toy``; the others go to ``<out>/chains/seed<N>`` (+ ``_<world args>``). ``--policy_args``
-and ``--retrieve_args`` set every chain's base policy (``"--reference_k 1"``: tuned with one
-reference) and retrieval (``"--match image --k.k 1"``: by image, one reference); such chains are
-the study's own, never the demo's.
+that of the whole method. The study's defaults put the toy in the paper's regime, as chosen on
+val_vqa (docs/RESULTS.md, "Retrieval by image, and a base tuned with one reference"): the demo's
+world with ten times its alignment split and a prior study of the same patient in the corpus for
+half the studies (``--world_args "--alignment_studies 2000 --prior_share 0.5"``; with the demo's 200
+studies per domain there are too few pairs for DPO to learn when to trust its references), a base
+policy tuned with one reference per prompt (``--policy_args "--reference_k 1"``) and retrieval of
+one report by image (``--retrieve_args "--match image --k.k 1"``): there the base reads the image,
+the references are informative but imperfect and the base gains from them and copies them. It is
+long: a chain there takes about an hour of one core, so the default study (3 seeds, 2 more map
+chains, 4 controls) takes about 4 hours on 2 cores with ``--jobs 2`` (a GPU machine, or
+``--seeds 0 --controls --map_values`` for a first look). Runs with other options go to their own
+chains, ``<out>/chains/seed<N>_<options>``; seed 0 with every option empty (``--world_args ""
+--policy_args "" --retrieve_args ""``) is the demo's own chain, ``outputs/toy``.
 Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
 noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
 
@@ -84,7 +86,10 @@ from toy.make_toy import SIZES, ToyConfig
 from toy.room import room
 
 DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
-EFFECT_WORLD = "--alignment_studies 2000"  # the study's make_toy options (module docstring: why)
+# the study's default stage options: the paper's regime, chosen on val_vqa (module docstring: why)
+EFFECT_WORLD = "--alignment_studies 2000 --prior_share 0.5"  # make_toy
+EFFECT_POLICY = "--reference_k 1"  # make_toy_policy.sh
+EFFECT_RETRIEVAL = "--match image --k.k 1"  # retrieve.sh, on top of configs/toy/retrieve.yaml
 CONTROLS = {  # train_dpo options on top of the main method's (their meaning: evaluation.effect.CONTROLS)
     "dpo_cm": ["--pair_types", "[cm]", "--stages", "[[cm]]"],
     "dpo_oa": ["--pair_types", "[oa1,oa2]", "--stages", "[[oa1,oa2]]"],
@@ -380,12 +385,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=Path("outputs/toy/effect"), help="output folder")
     ap.add_argument("--world_args", default=EFFECT_WORLD,
                     help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": ten times the '
-                         'demo\'s alignment split; "" = the demo\'s world, whose seed 0 is the demo\'s chain)')
-    ap.add_argument("--policy_args", default="",
-                    help='make_toy_policy.sh options of every chain, one string: "--reference_k 1" (default "")')
-    ap.add_argument("--retrieve_args", default="",
-                    help='retrieval options of every chain on top of configs/toy/retrieve.yaml, one string: '
-                         '"--match image --k.k 1" (default "": the config\'s)')
+                         'demo\'s alignment split, a prior of the same patient for half the studies; "" = the '
+                         'demo\'s world)')
+    ap.add_argument("--policy_args", default=EFFECT_POLICY,
+                    help=f'make_toy_policy.sh options of every chain, one string (default "{EFFECT_POLICY}": '
+                         'the base is tuned with as many references as it will be given; "" = the config\'s)')
+    ap.add_argument("--retrieve_args", default=EFFECT_RETRIEVAL,
+                    help=f'retrieval options of every chain on top of configs/toy/retrieve.yaml, one string '
+                         f'(default "{EFFECT_RETRIEVAL}": one report, by image; "" = the config\'s)')
     ap.add_argument("--dpo_config", type=Path, default=DPO_CONFIG,
                     help="DPO config of the controls (and of the main method when not the default)")
     ap.add_argument("--eval_config", default="configs/toy/evaluate.yaml", help="evaluation config")

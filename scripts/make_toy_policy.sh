@@ -22,6 +22,7 @@ out=outputs/toy/policy
 seed=0
 reference_k=3
 reading=()
+sft=()  # every other option, in any order among the script's own
 while [ $# -gt 0 ]; do
   case "$1" in
     --world) world=$2; shift 2 ;;
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     --seed) seed=$2; shift 2 ;;
     --reference_k) reference_k=$2; shift 2 ;;
     --reading_steps|--reading_target) reading+=("$1" "$2"); shift 2 ;;
-    *) break ;;
+    *) sft+=("$1"); shift ;;
   esac
 done
 base=$(dirname "$out")
@@ -39,4 +40,4 @@ base=$(dirname "$out")
   --reading_index "$base/oracle_retrieval/index.json" "${reading[@]}"
 rm -rf "$out"
 exec .venv/bin/python -m policy.train_sft configs/toy/sft.yaml --policy.path "$base/policy_init" \
-  --data.retrieval_index "$base/oracle_retrieval/index.json" --train.output_dir "$out" --train.seed "$seed" "$@"
+  --data.retrieval_index "$base/oracle_retrieval/index.json" --train.output_dir "$out" --train.seed "$seed" "${sft[@]}"

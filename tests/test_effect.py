@@ -236,9 +236,8 @@ def test_world_label_and_chain_folders(tmp_path):
     assert point.chain == tmp_path / "map" / "subtle_share=0.5" / "chain"
     default, other = driver.map_runs("prior_share", ["0.0", "0.5"], tmp_path, [], runs)
     assert default is runs[0] and other.chain == tmp_path / "map" / "prior_share=0.5" / "chain"  # 0.0: the demo's world
-    study = driver.parse_args([])  # the study's own world: ten times the demo's alignment split
-    big = driver.seed_runs([0], tmp_path, shlex.split(study.world_args))[0]
-    assert study.world_args == driver.EFFECT_WORLD and big.chain == tmp_path / "chains" / "seed0_alignment_studies=2000"
+    big = driver.seed_runs([0], tmp_path, ["--alignment_studies", "2000"])[0]
+    assert big.chain == tmp_path / "chains" / "seed0_alignment_studies=2000"
     small, same = driver.map_runs("alignment_studies", ["200", "2000"], tmp_path, ["--alignment_studies", "2000"], [big])
     assert small.chain == demo.OUT and small.folder == tmp_path / "map" / "alignment_studies=200" and same is big
 
@@ -259,6 +258,19 @@ def test_stage_options_make_the_studys_own_chains(tmp_path):
     study = driver.Study(driver.DPO_CONFIG, "configs/toy/evaluate.yaml", 0, ["val_vqa"], [], [])
     assert driver.settings(seed0, study)["stage_options"] == options
     assert "stage_options" not in driver.settings(driver.seed_runs([0], tmp_path, [])[0], study)  # earlier studies' results stand
+
+
+def test_the_default_study_is_the_regime_chosen_on_validation(tmp_path):
+    """The defaults: the study's world with priors, a base tuned with one reference, one report by image."""
+    args = driver.parse_args([])
+    options = demo.stage_options(args.policy_args, args.retrieve_args)
+    assert options == {"make_toy_policy": ["--reference_k", "1"], "retrieve": ["--match", "image", "--k.k", "1"]}
+    seed0, = driver.seed_runs([0], tmp_path, shlex.split(args.world_args), options)
+    assert seed0.chain.name == "seed0_alignment_studies=2000_prior_share=0.5_reference_k=1_match=image_k.k=1"
+    low, here, high = driver.map_runs(args.map_knob, args.map_values, tmp_path, seed0.world_args, [seed0], options)
+    assert here is seed0 and low.chain == tmp_path / "map" / "prior_share=0.0" / "chain"  # 0.5: seed 0's own world
+    demo_again = driver.parse_args(["--world_args", "", "--policy_args", "", "--retrieve_args", ""])
+    assert driver.seed_runs([0], tmp_path, [], demo.stage_options(demo_again.policy_args, demo_again.retrieve_args))[0].chain == demo.OUT
 
 
 class Stub:
@@ -306,7 +318,7 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     out = tmp_path / "effect"
     argv = ["--seeds", "0", "1", "--out", str(out), "--limit", "7", "--controls", "dpo_cm", "sft_chosen",
             "--control_seeds", "0", "1", "--map_knob", "subtle_share", "--map_values", "0.1", "0.6",
-            "--world_args", ""]
+            "--world_args", "", "--policy_args", "", "--retrieve_args", ""]
     driver.main(argv)
     assert stub.chains == [(demo.OUT, 0, [], "train_dpo"), (out / "chains" / "seed1", 1, [], "train_dpo"),
                            (out / "map" / "subtle_share=0.1" / "chain", 0, ["--subtle_share", "0.1"], "train_dpo"),
@@ -349,8 +361,11 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     assert stub.commands == []
 
     driver.main(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
-    # the study's own world by default; its own DPO: the chain stops before
-    assert stub.chains == [(out / "chains" / "seed2_alignment_studies=2000", 2, ["--alignment_studies", "2000"], "build_pairs")]
+    # the study's own world and stage options by default; its own DPO: the chain stops before
+    label = "seed2_alignment_studies=2000_prior_share=0.5_reference_k=1_match=image_k.k=1"
+    options = {"make_toy_policy": ["--reference_k", "1"], "retrieve": ["--match", "image", "--k.k", "1"]}
+    assert stub.chains == [(out / "chains" / label, 2, ["--alignment_studies", "2000", "--prior_share", "0.5"],
+                            "build_pairs", options)]
     (module, train), = [c for c in stub.commands if c[0] == "dpo.train_dpo"]
     assert train[-2:] == ["--beta", "0.5"] and str(out / "seed2" / "dpo") in train
     effect = json.loads((out / "effect.json").read_text())
@@ -432,7 +447,7 @@ def test_effect_study_on_a_tiny_world(tmp_path, monkeypatch):
     out = tmp_path / "effect"
     driver.main(["--seeds", "1", "--out", str(out), "--world_args", "--size tiny", "--limit", "4",
                  "--controls", "sft_chosen", "--map_values"])
-    chain = out / "chains" / "seed1_size=tiny"
+    chain = out / "chains" / "seed1_size=tiny_reference_k=1_match=image_k.k=1"  # the study's default stage options
     assert (chain / "dpo" / "adapter" / "adapter_config.json").is_file() and not (chain / "eval").exists()
     effect = json.loads((out / "effect.json").read_text())
     assert set(effect["seeds"]["1"]) == {"base", "dpo"}

@@ -329,9 +329,12 @@ def test_make_toy_policy(tmp_path):
     """The toy base policy end to end: loads through the Auto classes and leans on references."""
     world = make_world(tmp_path / "world", size="tiny", progress=False)
     cmd = ["bash", "scripts/make_toy_policy.sh", "--world", str(world), "--out", str(tmp_path / "policy"),
-           "--reading_steps", "20", "--train.max_steps", "20", "--measure.limit", "10"]
+           "--reading_steps", "20", "--train.max_steps", "20", "--measure.limit", "10", "--reference_k", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    oracle = [json.loads(line) for f in sorted((tmp_path / "oracle_retrieval").glob("*_vqa*.jsonl"))
+              for line in f.read_text().splitlines()]
+    assert oracle and {r["retrieve_k"] for r in oracle} == {1}  # the script's option, given after the SFT's
     policy = tmp_path / "policy"
     assert isinstance(AutoModelForImageTextToText.from_pretrained(policy), torch.nn.Module)
     assert_tokenizer_round_trips(AutoProcessor.from_pretrained(policy), world)
