@@ -290,7 +290,8 @@ def build_app(models: Models, cfg: ServeConfig, examples: tuple[list[list[str]],
     try:
         import gradio as gr
     except ImportError:
-        raise ConfigError("gradio is not installed in this environment: run `bash scripts/setup.sh`") from None
+        raise ConfigError("gradio is not installed in this environment: run `bash scripts/setup.sh --serve` "
+                          "(scripts/serve.sh does)") from None
 
     with gr.Blocks(title="medrag-dpo", analytics_enabled=False) as app:
         gr.Markdown("# medrag-dpo: domain-aware RAG and RAG preference tuning\nUpload an image or pick an "

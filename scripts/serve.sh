@@ -6,6 +6,6 @@
 # Default config: configs/toy/serve.yaml (the toy pipeline's outputs: bash scripts/demo.sh). `--help` lists every option.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --serve
 if [ $# -eq 0 ] || [[ "$1" == -* ]]; then set -- configs/toy/serve.yaml "$@"; fi
 exec .venv/bin/python -m evaluation.serve "$@"

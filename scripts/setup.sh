@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Create .venv and install the pinned requirements, only when they changed (a stamp holds
-# their hash), so a second call returns in seconds. Usage: bash scripts/setup.sh [--dev]
+# their hash), so a second call returns in seconds. Usage: bash scripts/setup.sh [--serve | --dev]
+#   (default: the pipeline's requirements; --serve adds the web demo's gradio; --dev the tests' too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 reqs=requirements.txt
-[ "${1:-}" = "--dev" ] && reqs=requirements-dev.txt
+case "${1:-}" in
+  --serve) reqs=requirements-serve.txt ;;
+  --dev) reqs=requirements-dev.txt ;;
+esac
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.stamp-$(basename "$reqs" .txt)
