@@ -210,6 +210,35 @@ def test_prior_studies_share_patient_anatomy_and_findings(world, tmp_path):
         assert _records(plain) == [r for r in _records(grown) if "prior_of" not in r], plain["path"]
 
 
+def test_changed_priors_differ_in_one_finding_and_still_look_like_their_patient(tmp_path):
+    kept = make_world(tmp_path / "kept", seed=0, size="tiny", prior_share=1.0, progress=False)
+    changed = make_world(tmp_path / "changed", seed=0, size="tiny", prior_share=1.0, prior_change=1.0, progress=False)
+    assert load_manifest(changed)["config"]["prior_change"] == 1.0
+
+    def priors(root):
+        return {r["prior_of"]: (r, e) for e in manifest_files(root, role="retriever_train") for r in _records(e)
+                if "prior_of" in r}
+
+    def pixels(rec, entry, root):
+        path = rec.get("image_path") or rec["image"]
+        path = path[0] if isinstance(path, list) else path
+        return np.asarray(Image.open(root / entry["image_root"] / path).convert("L"), np.float32)
+
+    same, other = priors(kept), priors(changed)
+    assert same.keys() == other.keys()
+    near, far = [], []
+    for later, (prior, entry) in other.items():
+        was, was_entry = same[later]
+        assert len(set(prior["findings"]) ^ set(was["findings"])) == 1, (prior["findings"], was["findings"])
+        assert prior["findings"] == [f for f in FINDINGS[entry["domain"]] if f in prior["findings"]]
+        near.append(np.abs(pixels(prior, entry, changed) - pixels(was, was_entry, kept)).mean())
+        stranger = next(p for k, (p, e) in same.items() if e["domain"] == entry["domain"] and k != later)
+        far.append(np.abs(pixels(prior, entry, changed) - pixels(stranger, entry, kept)).mean())
+    assert np.median(near) < 0.5 * np.median(far), "a changed prior still looks like its patient"
+    for plain, grown in zip(manifest_files(kept), manifest_files(changed), strict=True):  # the rest is untouched
+        assert [r for r in _records(plain) if "prior_of" not in r] == [r for r in _records(grown) if "prior_of" not in r]
+
+
 @pytest.mark.parametrize("domain", sorted(FINDINGS))
 def test_findings_visible_at_32px(domain):
     def small(a):

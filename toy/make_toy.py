@@ -223,7 +223,7 @@ class Study:
 
 def _rng(seed: int, domain: str, split: str, index: int, purpose: str) -> np.random.Generator:
     """One stream per (seed, domain, split, index, purpose): records don't depend on order."""
-    purposes = ("study", "image", "lateral", "text", "vqa", "ids", "prior")
+    purposes = ("study", "image", "lateral", "text", "vqa", "ids", "prior", "change")
     return np.random.default_rng(
         [seed, DOMAINS.index(domain), SPLITS.index(split), index, purposes.index(purpose)]
     )
@@ -261,11 +261,15 @@ def sample_study(
 PRIOR_SPLITS = ("retriever_val", "alignment", "test")  # the studies queried against the corpus
 
 
-def prior_studies(seed: int, domain: str, sizes: dict[str, int], share: float, **sample: float) -> list[Study]:
+def prior_studies(seed: int, domain: str, sizes: dict[str, int], share: float, change: float = 0.0,
+                  **sample: float) -> list[Study]:
     """Prior studies for the retriever corpus: each queried study has one with probability ``share``.
 
     A prior shares its patient's anatomy and findings, each at a severity within 15% of the
     later one, and has its own report, as a patient's earlier study in a hospital's archive.
+    With probability ``change`` one finding changed between them (interval change, the rule in
+    follow-up imaging): the prior still looks like its patient, so retrieval by image finds it,
+    but its report is wrong on that finding.
     """
     priors = []
     for split in PRIOR_SPLITS:
@@ -275,8 +279,24 @@ def prior_studies(seed: int, domain: str, sizes: dict[str, int], share: float, *
             if rng.random() >= share:
                 continue
             sev = tuple(round(float(np.clip(v * rng.uniform(0.85, 1.15), 0.15, 1.0)), 3) for v in later.severities)
-            priors.append(Study(domain, "retriever_train", sizes["retriever_train"] + len(priors), later.findings, sev, later))
+            findings, sev = later.findings, sev
+            rng = later.rng(seed, "change")  # its own stream: change 0 leaves every prior as it was
+            if rng.random() < change:
+                findings, sev = interval_change(domain, findings, sev, rng)
+            priors.append(Study(domain, "retriever_train", sizes["retriever_train"] + len(priors), findings, sev, later))
     return priors
+
+
+def interval_change(domain: str, findings: tuple[str, ...], severities: tuple[float, ...],
+                    rng: np.random.Generator) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The prior's findings with one of the domain's findings toggled: a present one absent (it
+    appeared since), an absent one present and marked (it resolved since), in the domain's order."""
+    present = dict(zip(findings, severities, strict=True))
+    name = FINDINGS[domain][int(rng.integers(len(FINDINGS[domain])))]
+    if present.pop(name, None) is None:
+        present[name] = round(float(rng.uniform(0.55, 1.0)), 3)
+    names = tuple(n for n in FINDINGS[domain] if n in present)
+    return names, tuple(present[n] for n in names)
 
 
 def _finding(domain: str, name: str) -> Finding:
@@ -510,6 +530,7 @@ def make_world(
     subtle_share: float = 0.3,
     normal_share: float = 0.25,
     prior_share: float = 0.0,
+    prior_change: float = 0.0,
     alignment_studies: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -539,7 +560,7 @@ def make_world(
                 vqa: dict[str, list] = {}
                 studies = [sample_study(seed, d, split, i, subtle_share, normal_share) for i in range(count)]
                 if split == "retriever_train":
-                    studies += prior_studies(seed, d, sizes, prior_share,
+                    studies += prior_studies(seed, d, sizes, prior_share, prior_change,
                                              subtle_share=subtle_share, normal_share=normal_share)
                     bar.total += len(studies) - count
                 for study in studies:
@@ -555,7 +576,7 @@ def make_world(
             "size": size,
             "version": VERSION,
             "config": {"subtle_share": subtle_share, "normal_share": normal_share, "prior_share": prior_share,
-                       "alignment_studies": sizes["alignment"]},
+                       "prior_change": prior_change, "alignment_studies": sizes["alignment"]},
             "domains": {d: {"findings": FINDINGS[d], "image_root": f"{d}/images"} for d in DOMAINS},
             "files": files,
         }
@@ -606,6 +627,8 @@ class ToyConfig:
     subtle_share: float = doc(0.3, "share of finding instances drawn subtle (small, low contrast)")
     normal_share: float = doc(0.25, "share of studies without any finding")
     prior_share: float = doc(0.0, "share of queried studies (val, alignment, test) with a prior study of the same patient in the retriever corpus: how much the references can know")
+    prior_change: float = doc(0.0, "share of those priors with one finding changed since (appeared or resolved): "
+                                   "references that look right by image and are wrong on that finding")
     alignment_studies: int = doc(0, "studies per domain in the alignment split, the one preference pairs are built from "
                                     "(0: the size's own, 200 for small): how many examples the tuning learns from")
 
@@ -617,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Generate the toy medical world (images, reports, "
         "VQA in the MMed-RAG annotation formats, manifest.json).",
     )
-    for name in ("subtle_share", "normal_share", "prior_share"):
+    for name in ("subtle_share", "normal_share", "prior_share", "prior_change"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     start = time.perf_counter()
