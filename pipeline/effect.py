@@ -327,7 +327,8 @@ def _in_worker(job: Job, threads: int) -> tuple[str, float]:
     for stream in (1, 2):  # the stages' subprocesses write there
         os.dup2(fd, stream)
     sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # and so do this process's own lines
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if not os.environ.get("OMP_NUM_THREADS"):  # unset or empty: an empty one lets torch take every core
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     start = time.time()
     try:
         execute(job)

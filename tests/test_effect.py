@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -301,6 +302,7 @@ class Stub:
         opt = {args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startswith("--")}  # last one wins
         policies = opt["--policies"].strip("[]").split(",")
         write_eval(Path(opt["--out"]), {p: _outcomes(BASE if p == "base" else GOOD_DPO, 30) for p in policies})
+        (Path(opt["--out"]) / "threads.txt").write_text(os.environ.get("OMP_NUM_THREADS", "unset"))
 
 
 def stubbed(monkeypatch) -> Stub:
@@ -374,6 +376,7 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
 
 def test_jobs_run_in_workers_with_a_log_each_and_give_the_same_study(tmp_path, monkeypatch, capsys):
     stub = stubbed(monkeypatch)
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # as an empty `OMP_NUM_THREADS= cmd` leaves it: not a number of threads
     argv = ["--seeds", "0", "1", "--limit", "7", "--controls", "sft_chosen", "--control_seeds", "0", "1",
             "--map_knob", "subtle_share", "--map_values", "0.1"]
     driver.main([*argv, "--out", str(tmp_path / "one")])
@@ -386,6 +389,8 @@ def test_jobs_run_in_workers_with_a_log_each_and_give_the_same_study(tmp_path, m
     assert "sft_chosen: training" in (tmp_path / "two" / "seed0" / "controls" / "sft_chosen" / "effect.log").read_text()
     one, two = (json.loads((tmp_path / d / "effect.json").read_text()) for d in ("one", "two"))
     assert one == two
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert (tmp_path / "two" / "seed1" / "eval" / "threads.txt").read_text() == share  # each worker its share
 
 
 def test_controls_run_on_the_first_seed_by_default_and_compare_on_it_alone(tmp_path, monkeypatch):
