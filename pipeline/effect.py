@@ -13,10 +13,11 @@ world with ten times its alignment split and a prior study of the same patient i
 half the studies (``--world_args "--alignment_studies 2000 --prior_share 0.5"``; with the demo's 200
 studies per domain there are too few pairs for DPO to learn when to trust its references), a base
 policy tuned with one reference per prompt (``--policy_args "--reference_k 1"``) and retrieval of
-one report by image (``--retrieve_args "--match image --k.k 1"``): there the base reads the image,
-the references are informative but imperfect and the base gains from them and copies them. It is
-long: a chain there takes about an hour of one core, so the default study (3 seeds, 2 more map
-chains, 4 controls) takes about 4 hours on 2 cores with ``--jobs 2`` (a GPU machine, or
+one report by image (``--retrieve_args "--match image --k.k 1"``): there, on seed 0's validation
+questions, the base reads the image, the references are informative but imperfect and the base
+gains from them and copies them. It is long: a chain there takes about 56 minutes of one core
+with two chains sharing 2 cores, so the default study (3 seeds, 2 more map chains, 4 controls)
+takes about 3.5 hours on 2 cores with ``--jobs 2`` (a GPU machine, or
 ``--seeds 0 --controls --map_values`` for a first look). Runs with other options go to their own
 chains, ``<out>/chains/seed<N>_<options>``; seed 0 with every option empty (``--world_args ""
 --policy_args "" --retrieve_args ""``) is the demo's own chain, ``outputs/toy``.
