@@ -152,12 +152,17 @@ def knob_value(text: str) -> float | str:
         return text
 
 
+def is_demos(world_args: list[str], options: dict[str, list[str]]) -> bool:
+    """Whether a seed-0 chain with these options is the demo's: its world, the configs' stages."""
+    return same_world(world_args, []) and not options
+
+
 def seed_runs(seeds: list[int], out: Path, world_args: list[str], options: dict[str, list[str]] | None = None) -> list[Run]:
     """Seed 0 in the demo's world with the configs' stages is the demo's chain; every other run gets its own."""
     runs, options = [], dict(options or {})
     label = world_label([*world_args, *(o for opts in options.values() for o in opts)])
     for s in seeds:
-        if s == 0 and same_world(world_args, []) and not options:
+        if s == 0 and is_demos(world_args, options):
             chain = demo.OUT
         else:
             chain = out / "chains" / (f"seed{s}_{label}" if label else f"seed{s}")
@@ -187,7 +192,7 @@ def map_runs(knob: str, values: list[str], out: Path, world_args: list[str], see
         same = next((r for r in seeds if r.seed == 0 and same_world(r.world_args, args)
                      and r.options == options), None)
         folder = out / "map" / f"{knob}={v}"
-        chain = demo.OUT if same_world(args, []) and not options else folder / "chain"
+        chain = demo.OUT if is_demos(args, options) else folder / "chain"
         runs.append(same or Run(f"{knob}={v}", 0, chain, args, folder, options))
     return runs
 

@@ -279,7 +279,7 @@ def prior_studies(seed: int, domain: str, sizes: dict[str, int], share: float, c
             if rng.random() >= share:
                 continue
             sev = tuple(round(float(np.clip(v * rng.uniform(0.85, 1.15), 0.15, 1.0)), 3) for v in later.severities)
-            findings, sev = later.findings, sev
+            findings = later.findings
             rng = later.rng(seed, "change")  # its own stream: change 0 leaves every prior as it was
             if rng.random() < change:
                 findings, sev = interval_change(domain, findings, sev, rng)
