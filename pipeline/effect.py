@@ -39,7 +39,10 @@ seed 0's own world (the knob's default) is that seed's run, not a second copy of
 
 ``--dpo_args`` (and a ``--dpo_config`` other than the default) retrain the main method into
 ``<out>/seed<N>/dpo`` with those options, on the chain's pairs; the controls get them too. That
-compares DPO settings on ``--roles val_vqa`` without touching test.
+compares DPO settings on ``--roles val_vqa`` without touching test; ``--chains`` points such a
+study at an earlier study's chains (``<its out>/chains``), which it reads and does not rebuild
+while their stages are as they were (a stage's fingerprint holds its paths, so a copy or a link
+under another name would be rebuilt).
 
 ``--jobs N`` runs N independent runs at once (the chains of seeds and map points, then the
 controls), each a forked process with its share of the cores (``OMP_NUM_THREADS`` = cores / N
@@ -157,15 +160,17 @@ def is_demos(world_args: list[str], options: dict[str, list[str]]) -> bool:
     return same_world(world_args, []) and not options
 
 
-def seed_runs(seeds: list[int], out: Path, world_args: list[str], options: dict[str, list[str]] | None = None) -> list[Run]:
-    """Seed 0 in the demo's world with the configs' stages is the demo's chain; every other run gets its own."""
-    runs, options = [], dict(options or {})
+def seed_runs(seeds: list[int], out: Path, world_args: list[str], options: dict[str, list[str]] | None = None,
+              chains: Path | None = None) -> list[Run]:
+    """Seed 0 in the demo's world with the configs' stages is the demo's chain; every other run gets its own
+    under ``chains`` (default ``<out>/chains``)."""
+    runs, options, chains = [], dict(options or {}), chains or out / "chains"
     label = world_label([*world_args, *(o for opts in options.values() for o in opts)])
     for s in seeds:
         if s == 0 and is_demos(world_args, options):
             chain = demo.OUT
         else:
-            chain = out / "chains" / (f"seed{s}_{label}" if label else f"seed{s}")
+            chain = chains / (f"seed{s}_{label}" if label else f"seed{s}")
         runs.append(Run(f"seed {s}", s, chain, list(world_args), out / f"seed{s}", options))
     return runs
 
@@ -390,6 +395,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="whole-chain seeds (default 0 1 2)")
     ap.add_argument("--out", type=Path, default=Path("outputs/toy/effect"), help="output folder")
+    ap.add_argument("--chains", type=Path, default=None,
+                    help="folder of the seeds' chains (default <out>/chains); an earlier study's, to compare "
+                         "DPO settings (--dpo_args, --roles val_vqa) on its chains without rebuilding them")
     ap.add_argument("--world_args", default=EFFECT_WORLD,
                     help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": ten times the '
                          'demo\'s alignment split, a prior of the same patient for half the studies; "" = the '
@@ -439,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
     study = Study(args.dpo_config, args.eval_config, args.limit, args.roles, shlex.split(args.dpo_args),
                   shlex.split(args.eval_args))
     options = demo.stage_options(args.policy_args, args.retrieve_args)
-    seeds = seed_runs(args.seeds, args.out, world_args, options)
+    seeds = seed_runs(args.seeds, args.out, world_args, options, args.chains)
     on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds, options)
     mains = seeds + [r for r in on_map if r not in seeds]
     controlled = [r for r in seeds if r.seed in args.control_seeds]

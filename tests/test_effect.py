@@ -241,6 +241,10 @@ def test_world_label_and_chain_folders(tmp_path):
     assert big.chain == tmp_path / "chains" / "seed0_alignment_studies=2000"
     small, same = driver.map_runs("alignment_studies", ["200", "2000"], tmp_path, ["--alignment_studies", "2000"], [big])
     assert small.chain == demo.OUT and small.folder == tmp_path / "map" / "alignment_studies=200" and same is big
+    earlier = tmp_path / "earlier" / "chains"  # --chains: a sweep on an earlier study's chains, its results its own
+    swept = driver.seed_runs([0], tmp_path, ["--alignment_studies", "2000"], chains=earlier)[0]
+    assert swept.chain == earlier / "seed0_alignment_studies=2000" and swept.eval_dir == tmp_path / "seed0" / "eval"
+    assert driver.parse_args(["--chains", str(earlier)]).chains == earlier and driver.parse_args([]).chains is None
 
 
 def test_stage_options_make_the_studys_own_chains(tmp_path):
