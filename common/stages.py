@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from common.io import atomic_write_json
+from common.io import atomic_write_json, run_lock
 
 
 @dataclass
@@ -131,8 +131,13 @@ def plan(stages: list[Stage], force: bool = False, start: str | None = None) -> 
     return list(_walk(stages, force, start))
 
 
-def run(stages: list[Stage], force: bool = False, start: str | None = None) -> None:
-    """Run the stages that need it, in order; a failure exits with its code."""
+def run(stages: list[Stage], force: bool = False, start: str | None = None, lock: Path | None = None) -> None:
+    """Run the stages that need it, in order; a failure exits with its code. With ``lock`` (the
+    chain's folder), a second run that would rebuild the chain while one does stops with one line
+    (common.io.run_lock); a run with nothing to do takes no lock, so studies can read one chain at once."""
+    if lock is not None and any(todo for _, _, todo in plan(stages, force, start)):
+        with run_lock(lock):
+            return run(stages, force, start)
     for stage, fp, todo in _walk(stages, force, start):
         if not todo:
             print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)

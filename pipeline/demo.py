@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.config import cli_main
 from common.stages import Stage, run
 
 OUT = Path("outputs/toy")
@@ -103,7 +104,7 @@ def run_module(module: str, *args: str) -> None:
 def run_chain(out: Path = OUT, seed: int = 0, world_args: list[str] = (), force: bool = False,
               start: str | None = None, until: str | None = None, options: dict[str, list[str]] | None = None) -> None:
     """Run (or resume) the chain under ``out`` up to and including ``until``."""
-    run(stages(out, seed, world_args, until, options), force=force, start=start)
+    run(stages(out, seed, world_args, until, options), force=force, start=start, lock=out)
 
 
 def stage_options(policy_args: str, retrieve_args: str) -> dict[str, list[str]]:
@@ -131,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

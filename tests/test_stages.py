@@ -112,3 +112,26 @@ def test_a_stage_follows_the_stages_it_names(tmp_path):
     assert todo(stages, start="retriever") == ["retriever", "pairs"]
     with pytest.raises(ValueError, match="not among the stages before it"):
         plan([Stage("a", _py("pass"), tmp_path / "a", after=("b",)), Stage("b", _py("pass"), tmp_path / "b")])
+
+
+def test_a_chain_is_locked_while_it_is_rebuilt_and_free_to_read_when_done(tmp_path):
+    """Two studies on one chain: the second that would rebuild it stops with one line; one with
+    nothing to do runs beside the holder."""
+    from common.io import InputError
+    from tests.test_run_lock import holder
+
+    cfg, stages = _stages(tmp_path)
+    run(stages, lock=tmp_path)
+    assert not (tmp_path / ".writer.lock").exists()  # released and removed at the end
+    proc = holder(tmp_path)
+    try:
+        run(stages, lock=tmp_path)  # up to date: only read
+        cfg.write_text("x: 3\n")
+        with pytest.raises(InputError, match="another run is writing here"):
+            run(stages, lock=tmp_path)
+        assert todo(stages) == ["a", "b", "c"]  # nothing ran, no stamp was removed by the refused run
+    finally:
+        proc.kill()
+        proc.wait()
+    run(stages, lock=tmp_path)
+    assert todo(stages) == []
