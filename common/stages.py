@@ -16,6 +16,7 @@ retrievers on one thread beside the policy on two slowed the policy threefold (d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -134,21 +135,24 @@ def plan(stages: list[Stage], force: bool = False, start: str | None = None) -> 
 def run(stages: list[Stage], force: bool = False, start: str | None = None, lock: Path | None = None) -> None:
     """Run the stages that need it, in order; a failure exits with its code. With ``lock`` (the
     chain's folder), a second run that would rebuild the chain while one does stops with one line
-    (common.io.run_lock); a run with nothing to do takes no lock, so studies can read one chain at once."""
-    if lock is not None and any(todo for _, _, todo in plan(stages, force, start)):
-        with run_lock(lock):
-            return run(stages, force, start)
-    for stage, fp, todo in _walk(stages, force, start):
-        if not todo:
-            print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
-            continue
-        print(f"[{stage.name}] running: {' '.join(stage.cmd)}", flush=True)
-        t0 = time.time()
-        stamp_path(stage).unlink(missing_ok=True)
-        result = subprocess.run(stage.cmd)
-        if result.returncode != 0:
-            print(f"[{stage.name}] failed (exit {result.returncode})", file=sys.stderr)
-            raise SystemExit(result.returncode)
-        stage.output.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(stamp_path(stage), {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
-        print(f"[{stage.name}] done in {time.time() - t0:.0f} s", flush=True)
+    (common.io.run_lock); a run with nothing to do takes no lock, so studies can read one chain at once.
+    The lock is taken at the first stage to run, so the chain is fingerprinted once."""
+    locked = lock is None
+    with contextlib.ExitStack() as held:
+        for stage, fp, todo in _walk(stages, force, start):
+            if not todo:
+                print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
+                continue
+            if not locked:
+                held.enter_context(run_lock(lock))
+                locked = True
+            print(f"[{stage.name}] running: {' '.join(stage.cmd)}", flush=True)
+            t0 = time.time()
+            stamp_path(stage).unlink(missing_ok=True)
+            result = subprocess.run(stage.cmd)
+            if result.returncode != 0:
+                print(f"[{stage.name}] failed (exit {result.returncode})", file=sys.stderr)
+                raise SystemExit(result.returncode)
+            stage.output.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(stamp_path(stage), {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
+            print(f"[{stage.name}] done in {time.time() - t0:.0f} s", flush=True)

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from common.io import LOCK_FILE, InputError
 from common.stages import Stage, plan, run
+from tests.test_run_lock import holder
 
 
 def _stages(tmp_path):
@@ -117,12 +119,9 @@ def test_a_stage_follows_the_stages_it_names(tmp_path):
 def test_a_chain_is_locked_while_it_is_rebuilt_and_free_to_read_when_done(tmp_path):
     """Two studies on one chain: the second that would rebuild it stops with one line; one with
     nothing to do runs beside the holder."""
-    from common.io import InputError
-    from tests.test_run_lock import holder
-
     cfg, stages = _stages(tmp_path)
     run(stages, lock=tmp_path)
-    assert not (tmp_path / ".writer.lock").exists()  # released and removed at the end
+    assert not (tmp_path / LOCK_FILE).exists()  # released and removed at the end
     proc = holder(tmp_path)
     try:
         run(stages, lock=tmp_path)  # up to date: only read
