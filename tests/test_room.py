@@ -11,7 +11,7 @@ import pytest
 from common.io import InputError
 from toy.make_toy import make_world
 from toy.oracle_retrieval import ToyRetrievalConfig, write_oracle_retrieval
-from toy.room import combine, combine_out_of_fold, folds, main, read_questions, room, where_they_fail
+from toy.room import Question, by_reference, combine, combine_out_of_fold, folds, main, read_questions, room, where_they_fail
 from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
 
 
@@ -48,6 +48,29 @@ def test_where_they_fail_splits_the_vote_by_the_reading_and_both_by_the_asked_fi
     none = where_they_fail(np.array([True]), np.array([True]), ["absent"])
     assert none["by_finding"]["subtle"] == {"n": 0, "reading": None, "vote": None}
     assert none["vote_where_reading"]["wrong"] is None
+
+
+def test_by_reference_splits_each_policy_and_condition_by_whether_the_vote_is_right(tmp_path):
+    def q(index: int, yes: bool, share: float) -> Question:
+        return Question("eye", "Is there a spot?", [], None, yes, share, "absent", ("f", index))
+
+    # votes: right, right, wrong, wrong (the truth is yes, no, yes, no)
+    questions = [q(0, True, 1.0), q(1, False, 0.0), q(2, True, 0.0), q(3, False, 1.0)]
+    rows = [("base", "rag", i, label) for i, label in enumerate(["yes", "no", "no", "yes"])]  # copies the vote
+    rows += [("dpo", "rag", i, label) for i, label in enumerate(["yes", "yes", "yes", "no"])]
+    rows += [("dpo", "rag", 9, "yes"), ("base", "no_rag", 0, "unknown")]  # not asked here; not a yes/no answer
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps({"policy": p, "condition": c, "file": "f", "index": i, "pred_label": lab}) + "\n"
+                            for p, c, i, lab in rows))
+    got = by_reference(questions, path)
+    assert set(got) == {"base", "dpo"} and set(got["base"]) == {"rag"}
+    assert got["base"]["rag"] == {"n": 4, "accuracy": 0.5, "agrees_with_vote": 1.0,
+                                  "vote_right": {"n": 2, "accuracy": 1.0}, "vote_wrong": {"n": 2, "accuracy": 0.0}}
+    dpo = got["dpo"]["rag"]
+    assert dpo["vote_right"]["accuracy"] == 0.5 and dpo["vote_wrong"]["accuracy"] == 1.0 and dpo["agrees_with_vote"] == 0.25
+    path.write_text(json.dumps({"policy": "base", "condition": "rag", "file": "g", "index": 0, "pred_label": "yes"}) + "\n")
+    with pytest.raises(InputError, match="no yes/no answer"):
+        by_reference(questions, path)
 
 
 def test_folds_are_disjoint_and_cover_every_question():
@@ -132,3 +155,14 @@ def test_main_writes_the_figures(chain, tmp_path, capsys):
     assert json.loads(out.read_text())["room"]["n"] > 0 and "room" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="toy.room: .*nowhere/policy: policy checkpoint folder does not exist"):
         main(["--chain", str(tmp_path / "nowhere")])
+    evaluated = tmp_path / "eval"
+    evaluated.mkdir()
+    (evaluated / "predictions.jsonl").write_text("".join(
+        json.dumps({"policy": "base", "condition": "rag_fixed", "file": q.key[0], "index": q.key[1], "pred_label": "yes"}) + "\n"
+        for q in read_questions(chain, ["test_vqa"], 4)))
+    main(["--chain", str(chain), "--limit", "4", "--eval", str(evaluated), "--out", str(out)])
+    split = json.loads(out.read_text())["by_reference"]["base"]["rag_fixed"]
+    assert split["vote_right"]["n"] + split["vote_wrong"]["n"] == split["n"] > 0
+    assert "base rag_fixed" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="toy.room: .*predictions.jsonl"):
+        main(["--chain", str(chain), "--limit", "4", "--eval", str(tmp_path / "missing")])

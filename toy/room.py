@@ -21,13 +21,17 @@ Why the room is what it is: ``where_they_fail`` says whether the references are 
 base's reading is wrong (the vote's accuracy on the questions it reads right and on those it reads
 wrong), and both accuracies by the asked finding (present and subtle, present and marked,
 absent). Two sources that fail on the same questions combine to little more than the better one.
+``--eval DIR`` splits an evaluation's answers (base and tuned, every condition) by whether the
+vote is right (``by_reference``): a policy that copies is right where the vote is and wrong where
+it is not, and a tuning's gain shows as following right references or resisting wrong ones.
 
-    python -m toy.room --chain outputs/toy [--roles test_vqa] [--limit 0] [--out FILE]
+    python -m toy.room --chain outputs/toy [--roles test_vqa] [--limit 0] [--eval outputs/toy/eval] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,7 @@ class Question:
     yes: bool  # the ground truth
     share: float  # references whose study has the asked finding
     kind: str  # the asked finding: "subtle" or "marked" when present, "absent"
+    key: tuple[str, int]  # (file, index) as evaluation.evaluate names the question in predictions.jsonl
 
 
 def read_questions(chain: Path, roles: list[str], limit: int = 0) -> list[Question]:
@@ -69,7 +74,7 @@ def read_questions(chain: Path, roles: list[str], limit: int = 0) -> list[Questi
     corpora: dict[str, dict[str, frozenset[str]]] = {}
     out = []
     for entry in read_index(chain / "retrieval" / "index.json", roles):
-        for rec in read_records(entry["path"], kind="vqa")[: limit or None]:
+        for index, rec in enumerate(read_records(entry["path"], kind="vqa")[: limit or None]):
             finding = rec.meta.get("finding")
             if finding is None:
                 continue
@@ -84,7 +89,8 @@ def read_questions(chain: Path, roles: list[str], limit: int = 0) -> list[Questi
             image = load_image(resolve_image(rec.images[0], rec.image_root, entry.get("image_root")))
             severity = dict(zip(rec.meta.get("findings", []), rec.meta.get("severities", []))).get(finding)
             kind = "absent" if severity is None else "subtle" if severity < SUBTLE_BELOW else "marked"
-            out.append(Question(domain, rec.question, list(refs), image, rec.answer.lower().startswith("yes"), share, kind))
+            out.append(Question(domain, rec.question, list(refs), image, rec.answer.lower().startswith("yes"), share, kind,
+                                (Path(entry["path"]).stem, index)))
     if not out:
         raise InputError(f"{chain / 'retrieval' / 'index.json'}: no yes/no questions with a finding under roles {roles}")
     return out
@@ -180,6 +186,38 @@ def where_they_fail(reading_right: np.ndarray, vote_right: np.ndarray, kinds: li
             "by_finding": {k: part(kinds_ == k) for k in ("subtle", "marked", "absent")}}
 
 
+def by_reference(questions: list[Question], predictions: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per policy and condition of an evaluation's ``predictions.jsonl``: accuracy where the
+    references' vote is right and where it is wrong, and how often the answer says what the vote
+    says. It shows whether a policy copies its references and where a tuning gains: by following
+    right ones or by resisting wrong ones (which it can only do where the image tells it)."""
+    asked = {q.key: q for q in questions}
+    got: dict[tuple[str, str], list[tuple[bool, bool, bool]]] = {}
+    with open(predictions, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            q = asked.get((row["file"], row["index"]))
+            if q is None or row.get("pred_label") not in ("yes", "no"):  # not asked here, or no yes/no answer
+                continue
+            says_yes = row["pred_label"] == "yes"
+            got.setdefault((row["policy"], row["condition"]), []).append((q.share > 0.5, q.yes, says_yes))
+    if not got:
+        raise InputError(f"{predictions}: no yes/no answer to the questions of this chain and roles")
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (policy, condition), rows in sorted(got.items()):
+        vote, truth, answer = (np.array(c) for c in zip(*rows))
+        right = vote == truth
+
+        def acc(mask: np.ndarray) -> float | None:
+            return float((answer[mask] == truth[mask]).mean()) if mask.any() else None
+
+        out.setdefault(policy, {})[condition] = {
+            "n": len(rows), "accuracy": acc(np.ones_like(right)), "agrees_with_vote": float((answer == vote).mean()),
+            "vote_right": {"n": int(right.sum()), "accuracy": acc(right)},
+            "vote_wrong": {"n": int((~right).sum()), "accuracy": acc(~right)}}
+    return out
+
+
 def room(chain: Path, roles: list[str], limit: int = 0, policy: Policy | None = None,
          progress: bool = False) -> dict[str, Any]:
     """The room on the chain's base policy over the questions of ``roles`` (``limit`` per file)."""
@@ -222,11 +260,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chain", type=Path, default=Path("outputs/toy"), help="a chain's folder (world/, retrieval/, policy/)")
     ap.add_argument("--roles", nargs="+", default=["test_vqa"], help="index roles to measure (default test_vqa)")
     ap.add_argument("--limit", type=int, default=0, help="records per file (0 = all)")
+    ap.add_argument("--eval", type=Path, help="an evaluation folder of this chain (predictions.jsonl): also split its "
+                                              "answers by whether the references' vote is right")
     ap.add_argument("--out", type=Path, help="write the figures here as JSON (default: print only)")
     args = ap.parse_args(argv)
     try:
         got = room(args.chain, args.roles, args.limit, progress=True)
-    except (InputError, ValueError) as e:
+        if args.eval:
+            got["by_reference"] = by_reference(read_questions(args.chain, args.roles, args.limit),
+                                               args.eval / "predictions.jsonl")
+    except (InputError, ValueError, OSError) as e:
         raise SystemExit(f"toy.room: {e}") from None
     if args.out:
         atomic_write_json(args.out, got)
@@ -238,6 +281,11 @@ def main(argv: list[str] | None = None) -> None:
     parts = ", ".join(f"{k} (n = {v['n']}) {_fmt(v['reading'])} / {_fmt(v['vote'])}" for k, v in w["by_finding"].items())
     print(f"reference vote where the base reads right {_fmt(w['vote_where_reading']['right'])}, wrong "
           f"{_fmt(w['vote_where_reading']['wrong'])}; reading / vote by asked finding: {parts}")
+    for policy, conditions in got.get("by_reference", {}).items():
+        for condition, s in conditions.items():
+            print(f"{policy} {condition} (n = {s['n']}): {_fmt(s['accuracy'])}, agrees with the vote {s['agrees_with_vote']:.3f}; "
+                  f"where the vote is right (n = {s['vote_right']['n']}) {_fmt(s['vote_right']['accuracy'])}, "
+                  f"wrong (n = {s['vote_wrong']['n']}) {_fmt(s['vote_wrong']['accuracy'])}")
 
 
 if __name__ == "__main__":
