@@ -5,7 +5,8 @@ folder holding its fingerprint: a hash of its command, the text of the config fi
 the text of its code (every ``.py`` file under the folders it names, and any file it names), a
 listing of its inputs (a file by its content; a folder by the relative path, size and mtime of
 every file under it, not their content, to stay fast; stamp files left out) and the fingerprints
-of the stages it follows (``after``; by default the one before it). A rerun skips a stage whose
+of the stages it follows (``after``; by default the one before it); the Python running it counts
+by its version, not its path. A rerun skips a stage whose
 stamp matches, so a changed config, code file or input (or a redone stage it follows) redoes it
 and every stage that follows it.
 
@@ -68,9 +69,15 @@ def _hash_input(h: "hashlib._Hash", path: Path) -> None:
             h.update(json.dumps([str(f.relative_to(path)), st.st_size, st.st_mtime_ns]).encode())
 
 
+def _interpreter(arg: str) -> str:
+    """This process's Python named by its version, not its path: a chain made with one clone's
+    .venv (or before its folder moved) is still up to date under another with the same Python."""
+    return f"<python {sys.version.split()[0]}>" if arg == sys.executable else arg
+
+
 def fingerprint(stage: Stage, upstream: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([stage.name, stage.cmd, upstream]).encode())
+    h.update(json.dumps([stage.name, [_interpreter(a) for a in stage.cmd], upstream]).encode())
     for cfg in stage.configs:
         _hash_file(h, Path(cfg))
     h.update(b"code")

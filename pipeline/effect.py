@@ -41,8 +41,8 @@ seed 0's own world (the knob's default) is that seed's run, not a second copy of
 ``<out>/seed<N>/dpo`` with those options, on the chain's pairs; the controls get them too. That
 compares DPO settings on ``--roles val_vqa`` without touching test; ``--chains`` points such a
 study at an earlier study's chains (``<its out>/chains``), which it reads and does not rebuild
-while their stages are as they were (a stage's fingerprint holds its paths and the Python that
-runs it, so a copy or a link under another name, or another clone's ``.venv``, would rebuild them).
+while their stages are as they were (a stage's fingerprint holds its paths, so a copy or a link
+under another name would rebuild them; the Python counts by its version, not its path).
 
 ``--jobs N`` runs N independent runs at once (the chains of seeds and map points, then the
 controls), each a forked process with its share of the cores (``OMP_NUM_THREADS`` = cores / N

@@ -51,6 +51,17 @@ def test_a_fresh_chain_is_up_to_date_after_its_first_run(tmp_path):
     assert todo(stages) == []
 
 
+def test_the_python_counts_by_its_version_not_its_path(tmp_path, monkeypatch):
+    """Another clone's .venv (or this one moved) runs the same Python: its chains stay up to date."""
+    _, stages = _stages(tmp_path)
+    run(stages)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "elsewhere" / ".venv" / "bin" / "python"))
+    moved = [Stage(s.name, [sys.executable, *s.cmd[1:]], s.output, s.configs) for s in stages]
+    assert todo(moved) == []
+    monkeypatch.setattr(sys, "version", "2.7.18 (default)")
+    assert todo(moved) == ["a", "b", "c"]
+
+
 def test_failed_stage_stops_and_leaves_no_stamp(tmp_path):
     bad = [Stage("bad", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad")]
     with pytest.raises(SystemExit):
