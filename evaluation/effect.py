@@ -306,15 +306,28 @@ def room_table(effect: dict[str, Any]) -> str:
              "What the base would answer by trusting its references as much as they deserve: a logistic combiner of "
              "its own image reading (yes − no logit without references) and the references' vote share, one per "
              "domain, fitted on val_vqa (toy.room). Room = combined − base RAG accuracy, 95% paired bootstrap "
-             "interval; beside it what DPO took of it.", "",
-             "| run | n | base acc RAG | reference vote | combined (95% Wilson) | room | DPO − base acc RAG |",
-             "|---|---|---|---|---|---|---|"]
+             "interval; beside it what DPO took of it, and base and DPO accuracy with references where their vote "
+             "is right / wrong (n of each): a base that copies is right only where they are.", "",
+             "| run | n | base acc RAG | reference vote | combined (95% Wilson) | room | DPO − base acc RAG "
+             "| vote right / wrong | base RAG there | DPO RAG there |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, r, d in rows:
         combined = r["combined"]
+        split = r.get("by_reference") or {}
+        base, dpo = ((split.get(p) or {}).get("rag_fixed") for p in ("base", "dpo"))
         lines.append(f"| {label} | {r['n']} | {r['base_rag']['accuracy']:.3f} | {r['reference_vote']['accuracy']:.3f} | "
                      f"{combined['accuracy']:.3f} [{combined['low']:.3f}, {combined['high']:.3f}] | "
-                     f"{_interval(r['room'])} | {_interval((d or {}).get('accuracy_rag_fixed'))} |")
+                     f"{_interval(r['room'])} | {_interval((d or {}).get('accuracy_rag_fixed'))} | "
+                     f"{_where(base, 'n')} | {_where(base, 'accuracy')} | {_where(dpo, 'accuracy')} |")
     return "\n".join(lines) + "\n"
+
+
+def _where(split: dict[str, Any] | None, key: str) -> str:
+    """``key`` where the vote is right / where it is wrong, from a toy.room.by_reference entry."""
+    if not split:
+        return "–"
+    right, wrong = split["vote_right"][key], split["vote_wrong"][key]
+    return " / ".join(str(v) if key == "n" else _fmt(v) for v in (right, wrong))
 
 
 def _value(v: float | str) -> str:

@@ -53,7 +53,9 @@ The room for the effect (toy.room), on every seed and map point: how much the ba
 trusting its references exactly as much as they deserve, a per-domain logistic combiner of its
 own image reading and the references' vote fitted on val_vqa, against its accuracy with them
 (``<folder>/room.json``). Where the room is below the effect looked for, no tuning that teaches
-trust can show it.
+trust can show it. Beside it, base and DPO accuracy with references where their vote is right and
+where it is wrong (``by_reference``): a base that copies is right only where they are, and DPO can
+gain where they are wrong only as far as the image tells it.
 
 Writes ``<out>/effect.json``, ``effect.md`` (docs/DESIGN.md: the effect study) and
 ``effect_map.png``. A run whose results exist is not redone while its chain's stages are as they
@@ -87,7 +89,7 @@ from evaluation.plots import plot_effect_map
 from pipeline import demo
 from pipeline.demo import run_module as _python
 from toy.make_toy import SIZES, ToyConfig
-from toy.room import room
+from toy.room import by_reference, read_questions, room
 
 DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
 # the study's default stage options: the paper's regime, chosen on val_vqa (module docstring: why)
@@ -391,6 +393,12 @@ def run_room(run: Run, study: Study) -> dict[str, Any]:
     return got
 
 
+def reference_split(run: Run, study: Study) -> dict[str, Any]:
+    """The run's evaluated answers split by whether its references' vote is right (toy.room.by_reference):
+    whether the base copies, and whether DPO gains by following right references or resisting wrong ones."""
+    return by_reference(read_questions(run.chain, study.roles, study.limit), run.eval_dir / "predictions.jsonl")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="whole-chain seeds (default 0 1 2)")
@@ -456,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     run_jobs([Job(f"{r.label} {name}", run_control, (r, name, study), control_dir(r, name) / "eval",
                   control_dir(r, name) / "effect.log", settings(r, study, name), r, chain_until(study, name))
               for name in args.controls for r in controlled], args.jobs)
-    rooms = {r.label: run_room(r, study) for r in mains}
+    rooms = {r.label: {**run_room(r, study), "by_reference": reference_split(r, study)} for r in mains}
     figures = {r.seed: {**run_figures(r.eval_dir), "room": rooms[r.label]} for r in seeds}
     controls = {name: {r.seed: control_figures(r.eval_dir, control_dir(r, name) / "eval") for r in controlled}
                 for name in args.controls}

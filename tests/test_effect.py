@@ -296,6 +296,11 @@ class Stub:
         return {"n": 30, "roles": list(roles), "fit_roles": ["val_vqa"], "base_no_rag": rate, "base_rag": rate,
                 "reference_vote": rate, "combined": rate, "room": {"diff": 0.06, "low": 0.01, "high": 0.11, "n": 30}}
 
+    def reference_split(self, run, study):
+        where = lambda acc: {"n": 30, "accuracy": acc, "agrees_with_vote": 0.9,  # noqa: E731
+                             "vote_right": {"n": 27, "accuracy": acc + 0.05}, "vote_wrong": {"n": 3, "accuracy": 0.1}}
+        return {"base": {"rag_fixed": where(0.85)}, "dpo": {"rag_fixed": where(0.87)}}
+
     def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None, options=None):
         self.chains.append((Path(out), seed, list(world_args), until) + ((options,) if options else ()))
 
@@ -315,6 +320,7 @@ def stubbed(monkeypatch) -> Stub:
     monkeypatch.setattr(demo, "run_chain", stub.run_chain)
     monkeypatch.setattr(driver, "_python", stub.python)
     monkeypatch.setattr(driver, "room", stub.room)
+    monkeypatch.setattr(driver, "reference_split", stub.reference_split)
     monkeypatch.setattr(driver, "chain_plan", stub.chain_plan)
     return stub
 
@@ -346,8 +352,10 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     assert set(effect["controls"]) == {"dpo_cm", "sft_chosen"} and set(effect["controls"]["dpo_cm"]) == {"0", "1"}
     assert [p["value"] for p in effect["map"]["points"]] == [0.1, 0.6]
     assert effect["room"]["1"]["room"]["diff"] == 0.06 and effect["map"]["points"][1]["room"]["n"] == 30
-    assert "| seed 1 | 30 | 0.900 | 0.900 | 0.900 [0.800, 0.950] | +0.060 [+0.010, +0.110] | +0.133 [" in (
-        out / "effect.md").read_text()
+    md = (out / "effect.md").read_text()
+    assert "| seed 1 | 30 | 0.900 | 0.900 | 0.900 [0.800, 0.950] | +0.060 [+0.010, +0.110] | +0.133 [" in md
+    assert "] | 27 / 3 | 0.900 / 0.100 | 0.920 / 0.100 |" in md
+    assert effect["room"]["1"]["by_reference"]["dpo"]["rag_fixed"]["vote_right"]["n"] == 27
     assert (out / "effect.md").is_file() and (out / "effect_map.png").is_file()
     printed = capsys.readouterr().out
     assert "[effect] seed 1 sft_chosen: training and evaluation" in printed and "done in" in printed

@@ -54,23 +54,26 @@ def test_by_reference_splits_each_policy_and_condition_by_whether_the_vote_is_ri
     def q(index: int, yes: bool, share: float) -> Question:
         return Question("eye", "Is there a spot?", [], None, yes, share, "absent", ("f", index))
 
+    def row(policy: str, condition: str, index: int, label: str | None, correct: bool | None) -> dict:
+        return {"policy": policy, "condition": condition, "file": "f", "index": index, "pred_label": label,
+                "correct": correct}
+
     # votes: right, right, wrong, wrong (the truth is yes, no, yes, no)
     questions = [q(0, True, 1.0), q(1, False, 0.0), q(2, True, 0.0), q(3, False, 1.0)]
-    rows = [("base", "rag", i, label) for i, label in enumerate(["yes", "no", "no", "yes"])]  # copies the vote
-    rows += [("dpo", "rag", i, label) for i, label in enumerate(["yes", "yes", "yes", "no"])]
-    rows += [("dpo", "rag", 9, "yes"), ("base", "no_rag", 0, "unknown")]  # not asked here; not a yes/no answer
+    truth = ["yes", "no", "yes", "no"]
+    rows = [row("base", "rag", i, label, label == truth[i]) for i, label in enumerate(["yes", "no", "no", "yes"])]  # copies
+    rows += [row("dpo", "rag", i, label, label == truth[i]) for i, label in enumerate(["yes", "other", "yes", "no"])]
+    rows += [row("dpo", "rag", 9, "yes", True), row("base", "no_rag", 0, "yes", None)]  # not asked here; not scored
     path = tmp_path / "predictions.jsonl"
-    path.write_text("".join(json.dumps({"policy": p, "condition": c, "file": "f", "index": i, "pred_label": lab}) + "\n"
-                            for p, c, i, lab in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = by_reference(questions, path)
     assert set(got) == {"base", "dpo"} and set(got["base"]) == {"rag"}
     assert got["base"]["rag"] == {"n": 4, "accuracy": 0.5, "agrees_with_vote": 1.0,
                                   "vote_right": {"n": 2, "accuracy": 1.0}, "vote_wrong": {"n": 2, "accuracy": 0.0}}
-    dpo = got["dpo"]["rag"]
+    dpo = got["dpo"]["rag"]  # an answer neither yes nor no is wrong, and says nothing the vote says
     assert dpo["vote_right"]["accuracy"] == 0.5 and dpo["vote_wrong"]["accuracy"] == 1.0 and dpo["agrees_with_vote"] == 0.25
-    path.write_text(json.dumps({"policy": "base", "condition": "rag", "file": "g", "index": 0, "pred_label": "yes"}) + "\n")
-    with pytest.raises(InputError, match="no yes/no answer"):
-        by_reference(questions, path)
+    path.write_text(json.dumps(row("base", "rag", 0, "yes", True) | {"file": "g"}) + "\n")
+    assert by_reference(questions, path) == {}
 
 
 def test_folds_are_disjoint_and_cover_every_question():
@@ -158,7 +161,8 @@ def test_main_writes_the_figures(chain, tmp_path, capsys):
     evaluated = tmp_path / "eval"
     evaluated.mkdir()
     (evaluated / "predictions.jsonl").write_text("".join(
-        json.dumps({"policy": "base", "condition": "rag_fixed", "file": q.key[0], "index": q.key[1], "pred_label": "yes"}) + "\n"
+        json.dumps({"policy": "base", "condition": "rag_fixed", "file": q.key[0], "index": q.key[1], "pred_label": "yes",
+                    "correct": q.yes}) + "\n"
         for q in read_questions(chain, ["test_vqa"], 4)))
     main(["--chain", str(chain), "--limit", "4", "--eval", str(evaluated), "--out", str(out)])
     split = json.loads(out.read_text())["by_reference"]["base"]["rag_fixed"]
@@ -166,3 +170,6 @@ def test_main_writes_the_figures(chain, tmp_path, capsys):
     assert "base rag_fixed" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="toy.room: .*predictions.jsonl"):
         main(["--chain", str(chain), "--limit", "4", "--eval", str(tmp_path / "missing")])
+    (evaluated / "predictions.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="toy.room: .*predictions.jsonl: no scored answer"):
+        main(["--chain", str(chain), "--limit", "4", "--eval", str(evaluated)])

@@ -190,29 +190,28 @@ def by_reference(questions: list[Question], predictions: Path) -> dict[str, dict
     """Per policy and condition of an evaluation's ``predictions.jsonl``: accuracy where the
     references' vote is right and where it is wrong, and how often the answer says what the vote
     says. It shows whether a policy copies its references and where a tuning gains: by following
-    right ones or by resisting wrong ones (which it can only do where the image tells it)."""
+    right ones or by resisting wrong ones (which it can only do where the image tells it). Scored
+    as evaluation scored them (an answer that is neither yes nor no is wrong); empty when none of
+    the predictions is one of ``questions``."""
     asked = {q.key: q for q in questions}
     got: dict[tuple[str, str], list[tuple[bool, bool, bool]]] = {}
     with open(predictions, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             q = asked.get((row["file"], row["index"]))
-            if q is None or row.get("pred_label") not in ("yes", "no"):  # not asked here, or no yes/no answer
+            if q is None or row.get("correct") is None:  # not asked here, or not scored
                 continue
-            says_yes = row["pred_label"] == "yes"
-            got.setdefault((row["policy"], row["condition"]), []).append((q.share > 0.5, q.yes, says_yes))
-    if not got:
-        raise InputError(f"{predictions}: no yes/no answer to the questions of this chain and roles")
+            says_vote = row.get("pred_label") == ("yes" if q.share > 0.5 else "no")
+            got.setdefault((row["policy"], row["condition"]), []).append(((q.share > 0.5) == q.yes, row["correct"], says_vote))
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for (policy, condition), rows in sorted(got.items()):
-        vote, truth, answer = (np.array(c) for c in zip(*rows))
-        right = vote == truth
+        right, correct, agrees = (np.array(c, dtype=bool) for c in zip(*rows))
 
         def acc(mask: np.ndarray) -> float | None:
-            return float((answer[mask] == truth[mask]).mean()) if mask.any() else None
+            return float(correct[mask].mean()) if mask.any() else None
 
         out.setdefault(policy, {})[condition] = {
-            "n": len(rows), "accuracy": acc(np.ones_like(right)), "agrees_with_vote": float((answer == vote).mean()),
+            "n": len(rows), "accuracy": acc(np.ones_like(right)), "agrees_with_vote": float(agrees.mean()),
             "vote_right": {"n": int(right.sum()), "accuracy": acc(right)},
             "vote_wrong": {"n": int((~right).sum()), "accuracy": acc(~right)}}
     return out
@@ -267,8 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         got = room(args.chain, args.roles, args.limit, progress=True)
         if args.eval:
-            got["by_reference"] = by_reference(read_questions(args.chain, args.roles, args.limit),
-                                               args.eval / "predictions.jsonl")
+            predictions = args.eval / "predictions.jsonl"
+            got["by_reference"] = by_reference(read_questions(args.chain, args.roles, args.limit), predictions)
+            if not got["by_reference"]:
+                raise InputError(f"{predictions}: no scored answer to the yes/no questions of {args.chain} under {args.roles}")
     except (InputError, ValueError, OSError) as e:
         raise SystemExit(f"toy.room: {e}") from None
     if args.out:
