@@ -144,15 +144,14 @@ def run(stages: list[Stage], force: bool = False, start: str | None = None, lock
     chain's folder), a second run that would rebuild the chain while one does stops with one line
     (common.io.run_lock); a run with nothing to do takes no lock, so studies can read one chain at once.
     The lock is taken at the first stage to run, so the chain is fingerprinted once."""
-    locked = lock is None
     with contextlib.ExitStack() as held:
         for stage, fp, todo in _walk(stages, force, start):
             if not todo:
                 print(f"[{stage.name}] up to date, skipped ({stage.output})", flush=True)
                 continue
-            if not locked:
+            if lock is not None:  # taken once, held to the end
                 held.enter_context(run_lock(lock))
-                locked = True
+                lock = None
             print(f"[{stage.name}] running: {' '.join(stage.cmd)}", flush=True)
             t0 = time.time()
             stamp_path(stage).unlink(missing_ok=True)

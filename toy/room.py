@@ -31,7 +31,6 @@ it is not, and a tuning's gain shows as following right references or resisting 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common.io import InputError, atomic_write_json
+from common.io import InputError, atomic_write_json, read_jsonl
 from common.stats import paired_interval, resamples, wilson
 from data.images import load_image, resolve_image
 from data.readers import read_index, read_records
@@ -60,7 +59,7 @@ class Question:
     domain: str
     question: str
     references: list[str]
-    image: Image.Image
+    image: Path  # loaded only where the policy scores the question
     yes: bool  # the ground truth
     share: float  # references whose study has the asked finding
     kind: str  # the asked finding: "subtle" or "marked" when present, "absent"
@@ -86,7 +85,7 @@ def read_questions(chain: Path, roles: list[str], limit: int = 0) -> list[Questi
             if unknown:
                 raise InputError(f"{rec.source}: reference {unknown[0]!r} is not a report of {chain / 'world'}")
             share = float(np.mean([finding in corpora[domain][r] for r in refs])) if refs else 0.5
-            image = load_image(resolve_image(rec.images[0], rec.image_root, entry.get("image_root")))
+            image = resolve_image(rec.images[0], rec.image_root, entry.get("image_root"))
             severity = dict(zip(rec.meta.get("findings", []), rec.meta.get("severities", []))).get(finding)
             kind = "absent" if severity is None else "subtle" if severity < SUBTLE_BELOW else "marked"
             out.append(Question(domain, rec.question, list(refs), image, rec.answer.lower().startswith("yes"), share, kind,
@@ -97,9 +96,9 @@ def read_questions(chain: Path, roles: list[str], limit: int = 0) -> list[Questi
 
 
 @torch.inference_mode()
-def yes_margins(policy: Policy, questions: list[Question], references: bool, batch_size: int = 32,
-                progress: bool = False) -> np.ndarray:
-    """The policy's "Yes" minus "No" logit at the first answer position, per question."""
+def yes_margins(policy: Policy, questions: list[Question], images: list[Image.Image], references: bool,
+                batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """The policy's "Yes" minus "No" logit at the first answer position, per question (``images``: theirs)."""
     no, yes = answer_rows(policy.tokenizer, policy.path).tolist()
     templates = load_prompt_templates()
     texts = [policy.render(build_prompt(q.domain, "vqa", q.question, q.references if references else None, templates))
@@ -107,7 +106,7 @@ def yes_margins(policy: Policy, questions: list[Question], references: bool, bat
     out = []
     starts = range(0, len(questions), batch_size)
     for s in tqdm(starts, desc="score", disable=not progress):
-        enc = policy.process([q.image for q in questions[s:s + batch_size]], texts[s:s + batch_size], "left")
+        enc = policy.process(images[s:s + batch_size], texts[s:s + batch_size], "left")
         logits = policy.model(**enc, logits_to_keep=1).logits[:, -1, [no, yes]].float()  # not [batch, length, vocab]
         out.append((logits[:, 1] - logits[:, 0]).cpu().numpy())
     return np.concatenate(out)
@@ -195,14 +194,12 @@ def by_reference(questions: list[Question], predictions: Path) -> dict[str, dict
     the predictions is one of ``questions``."""
     asked = {q.key: q for q in questions}
     got: dict[tuple[str, str], list[tuple[bool, bool, bool]]] = {}
-    with open(predictions, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            q = asked.get((row["file"], row["index"]))
-            if q is None or row.get("correct") is None:  # not asked here, or not scored
-                continue
-            says_vote = row.get("pred_label") == ("yes" if q.share > 0.5 else "no")
-            got.setdefault((row["policy"], row["condition"]), []).append(((q.share > 0.5) == q.yes, row["correct"], says_vote))
+    for row in read_jsonl(predictions):
+        q = asked.get((row["file"], row["index"]))
+        if q is None or row.get("correct") is None:  # not asked here, or not scored
+            continue
+        says_vote = row.get("pred_label") == ("yes" if q.share > 0.5 else "no")
+        got.setdefault((row["policy"], row["condition"]), []).append(((q.share > 0.5) == q.yes, row["correct"], says_vote))
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for (policy, condition), rows in sorted(got.items()):
         right, correct, agrees = (np.array(c, dtype=bool) for c in zip(*rows))
@@ -225,20 +222,21 @@ def room(chain: Path, roles: list[str], limit: int = 0, policy: Policy | None = 
         raise ValueError(f"roles {roles}: evaluate either the fitting roles {FIT_ROLES} alone or none of them")
     policy = policy or load_policy(chain / "policy")
 
-    def features(qs: list[Question]) -> tuple[np.ndarray, np.ndarray]:
+    def features(qs: list[Question], images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """(image margin, reference share) per question, and the truth: what the combiner sees."""
-        image = yes_margins(policy, qs, references=False, progress=progress)
+        image = yes_margins(policy, qs, images, references=False, progress=progress)
         return np.stack([image, [q.share for q in qs]], 1), np.array([q.yes for q in qs])
 
     questions = read_questions(chain, roles, limit)
-    x, y = features(questions)
-    with_refs = yes_margins(policy, questions, references=True, progress=progress)
+    images = [load_image(q.image) for q in questions]
+    x, y = features(questions, images)
+    with_refs = yes_margins(policy, questions, images, references=True, progress=progress)
     domains = [q.domain for q in questions]
     if set(roles) == set(FIT_ROLES):
         combined = combine_out_of_fold(x, y, domains)
     else:
         fit = read_questions(chain, FIT_ROLES)
-        fit_x, fit_y = features(fit)
+        fit_x, fit_y = features(fit, [load_image(q.image) for q in fit])
         combined = combine(fit_x, fit_y, [q.domain for q in fit], x, domains)
     right = {"base_no_rag": (x[:, 0] > 0) == y, "base_rag": (with_refs > 0) == y,
              "reference_vote": (x[:, 1] > 0.5) == y, "combined": combined == y}
