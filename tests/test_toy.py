@@ -163,14 +163,16 @@ def test_manifest_counts_and_images(world):
     assert len(manifest_files(world, role="test_report", domain="radiology")) == 2
 
 
-def test_reports_mention_every_present_finding(world):
-    def said(domain: str, name: str, text: str) -> bool:
-        finding = next(f for f in make_toy.VOCAB[domain] if f.name == name)
-        patterns = (
-            re.escape(t).replace(r"\{sev\}", ".+").replace(r"\{Sev\}", ".+") for t in finding.says
-        )
-        return any(re.search(p, text, re.IGNORECASE) for p in patterns)
+def said(domain: str, name: str, text: str) -> bool:
+    """Whether a report's text says the finding is there."""
+    finding = next(f for f in make_toy.VOCAB[domain] if f.name == name)
+    patterns = (
+        re.escape(t).replace(r"\{sev\}", ".+").replace(r"\{Sev\}", ".+") for t in finding.says
+    )
+    return any(re.search(p, text, re.IGNORECASE) for p in patterns)
 
+
+def test_reports_mention_every_present_finding(world):
     for e in manifest_files(world, kind="report"):
         for r in _records(e):
             text = r.get("report") or r.get("caption") or r.get("gpt4_summary")
@@ -238,6 +240,27 @@ def test_changed_priors_differ_in_one_finding_and_still_look_like_their_patient(
     for plain, grown in zip(manifest_files(kept), manifest_files(changed), strict=True):  # the rest is untouched
         assert [r for r in _records(plain) if "prior_of" not in r] == [r for r in _records(grown) if "prior_of" not in r]
 
+
+
+def test_missed_findings_leave_the_corpus_reports_and_labels_not_the_images(world, tmp_path):
+    missed = make_world(tmp_path / "missed", seed=0, size="tiny", report_miss=0.5, progress=False)
+    assert load_manifest(missed)["config"]["report_miss"] == 0.5
+    before, after = _hashes(world), _hashes(missed)
+    assert {k for k in before if before[k] != after[k]} == {
+        "manifest.json", *(str(Path(e["path"]).relative_to(world)) for e in manifest_files(world, role="retriever_train"))}, "images and other splits untouched"
+    left_out = 0
+    for plain, noisy in zip(manifest_files(world, role="retriever_train"), manifest_files(missed, role="retriever_train"),
+                            strict=True):
+        for was, now in zip(_records(plain), _records(noisy), strict=True):
+            gone = now.get("missed", [])
+            assert now["findings"] == [f for f in was["findings"] if f not in gone] and set(gone) <= set(was["findings"])
+            text = now.get("report") or now.get("caption") or now.get("gpt4_summary")
+            denied = {d.format(phrase=make_toy._finding(plain["domain"], f).phrase) for f in gone for d in make_toy.DENY}
+            affirmed = " ".join(s for s in re.split(r"(?<=\.) ", text) if s not in denied)  # a reader who missed it may deny it
+            assert not any(said(plain["domain"], f, affirmed) for f in gone), text
+            left_out += len(gone)
+    present = sum(len(r["findings"]) for e in manifest_files(world, role="retriever_train") for r in _records(e))
+    assert 0.35 < left_out / present < 0.65, (left_out, present)
 
 @pytest.mark.parametrize("domain", sorted(FINDINGS))
 def test_findings_visible_at_32px(domain):

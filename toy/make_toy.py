@@ -19,7 +19,7 @@ import io
 import json
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -223,7 +223,7 @@ class Study:
 
 def _rng(seed: int, domain: str, split: str, index: int, purpose: str) -> np.random.Generator:
     """One stream per (seed, domain, split, index, purpose): records don't depend on order."""
-    purposes = ("study", "image", "lateral", "text", "vqa", "ids", "prior", "change")
+    purposes = ("study", "image", "lateral", "text", "vqa", "ids", "prior", "change", "miss")
     return np.random.default_rng(
         [seed, DOMAINS.index(domain), SPLITS.index(split), index, purposes.index(purpose)]
     )
@@ -481,20 +481,33 @@ _WRITERS = {
 }
 
 
-def study_files(study: Study, seed: int, images: Path) -> tuple[str, dict[str, Any], str, str]:
+def missed_findings(study: Study, seed: int, miss: float) -> tuple[str, ...]:
+    """The present findings a reader leaves out of the study's report, each with probability ``miss``."""
+    rng = study.rng(seed, "miss")  # its own stream: miss 0 leaves every report as it was
+    return tuple(n for n in study.findings if rng.random() < miss)
+
+
+def study_files(study: Study, seed: int, images: Path, missed: tuple[str, ...] = ()) -> tuple[str, dict[str, Any], str, str]:
     """Render and save a study's images under ``images``.
 
     Returns (format, report record, VQA image path, report text). Radiology alternates IU-Xray
-    (even index) and MIMIC (odd) studies, so each role gets one file of each.
+    (even index) and MIMIC (odd) studies, so each role gets one file of each. The image shows every
+    finding; the report, and the record's labels (report-derived, as MIMIC-CXR's CheXpert labels
+    are), leave out those ``missed``.
     """
     if study.domain == "radiology":
         fmt = ("iu_xray", "mimic")[study.index % 2]
     else:
         fmt = {"pathology": "pmc_oa+quilt", "ophthalmology": "fairvlmed"}[study.domain]
-    report = write_report(study, study.rng(seed, "text"))
+    kept = [i for i, n in enumerate(study.findings) if n not in missed]
+    said = replace(study, findings=tuple(study.findings[i] for i in kept),
+                   severities=tuple(study.severities[i] for i in kept))
+    report = write_report(said, study.rng(seed, "text"))
     image = render_study(study.domain, study.findings, study.severities, study.rng(seed, "image"))
     rec, vqa_image = _WRITERS[fmt](study, seed, image, images, report)
-    rec.update(findings=list(study.findings), severities=list(study.severities), study=study.sid)
+    rec.update(findings=list(said.findings), severities=list(said.severities), study=study.sid)
+    if missed:
+        rec["missed"] = list(missed)
     return fmt, rec, vqa_image, report
 
 
@@ -531,6 +544,7 @@ def make_world(
     normal_share: float = 0.25,
     prior_share: float = 0.0,
     prior_change: float = 0.0,
+    report_miss: float = 0.0,
     alignment_studies: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -564,7 +578,8 @@ def make_world(
                                              subtle_share=subtle_share, normal_share=normal_share)
                     bar.total += len(studies) - count
                 for study in studies:
-                    fmt, rec, image, report = study_files(study, seed, images)
+                    missed = missed_findings(study, seed, report_miss) if split == "retriever_train" else ()
+                    fmt, rec, image, report = study_files(study, seed, images, missed)
                     if study.prior_of is not None:
                         rec["prior_of"] = study.prior_of.sid
                     reports.setdefault(fmt, []).append(rec)
@@ -576,7 +591,8 @@ def make_world(
             "size": size,
             "version": VERSION,
             "config": {"subtle_share": subtle_share, "normal_share": normal_share, "prior_share": prior_share,
-                       "prior_change": prior_change, "alignment_studies": sizes["alignment"]},
+                       "prior_change": prior_change, "report_miss": report_miss,
+                       "alignment_studies": sizes["alignment"]},
             "domains": {d: {"findings": FINDINGS[d], "image_root": f"{d}/images"} for d in DOMAINS},
             "files": files,
         }
@@ -629,6 +645,8 @@ class ToyConfig:
     prior_share: float = doc(0.0, "share of queried studies (val, alignment, test) with a prior study of the same patient in the retriever corpus: how much the references can know")
     prior_change: float = doc(0.0, "share of those priors with one finding changed since (appeared or resolved): "
                                    "references that look right by image and are wrong on that finding")
+    report_miss: float = doc(0.0, "share of present findings a retriever-corpus report leaves unsaid (a reader's miss): "
+                                  "references wrong where the query image shows the finding")
     alignment_studies: int = doc(0, "studies per domain in the alignment split, the one preference pairs are built from "
                                     "(0: the size's own, 200 for small): how many examples the tuning learns from")
 
@@ -640,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Generate the toy medical world (images, reports, "
         "VQA in the MMed-RAG annotation formats, manifest.json).",
     )
-    for name in ("subtle_share", "normal_share", "prior_share", "prior_change"):
+    for name in ("subtle_share", "normal_share", "prior_share", "prior_change", "report_miss"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     start = time.perf_counter()
