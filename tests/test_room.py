@@ -52,7 +52,7 @@ def test_where_they_fail_splits_the_vote_by_the_reading_and_both_by_the_asked_fi
 
 def test_by_reference_splits_each_policy_and_condition_by_whether_the_vote_is_right(tmp_path):
     def q(index: int, yes: bool, share: float) -> Question:
-        return Question("eye", "Is there a spot?", [], None, yes, share, "absent", ("f", index))
+        return Question("eye", "Is there a spot?", [], None, yes, share, "marked" if yes else "absent", ("f", index))
 
     def row(policy: str, condition: str, index: int, label: str | None, correct: bool | None) -> dict:
         return {"policy": policy, "condition": condition, "file": "f", "index": index, "pred_label": label,
@@ -68,10 +68,16 @@ def test_by_reference_splits_each_policy_and_condition_by_whether_the_vote_is_ri
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = by_reference(questions, path)
     assert set(got) == {"base", "dpo"} and set(got["base"]) == {"rag"}
-    assert got["base"]["rag"] == {"n": 4, "accuracy": 0.5, "agrees_with_vote": 1.0,
-                                  "vote_right": {"n": 2, "accuracy": 1.0}, "vote_wrong": {"n": 2, "accuracy": 0.0}}
+    none, one = {"n": 0, "accuracy": None}, {"n": 1}
+    assert got["base"]["rag"] == {
+        "n": 4, "accuracy": 0.5, "agrees_with_vote": 1.0,
+        "vote_right": {"n": 2, "accuracy": 1.0, "by_kind": {"subtle": none, "marked": one | {"accuracy": 1.0},
+                                                             "absent": one | {"accuracy": 1.0}}},
+        "vote_wrong": {"n": 2, "accuracy": 0.0, "by_kind": {"subtle": none, "marked": one | {"accuracy": 0.0},
+                                                             "absent": one | {"accuracy": 0.0}}}}
     dpo = got["dpo"]["rag"]  # an answer neither yes nor no is wrong, and says nothing the vote says
     assert dpo["vote_right"]["accuracy"] == 0.5 and dpo["vote_wrong"]["accuracy"] == 1.0 and dpo["agrees_with_vote"] == 0.25
+    assert dpo["vote_right"]["by_kind"]["absent"]["accuracy"] == 0.0 and dpo["vote_right"]["by_kind"]["marked"]["accuracy"] == 1.0
     path.write_text(json.dumps(row("base", "rag", 0, "yes", True) | {"file": "g"}) + "\n")
     assert by_reference(questions, path) == {}
 

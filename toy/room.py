@@ -52,6 +52,7 @@ from toy.reading_probe import answer_rows
 
 FIT_ROLES = ["val_vqa"]  # the combiner is fitted here, never on test
 FOLDS = 5  # out-of-fold scoring when the evaluated questions are the fitted ones
+KINDS = ("subtle", "marked", "absent")  # what a question asks about: a present finding, hard or easy to see, or none
 
 
 @dataclass
@@ -182,35 +183,42 @@ def where_they_fail(reading_right: np.ndarray, vote_right: np.ndarray, kinds: li
 
     right, wrong = part(reading_right), part(~reading_right)
     return {"vote_where_reading": {"right": right["vote"], "wrong": wrong["vote"], "n_right": right["n"], "n_wrong": wrong["n"]},
-            "by_finding": {k: part(kinds_ == k) for k in ("subtle", "marked", "absent")}}
+            "by_finding": {k: part(kinds_ == k) for k in KINDS}}
 
 
 def by_reference(questions: list[Question], predictions: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Per policy and condition of an evaluation's ``predictions.jsonl``: accuracy where the
-    references' vote is right and where it is wrong, and how often the answer says what the vote
-    says. It shows whether a policy copies its references and where a tuning gains: by following
-    right ones or by resisting wrong ones (which it can only do where the image tells it). Scored
-    as evaluation scored them (an answer that is neither yes nor no is wrong); empty when none of
-    the predictions is one of ``questions``."""
+    references' vote is right and where it is wrong, each also by the asked finding's kind, and
+    how often the answer says what the vote says. It shows whether a policy copies its references
+    and where a tuning gains: by following right ones or by resisting wrong ones (which it can only
+    do where the image tells it: a marked finding, not a subtle one). Scored as evaluation scored
+    them (an answer that is neither yes nor no is wrong); empty when none of the predictions is one
+    of ``questions``."""
     asked = {q.key: q for q in questions}
-    got: dict[tuple[str, str], list[tuple[bool, bool, bool]]] = {}
+    got: dict[tuple[str, str], list[tuple[bool, bool, bool, str]]] = {}
     for row in read_jsonl(predictions):
         q = asked.get((row["file"], row["index"]))
         if q is None or row.get("correct") is None:  # not asked here, or not scored
             continue
         says_vote = row.get("pred_label") == ("yes" if q.share > 0.5 else "no")
-        got.setdefault((row["policy"], row["condition"]), []).append(((q.share > 0.5) == q.yes, row["correct"], says_vote))
+        got.setdefault((row["policy"], row["condition"]), []).append(
+            ((q.share > 0.5) == q.yes, row["correct"], says_vote, q.kind))
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for (policy, condition), rows in sorted(got.items()):
-        right, correct, agrees = (np.array(c, dtype=bool) for c in zip(*rows))
+        right, correct, agrees = (np.array(c, dtype=bool) for c in list(zip(*rows))[:3])
+        kinds = np.array([r[3] for r in rows])
 
-        def acc(mask: np.ndarray) -> float | None:
-            return float(correct[mask].mean()) if mask.any() else None
+        def split(mask: np.ndarray) -> dict[str, Any]:
+            def acc(m: np.ndarray) -> float | None:
+                return float(correct[m].mean()) if m.any() else None
+
+            return {"n": int(mask.sum()), "accuracy": acc(mask),
+                    "by_kind": {k: {"n": int((mask & (kinds == k)).sum()), "accuracy": acc(mask & (kinds == k))}
+                                for k in KINDS}}
 
         out.setdefault(policy, {})[condition] = {
-            "n": len(rows), "accuracy": acc(np.ones_like(right)), "agrees_with_vote": float(agrees.mean()),
-            "vote_right": {"n": int(right.sum()), "accuracy": acc(right)},
-            "vote_wrong": {"n": int((~right).sum()), "accuracy": acc(~right)}}
+            "n": len(rows), "accuracy": split(np.ones_like(right))["accuracy"], "agrees_with_vote": float(agrees.mean()),
+            "vote_right": split(right), "vote_wrong": split(~right)}
     return out
 
 
@@ -285,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{policy} {condition} (n = {s['n']}): {_fmt(s['accuracy'])}, agrees with the vote {s['agrees_with_vote']:.3f}; "
                   f"where the vote is right (n = {s['vote_right']['n']}) {_fmt(s['vote_right']['accuracy'])}, "
                   f"wrong (n = {s['vote_wrong']['n']}) {_fmt(s['vote_wrong']['accuracy'])}")
+            for side in ("vote_right", "vote_wrong"):
+                print(f"  {side.replace('_', ' ')}: " + ", ".join(
+                    f"{kind} {_fmt(k['accuracy'])} (n = {k['n']})" for kind, k in s[side]["by_kind"].items()))
 
 
 if __name__ == "__main__":
