@@ -307,10 +307,12 @@ def room_table(effect: dict[str, Any]) -> str:
              "its own image reading (yes − no logit without references) and the references' vote share, one per "
              "domain, fitted on val_vqa (toy.room). Room = combined − base RAG accuracy, 95% paired bootstrap "
              "interval; beside it what DPO took of it, and base and DPO accuracy with references where their vote "
-             "is right / wrong (n of each): a base that copies is right only where they are.", "",
+             "is right / wrong (n of each): a base that copies is right only where they are. Last, where the vote "
+             "is wrong about a finding the image shows plainly (a marked one): the base without references, with "
+             "them, and DPO with them; DPO can resist wrong references only where the image tells.", "",
              "| run | n | base acc RAG | reference vote | combined (95% Wilson) | room | DPO − base acc RAG "
-             "| vote right / wrong | base RAG there | DPO RAG there |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| vote right / wrong | base RAG there | DPO RAG there | vote wrong, marked (n): base no RAG / RAG, DPO RAG |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r, d in rows:
         combined = r["combined"]
         split = r.get("by_reference") or {}
@@ -318,7 +320,8 @@ def room_table(effect: dict[str, Any]) -> str:
         lines.append(f"| {label} | {r['n']} | {r['base_rag']['accuracy']:.3f} | {r['reference_vote']['accuracy']:.3f} | "
                      f"{combined['accuracy']:.3f} [{combined['low']:.3f}, {combined['high']:.3f}] | "
                      f"{_interval(r['room'])} | {_interval((d or {}).get('accuracy_rag_fixed'))} | "
-                     f"{_where(base, 'n')} | {_where(base, 'accuracy')} | {_where(dpo, 'accuracy')} |")
+                     f"{_where(base, 'n')} | {_where(base, 'accuracy')} | {_where(dpo, 'accuracy')} | "
+                     f"{_marked_wrong(split)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -328,6 +331,15 @@ def _where(split: dict[str, Any] | None, key: str) -> str:
         return "–"
     right, wrong = split["vote_right"][key], split["vote_wrong"][key]
     return " / ".join(str(v) if key == "n" else _fmt(v) for v in (right, wrong))
+
+
+def _marked_wrong(split: dict[str, Any]) -> str:
+    """Accuracy where the vote is wrong on a marked finding: base without and with references, DPO with them."""
+    cells = [((((split.get(p) or {}).get(c) or {}).get("vote_wrong") or {}).get("by_kind") or {}).get("marked")
+             for p, c in (("base", "no_rag"), ("base", "rag_fixed"), ("dpo", "rag_fixed"))]
+    if not all(cells):  # a study made before the split by kind
+        return "–"
+    return f"({cells[0]['n']}) {_fmt(cells[0]['accuracy'])} / {_fmt(cells[1]['accuracy'])}, {_fmt(cells[2]['accuracy'])}"
 
 
 def _value(v: float | str) -> str:

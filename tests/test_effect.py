@@ -298,8 +298,9 @@ class Stub:
 
     def reference_split(self, run, study):
         where = lambda acc: {"n": 30, "accuracy": acc, "agrees_with_vote": 0.9,  # noqa: E731
-                             "vote_right": {"n": 27, "accuracy": acc + 0.05}, "vote_wrong": {"n": 3, "accuracy": 0.1}}
-        return {"base": {"rag_fixed": where(0.85)}, "dpo": {"rag_fixed": where(0.87)}}
+                             "vote_right": {"n": 27, "accuracy": acc + 0.05},
+                             "vote_wrong": {"n": 3, "accuracy": 0.1, "by_kind": {"marked": {"n": 2, "accuracy": acc - 0.35}}}}
+        return {"base": {"rag_fixed": where(0.85), "no_rag": where(0.95)}, "dpo": {"rag_fixed": where(0.87)}}
 
     def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None, options=None):
         self.chains.append((Path(out), seed, list(world_args), until) + ((options,) if options else ()))
@@ -354,7 +355,7 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     assert effect["room"]["1"]["room"]["diff"] == 0.06 and effect["map"]["points"][1]["room"]["n"] == 30
     md = (out / "effect.md").read_text()
     assert "| seed 1 | 30 | 0.900 | 0.900 | 0.900 [0.800, 0.950] | +0.060 [+0.010, +0.110] | +0.133 [" in md
-    assert "] | 27 / 3 | 0.900 / 0.100 | 0.920 / 0.100 |" in md
+    assert "] | 27 / 3 | 0.900 / 0.100 | 0.920 / 0.100 | (2) 0.600 / 0.500, 0.520 |" in md
     assert effect["room"]["1"]["by_reference"]["dpo"]["rag_fixed"]["vote_right"]["n"] == 27
     assert (out / "effect.md").is_file() and (out / "effect_map.png").is_file()
     printed = capsys.readouterr().out
