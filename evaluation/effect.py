@@ -316,12 +316,13 @@ def room_table(effect: dict[str, Any]) -> str:
     for label, r, d in rows:
         combined = r["combined"]
         split = r.get("by_reference") or {}
-        base, dpo = ((split.get(p) or {}).get("rag_fixed") for p in ("base", "dpo"))
+        alone, base, dpo = ((split.get(p) or {}).get(c)
+                            for p, c in (("base", "no_rag"), ("base", "rag_fixed"), ("dpo", "rag_fixed")))
         lines.append(f"| {label} | {r['n']} | {r['base_rag']['accuracy']:.3f} | {r['reference_vote']['accuracy']:.3f} | "
                      f"{combined['accuracy']:.3f} [{combined['low']:.3f}, {combined['high']:.3f}] | "
                      f"{_interval(r['room'])} | {_interval((d or {}).get('accuracy_rag_fixed'))} | "
                      f"{_where(base, 'n')} | {_where(base, 'accuracy')} | {_where(dpo, 'accuracy')} | "
-                     f"{_marked_wrong(split)} |")
+                     f"{_marked_wrong(alone, base, dpo)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -333,10 +334,10 @@ def _where(split: dict[str, Any] | None, key: str) -> str:
     return " / ".join(str(v) if key == "n" else _fmt(v) for v in (right, wrong))
 
 
-def _marked_wrong(split: dict[str, Any]) -> str:
-    """Accuracy where the vote is wrong on a marked finding: base without and with references, DPO with them."""
-    cells = [((((split.get(p) or {}).get(c) or {}).get("vote_wrong") or {}).get("by_kind") or {}).get("marked")
-             for p, c in (("base", "no_rag"), ("base", "rag_fixed"), ("dpo", "rag_fixed"))]
+def _marked_wrong(*splits: dict[str, Any] | None) -> str:
+    """Accuracy where the vote is wrong on a marked finding, from toy.room.by_reference entries
+    (base without and with references, DPO with them)."""
+    cells = [(s or {}).get("vote_wrong", {}).get("by_kind", {}).get("marked") for s in splits]
     if not all(cells):  # a study made before the split by kind
         return "–"
     return f"({cells[0]['n']}) {_fmt(cells[0]['accuracy'])} / {_fmt(cells[1]['accuracy'])}, {_fmt(cells[2]['accuracy'])}"

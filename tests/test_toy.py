@@ -241,7 +241,6 @@ def test_changed_priors_differ_in_one_finding_and_still_look_like_their_patient(
         assert [r for r in _records(plain) if "prior_of" not in r] == [r for r in _records(grown) if "prior_of" not in r]
 
 
-
 def test_missed_findings_leave_the_corpus_reports_and_labels_not_the_images(world, tmp_path):
     missed = make_world(tmp_path / "missed", seed=0, size="tiny", report_miss=0.5, progress=False)
     assert load_manifest(missed)["config"]["report_miss"] == 0.5
@@ -261,6 +260,7 @@ def test_missed_findings_leave_the_corpus_reports_and_labels_not_the_images(worl
             left_out += len(gone)
     present = sum(len(r["findings"]) for e in manifest_files(world, role="retriever_train") for r in _records(e))
     assert 0.35 < left_out / present < 0.65, (left_out, present)
+
 
 @pytest.mark.parametrize("domain", sorted(FINDINGS))
 def test_findings_visible_at_32px(domain):

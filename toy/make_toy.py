@@ -499,9 +499,8 @@ def study_files(study: Study, seed: int, images: Path, missed: tuple[str, ...] =
         fmt = ("iu_xray", "mimic")[study.index % 2]
     else:
         fmt = {"pathology": "pmc_oa+quilt", "ophthalmology": "fairvlmed"}[study.domain]
-    kept = [i for i, n in enumerate(study.findings) if n not in missed]
-    said = replace(study, findings=tuple(study.findings[i] for i in kept),
-                   severities=tuple(study.severities[i] for i in kept))
+    kept = [(n, s) for n, s in zip(study.findings, study.severities, strict=True) if n not in missed]
+    said = replace(study, findings=tuple(n for n, _ in kept), severities=tuple(s for _, s in kept))
     report = write_report(said, study.rng(seed, "text"))
     image = render_study(study.domain, study.findings, study.severities, study.rng(seed, "image"))
     rec, vqa_image = _WRITERS[fmt](study, seed, image, images, report)

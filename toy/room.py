@@ -205,20 +205,18 @@ def by_reference(questions: list[Question], predictions: Path) -> dict[str, dict
             ((q.share > 0.5) == q.yes, row["correct"], says_vote, q.kind))
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for (policy, condition), rows in sorted(got.items()):
-        right, correct, agrees = (np.array(c, dtype=bool) for c in list(zip(*rows))[:3])
-        kinds = np.array([r[3] for r in rows])
+        *flags, kinds = (np.array(c) for c in zip(*rows))
+        right, correct, agrees = (f.astype(bool) for f in flags)
 
-        def split(mask: np.ndarray) -> dict[str, Any]:
-            def acc(m: np.ndarray) -> float | None:
-                return float(correct[m].mean()) if m.any() else None
+        def part(mask: np.ndarray) -> dict[str, Any]:
+            return {"n": int(mask.sum()), "accuracy": float(correct[mask].mean()) if mask.any() else None}
 
-            return {"n": int(mask.sum()), "accuracy": acc(mask),
-                    "by_kind": {k: {"n": int((mask & (kinds == k)).sum()), "accuracy": acc(mask & (kinds == k))}
-                                for k in KINDS}}
+        def side(mask: np.ndarray) -> dict[str, Any]:
+            return {**part(mask), "by_kind": {k: part(mask & (kinds == k)) for k in KINDS}}
 
         out.setdefault(policy, {})[condition] = {
-            "n": len(rows), "accuracy": split(np.ones_like(right))["accuracy"], "agrees_with_vote": float(agrees.mean()),
-            "vote_right": split(right), "vote_wrong": split(~right)}
+            "n": len(rows), "accuracy": float(correct.mean()), "agrees_with_vote": float(agrees.mean()),
+            "vote_right": side(right), "vote_wrong": side(~right)}
     return out
 
 
