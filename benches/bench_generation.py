@@ -26,7 +26,7 @@ from data.manifest import manifest_files
 from data.readers import read_records
 from pairs.build_pairs import Item, PairsConfig, answer_batch, batches, other_candidates
 from policy.policy import load_policy
-from policy.prompts import load_prompt_templates
+from policy.prompts import load_prompt_templates, prompts_for
 from toy.make_toy import make_world
 
 TOY_POLICY = Path("outputs/toy/policy")
@@ -69,7 +69,7 @@ def run(quick: bool = False) -> list[dict]:
         policy = load_policy(path)
         items = _items(world, n)
         cfg = PairsConfig(out=str(tmp / "out"), max_new_tokens_vqa=32)
-        templates = load_prompt_templates(cfg.prompts)
+        templates = load_prompt_templates(prompts_for(path))
         pool = other_candidates(items)
 
         def timed(size: int, new_tokens: int = 32) -> tuple[float, list[dict]]:
@@ -77,7 +77,7 @@ def run(quick: bool = False) -> list[dict]:
             answers: list[dict] = []
             start = time.perf_counter()
             for b in batches(items, size):
-                answers += answer_batch(policy, b, c, templates, pool, tmp / "out")
+                answers += answer_batch(policy, b, c, templates, pool, tmp / "out", None)
             return len(items) / (time.perf_counter() - start), answers
 
         default_threads = torch.get_num_threads()
@@ -85,7 +85,7 @@ def run(quick: bool = False) -> list[dict]:
         for threads in dict.fromkeys((default_threads, 1)):
             torch.set_num_threads(threads)
             with torch.inference_mode():
-                answer_batch(policy, items[:2], cfg, templates, pool, tmp / "out")  # warm-up
+                answer_batch(policy, items[:2], cfg, templates, pool, tmp / "out", None)  # warm-up
                 single, one_rows = timed(1)
                 batched, batch_rows = timed(BATCH)
             same = sum(a == b for a, b in zip(one_rows, batch_rows))

@@ -66,7 +66,6 @@ from dpo.pair_data import (
 from policy.adapters import load_with_adapters, save_merged
 from policy.budget import BUDGET_KEY, BudgetLog, describe
 from policy.policy import Policy, PolicySpec, causal_lm, prompt_sharing_blocker, sequence_logps, unwrap_parallel
-from policy.prompts import load_prompt_templates
 
 
 @dataclass
@@ -324,7 +323,7 @@ class DpoTrainer:
         self.types = sorted({pair_type_of(r) for r in records})
         stages = stage_indices(self.train_records, cfg.stages)
         lengths = pair_lengths(self.train_records) if cfg.train.group_by_length else None
-        templates = load_prompt_templates(cfg.policy.prompts)
+        templates = cfg.policy.templates()
         self.budget = BudgetLog.of(policy, cfg.max_length)
         share = cfg.share_prompt and self._prompt_sharing(policy.model)
         self.bad_log = BadImageLog()
@@ -499,7 +498,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         if accelerator.is_main_process:
             with plain_loading(accelerator):
                 # the policy (with init_adapter merged, as trained) with the DPO adapter folded in
-                merged = save_merged(load_with_adapters(cfg.policy, adapter), out / "merged")
+                merged = save_merged(load_with_adapters(cfg.policy, adapter), out / "merged", cfg.policy.prompts_file())
         accelerator.wait_for_everyone()
     trainer.bad_log.write(accelerator, out / "bad_images.json")
     budget = trainer.budget.merged(accelerator).summary()

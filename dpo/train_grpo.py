@@ -48,7 +48,6 @@ from dpo.train_dpo import reference_mode, start_run
 from pairs.build_pairs import GENERATIONS, PairsConfig, find_inputs, read_generations, read_items
 from policy.budget import PromptParts
 from policy.policy import Policy, PolicySpec, Prompt, prompt_sharing_blocker, token_logps, unwrap_parallel
-from policy.prompts import load_prompt_templates
 
 
 @dataclass
@@ -129,7 +128,7 @@ def read_questions(pairs_dir: Path, max_new_tokens: int, skipped: list[str], bad
     if max_new_tokens > pairs.max_new_tokens_vqa:
         raise InputError(f"{run_config}: its prompts were fitted for {pairs.max_new_tokens_vqa} new tokens; "
                          f"max_new_tokens {max_new_tokens} may not fit")
-    templates = load_prompt_templates(pairs.policy.prompts)
+    templates = pairs.policy.templates()
     rows = {row["key"]: row for row in read_generations(pairs_dir / GENERATIONS)}
     questions = []
     for item in read_items(find_inputs(pairs), pairs, skipped):

@@ -67,7 +67,7 @@ from policy.adapters import check_adapter_base, find_adapter, load_with_adapters
 from policy.budget import BudgetLog, PromptParts, fit_prompt
 from policy.decoding import dola_generate, vcd_generate
 from policy.policy import PolicySpec
-from policy.prompts import OPTION_TEXT_HELP, load_prompt_templates, own_options
+from policy.prompts import OPTION_TEXT_HELP, own_options
 from retriever.select_k import KRule, select_k
 
 CONDITIONS = ("no_rag", "rag_fixed", "rag_adaptive", "noised_rag")
@@ -281,7 +281,7 @@ def predict_file(policy: Any, name: str, f: EvalFile, images: ImageSource, cfg: 
                  budget: BudgetLog) -> Iterable[dict[str, Any]]:
     """Prediction rows of one policy on one file, every condition; records with a bad image skipped,
     prompts fitted to ``budget`` (recorded there; one that cannot fit gets no row)."""
-    templates = load_prompt_templates(cfg.policy.prompts)
+    templates = cfg.policy.templates()
     records = f.records[: cfg.limit] if cfg.limit > 0 else f.records
     max_new = cfg.max_new_tokens_vqa if f.task == "vqa" else cfg.max_new_tokens_report
     bar = tqdm(total=len(records), desc=f"{name} {f.name}", unit="rec")

@@ -39,7 +39,7 @@ from data.images import BadImageError, inside_root, load_image
 from policy.adapters import check_adapter_base, find_adapter, load_with_adapters
 from policy.budget import BudgetLog, PromptParts, describe, fit_prompt
 from policy.policy import PolicySpec
-from policy.prompts import OPTION_TEXT_HELP, load_prompt_templates, own_options
+from policy.prompts import OPTION_TEXT_HELP, own_options
 from retriever.select_k import KRule
 
 TASKS = ("vqa", "report")
@@ -207,7 +207,7 @@ def answer_queries(queries: list[Query], retriever: Any, policy: Any, cfg: Infer
                    budget: BudgetLog) -> list[dict[str, Any]]:
     """Output rows, one per query, in order; a query whose image is bad, or whose prompt cannot fit
     ``budget`` (each prompt's note is recorded there), gets ``error`` instead."""
-    templates = load_prompt_templates(cfg.policy.prompts)
+    templates = cfg.policy.templates()
     out: list[dict[str, Any]] = [{} for _ in queries]
     good: list[int] = []
     images: list[Image.Image] = []

@@ -38,7 +38,7 @@ from evaluation.evaluate import TEST_ROLES, EvalConfig, EvalFile, ImageSource, e
 from evaluation.gallery import POLICY_NAMES, TABLE_CSS, Case, answers_table, group_cases, references_list
 from evaluation.infer import AnswerConfig, load_answerer, load_retriever, pick_adapter, retrieve
 from policy.budget import BudgetLog, PromptParts, fit_prompt
-from policy.prompts import load_prompt_templates, own_options
+from policy.prompts import own_options
 from retriever.select_k import KRule
 
 EXAMPLES_PER_FILE = 50  # test records per file looked at for examples
@@ -99,7 +99,7 @@ def load_models(cfg: ServeConfig, files: list[EvalFile]) -> Models:
         policies["dpo"], header = load_answerer(cfg)
     images = ImageSource(files, EvalConfig(noise=cfg.noise)) if files else None
     return Models(retriever, policies, header, images, BudgetLog.of(base, cfg.max_length),
-                  load_prompt_templates(cfg.policy.prompts))
+                  cfg.policy.templates())
 
 
 def query_files(cfg: ServeConfig) -> list[EvalFile]:

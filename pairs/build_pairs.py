@@ -56,7 +56,7 @@ from policy.adapters import load_with_adapters
 from policy.answers import is_correct
 from policy.budget import BudgetLog, Note, PromptParts, budget_for, checkpoint_limit, describe, fit_prompt
 from policy.policy import PolicySpec
-from policy.prompts import OPTION_TEXT_HELP, PromptTemplates, load_prompt_templates, own_options
+from policy.prompts import OPTION_TEXT_HELP, PromptTemplates, own_options
 
 PAIR_TYPES = ("cm", "oa1", "oa2")
 CONDITIONS = ("a", "b", "c")
@@ -342,7 +342,7 @@ def settings_of(cfg: PairsConfig, inputs: list[Input]) -> dict[str, Any]:
     keys = ("noise", "max_new_tokens_vqa", "max_new_tokens_report", "max_length", "limit", "image_root", "domain")
     plain = to_dict(cfg)
     spec = cfg.policy
-    policy = {"policy": spec.path, "adapter": spec.init_adapter, "dtype": spec.dtype, "prompts": spec.prompts,
+    policy = {"policy": spec.path, "adapter": spec.init_adapter, "dtype": spec.dtype, "prompts": str(spec.prompts_file()),
               "policy_weights": weights_listing(spec.path), "adapter_weights": weights_listing(spec.init_adapter)}
     settings = {**policy, **{k: plain[k] for k in keys}, "inputs": [os.path.abspath(i.path) for i in inputs]}
     if cfg.option_text:  # only when on: answers made before the option existed stay reusable
@@ -530,7 +530,7 @@ def run(cfg: PairsConfig) -> dict[str, Any] | None:
 
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    templates = load_prompt_templates(cfg.policy.prompts)
+    templates = cfg.policy.templates()
     inputs = find_inputs(cfg)
     bad_records: list[str] = []
     items = read_items(inputs, cfg, bad_records)

@@ -27,7 +27,7 @@ OUT = Path("outputs/toy")
 PIPELINE = [
     ("make_toy", "make_toy", "world", [], ["toy", "pairs", "policy", "retriever"], []),
     ("validate_world", None, "world", [], [], ["world"]),
-    ("make_toy_policy", "make_toy_policy", "policy", ["configs/toy/toy_policy.yaml", "configs/toy/sft.yaml", "configs/prompts/default.yaml"],
+    ("make_toy_policy", "make_toy_policy", "policy", ["configs/toy/toy_policy.yaml", "configs/toy/sft.yaml", "configs/prompts/toy.yaml"],
      ["toy", "pairs", "policy", "retriever"], ["world"]),
     ("pretrain_clip_tower", "toy.pretrain_vision", "clip_init", [], ["toy", "retriever"], ["world"]),
     ("finetune_clip", "finetune_clip", "clip", ["configs/toy/clip.yaml"], ["retriever"], ["world", "clip_init"]),

@@ -41,7 +41,6 @@ from dpo.pair_data import CpuEncoder, PairDataset, load_pairs, prompt_parts, sel
 from dpo.train_dpo import DpoConfig, answers_per_pair
 from policy.budget import answer_tokens, budget_for, fit_prompt, model_limit, percentiles
 from policy.policy import LOGITS_CHUNK_MB, PolicySpec
-from policy.prompts import load_prompt_templates
 from policy.train_sft import SftConfig, keep, read_examples, training_sources
 from retriever.clip_data import item_records
 from retriever.finetune_clip import ClipTrainConfig
@@ -353,7 +352,7 @@ def policy_plan(kind: str, cfg: DpoConfig | SftConfig, opts: PlanOptions) -> dic
         lengths = unavailable(f"data: {e}")
     else:
         if processor is not None:
-            templates = load_prompt_templates(cfg.policy.prompts)
+            templates = cfg.policy.templates()
             items, bad = dpo_items(cfg, records, templates) if kind == "dpo" else sft_items(records)
             if items:
                 prompts, totals = measure(CpuEncoder(processor), items, templates)

@@ -18,6 +18,7 @@ import yaml
 from common.config import ConfigError
 from common.io import InputError, atomic_dir
 from policy.policy import Policy, PolicySpec, load_policy
+from policy.prompts import keep_prompts
 
 DEFAULT_ADAPTER_DIRS = ("outputs/toy/dpo/adapter", "outputs/toy/dpo")  # first holding a PEFT adapter
 ADAPTER_FILE = "adapter_config.json"
@@ -64,9 +65,11 @@ def load_with_adapters(spec: PolicySpec, adapter: str | Path | None = None, devi
     return policy
 
 
-def save_merged(policy: Policy, out: Path) -> Path:
-    """``out``: the (merged) policy as a checkpoint from_pretrained loads (safetensors + processor)."""
+def save_merged(policy: Policy, out: Path, prompts: Path) -> Path:
+    """``out``: the (merged) policy as a checkpoint from_pretrained loads (safetensors + processor),
+    with the ``prompts`` it was tuned with."""
     with atomic_dir(out) as tmp:
         policy.model.save_pretrained(tmp, safe_serialization=True)
         policy.processor.save_pretrained(tmp)
+        keep_prompts(prompts, tmp)
     return out

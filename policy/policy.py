@@ -26,7 +26,7 @@ from transformers.masking_utils import create_causal_mask
 
 from common.config import doc
 from common.io import InputError
-from policy.prompts import DEFAULT_PROMPTS, Message, plain_text
+from policy.prompts import Message, PromptTemplates, load_prompt_templates, plain_text, prompts_for
 
 IGNORE = -100  # label value the loss skips (prompt and padding)
 # batch keys sequence_logps reads to score answers and does not pass to the model (Policy.encode_for_training)
@@ -58,7 +58,15 @@ class PolicySpec:
     dtype: str = doc("float32", "weights dtype: float32 | bfloat16 | float16")
     trust_remote_code: bool = doc(False, "let transformers run model and processor code shipped in the checkpoint "
                                          "folder (only for checkpoints you trust)")
-    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates YAML (policy.prompts)")
+    prompts: str = doc("", "prompt templates YAML (policy.prompts); empty: the policy folder's prompts.yaml if it "
+                           "has one (the wording it was tuned with), else configs/prompts/default.yaml")
+
+    def prompts_file(self) -> Path:
+        """The templates file this policy is prompted with (policy.prompts.prompts_for)."""
+        return prompts_for(self.path, self.prompts)
+
+    def templates(self) -> PromptTemplates:
+        return load_prompt_templates(self.prompts_file())
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Prompt templates per domain x task, with and without retrieved reports.
 
-The wording lives in a YAML file the user can replace (``configs/prompts/default.yaml``); this
-module only fills it in and returns chat messages in the role/content form that Hugging Face
+The wording lives in a YAML file the user can replace (``configs/prompts/default.yaml``); a
+policy folder may carry its own as ``prompts.yaml`` (the toy policy does: ``configs/prompts/toy.yaml``),
+which every stage then uses unless told otherwise (``prompts_for``). This module only fills it in and returns chat messages in the role/content form that Hugging Face
 processors' chat templates take. The image is a content item ``{"type": "image"}``, so the
 processor places its own image token; ``plain_text`` is the fallback for processors that have
 no chat template.
@@ -13,6 +14,7 @@ puts it right after the question, in every template (callers enable it with ``op
 
 from __future__ import annotations
 
+import shutil
 import string
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +27,7 @@ from common.io import InputError
 from data.readers import strip_image_mark
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "default.yaml"
+POLICY_PROMPTS = "prompts.yaml"  # a policy folder's own templates: the wording it was tuned with
 TASKS = ("vqa", "report")
 FIELDS = {"expert", "image", "question", "references"}
 OPTION_TEXT_HELP = ("put the record's own option text (its `text` field, e.g. IU-Xray's \"Please choose from the "
@@ -106,6 +109,23 @@ def _check_template(text: Any, where: str) -> str:
             f"{where}: unknown placeholder(s) {sorted(unknown)}; known: {sorted(FIELDS)}"
         )
     return text
+
+
+def prompts_for(policy_path: str | Path, prompts: str | Path = "") -> Path:
+    """The templates a policy is prompted with: ``prompts`` when given, else the policy folder's
+    own ``prompts.yaml`` (as a model folder carries its chat template), else default.yaml."""
+    if str(prompts):
+        return Path(prompts)
+    own = Path(policy_path) / POLICY_PROMPTS
+    return own if own.is_file() else DEFAULT_PROMPTS
+
+
+def keep_prompts(prompts: str | Path, out_dir: str | Path) -> None:
+    """Write ``prompts`` into a policy folder being saved, so the policy is later prompted as it
+    was tuned (``prompts_for``)."""
+    target = Path(out_dir) / POLICY_PROMPTS
+    if Path(prompts).resolve() != target.resolve():
+        shutil.copyfile(prompts, target)
 
 
 @lru_cache(maxsize=8)

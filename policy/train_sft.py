@@ -49,7 +49,7 @@ from policy.budget import (
     BUDGET_KEY, BudgetLog, PromptParts, answer_tokens, budget_for, describe, fit_prompt, policy_limit,
 )
 from policy.policy import IGNORE, Policy, PolicySpec, sequence_logps
-from policy.prompts import PromptTemplates, load_prompt_templates
+from policy.prompts import PromptTemplates, keep_prompts
 
 
 @dataclass
@@ -275,7 +275,7 @@ def example_length(e: Example) -> int:
 def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shuffle: bool, bad_log: BadImageLog,
                     aligner: FindingAligner | None = None):
     """Shuffled (``shuffle``) batches, length-grouped with ``train.group_by_length``, else in order."""
-    templates = load_prompt_templates(cfg.policy.prompts)
+    templates = cfg.policy.templates()
     dataset = QueryDataset([e.record for e in examples], None, _rgb, bad_image=cfg.data.bad_image, bad_log=bad_log)
     collate = SftCollate(policy, examples, templates, budget_for(cfg.data.max_length, policy_limit(policy)), aligner)
     sampler = None
@@ -429,7 +429,7 @@ def run_measure(cfg: SftConfig, spec: PolicySpec, adapter: str | None) -> dict[s
     data = dataclasses.replace(cfg.data, limit=cfg.measure.limit, no_reference_rate=0.0)
     sources = index_sources(data.retrieval_index, cfg.measure.roles, data.domain)
     examples = read_examples(sources, data, cfg.train.seed, vqa_only=True)
-    result = measure_reliance(policy, examples, cfg.measure, load_prompt_templates(spec.prompts),
+    result = measure_reliance(policy, examples, cfg.measure, spec.templates(),
                               BudgetLog.of(policy, cfg.data.max_length))
     atomic_write_json(Path(cfg.train.output_dir) / "reliance.json", result)
     a = result.get("all", {})
@@ -474,7 +474,7 @@ def run_sft(cfg: SftConfig) -> Path:
     questions = [e for e in val_ex if e.task == "vqa"]
     if cfg.data.val_reading and questions:
         questions = random.Random(cfg.train.seed).sample(questions, min(cfg.data.val_reading, len(questions)))
-        evals.append(reading_fn(policy, questions, load_prompt_templates(cfg.policy.prompts),
+        evals.append(reading_fn(policy, questions, cfg.policy.templates(),
                                 budget_for(cfg.data.max_length, policy_limit(policy)), cfg.measure))
     eval_fn = (lambda model: {k: v for fn in evals for k, v in fn(model).items()}) if evals else None
     start = time.perf_counter()
@@ -486,12 +486,13 @@ def run_sft(cfg: SftConfig) -> Path:
     bad_log.write(accelerator, out / "bad_images.json")
     summary = budget.merged(accelerator).summary()
     if accelerator.is_main_process:
+        keep_prompts(cfg.policy.prompts_file(), out)
         atomic_write_json(out / "bad_records.json", {"bad_records": bad_records_summary(bad_records)})
         atomic_write_json(out / "run_summary.json", {"step": result.step, "metrics": result.metrics, "budget": summary})
     accelerator.print(describe(summary))
     accelerator.print(f"SFT: {result.step} steps in {time.perf_counter() - start:.0f} s -> {out}")
     if accelerator.is_main_process and cfg.lora.enabled and cfg.merge:
-        save_merged(load_with_adapters(cfg.policy, out), out / "merged")
+        save_merged(load_with_adapters(cfg.policy, out), out / "merged", cfg.policy.prompts_file())
     if accelerator.is_main_process and cfg.measure.roles:
         if cfg.lora.enabled:
             run_measure(cfg, cfg.policy, str(out))

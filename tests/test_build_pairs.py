@@ -43,7 +43,6 @@ from pairs.build_pairs import (
 )
 from policy.budget import BudgetLog, PromptParts, fit_prompt
 from policy.policy import PolicySpec, load_policy
-from policy.prompts import load_prompt_templates
 from toy.make_toy import make_world
 from toy.oracle_retrieval import ToyRetrievalConfig, write_oracle_retrieval
 from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
@@ -135,7 +134,7 @@ def test_option_text_follows_the_question_once(world, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     items = read_items([Input(str(path), "radiology", source.image_root)], cfg)
     assert items[0].options is None and items[1].options == options
-    text = load_prompt_templates(cfg.policy.prompts).text("radiology", "vqa", items[1].question, None, items[1].options)
+    text = cfg.policy.templates().text("radiology", "vqa", items[1].question, None, items[1].options)
     assert f"{items[1].question} {options}" in text and text.count(items[1].question) == 1
     plain = read_items([Input(str(path), "radiology", source.image_root)], replace(cfg, option_text=False))
     assert all(it.options is None for it in plain)
@@ -191,7 +190,7 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
         rep.key: {"key": rep.key, "a": "Normal fundus.", "b": "Normal fundus.", "c": rep.truth,
                   "references": rep.references},  # oa2
     }
-    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.policy.prompts), tmp_path, BudgetLog(None, None))
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, cfg.policy.templates(), tmp_path, BudgetLog(None, None))
     assert [(p["pair_type"], p["task"]) for p in pairs] == [("cm", "vqa"), ("oa1", "vqa"), ("oa2", "report")]
     cm, oa1, oa2 = pairs
     assert cm["conversations"][1]["value"] == cm["rejected_conversations"][1]["value"] == vqa.truth
@@ -211,13 +210,13 @@ def test_pairs_from_hand_made_answers(world, tmp_path):
     assert stats["conditions"][f"{rep.domain}/report"]["over_reliance_rate"] == 1
     # the wrong rule: a right, b wrong -> y over b, no noised image
     gens[vqa.key]["b"] = wrong
-    pairs, _ = build_pairs([vqa], gens, replace(cfg, cm_rule="wrong"), load_prompt_templates(cfg.policy.prompts), tmp_path,
+    pairs, _ = build_pairs([vqa], gens, replace(cfg, cm_rule="wrong"), cfg.policy.templates(), tmp_path,
                            BudgetLog(None, None))
     assert [(p["pair_type"], p["rejected_conversations"][1]["value"], p["rejected_noised"]) for p in pairs][0] == ("cm", wrong, 0)
     # a skipped record is counted, not paired; an empty answer drops its pair
     gens = {vqa.key: {"key": vqa.key, "skipped": {"path": "x.png", "reason": "missing", "detail": ""}},
             rep.key: {"key": rep.key, "a": "", "b": "", "c": rep.truth, "references": rep.references}}
-    pairs, stats = build_pairs([vqa, rep], gens, cfg, load_prompt_templates(cfg.policy.prompts), tmp_path, BudgetLog(None, None))
+    pairs, stats = build_pairs([vqa, rep], gens, cfg, cfg.policy.templates(), tmp_path, BudgetLog(None, None))
     assert pairs == [] and stats["skipped"] == 1 and stats["dropped_empty_answer"] == 1
 
 
@@ -235,7 +234,7 @@ def test_bad_input_record_is_skipped_and_named(tmp_path):
 
 def test_a_small_budget_cuts_references_and_pairs_hold_what_the_answers_saw(world, tmp_path):
     cfg = _cfg(world, tmp_path, report_threshold=0.0)
-    templates = load_prompt_templates(cfg.policy.prompts)
+    templates = cfg.policy.templates()
     items = read_items(find_inputs(cfg), cfg)
     batch = next(b for b in batches(items, 2) if b[0].task == "vqa" and len(b) == 2)
     policy = load_policy(world["policy"])
@@ -279,10 +278,12 @@ def test_run_outputs_validate_and_bad_image_is_skipped(world, baseline):
     budget = stats["budget"]
     assert budget["max_length"] == budget["model_limit"] == 1024  # the toy's max_position_embeddings
     assert budget["prompts"] == 2 * stats["answered"] and budget["refused"] == 0
-    templates = load_prompt_templates(_cfg(world, out).policy.prompts)
+    templates = _cfg(world, out).policy.templates()
     assert all(prompt_parts(r, templates).text is None for r in load_pairs([out / "pairs.json"]))  # DPO can trim them
     pairs = json.loads((out / "pairs.json").read_text())
     assert pairs and stats["pairs"] == len(pairs) and stats["pairs_by_type"]["cm"] > 0
+    asked = [p["conversations"][0]["value"] for p in pairs]  # in the toy policy's own wording (its prompts.yaml)
+    assert any("Reports of other images:" in a for a in asked) and not any("for reference only" in a for a in asked)
     assert all(p["rejected_image"] for p in pairs if p["pair_type"] == "cm")
     problems, summary = validate(str(out / "pairs.json"), "preference", None, True, None)
     assert problems == [] and summary["records"] == len(pairs) and summary["images_checked"] > 0

@@ -40,8 +40,8 @@ def test_config_loads(path):
     shipped = _shipped_paths(to_dict(cfg))
     missing = [p for p in shipped if not (REPO / p).exists()]
     assert not missing, f"{path} names files the repository does not ship: {missing}"
-    if any(key.endswith("prompts") for key in _keys(to_dict(cfg))):
-        assert any(Path(p).parts[:2] == ("configs", "prompts") for p in shipped)  # the prompt file is checked
+    prompts = _shipped_paths(_prompt_values(to_dict(cfg)))  # "" (the policy folder's own) names no file
+    assert all(Path(p).parts[:2] == ("configs", "prompts") for p in prompts)  # each named prompt file is checked
 
 
 def _shipped_paths(value) -> list[str]:
@@ -57,10 +57,11 @@ def _shipped_paths(value) -> list[str]:
     return []
 
 
-def _keys(value, prefix: str = "") -> list[str]:
+def _prompt_values(value) -> list[str]:
+    """The values of every ``prompts`` key of a config, nested ones too."""
     if not isinstance(value, dict):
         return []
-    return [k for key, v in value.items() for k in [prefix + key, *_keys(v, prefix + key + ".")]]
+    return [p for key, v in value.items() for p in ([v] if key == "prompts" else _prompt_values(v))]
 
 
 def test_shipped_paths_finds_nested_and_absolute_paths():

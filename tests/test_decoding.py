@@ -11,6 +11,7 @@ from data.noise import NoiseConfig, make_x_v_star
 from policy.decoding import (DolaLogitsProcessor, VcdLogitsProcessor, dola_candidate_layers, dola_generate,
                              dola_logits, final_norm_and_head, js_divergence, vcd_generate, vcd_logits)
 from policy.policy import load_policy
+from policy.prompts import DEFAULT_PROMPTS
 from tests.test_policy import _images, _prompts, _texts
 from toy.toy_policy import ToyPolicyConfig, build_toy_policy
 
@@ -101,7 +102,8 @@ def test_a_layout_without_a_final_norm_is_refused():
 
 
 def _toy(tmp_path_factory, text_layers: int):
-    cfg = ToyPolicyConfig(vocab_size=400, vision_width=64, vision_layers=2, text_width=64, text_layers=text_layers)
+    cfg = ToyPolicyConfig(vocab_size=400, vision_width=64, vision_layers=2, text_width=64, text_layers=text_layers,
+                          prompts=str(DEFAULT_PROMPTS))  # the wording _prompts writes
     pol = load_policy(build_toy_policy(_texts(), tmp_path_factory.mktemp("toy") / "policy", cfg))
     torch.manual_seed(0)
     with torch.no_grad():  # larger random weights: answers then depend strongly on the image

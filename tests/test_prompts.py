@@ -5,16 +5,20 @@ import pytest
 
 from common.io import InputError
 from policy.prompts import (
+    DEFAULT_PROMPTS,
     build_prompt,
     enumerate_references,
+    keep_prompts,
     load_prompt_templates,
     own_options,
     plain_text,
+    prompts_for,
 )
 
 Q = "Is there pleural effusion in this image?"
 REFS = ["The heart size is normal.\nNo   effusion.", "Small left pleural effusion."]
 MMED_RAG = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "mmed_rag.yaml"
+TOY = MMED_RAG.with_name("toy.yaml")
 OPTIONS = "Please choose from the following two options: [yes, no]"
 
 
@@ -68,6 +72,27 @@ def test_user_templates_replace_the_wording(tmp_path):
     assert _text(build_prompt("radiology", "vqa", "q?", ["x"], templates=path)) == "R 1. x Q q?"
     assert _text(build_prompt("radiology", "vqa", "q?", None, templates=path)) == "Q q? (doctor)"
     assert _text(build_prompt("pathology", "report", "", None, templates=path)) == "describe the picture"
+
+
+def test_a_policy_is_prompted_with_its_own_templates_unless_told(tmp_path):
+    policy, mine = tmp_path / "policy", tmp_path / "mine.yaml"
+    policy.mkdir()
+    mine.write_text(DEFAULT_PROMPTS.read_text())
+    assert prompts_for(policy) == DEFAULT_PROMPTS  # a folder without its own (a downloaded checkpoint)
+    keep_prompts(TOY, policy)
+    assert prompts_for(policy) == policy / "prompts.yaml" and load_prompt_templates(prompts_for(policy)).tasks == \
+        load_prompt_templates(TOY).tasks
+    assert prompts_for(policy, mine) == mine  # an explicit file wins
+    keep_prompts(policy / "prompts.yaml", policy)  # a policy saved over itself keeps its file
+    assert (policy / "prompts.yaml").read_text() == TOY.read_text()
+
+
+def test_the_toy_wording_is_short_and_names_the_image():
+    full = _text(build_prompt("pathology", "vqa", Q, REFS))
+    short = _text(build_prompt("pathology", "vqa", Q, REFS, templates=TOY))
+    assert len(short) < 0.6 * len(full)
+    assert short.startswith("A pathology slide image.") and short.endswith(f"Question: {Q}")
+    assert "2. Small left pleural effusion." in short
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from common.config import ConfigError
+from policy.prompts import prompts_for
 from toy.reading_probe import ReadingProbeConfig, accuracy, answer_rows, main, probe, read_prompts
 from toy.toy_policy import ToyPolicyConfig, build_toy_policy
 
@@ -77,7 +78,7 @@ def test_main_writes_the_curve(setup, tmp_path, monkeypatch):
 def _reads(policy: Path, index: Path) -> float:
     """The built policy's val accuracy on the reading task, text only."""
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    x, y = read_prompts(str(index), ["val_vqa"], tokenizer)
+    x, y = read_prompts(str(index), ["val_vqa"], tokenizer, prompts_for(policy))
     model = LlavaForConditionalGeneration.from_pretrained(policy)
     return accuracy(model, x, y, answer_rows(tokenizer, str(policy)), tokenizer.pad_token_id) / len(y)
 

@@ -22,7 +22,6 @@ from evaluation.gallery import group_cases
 from evaluation.serve import Models, ServeConfig, k_rule, main, pick_examples, preview, respond, upload_name
 from policy.budget import BudgetLog
 from policy.policy import Policy
-from policy.prompts import load_prompt_templates
 from tests.test_infer import BRIGHT, DARK, Hit, _image
 from tests.test_retriever_retrieve import trained  # noqa: F401 -- the tiny world and retrievers of `tiny`
 
@@ -70,7 +69,7 @@ class DarkNoise:
 def models(toy_processor):
     base, dpo = Scripted(toy_processor, copies=True), Scripted(toy_processor, copies=False)
     return Models(StubRetriever(), {"base": base, "dpo": dpo}, "policy P + adapter A", DarkNoise(),
-                  BudgetLog.of(base, 0), load_prompt_templates(ServeConfig().policy.prompts))
+                  BudgetLog.of(base, 0), ServeConfig().policy.templates())
 
 
 def test_an_answer_shows_domain_references_k_both_policies_and_the_copy_test(models, tmp_path):

@@ -43,7 +43,7 @@ from policy.train_sft import (
 )
 from toy.make_toy import make_world
 from toy.oracle_retrieval import ToyRetrievalConfig, load_corpus, oracle_references, write_oracle_retrieval
-from toy.toy_policy import ToyPolicyConfig, build_toy_policy, world_texts
+from toy.toy_policy import TOY_PROMPTS, ToyPolicyConfig, build_toy_policy, world_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 RETRIEVAL_KEYS = {"reference_reports", "retrieve_k", "domain", "reference_ids", "reference_scores"}
@@ -139,7 +139,7 @@ def test_examples_mix_references_and_mask_the_prompt(world, oracle, policy_dir):
     assert {e.task for e in examples} == {"vqa", "report"}
 
     policy = load_policy(policy_dir)
-    collate = SftCollate(policy, examples, load_prompt_templates(cfg.policy.prompts), None)
+    collate = SftCollate(policy, examples, cfg.policy.templates(), None)
     items = [{"index": i, "image": load_image(_path(examples[i]))} for i in range(4)]
     batch = collate(items)
     tok = policy.tokenizer
@@ -154,7 +154,7 @@ def test_sft_batches_fit_the_budget_with_whole_answers(world, oracle, policy_dir
     cfg = sft_config(policy_dir, oracle, world / "unused", "--data.no_reference_rate", "0")
     examples = read_examples(training_sources(cfg.data), cfg.data, seed=0)[:4]
     policy = load_policy(policy_dir)
-    templates = load_prompt_templates(cfg.policy.prompts)
+    templates = cfg.policy.templates()
     items = [{"index": i, "image": load_image(_path(examples[i]))} for i in range(4)]
     whole = dict(SftCollate(policy, examples, templates, None)(items)[BUDGET_KEY])
     sequences = [whole[e.record.source].prompt_tokens + answer_tokens(policy, [e.answer]) for e in examples]
@@ -209,6 +209,7 @@ def test_full_sft_lowers_the_loss_and_saves_an_auto_loadable_model(world, oracle
     assert all(0 <= r["eval_reading"] <= 1 for r in rows if "eval_loss" in r)  # held-out VQA asked bare
     assert (out / "run_config.yaml").is_file()
     assert json.loads((out / "bad_records.json").read_text()) == {"bad_records": {"count": 0, "records": []}}
+    assert (out / "prompts.yaml").read_text() == TOY_PROMPTS.read_text()  # tuned with the toy's wording, kept with it
     model = AutoModelForImageTextToText.from_pretrained(out)
     AutoProcessor.from_pretrained(out)
     start = AutoModelForImageTextToText.from_pretrained(policy_dir)
@@ -277,7 +278,7 @@ def test_measure_reliance_on_a_scripted_policy(world, oracle, policy_dir):
     policy = scripted_policy(examples, policy_dir)
     assert sum(map(len, policy.gold.values())) == len(examples)  # image and question tell every record apart
     cfg = MeasureConfig(max_new_tokens=3, sigma=0.05, seed=4)
-    result = measure_reliance(policy, examples, cfg, load_prompt_templates(sft.policy.prompts), BudgetLog.of(policy, 0))
+    result = measure_reliance(policy, examples, cfg, sft.policy.templates(), BudgetLog.of(policy, 0))
     n, n_rad = len(examples), sum(e.domain == "radiology" for e in examples)
     assert result["all"]["n"] == n == 6 * 4 and n_rad == 12  # 4 test VQA files (radiology has two)
     assert result["budget"]["prompts"] == 2 * n and result["budget"]["refused"] == 0  # with and without
@@ -315,7 +316,7 @@ def test_reading_asks_held_out_questions_without_references(world, oracle, polic
                                   "--data.limit", "6"])
     examples = read_examples(index_sources(oracle, ["test_vqa"]), sft.data, seed=0, vqa_only=True)
     policy = scripted_policy(examples, policy_dir)
-    templates = load_prompt_templates(sft.policy.prompts)
+    templates = sft.policy.templates()
     assert reading_fn(policy, examples, templates, None, MeasureConfig())(None) == {"eval_reading": 1.0}
     assert [refs for refs, _ in policy.seen] == [False] * len(examples) == [False] * 24
     policy.generate = lambda images, prompts, *a, **k: ["Yes."] * len(prompts)
@@ -353,6 +354,7 @@ def assert_tokenizer_round_trips(processor, world: Path) -> None:
 
 def test_toy_policy_saves_a_folder_the_auto_classes_load(world, policy_dir):
     assert isinstance(AutoModelForImageTextToText.from_pretrained(policy_dir), torch.nn.Module)
+    assert (policy_dir / "prompts.yaml").read_text() == TOY_PROMPTS.read_text()
     assert_tokenizer_round_trips(AutoProcessor.from_pretrained(policy_dir), world)
 
 

@@ -34,7 +34,7 @@ from common.stats import wilson
 from data.answers import yes_no
 from data.readers import read_index, read_records
 from data.records import VqaRecord
-from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
+from policy.prompts import load_prompt_templates, prompts_for
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ReadingProbeConfig:
     train_roles: list[str] = doc(["policy_train"], "index roles to train on")
     val_roles: list[str] = doc(["val_vqa"], "index roles to measure on (never test)")
     policy: str = doc("outputs/toy/policy_init", "toy policy folder: its tokenizer and its language model's shape")
-    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates (policy.prompts)")
+    prompts: str = doc("", "prompt templates (policy.prompts); empty: the policy folder's (policy.prompts.prompts_for)")
     references: bool = doc(True, "put the references in the prompt (false: the question alone, a floor)")
     steps: int = doc(3000, "optimizer steps of the yes/no loss")
     lm_steps: int = doc(0, "next-token steps on the training references' text first (0 = none)")
@@ -54,7 +54,7 @@ class ReadingProbeConfig:
     out: str = doc("outputs/toy/reading_probe.json", "where the curve is written")
 
 
-def read_prompts(index: str, roles: list[str], tokenizer, prompts: str = str(DEFAULT_PROMPTS),
+def read_prompts(index: str, roles: list[str], tokenizer, prompts: str | Path,
                  references: bool = True) -> tuple[list[list[int]], list[int]]:
     """Token ids of each yes/no question's prompt (no image) and its label (1 = yes)."""
     templates = load_prompt_templates(prompts)
@@ -132,8 +132,9 @@ def train_reading(model, prompts: list[list[int]], labels: list[int], choice: to
 def probe(cfg: ReadingProbeConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
     pad = tokenizer.pad_token_id
-    train_x, train_y = read_prompts(cfg.retrieval_index, cfg.train_roles, tokenizer, cfg.prompts, cfg.references)
-    val_x, val_y = read_prompts(cfg.retrieval_index, cfg.val_roles, tokenizer, cfg.prompts, cfg.references)
+    prompts = prompts_for(cfg.policy, cfg.prompts)
+    train_x, train_y = read_prompts(cfg.retrieval_index, cfg.train_roles, tokenizer, prompts, cfg.references)
+    val_x, val_y = read_prompts(cfg.retrieval_index, cfg.val_roles, tokenizer, prompts, cfg.references)
     choice = answer_rows(tokenizer, cfg.policy)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)

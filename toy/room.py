@@ -45,7 +45,7 @@ from common.stats import paired_interval, resamples, wilson
 from data.images import load_image, resolve_image
 from data.readers import read_index, read_records
 from policy.policy import Policy, load_policy
-from policy.prompts import build_prompt, load_prompt_templates
+from policy.prompts import build_prompt, load_prompt_templates, prompts_for
 from toy.make_toy import SUBTLE_BELOW
 from toy.oracle_retrieval import load_corpus
 from toy.reading_probe import answer_rows
@@ -101,7 +101,7 @@ def yes_margins(policy: Policy, questions: list[Question], images: list[Image.Im
                 batch_size: int = 32, progress: bool = False) -> np.ndarray:
     """The policy's "Yes" minus "No" logit at the first answer position, per question (``images``: theirs)."""
     no, yes = answer_rows(policy.tokenizer, policy.path).tolist()
-    templates = load_prompt_templates()
+    templates = load_prompt_templates(prompts_for(policy.path))
     texts = [policy.render(build_prompt(q.domain, "vqa", q.question, q.references if references else None, templates))
              for q in questions]
     out = []

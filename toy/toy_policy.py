@@ -42,11 +42,12 @@ from common.io import InputError, atomic_dir, atomic_write_json
 from data.manifest import manifest_files
 from data.readers import read_records
 from data.records import Record, ReportRecord, VqaRecord
-from policy.prompts import DEFAULT_PROMPTS, load_prompt_templates
+from policy.prompts import DEFAULT_PROMPTS, keep_prompts, load_prompt_templates
 from toy.pretrain_vision import pretrain_on_world
 from toy.reading_probe import accuracy, answer_rows, read_prompts, train_reading
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+TOY_PROMPTS = DEFAULT_PROMPTS.with_name("toy.yaml")  # short wording: this policy cannot read instructions
 
 # LLaVA-1.5 conversation layout ("USER: <image>\n... ASSISTANT:"), written as a Jinja chat
 # template so the processor renders role/content messages the way real LLaVA checkpoints do.
@@ -76,7 +77,8 @@ class ToyPolicyConfig:
     world: str = doc("", "toy world folder (with manifest.json); its non-test texts train the BPE")
     texts: str = doc("", "text file, one training text per line (with or instead of --world)")
     out: str = doc("outputs/toy/policy_init", "output checkpoint folder")
-    prompts: str = doc(str(DEFAULT_PROMPTS), "prompt templates whose words join the vocabulary")
+    prompts: str = doc(str(TOY_PROMPTS), "prompt templates the policy is tuned and prompted with: their words join the "
+                                         "vocabulary and they are kept in its folder (policy.prompts.prompts_for)")
     vocab_size: int = doc(2048, "BPE vocabulary size, an upper bound (the small world fills ~1200)")
     image_size: int = doc(32, "vision tower input size (images are resized to this)")
     patch_size: int = doc(8, "vision patch size; (image_size/patch_size)^2 image tokens per image")
@@ -249,6 +251,7 @@ def build_toy_policy(texts: list[str], out: str | Path, cfg: ToyPolicyConfig) ->
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        keep_prompts(cfg.prompts, tmp)
         save_config(cfg, Path(tmp) / "run_config.yaml")
         if curve:
             atomic_write_json(Path(tmp) / "reading.json", {"target": cfg.reading_target, "curve": curve})
