@@ -27,9 +27,9 @@ OUT = Path("outputs/toy")
 PIPELINE = [
     ("make_toy", "make_toy", "world", [], ["toy", "pairs", "policy", "retriever"], []),
     ("validate_world", None, "world", [], [], ["world"]),
-    ("make_toy_policy", "make_toy_policy", "policy", ["configs/toy/toy_policy.yaml", "configs/toy/sft.yaml", "configs/prompts/toy.yaml"],
-     ["toy", "pairs", "policy", "retriever"], ["world"]),
     ("pretrain_clip_tower", "toy.pretrain_vision", "clip_init", [], ["toy", "retriever"], ["world"]),
+    ("make_toy_policy", "make_toy_policy", "policy", ["configs/toy/toy_policy.yaml", "configs/toy/sft.yaml", "configs/prompts/toy.yaml"],
+     ["toy", "pairs", "policy", "retriever"], ["world", "clip_init"]),
     ("finetune_clip", "finetune_clip", "clip", ["configs/toy/clip.yaml"], ["retriever"], ["world", "clip_init"]),
     ("retrieve", "retrieve", "retrieval", ["configs/toy/retrieve.yaml"], ["retriever"], ["world", "clip"]),
     ("build_pairs", "build_pairs", "pairs", ["configs/toy/pairs.yaml"], ["pairs", "policy", "retriever"],
@@ -39,7 +39,7 @@ PIPELINE = [
      ["world", "retrieval", "policy", "dpo"]),
 ]
 STAGE_NAMES = [p[0] for p in PIPELINE]
-TOWER = "open_clip_model.safetensors"  # the pretrained toy-clip the retrievers start from
+TOWER = "open_clip_model.safetensors"  # the pretrained toy-clip the retrievers and the policy start from
 BASE_CODE = ["common", "data"]  # every stage runs these
 
 
@@ -53,7 +53,8 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
     w = out / "world"
     return {
         "make_toy": ["--out", str(w), "--seed", str(seed)],
-        "make_toy_policy": ["--world", str(w), "--out", str(out / "policy"), "--seed", str(seed)],
+        "make_toy_policy": ["--world", str(w), "--out", str(out / "policy"), "--seed", str(seed),
+                            "--vision_tower_from", str(out / "clip_init" / TOWER)],  # one tower starts policy and retrievers
         "pretrain_clip_tower": ["--world", str(w), "--out", str(out / "clip_init" / TOWER), "--seed", str(seed)],
         "finetune_clip": ["--data.world", str(w), "--output_dir", str(out / "clip"), "--seed", str(seed),
                           "--clip.image_tower_from", str(out / "clip_init" / TOWER)],

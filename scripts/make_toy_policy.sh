@@ -4,7 +4,7 @@
 # references (text-only yes/no on the oracle references, as LLaVA starts from a language model
 # that reads), then full SFT on the toy world's policy_train split with oracle references in half
 # of the prompts (toy.oracle_retrieval); finally its reliance is measured on val_vqa.
-# Usage: bash scripts/make_toy_policy.sh [--world DIR] [--out DIR] [--seed N] [--reference_k K] [--reading_steps N] [--reading_target A] [--key value ...]
+# Usage: bash scripts/make_toy_policy.sh [--world DIR] [--out DIR] [--seed N] [--reference_k K] [--reading_steps N] [--reading_target A] [--vision_tower_from FILE] [--key value ...]
 #   --world  toy world (default outputs/toy/world; made with scripts/make_toy.sh if absent)
 #   --out    the policy folder (default outputs/toy/policy); policy_init/ and oracle_retrieval/
 #            are written beside it. Other options go to the SFT (see configs/toy/sft.yaml).
@@ -13,6 +13,8 @@
 #            as many as the retrieval the policy will be given keeps
 #   --reading_steps  text-only reading steps (default: configs/toy/toy_policy.yaml's)
 #   --reading_target stop reading once held-out questions are answered this well (reading_steps: the most)
+#   --vision_tower_from  open_clip checkpoint whose image tower starts the policy's (toy.pretrain_vision's,
+#            as the demo gives it) instead of pretraining its own
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in -h|--help) sed -n '/^set /q; 2,$p' "$0" | cut -c3-; exit 0 ;; esac
@@ -21,7 +23,7 @@ world=outputs/toy/world
 out=outputs/toy/policy
 seed=0
 reference_k=3
-reading=()
+init=()  # options of the untrained policy (toy.toy_policy)
 sft=()  # every other option, in any order among the script's own
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,7 +31,7 @@ while [ $# -gt 0 ]; do
     --out) out=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
     --reference_k) reference_k=$2; shift 2 ;;
-    --reading_steps|--reading_target) reading+=("$1" "$2"); shift 2 ;;
+    --reading_steps|--reading_target|--vision_tower_from) init+=("$1" "$2"); shift 2 ;;
     *) sft+=("$1"); shift ;;
   esac
 done
@@ -37,7 +39,7 @@ base=$(dirname "$out")
 [ -f "$world/manifest.json" ] || bash scripts/make_toy.sh --out "$world"
 .venv/bin/python -m toy.oracle_retrieval --world "$world" --out "$base/oracle_retrieval" --seed "$seed" --k "$reference_k"
 .venv/bin/python -m toy.toy_policy configs/toy/toy_policy.yaml --world "$world" --out "$base/policy_init" --seed "$seed" \
-  --reading_index "$base/oracle_retrieval/index.json" "${reading[@]}"
+  --reading_index "$base/oracle_retrieval/index.json" "${init[@]}"
 rm -rf "$out"
 exec .venv/bin/python -m policy.train_sft configs/toy/sft.yaml --policy.path "$base/policy_init" \
   --data.retrieval_index "$base/oracle_retrieval/index.json" --train.output_dir "$out" --train.seed "$seed" "${sft[@]}"

@@ -8,9 +8,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
 from common.config import ConfigError
+from common.io import InputError
 from data.manifest import manifest_files
 from data.readers import read_records
 from toy.make_toy import make_world
@@ -111,3 +112,31 @@ def test_clip_tower_checkpoint_starts_the_retrievers_image_tower(world, tmp_path
     assert set(trained) == set(random_visual)
     assert not torch.equal(trained["conv1.weight"], random_visual["conv1.weight"])
     assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left beside the checkpoint"
+
+
+def test_the_policy_starts_from_the_retrievers_tower_and_reads_its_tokens_as_open_clip_does(world, tmp_path):
+    """One pretrained tower for both: the policy's CLIPVisionModel, loaded from a toy-clip
+    checkpoint, gives the tokens open_clip's transformer gives on the same pixels."""
+    out = tmp_path / "clip_init.safetensors"
+    pretrain_clip_tower(PretrainVisionConfig(world=str(world), out=str(out), epochs=1, batch_size=16))
+    cfg = ToyPolicyConfig(world=str(world), vision_width=128, vision_layers=2, vision_heads=4, text_width=32,
+                          text_layers=1, text_heads=2, vocab_size=400, vision_tower_from=str(out))
+    policy = build_toy_policy(["a b c"] * 5, tmp_path / "policy", cfg)
+    tower = LlavaForConditionalGeneration.from_pretrained(policy).model.vision_tower.eval()
+    resolve_model_config(ClipSpec())
+    clip = open_clip.create_model("toy-clip")
+    _load_visual_from(clip, str(out))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = clip.visual.transformer(clip.visual._embeds(x))
+        assert torch.allclose(tower(pixel_values=x).last_hidden_state, want, atol=1e-5)
+
+
+def test_a_tower_of_another_shape_is_refused_by_name(world, tmp_path):
+    out = tmp_path / "clip_init.safetensors"
+    pretrain_clip_tower(PretrainVisionConfig(world=str(world), out=str(out), epochs=1, batch_size=16))
+    wide = ToyPolicyConfig(vision_width=64, vision_layers=2, vision_heads=2, vision_tower_from=str(out))
+    with pytest.raises(ConfigError, match="clip_init.safetensors: its image tower is not this policy's"):
+        build_toy_policy(["a b c"] * 5, tmp_path / "p", wide)
+    with pytest.raises(InputError, match="no open_clip checkpoint"):
+        build_toy_policy(["a b c"] * 5, tmp_path / "q", ToyPolicyConfig(vision_tower_from=str(tmp_path / "none")))

@@ -22,7 +22,7 @@ def test_toy_model_registered_with_bundled_tokenizer():
     clip = build_clip(ClipSpec())
     assert clip.name == TOY_MODEL and TOY_MODEL in open_clip.list_models()
     assert isinstance(clip.tokenizer, open_clip.SimpleTokenizer)
-    img = clip.model.encode_image(_images(2, 64), normalize=True)
+    img = clip.model.encode_image(_images(2, 32), normalize=True)
     assert img.shape == (2, clip.model_cfg["embed_dim"])
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import (
@@ -92,6 +93,7 @@ class ToyPolicyConfig:
     text_init_std: float = doc(0.02, "std of the language model's initial weights (transformers' initializer_range); 0.02 leaves the 128-wide model on a plateau where it never learns to find the asked finding in its prompt, 0.08 (about 1/sqrt(width)) does not (docs/RESULTS.md)")
     seed: int = doc(0, "seed for the random initial weights")
     vision_pretrain_epochs: int = doc(0, "epochs of finding-label pretraining of the vision tower on the world's policy_train images (toy.pretrain_vision; 0: a random tower)")
+    vision_tower_from: str = doc("", "open_clip checkpoint (toy.pretrain_vision's, the retrievers' start) whose image tower starts the policy's instead, as LLaVA's starts from a CLIP ViT; its tower must have this one's width, layers, heads, image and patch size")
     reading_index: str = doc("", "retrieval index.json whose policy_train yes/no questions, with their references, teach the language model to read (toy.oracle_retrieval writes one)")
     reading_steps: int = doc(0, "steps of text-only reading (toy.reading_probe.train_reading, batch 32, lr 1e-3) before SFT, as LLaVA starts from a language model that reads; 0: none")
     reading_target: float = doc(0.0, "stop reading once the accuracy on held-out policy_train questions reaches this (checked every 200 steps; reading_steps is then the most it takes): the step at which a seed learns to read varies from 600 to over 2,000 (docs/RESULTS.md); 0: always reading_steps")
@@ -183,6 +185,7 @@ def build_model(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         projection_dim=cfg.vision_width,
+        hidden_act="gelu",  # open_clip's, so a toy-clip image tower loads as it is (vision_tower_from)
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -220,6 +223,45 @@ def build_model(
     return model
 
 
+def open_clip_to_hf_vision(weights: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """An open_clip ViT's ``visual.*`` weights under transformers' CLIPVisionModel names.
+
+    Written by hand: transformers ships this mapping only inside a conversion script that needs
+    OpenAI's clip package. open_clip keeps q, k and v in one in_proj matrix; its ln_post and proj
+    act after the tokens LLaVA reads, so they are left out (CLIPVisionModel's post_layernorm
+    keeps its initial weights and only pools)."""
+    w = {k[len("visual."):]: v for k, v in weights.items() if k.startswith("visual.")}
+    out = {"embeddings.class_embedding": w["class_embedding"], "embeddings.patch_embedding.weight": w["conv1.weight"],
+           "embeddings.position_embedding.weight": w["positional_embedding"],
+           "pre_layrnorm.weight": w["ln_pre.weight"], "pre_layrnorm.bias": w["ln_pre.bias"]}
+    for i in range(layers):
+        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for name, part in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):
+            for proj, chunk in zip("qkv", w[src + "attn." + part].chunk(3)):
+                out[f"{dst}self_attn.{proj}_proj.{name}"] = chunk
+        for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                     ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            out[f"{dst}{b}.weight"], out[f"{dst}{b}.bias"] = w[f"{src}{a}.weight"], w[f"{src}{a}.bias"]
+    return out
+
+
+def load_open_clip_tower(tower: torch.nn.Module, path: str | Path) -> None:
+    """Start the policy's CLIPVisionModel ``tower`` from an open_clip checkpoint's image tower."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no open_clip checkpoint (toy.pretrain_vision writes one)")
+    cfg = tower.config
+    try:
+        weights = open_clip_to_hf_vision(load_file(str(path)), cfg.num_hidden_layers)
+    except KeyError as e:
+        raise InputError(f"{path}: not an open_clip ViT with {cfg.num_hidden_layers} layers (no {e})") from None
+    own = tower.state_dict()
+    wrong = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    if wrong:
+        raise ConfigError(f"{path}: its image tower is not this policy's (width {cfg.hidden_size}, "
+                          f"{cfg.num_hidden_layers} layers, image {cfg.image_size}, patch {cfg.patch_size}): {wrong[0]}")
+    tower.load_state_dict(weights, strict=False)  # post_layernorm: LLaVA reads the tokens before it
+
+
 def template_texts(prompts_yaml: str | Path) -> list[str]:
     """Words of the prompt and chat templates (placeholders removed): prompts tokenize compactly."""
     templates = load_prompt_templates(prompts_yaml)
@@ -240,7 +282,9 @@ def build_toy_policy(texts: list[str], out: str | Path, cfg: ToyPolicyConfig) ->
     tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.max_positions)
     processor = build_processor(tokenizer, cfg)
     model = build_model(tokenizer, cfg)
-    if cfg.vision_pretrain_epochs > 0:
+    if cfg.vision_tower_from:
+        load_open_clip_tower(model.model.vision_tower, cfg.vision_tower_from)
+    elif cfg.vision_pretrain_epochs > 0:
         tower = model.model.vision_tower
         pretrain_on_world(tower, lambda x: tower(pixel_values=x).last_hidden_state[:, 1:],  # CLS dropped, as LLaVA does
                           lambda images: processor.image_processor(images=images, return_tensors="pt")["pixel_values"],
