@@ -14,8 +14,9 @@ by hand: a classifier of a few minutes with no checkpoint or process group is no
 
 Run: ``python -m toy.pretrain_vision --world outputs/toy/world --out outputs/toy/clip_init/open_clip_model.safetensors``
 writes a toy-clip checkpoint (pretrained ``visual.*``, random text tower) for
-``bash scripts/finetune_clip.sh --clip.image_tower_from FILE``. The policy's tower is pretrained
-by ``toy.toy_policy --vision_pretrain_epochs N``.
+``bash scripts/finetune_clip.sh --clip.image_tower_from FILE`` and, since toy-clip's image tower
+has the toy policy's shape, for ``toy.toy_policy --vision_tower_from FILE`` (the demo gives both);
+without it the policy's tower is pretrained by ``toy.toy_policy --vision_pretrain_epochs N``.
 """
 
 from __future__ import annotations
