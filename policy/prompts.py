@@ -1,9 +1,10 @@
 """Prompt templates per domain x task, with and without retrieved reports.
 
 The wording lives in a YAML file the user can replace (``configs/prompts/default.yaml``); a
-policy folder may carry its own as ``prompts.yaml`` (the toy policy does: ``configs/prompts/toy.yaml``),
-which every stage then uses unless told otherwise (``prompts_for``). This module only fills it in and returns chat messages in the role/content form that Hugging Face
-processors' chat templates take. The image is a content item ``{"type": "image"}``, so the
+policy folder may carry its own as ``prompts.yaml`` (the toy policy carries
+``configs/prompts/toy.yaml``), which every stage then uses unless told otherwise
+(``prompts_for``). This module only fills it in and returns chat messages in the role/content
+form that Hugging Face processors' chat templates take. The image is a content item ``{"type": "image"}``, so the
 processor places its own image token; ``plain_text`` is the fallback for processors that have
 no chat template.
 
