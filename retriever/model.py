@@ -108,16 +108,23 @@ def resolve_model_config(spec: ClipSpec) -> tuple[str, dict[str, Any]]:
     return spec.model, cfg
 
 
-def _load_visual_from(model: torch.nn.Module, checkpoint: str) -> None:
-    """Copy the image tower of a full CLIP checkpoint (keys ``visual.*``) into ``model.visual``."""
+def visual_weights(checkpoint: str | Path, option: str = "clip.image_tower_from") -> dict[str, torch.Tensor]:
+    """The image tower of a full open_clip checkpoint (its ``visual.*`` keys, prefix dropped),
+    read without unpickling code; ``option`` names what pointed at it in the messages."""
     if not Path(checkpoint).is_file():
-        raise InputError(f"clip.image_tower_from {checkpoint}: no such file (the toy's is made by "
+        raise InputError(f"{option} {checkpoint}: no such file (no open_clip checkpoint there; the toy's is made by "
                          "`python -m toy.pretrain_vision`, the demo's pretrain_clip_tower stage)")
-    state = open_clip.factory.load_state_dict(checkpoint, weights_only=True)
+    state = open_clip.factory.load_state_dict(str(checkpoint), weights_only=True)
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
         raise ValueError(f"{checkpoint}: no visual.* weights (not a full open_clip checkpoint)")
-    model.visual.load_state_dict(visual, strict=True)
+    return visual
+
+
+def _load_visual_from(model: torch.nn.Module, checkpoint: str) -> None:
+    """Copy the image tower of a full CLIP checkpoint (keys ``visual.*``) into ``model.visual``."""
+    weights = visual_weights(checkpoint)  # read (and refused if unsafe) before the model is touched
+    model.visual.load_state_dict(weights, strict=True)
 
 
 @contextlib.contextmanager

@@ -81,6 +81,14 @@ def world(tmp_path_factory) -> Path:
     return make_world(tmp_path_factory.mktemp("toy") / "world", seed=0, size="tiny", progress=False)
 
 
+@pytest.fixture(scope="module")
+def tower(world, tmp_path_factory) -> Path:
+    """The toy-clip checkpoint pretrain_clip_tower writes (one epoch), for the retrievers and the policy."""
+    out = tmp_path_factory.mktemp("clip_init") / "clip_init.safetensors"
+    pretrain_clip_tower(PretrainVisionConfig(world=str(world), out=str(out), epochs=1, batch_size=16))
+    return out
+
+
 def test_finding_images_are_the_distinct_training_images_with_their_findings(world):
     items = finding_images(str(world))
     paths = [p for p, _, _ in items]
@@ -100,9 +108,8 @@ def test_vision_pretraining_needs_a_world(tmp_path):
         build_toy_policy(["a b c"], tmp_path / "p", cfg)
 
 
-def test_clip_tower_checkpoint_starts_the_retrievers_image_tower(world, tmp_path):
-    out = tmp_path / "clip_init.safetensors"
-    pretrain_clip_tower(PretrainVisionConfig(world=str(world), out=str(out), epochs=1, batch_size=16))
+def test_clip_tower_checkpoint_starts_the_retrievers_image_tower(tower):
+    out = tower
     resolve_model_config(ClipSpec())
     torch.manual_seed(0)
     fresh = open_clip.create_model("toy-clip")
@@ -111,14 +118,13 @@ def test_clip_tower_checkpoint_starts_the_retrievers_image_tower(world, tmp_path
     trained = fresh.visual.state_dict()
     assert set(trained) == set(random_visual)
     assert not torch.equal(trained["conv1.weight"], random_visual["conv1.weight"])
-    assert not list(tmp_path.glob(".*.tmp")), "no temporary file is left beside the checkpoint"
+    assert not list(out.parent.glob(".*.tmp")), "no temporary file is left beside the checkpoint"
 
 
-def test_the_policy_starts_from_the_retrievers_tower_and_reads_its_tokens_as_open_clip_does(world, tmp_path):
+def test_the_policy_starts_from_the_retrievers_tower_and_reads_its_tokens_as_open_clip_does(world, tower, tmp_path):
     """One pretrained tower for both: the policy's CLIPVisionModel, loaded from a toy-clip
     checkpoint, gives the tokens open_clip's transformer gives on the same pixels."""
-    out = tmp_path / "clip_init.safetensors"
-    pretrain_clip_tower(PretrainVisionConfig(world=str(world), out=str(out), epochs=1, batch_size=16))
+    out = tower
     cfg = ToyPolicyConfig(world=str(world), vision_width=128, vision_layers=2, vision_heads=4, text_width=32,
                           text_layers=1, text_heads=2, vocab_size=400, vision_tower_from=str(out))
     policy = build_toy_policy(["a b c"] * 5, tmp_path / "policy", cfg)
@@ -132,9 +138,8 @@ def test_the_policy_starts_from_the_retrievers_tower_and_reads_its_tokens_as_ope
         assert torch.allclose(tower(pixel_values=x).last_hidden_state, want, atol=1e-5)
 
 
-def test_a_tower_of_another_shape_is_refused_by_name(world, tmp_path):
-    out = tmp_path / "clip_init.safetensors"
-    pretrain_clip_tower(PretrainVisionConfig(world=str(world), out=str(out), epochs=1, batch_size=16))
+def test_a_tower_of_another_shape_is_refused_by_name(tower, tmp_path):
+    out = tower
     wide = ToyPolicyConfig(vision_width=64, vision_layers=2, vision_heads=2, vision_tower_from=str(out))
     with pytest.raises(ConfigError, match="clip_init.safetensors: its image tower is not this policy's"):
         build_toy_policy(["a b c"] * 5, tmp_path / "p", wide)

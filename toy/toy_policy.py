@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import (
@@ -44,6 +43,7 @@ from data.manifest import manifest_files
 from data.readers import read_records
 from data.records import Record, ReportRecord, VqaRecord
 from policy.prompts import DEFAULT_PROMPTS, keep_prompts, load_prompt_templates
+from retriever.model import visual_weights
 from toy.pretrain_vision import pretrain_on_world
 from toy.reading_probe import accuracy, answer_rows, read_prompts, train_reading
 
@@ -223,14 +223,14 @@ def build_model(
     return model
 
 
-def open_clip_to_hf_vision(weights: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """An open_clip ViT's ``visual.*`` weights under transformers' CLIPVisionModel names.
+def open_clip_to_hf_vision(w: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """An open_clip ViT's weights (``model.visual``'s, retriever.model.visual_weights) under
+    transformers' CLIPVisionModel names.
 
     Written by hand: transformers ships this mapping only inside a conversion script that needs
     OpenAI's clip package. open_clip keeps q, k and v in one in_proj matrix; its ln_post and proj
     act after the tokens LLaVA reads, so they are left out (CLIPVisionModel's post_layernorm
     keeps its initial weights and only pools)."""
-    w = {k[len("visual."):]: v for k, v in weights.items() if k.startswith("visual.")}
     out = {"embeddings.class_embedding": w["class_embedding"], "embeddings.patch_embedding.weight": w["conv1.weight"],
            "embeddings.position_embedding.weight": w["positional_embedding"],
            "pre_layrnorm.weight": w["ln_pre.weight"], "pre_layrnorm.bias": w["ln_pre.bias"]}
@@ -247,11 +247,9 @@ def open_clip_to_hf_vision(weights: dict[str, torch.Tensor], layers: int) -> dic
 
 def load_open_clip_tower(tower: torch.nn.Module, path: str | Path) -> None:
     """Start the policy's CLIPVisionModel ``tower`` from an open_clip checkpoint's image tower."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no open_clip checkpoint (toy.pretrain_vision writes one)")
     cfg = tower.config
     try:
-        weights = open_clip_to_hf_vision(load_file(str(path)), cfg.num_hidden_layers)
+        weights = open_clip_to_hf_vision(visual_weights(path, "vision_tower_from"), cfg.num_hidden_layers)
     except KeyError as e:
         raise InputError(f"{path}: not an open_clip ViT with {cfg.num_hidden_layers} layers (no {e})") from None
     own = tower.state_dict()
