@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState, GradientState
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -330,12 +331,14 @@ def test_make_toy_policy(tmp_path):
     """The toy base policy end to end: loads through the Auto classes and leans on references."""
     world = make_world(tmp_path / "world", size="tiny", progress=False)
     cmd = ["bash", "scripts/make_toy_policy.sh", "--world", str(world), "--out", str(tmp_path / "policy"),
-           "--reading_steps", "20", "--train.max_steps", "20", "--measure.limit", "10", "--reference_k", "1"]
+           "--reading_steps", "20", "--train.max_steps", "20", "--measure.limit", "10", "--reference_k", "1",
+           "--p_correct", "0.9"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     oracle = [json.loads(line) for f in sorted((tmp_path / "oracle_retrieval").glob("*_vqa*.jsonl"))
               for line in f.read_text().splitlines()]
     assert oracle and {r["retrieve_k"] for r in oracle} == {1}  # the script's option, given after the SFT's
+    assert yaml.safe_load((tmp_path / "oracle_retrieval" / "run_config.yaml").read_text())["p_correct"] == 0.9
     policy = tmp_path / "policy"
     assert isinstance(AutoModelForImageTextToText.from_pretrained(policy), torch.nn.Module)
     assert_tokenizer_round_trips(AutoProcessor.from_pretrained(policy), world)
