@@ -2,23 +2,24 @@
 controls, and where in the toy world's settings?
 
     bash scripts/effect.sh [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50] [--roles test_vqa]
-        [--controls NAME ...] [--control_seeds 0] [--map_knob prior_share] [--map_values 0.0 0.5 0.9]
+        [--controls NAME ...] [--control_seeds 0] [--map_knob report_miss] [--map_values 0.0 0.2 0.4]
         [--world_args "..."] [--policy_args "..."] [--retrieve_args "..."] [--jobs N]
 
 Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, base policy,
 retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
-that of the whole method. The study's defaults put the toy in the paper's regime, as chosen on
-val_vqa (docs/RESULTS.md, "Retrieval by image, and a base tuned with one reference"): the demo's
-world with ten times its alignment split and a prior study of the same patient in the corpus for
-half the studies (``--world_args "--alignment_studies 2000 --prior_share 0.5"``; with the demo's 200
-studies per domain there are too few pairs for DPO to learn when to trust its references), a base
-policy tuned with one reference per prompt (``--policy_args "--reference_k 1"``) and retrieval of
-one report by image (``--retrieve_args "--match image --k.k 1"``): there, on seed 0's validation
-questions, the base reads the image, the references are informative but imperfect and the base
-gains from them and copies them. It is long: a chain there takes about 56 minutes of one core
-with two chains sharing 2 cores, so the default study (3 seeds, 2 more map chains, 4 controls)
-takes about 3.5 hours on 2 cores with ``--jobs 2`` (a GPU machine, or
-``--seeds 0 --controls --map_values`` for a first look). Runs with other options go to their own
+that of the whole method. The study's defaults put the toy nearest the paper's regime, as chosen
+on seed 0's val_vqa (docs/RESULTS.md, "Reports that miss findings, a base that trusted its
+references"): the demo's world with ten times its alignment split (with the demo's 200 studies per
+domain there are too few pairs for DPO to learn when to trust its references), a prior study of the
+same patient in the corpus for nine studies in ten, and corpus reports that leave four present
+findings in ten unsaid (``--world_args "--alignment_studies 2000 --prior_share 0.9 --report_miss
+0.4"``): the references are informative but wrong where the image shows what they miss; a base
+policy tuned with one reference per prompt, right 95 times in 100 (``--policy_args "--reference_k 1
+--p_correct 0.95"``), so that it trusts them; and retrieval of one report by image
+(``--retrieve_args "--match image --k.k 1"``). It is long: a chain there takes about 35 minutes of
+one core with two chains sharing 2 cores, so the default study (3 seeds, 2 more map chains, 4
+controls) takes about 2 hours on 2 cores with ``--jobs 2`` (a GPU machine, or ``--seeds 0
+--controls --map_values`` for a first look). Runs with other options go to their own
 chains, ``<out>/chains/seed<N>_<options>``; seed 0 with every option empty (``--world_args ""
 --policy_args "" --retrieve_args ""``) is the demo's own chain, ``outputs/toy``.
 Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
@@ -93,8 +94,8 @@ from toy.room import by_reference, read_questions, room
 
 DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
 # the study's default stage options: the paper's regime, chosen on val_vqa (module docstring: why)
-EFFECT_WORLD = "--alignment_studies 2000 --prior_share 0.5"  # make_toy
-EFFECT_POLICY = "--reference_k 1"  # make_toy_policy.sh
+EFFECT_WORLD = "--alignment_studies 2000 --prior_share 0.9 --report_miss 0.4"  # make_toy
+EFFECT_POLICY = "--reference_k 1 --p_correct 0.95"  # make_toy_policy.sh
 EFFECT_RETRIEVAL = "--match image --k.k 1"  # retrieve.sh, on top of configs/toy/retrieve.yaml
 CONTROLS = {  # train_dpo options on top of the main method's (their meaning: evaluation.effect.CONTROLS)
     "dpo_cm": ["--pair_types", "[cm]", "--stages", "[[cm]]"],
@@ -408,11 +409,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "DPO settings (--dpo_args, --roles val_vqa) on its chains without rebuilding them")
     ap.add_argument("--world_args", default=EFFECT_WORLD,
                     help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": ten times the '
-                         'demo\'s alignment split, a prior of the same patient for half the studies; "" = the '
-                         'demo\'s world)')
+                         'demo\'s alignment split, a prior of the same patient for most studies, reports that '
+                         'miss findings; "" = the demo\'s world)')
     ap.add_argument("--policy_args", default=EFFECT_POLICY,
                     help=f'make_toy_policy.sh options of every chain, one string (default "{EFFECT_POLICY}": '
-                         'the base is tuned with as many references as it will be given; "" = the config\'s)')
+                         'the base is tuned with as many references as it will be given, nearly always right; '
+                         '"" = the script\'s)')
     ap.add_argument("--retrieve_args", default=EFFECT_RETRIEVAL,
                     help=f'retrieval options of every chain on top of configs/toy/retrieve.yaml, one string '
                          f'(default "{EFFECT_RETRIEVAL}": one report, by image; "" = the config\'s)')
@@ -431,9 +433,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--control_seeds", type=int, nargs="+", default=None,
                     help="seeds whose chains get the controls (default: the first of --seeds); "
                          "each must be one of --seeds")
-    ap.add_argument("--map_knob", default="prior_share", help="world knob of the effect map (a toy.make_toy option)")
-    ap.add_argument("--map_values", nargs="*", default=["0.0", "0.5", "0.9"],
-                    help="its values, one seed-0 chain each (default 0.0 0.5 0.9; none when given empty)")
+    ap.add_argument("--map_knob", default="report_miss", help="world knob of the effect map (a toy.make_toy option)")
+    ap.add_argument("--map_values", nargs="*", default=["0.0", "0.2", "0.4"],
+                    help="its values, one seed-0 chain each (default 0.0 0.2 0.4: how much the references "
+                         "miss; none when given empty)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="independent runs at once, each in its own process with its share of the cores "
                          "(default 1; 2 on 2 cores)")

@@ -269,11 +269,14 @@ def test_the_default_study_is_the_regime_chosen_on_validation(tmp_path):
     """The defaults: the study's world with priors, a base tuned with one reference, one report by image."""
     args = driver.parse_args([])
     options = demo.stage_options(args.policy_args, args.retrieve_args)
-    assert options == {"make_toy_policy": ["--reference_k", "1"], "retrieve": ["--match", "image", "--k.k", "1"]}
+    assert options == {"make_toy_policy": ["--reference_k", "1", "--p_correct", "0.95"],
+                       "retrieve": ["--match", "image", "--k.k", "1"]}
     seed0, = driver.seed_runs([0], tmp_path, shlex.split(args.world_args), options)
-    assert seed0.chain.name == "seed0_alignment_studies=2000_prior_share=0.5_reference_k=1_match=image_k.k=1"
-    low, here, high = driver.map_runs(args.map_knob, args.map_values, tmp_path, seed0.world_args, [seed0], options)
-    assert here is seed0 and low.chain == tmp_path / "map" / "prior_share=0.0" / "chain"  # 0.5: seed 0's own world
+    assert seed0.chain.name == ("seed0_alignment_studies=2000_prior_share=0.9_report_miss=0.4"
+                                "_reference_k=1_p_correct=0.95_match=image_k.k=1")
+    low, middle, here = driver.map_runs(args.map_knob, args.map_values, tmp_path, seed0.world_args, [seed0], options)
+    assert here is seed0 and low.chain == tmp_path / "map" / "report_miss=0.0" / "chain"  # 0.4: seed 0's own world
+    assert middle.world_args[-2:] == ["--report_miss", "0.2"]
     demo_again = driver.parse_args(["--world_args", "", "--policy_args", "", "--retrieve_args", ""])
     assert driver.seed_runs([0], tmp_path, [], demo.stage_options(demo_again.policy_args, demo_again.retrieve_args))[0].chain == demo.OUT
 
@@ -377,10 +380,10 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
 
     driver.main(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
     # the study's own world and stage options by default; its own DPO: the chain stops before
-    label = "seed2_alignment_studies=2000_prior_share=0.5_reference_k=1_match=image_k.k=1"
-    options = {"make_toy_policy": ["--reference_k", "1"], "retrieve": ["--match", "image", "--k.k", "1"]}
-    assert stub.chains == [(out / "chains" / label, 2, ["--alignment_studies", "2000", "--prior_share", "0.5"],
-                            "build_pairs", options)]
+    label = "seed2_alignment_studies=2000_prior_share=0.9_report_miss=0.4_reference_k=1_p_correct=0.95_match=image_k.k=1"
+    options = {"make_toy_policy": ["--reference_k", "1", "--p_correct", "0.95"], "retrieve": ["--match", "image", "--k.k", "1"]}
+    world = ["--alignment_studies", "2000", "--prior_share", "0.9", "--report_miss", "0.4"]
+    assert stub.chains == [(out / "chains" / label, 2, world, "build_pairs", options)]
     (module, train), = [c for c in stub.commands if c[0] == "dpo.train_dpo"]
     assert train[-2:] == ["--beta", "0.5"] and str(out / "seed2" / "dpo") in train
     effect = json.loads((out / "effect.json").read_text())
