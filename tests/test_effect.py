@@ -468,7 +468,7 @@ def test_effect_study_on_a_tiny_world(tmp_path, monkeypatch):
     out = tmp_path / "effect"
     driver.main(["--seeds", "1", "--out", str(out), "--world_args", "--size tiny", "--limit", "4",
                  "--controls", "sft_chosen", "--map_values"])
-    chain = out / "chains" / "seed1_size=tiny_reference_k=1_match=image_k.k=1"  # the study's default stage options
+    chain = out / "chains" / "seed1_size=tiny_reference_k=1_p_correct=0.95_match=image_k.k=1"  # the default stage options
     assert (chain / "dpo" / "adapter" / "adapter_config.json").is_file() and not (chain / "eval").exists()
     effect = json.loads((out / "effect.json").read_text())
     assert set(effect["seeds"]["1"]) == {"base", "dpo"}
