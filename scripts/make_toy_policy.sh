@@ -24,8 +24,7 @@ bash scripts/setup.sh
 world=outputs/toy/world
 out=outputs/toy/policy
 seed=0
-reference_k=3
-p_correct=0.8
+oracle=()  # options of the oracle references (toy.oracle_retrieval, whose defaults they keep)
 init=()  # options of the untrained policy (toy.toy_policy)
 sft=()  # every other option, in any order among the script's own
 while [ $# -gt 0 ]; do
@@ -33,16 +32,15 @@ while [ $# -gt 0 ]; do
     --world) world=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
-    --reference_k) reference_k=$2; shift 2 ;;
-    --p_correct) p_correct=$2; shift 2 ;;
+    --reference_k) oracle+=(--k "$2"); shift 2 ;;
+    --p_correct) oracle+=("$1" "$2"); shift 2 ;;
     --reading_steps|--reading_target|--vision_tower_from) init+=("$1" "$2"); shift 2 ;;
     *) sft+=("$1"); shift ;;
   esac
 done
 base=$(dirname "$out")
 [ -f "$world/manifest.json" ] || bash scripts/make_toy.sh --out "$world"
-.venv/bin/python -m toy.oracle_retrieval --world "$world" --out "$base/oracle_retrieval" --seed "$seed" --k "$reference_k" \
-  --p_correct "$p_correct"
+.venv/bin/python -m toy.oracle_retrieval --world "$world" --out "$base/oracle_retrieval" --seed "$seed" "${oracle[@]}"
 .venv/bin/python -m toy.toy_policy configs/toy/toy_policy.yaml --world "$world" --out "$base/policy_init" --seed "$seed" \
   --reading_index "$base/oracle_retrieval/index.json" "${init[@]}"
 rm -rf "$out"
