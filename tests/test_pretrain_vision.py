@@ -82,7 +82,7 @@ def world(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tower(world, tmp_path_factory) -> Path:
+def clip_init(world, tmp_path_factory) -> Path:
     """The toy-clip checkpoint pretrain_clip_tower writes (one epoch), for the retrievers and the policy."""
     out = tmp_path_factory.mktemp("clip_init") / "clip_init.safetensors"
     pretrain_clip_tower(PretrainVisionConfig(world=str(world), out=str(out), epochs=1, batch_size=16))
@@ -108,39 +108,36 @@ def test_vision_pretraining_needs_a_world(tmp_path):
         build_toy_policy(["a b c"], tmp_path / "p", cfg)
 
 
-def test_clip_tower_checkpoint_starts_the_retrievers_image_tower(tower):
-    out = tower
+def test_clip_tower_checkpoint_starts_the_retrievers_image_tower(clip_init):
     resolve_model_config(ClipSpec())
     torch.manual_seed(0)
     fresh = open_clip.create_model("toy-clip")
     random_visual = {k: v.clone() for k, v in fresh.visual.state_dict().items()}
-    _load_visual_from(fresh, str(out))  # what finetune_clip's clip.image_tower_from does
+    _load_visual_from(fresh, str(clip_init))  # what finetune_clip's clip.image_tower_from does
     trained = fresh.visual.state_dict()
     assert set(trained) == set(random_visual)
     assert not torch.equal(trained["conv1.weight"], random_visual["conv1.weight"])
-    assert not list(out.parent.glob(".*.tmp")), "no temporary file is left beside the checkpoint"
+    assert not list(clip_init.parent.glob(".*.tmp")), "no temporary file is left beside the checkpoint"
 
 
-def test_the_policy_starts_from_the_retrievers_tower_and_reads_its_tokens_as_open_clip_does(world, tower, tmp_path):
+def test_the_policy_starts_from_the_retrievers_tower_and_reads_its_tokens_as_open_clip_does(world, clip_init, tmp_path):
     """One pretrained tower for both: the policy's CLIPVisionModel, loaded from a toy-clip
     checkpoint, gives the tokens open_clip's transformer gives on the same pixels."""
-    out = tower
     cfg = ToyPolicyConfig(world=str(world), vision_width=128, vision_layers=2, vision_heads=4, text_width=32,
-                          text_layers=1, text_heads=2, vocab_size=400, vision_tower_from=str(out))
+                          text_layers=1, text_heads=2, vocab_size=400, vision_tower_from=str(clip_init))
     policy = build_toy_policy(["a b c"] * 5, tmp_path / "policy", cfg)
     tower = LlavaForConditionalGeneration.from_pretrained(policy).model.vision_tower.eval()
     resolve_model_config(ClipSpec())
     clip = open_clip.create_model("toy-clip")
-    _load_visual_from(clip, str(out))
+    _load_visual_from(clip, str(clip_init))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = clip.visual.transformer(clip.visual._embeds(x))
         assert torch.allclose(tower(pixel_values=x).last_hidden_state, want, atol=1e-5)
 
 
-def test_a_tower_of_another_shape_is_refused_by_name(tower, tmp_path):
-    out = tower
-    wide = ToyPolicyConfig(vision_width=64, vision_layers=2, vision_heads=2, vision_tower_from=str(out))
+def test_a_tower_of_another_shape_is_refused_by_name(clip_init, tmp_path):
+    wide = ToyPolicyConfig(vision_width=64, vision_layers=2, vision_heads=2, vision_tower_from=str(clip_init))
     with pytest.raises(ConfigError, match="clip_init.safetensors: its image tower is not this policy's"):
         build_toy_policy(["a b c"] * 5, tmp_path / "p", wide)
     with pytest.raises(InputError, match="no open_clip checkpoint"):
