@@ -2,8 +2,8 @@
 
 ``--out DIR --seed N`` runs the whole chain (world, policy, retrievers, pairs, DPO, evaluation)
 for another seed in its own folder; ``--world_args`` sets the world's knobs (toy.make_toy),
-``--policy_args`` the base policy's (scripts/make_toy_policy.sh) and ``--retrieve_args`` the
-retrieval stage's options on top of its configs.
+``--policy_args`` the base policy's (scripts/make_toy_policy.sh), ``--clip_args`` the retrievers'
+(scripts/finetune_clip.sh) and ``--retrieve_args`` the retrieval stage's options on top of their configs.
 
 A rerun skips stages whose output is there and whose inputs and config are unchanged
 (common/stages.py); ``--force`` redoes everything, ``--from STAGE`` redoes from there on.
@@ -108,9 +108,10 @@ def run_chain(out: Path = OUT, seed: int = 0, world_args: list[str] = (), force:
     run(stages(out, seed, world_args, until, options), force=force, start=start, lock=out)
 
 
-def stage_options(policy_args: str, retrieve_args: str) -> dict[str, list[str]]:
+def stage_options(policy_args: str = "", retrieve_args: str = "", clip_args: str = "") -> dict[str, list[str]]:
     """The chain's per-stage options from the command line's strings (stages without any left out)."""
-    got = {"make_toy_policy": shlex.split(policy_args), "retrieve": shlex.split(retrieve_args)}
+    got = {"make_toy_policy": shlex.split(policy_args), "finetune_clip": shlex.split(clip_args),
+           "retrieve": shlex.split(retrieve_args)}
     return {name: opts for name, opts in got.items() if opts}
 
 
@@ -123,10 +124,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of every stage: world, policy, retrievers, pairs, DPO")
     ap.add_argument("--world_args", default="", help='make_toy options, one string: "--prior_share 0.5"')
     ap.add_argument("--policy_args", default="", help='make_toy_policy.sh options, one string: "--reference_k 1"')
+    ap.add_argument("--clip_args", default="", help='finetune_clip.sh options, one string: "--epochs 5"')
     ap.add_argument("--retrieve_args", default="", help='retrieval options, one string: "--match image --k.k 1"')
     args = ap.parse_args()
     run_chain(args.out, args.seed, shlex.split(args.world_args), args.force, args.start, args.until,
-              stage_options(args.policy_args, args.retrieve_args))
+              stage_options(args.policy_args, args.retrieve_args, args.clip_args))
     table = args.out / "eval" / "results.md"
     if table.is_file() and args.until in (None, "evaluate"):
         print("\n" + table.read_text())

@@ -3,25 +3,27 @@ controls, and where in the toy world's settings?
 
     bash scripts/effect.sh [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50] [--roles test_vqa]
         [--controls NAME ...] [--control_seeds 0] [--map_knob report_miss] [--map_values 0.0 0.2 0.4]
-        [--world_args "..."] [--policy_args "..."] [--retrieve_args "..."] [--jobs N]
+        [--world_args "..."] [--policy_args "..."] [--clip_args "..."] [--retrieve_args "..."] [--jobs N]
 
 Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, base policy,
 retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
 that of the whole method. The study's defaults put the toy nearest the paper's regime, as chosen
 on seed 0's val_vqa (docs/RESULTS.md, "Reports that miss findings, a base that trusted its
-references"): the demo's world with ten times its alignment split (with the demo's 200 studies per
-domain there are too few pairs for DPO to learn when to trust its references), a prior study of the
-same patient in the corpus for nine studies in ten, and corpus reports that leave four present
-findings in ten unsaid (``--world_args "--alignment_studies 2000 --prior_share 0.9 --report_miss
-0.4"``): the references are informative but wrong where the image shows what they miss; a base
-policy tuned with one reference per prompt, right 95 times in 100 (``--policy_args "--reference_k 1
---p_correct 0.95"``), so that it trusts them; and retrieval of one report by image
-(``--retrieve_args "--match image --k.k 1"``). It is long: a chain there takes about 35 minutes of
-one core with two chains sharing 2 cores, so the default study (3 seeds, 2 more map chains, 4
-controls) takes about 2 hours on 2 cores with ``--jobs 2`` (a GPU machine, or ``--seeds 0
---controls --map_values`` for a first look). Runs with other options go to their own
-chains, ``<out>/chains/seed<N>_<options>``; seed 0 with every option empty (``--world_args ""
---policy_args "" --retrieve_args ""``) is the demo's own chain, ``outputs/toy``.
+references", and session 28's cheaper chain): the demo's world with five times its alignment split
+(with the demo's 200 studies per domain there are too few pairs for DPO to learn when to trust its
+references), a prior study of the same patient in the corpus for nine studies in ten, and corpus
+reports that leave four present findings in ten unsaid (``--world_args "--alignment_studies 1000
+--prior_share 0.9 --report_miss 0.4"``): the references are informative but wrong where the image
+shows what they miss; a base policy tuned with one reference per prompt, right 95 times in 100
+(``--policy_args "--reference_k 1 --p_correct 0.95"``), so that it trusts them; retrievers trained
+for 5 epochs on that corpus, four times the demo's (``--clip_args "--epochs 5"``); and retrieval of
+one report by image (``--retrieve_args "--match image --k.k 1"``). It is long: a chain there takes
+about 27 minutes of one core with two chains sharing 2 cores (base policy 10, retrievers 6, DPO 5,
+pairs 4), so the default study (3 seeds, 2 more map chains, 4 controls) takes about 80 minutes on 2
+cores (a GPU machine, or ``--seeds 0 --controls --map_values`` for a first look). Runs with other
+options go to their own chains, ``<out>/chains/seed<N>_<options>``; seed 0 with every option empty
+(``--world_args "" --policy_args "" --clip_args "" --retrieve_args ""``) is the demo's own chain,
+``outputs/toy``.
 Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
 noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
 
@@ -31,7 +33,7 @@ pairs, base policy, engine, LoRA, prompts and images: ``dpo_cm`` D_cm alone, ``d
 D_oa2 alone, ``dpo_mixed`` all pairs in one mixed pass, ``sft_chosen`` supervised tuning on the
 chosen answers (loss_type sft). Each trains into ``<out>/seed<N>/controls/<name>/dpo`` and is
 evaluated alone, paired with its seed's base on the same questions. One seed by default: a control
-costs as much as the chain's own DPO (in the study's world about 20 minutes of a core), and four
+costs as much as the chain's own DPO (in the study's world about 5 minutes of a core), and four
 on every seed would double the study.
 
 The effect map: one whole chain (seed 0) per value of a world knob (a toy.make_toy option), in
@@ -45,10 +47,11 @@ study at an earlier study's chains (``<its out>/chains``), which it reads and do
 while their stages are as they were (a stage's fingerprint holds its paths, so a copy or a link
 under another name would rebuild them; the Python counts by its version, not its path).
 
-``--jobs N`` runs N independent runs at once (the chains of seeds and map points, then the
-controls), each a forked process with its share of the cores (``OMP_NUM_THREADS`` = cores / N
-unless set) and its output in ``<folder>/effect.log``. The toy's runs are small and
-single-threaded ones use cores best: on 2 cores, ``--jobs 2``.
+``--jobs N`` (default: one per core) runs N independent runs at once (the chains of seeds and map
+points, and a seed's controls once its chain is built), each a forked process with its share of
+the cores (``OMP_NUM_THREADS`` = cores / N unless set) and its output in ``<folder>/effect.log``.
+The toy's runs are small and single-threaded ones use cores best; ``--jobs 1`` runs them in turn
+with their output on the terminal.
 
 The room for the effect (toy.room), on every seed and map point: how much the base would gain by
 trusting its references exactly as much as they deserve, a per-domain logistic combiner of its
@@ -71,7 +74,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import multiprocessing
 import os
@@ -94,8 +96,9 @@ from toy.room import by_reference, read_questions, room
 
 DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
 # the study's default stage options: the paper's regime, chosen on val_vqa (module docstring: why)
-EFFECT_WORLD = "--alignment_studies 2000 --prior_share 0.9 --report_miss 0.4"  # make_toy
+EFFECT_WORLD = "--alignment_studies 1000 --prior_share 0.9 --report_miss 0.4"  # make_toy
 EFFECT_POLICY = "--reference_k 1 --p_correct 0.95"  # make_toy_policy.sh
+EFFECT_CLIP = "--epochs 5"  # finetune_clip.sh, on top of configs/toy/clip.yaml
 EFFECT_RETRIEVAL = "--match image --k.k 1"  # retrieve.sh, on top of configs/toy/retrieve.yaml
 CONTROLS = {  # train_dpo options on top of the main method's (their meaning: evaluation.effect.CONTROLS)
     "dpo_cm": ["--pair_types", "[cm]", "--stages", "[[cm]]"],
@@ -293,6 +296,7 @@ class Job:
     settings: dict[str, Any]
     run: Run
     until: str
+    after: str | None = None  # label of the job that builds this one's chain: it starts once that one is done
 
 
 def settings(run: Run, study: Study, control: str | None = None) -> dict[str, Any]:
@@ -353,8 +357,9 @@ def _in_worker(job: Job, threads: int) -> tuple[str, float]:
 
 def run_jobs(jobs: list[Job], n: int) -> None:
     """The jobs whose results are not there yet: in turn (n = 1, output to the terminal), or n at a
-    time in forked workers with one log each; the first failure stops the study, naming the run
-    and its log."""
+    time in forked workers with one log each, a job starting once the one it comes ``after`` is done
+    (a control waits for its chain, but not for the other chains); the first failure stops the
+    study, naming the run and its log."""
     todo, plans = [], {}
     for job in jobs:
         if job.run.chain not in plans:  # a chain's listing once, however many of its jobs are checked
@@ -370,12 +375,24 @@ def run_jobs(jobs: list[Job], n: int) -> None:
     threads = max(1, len(os.sched_getaffinity(0)) // n)
     for job in todo:
         print(f"[effect] {job.label}: queued ({n} at a time, {threads} thread(s) each), output in {job.log}", flush=True)
+    # multiprocessing's Pool has no dependencies between tasks: the jobs are handed out here as they become ready
+    waiting, running = list(todo), {}
+    pending = {job.label for job in todo}
     with multiprocessing.get_context("fork").Pool(min(n, len(todo)), maxtasksperchild=1) as pool:
-        try:
-            for label, seconds in pool.imap_unordered(functools.partial(_in_worker, threads=threads), todo):
+        while waiting or running:
+            for job in [j for j in waiting if j.after not in pending][: n - len(running)]:
+                waiting.remove(job)
+                running[job.label] = pool.apply_async(_in_worker, (job, threads))
+            done = [label for label, result in running.items() if result.ready()]
+            if not done:
+                time.sleep(0.2)
+            for label in done:
+                try:
+                    _, seconds = running.pop(label).get()
+                except RuntimeError as e:
+                    raise SystemExit(f"[effect] {e}") from None
+                pending.discard(label)
                 print(f"[effect] {label}: done in {seconds:.0f} s", flush=True)
-        except RuntimeError as e:
-            raise SystemExit(f"[effect] {e}") from None
 
 
 def run_room(run: Run, study: Study) -> dict[str, Any]:
@@ -408,13 +425,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="folder of the seeds' chains (default <out>/chains); an earlier study's, to compare "
                          "DPO settings (--dpo_args, --roles val_vqa) on its chains without rebuilding them")
     ap.add_argument("--world_args", default=EFFECT_WORLD,
-                    help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": ten times the '
+                    help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": five times the '
                          'demo\'s alignment split, a prior of the same patient for most studies, reports that '
                          'miss findings; "" = the demo\'s world)')
     ap.add_argument("--policy_args", default=EFFECT_POLICY,
                     help=f'make_toy_policy.sh options of every chain, one string (default "{EFFECT_POLICY}": '
                          'the base is tuned with as many references as it will be given, nearly always right; '
                          '"" = the script\'s)')
+    ap.add_argument("--clip_args", default=EFFECT_CLIP,
+                    help=f'finetune_clip.sh options of every chain on top of configs/toy/clip.yaml, one string '
+                         f'(default "{EFFECT_CLIP}": the corpus with priors is four times the demo\'s; "" = the config\'s)')
     ap.add_argument("--retrieve_args", default=EFFECT_RETRIEVAL,
                     help=f'retrieval options of every chain on top of configs/toy/retrieve.yaml, one string '
                          f'(default "{EFFECT_RETRIEVAL}": one report, by image; "" = the config\'s)')
@@ -437,9 +457,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--map_values", nargs="*", default=["0.0", "0.2", "0.4"],
                     help="its values, one seed-0 chain each (default 0.0 0.2 0.4: how much the references "
                          "miss; none when given empty)")
-    ap.add_argument("--jobs", type=int, default=1,
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                     help="independent runs at once, each in its own process with its share of the cores "
-                         "(default 1; 2 on 2 cores)")
+                         "(default: one per core; 1 runs them in turn with their output here)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs {args.jobs}: at least 1")
@@ -457,16 +477,16 @@ def main(argv: list[str] | None = None) -> None:
     world_args = shlex.split(args.world_args)
     study = Study(args.dpo_config, args.eval_config, args.limit, args.roles, shlex.split(args.dpo_args),
                   shlex.split(args.eval_args))
-    options = demo.stage_options(args.policy_args, args.retrieve_args)
+    options = demo.stage_options(args.policy_args, args.retrieve_args, args.clip_args)
     seeds = seed_runs(args.seeds, args.out, world_args, options, args.chains)
     on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds, options)
     mains = seeds + [r for r in on_map if r not in seeds]
     controlled = [r for r in seeds if r.seed in args.control_seeds]
     run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log", settings(r, study),
-                  r, chain_until(study)) for r in mains], args.jobs)
-    run_jobs([Job(f"{r.label} {name}", run_control, (r, name, study), control_dir(r, name) / "eval",
-                  control_dir(r, name) / "effect.log", settings(r, study, name), r, chain_until(study, name))
-              for name in args.controls for r in controlled], args.jobs)
+                  r, chain_until(study)) for r in mains]
+             + [Job(f"{r.label} {name}", run_control, (r, name, study), control_dir(r, name) / "eval",
+                    control_dir(r, name) / "effect.log", settings(r, study, name), r, chain_until(study, name), r.label)
+                for name in args.controls for r in controlled], args.jobs)
     rooms = {r.label: {**run_room(r, study), "by_reference": reference_split(r, study)} for r in mains}
     figures = {r.seed: {**run_figures(r.eval_dir), "room": rooms[r.label]} for r in seeds}
     controls = {name: {r.seed: control_figures(r.eval_dir, control_dir(r, name) / "eval") for r in controlled}

@@ -3,8 +3,8 @@
 # (dpo_cm, dpo_oa, dpo_mixed, sft_chosen), an effect map over a world knob and a regime check.
 # Usage: bash scripts/effect.sh [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50] [--roles val_vqa]
 #        [--controls NAME ...] [--map_knob report_miss] [--map_values 0.0 0.2 0.4] [--world_args "..."]
-#        [--policy_args "..."] [--retrieve_args "..."]
-#        [--dpo_args "--beta 0.5"] [--eval_args "..."] [--jobs 2]   (all options and what they do: --help)
+#        [--policy_args "..."] [--clip_args "..."] [--retrieve_args "..."]
+#        [--dpo_args "--beta 0.5"] [--eval_args "..."] [--jobs N]   (all options and what they do: --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

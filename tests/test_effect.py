@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,17 +269,20 @@ def test_stage_options_make_the_studys_own_chains(tmp_path):
 def test_the_default_study_is_the_regime_chosen_on_validation(tmp_path):
     """The defaults: the study's world with priors, a base tuned with one reference, one report by image."""
     args = driver.parse_args([])
-    options = demo.stage_options(args.policy_args, args.retrieve_args)
-    assert options == {"make_toy_policy": ["--reference_k", "1", "--p_correct", "0.95"],
+    options = demo.stage_options(args.policy_args, args.retrieve_args, args.clip_args)
+    assert options == {"make_toy_policy": ["--reference_k", "1", "--p_correct", "0.95"], "finetune_clip": ["--epochs", "5"],
                        "retrieve": ["--match", "image", "--k.k", "1"]}
     seed0, = driver.seed_runs([0], tmp_path, shlex.split(args.world_args), options)
-    assert seed0.chain.name == ("seed0_alignment_studies=2000_prior_share=0.9_report_miss=0.4"
-                                "_reference_k=1_p_correct=0.95_match=image_k.k=1")
+    assert seed0.chain.name == ("seed0_alignment_studies=1000_prior_share=0.9_report_miss=0.4"
+                                "_reference_k=1_p_correct=0.95_epochs=5_match=image_k.k=1")
+    chain = {s.name: s for s in demo.stages(seed0.chain, 0, seed0.world_args, "retrieve", options)}
+    assert chain["finetune_clip"].cmd[-2:] == ["--epochs", "5"]
     low, middle, here = driver.map_runs(args.map_knob, args.map_values, tmp_path, seed0.world_args, [seed0], options)
     assert here is seed0 and low.chain == tmp_path / "map" / "report_miss=0.0" / "chain"  # 0.4: seed 0's own world
     assert middle.world_args[-2:] == ["--report_miss", "0.2"]
-    demo_again = driver.parse_args(["--world_args", "", "--policy_args", "", "--retrieve_args", ""])
-    assert driver.seed_runs([0], tmp_path, [], demo.stage_options(demo_again.policy_args, demo_again.retrieve_args))[0].chain == demo.OUT
+    again = driver.parse_args(["--world_args", "", "--policy_args", "", "--clip_args", "", "--retrieve_args", ""])
+    options = demo.stage_options(again.policy_args, again.retrieve_args, again.clip_args)
+    assert driver.seed_runs([0], tmp_path, [], options)[0].chain == demo.OUT
 
 
 class Stub:
@@ -329,13 +333,18 @@ def stubbed(monkeypatch) -> Stub:
     return stub
 
 
+def run_study(argv: list[str]) -> None:
+    """The driver in this process (``--jobs 1`` unless the test gives more), so the stubs record what it runs."""
+    driver.main(["--jobs", "1", *argv])
+
+
 def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys):
     stub = stubbed(monkeypatch)
     out = tmp_path / "effect"
     argv = ["--seeds", "0", "1", "--out", str(out), "--limit", "7", "--controls", "dpo_cm", "sft_chosen",
             "--control_seeds", "0", "1", "--map_knob", "subtle_share", "--map_values", "0.1", "0.6",
-            "--world_args", "", "--policy_args", "", "--retrieve_args", ""]
-    driver.main(argv)
+            "--world_args", "", "--policy_args", "", "--clip_args", "", "--retrieve_args", ""]
+    run_study(argv)
     assert stub.chains == [(demo.OUT, 0, [], "train_dpo"), (out / "chains" / "seed1", 1, [], "train_dpo"),
                            (out / "map" / "subtle_share=0.1" / "chain", 0, ["--subtle_share", "0.1"], "train_dpo"),
                            (out / "map" / "subtle_share=0.6" / "chain", 0, ["--subtle_share", "0.6"], "train_dpo")]
@@ -365,24 +374,25 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     assert "[effect] seed 1 sft_chosen: training and evaluation" in printed and "done in" in printed
 
     stub.chains.clear(), stub.commands.clear(), stub.rooms.clear()
-    driver.main(argv)  # everything there: nothing redone
+    run_study(argv)  # everything there: nothing redone
     assert stub.chains == [] and stub.commands == [] and stub.rooms == []
     assert "results exist, not redone" in capsys.readouterr().out
     stub.stages = {"build_pairs": "fingerprint 2", "train_dpo": "fingerprint 3"}  # the pairs changed (code, config or input)
-    driver.main(argv)
+    run_study(argv)
     assert len(stub.chains) == 4 and len(stub.rooms) == 4
     assert len([c for c in stub.commands if c[0] == "evaluation.evaluate"]) == 4 + 4  # the runs and the controls
     assert "is not as it was when its results were made, redone" in capsys.readouterr().out
     stub.chains.clear(), stub.commands.clear(), stub.rooms.clear()
     with pytest.raises(SystemExit, match=r"seed0/eval: its results were made with other settings \(limit\)"):
-        driver.main([*argv[:argv.index("--limit")], "--limit", "8", *argv[argv.index("--limit") + 2:]])
+        run_study([*argv[:argv.index("--limit")], "--limit", "8", *argv[argv.index("--limit") + 2:]])
     assert stub.commands == []
 
-    driver.main(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
+    run_study(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
     # the study's own world and stage options by default; its own DPO: the chain stops before
-    label = "seed2_alignment_studies=2000_prior_share=0.9_report_miss=0.4_reference_k=1_p_correct=0.95_match=image_k.k=1"
-    options = {"make_toy_policy": ["--reference_k", "1", "--p_correct", "0.95"], "retrieve": ["--match", "image", "--k.k", "1"]}
-    world = ["--alignment_studies", "2000", "--prior_share", "0.9", "--report_miss", "0.4"]
+    label = "seed2_alignment_studies=1000_prior_share=0.9_report_miss=0.4_reference_k=1_p_correct=0.95_epochs=5_match=image_k.k=1"
+    options = {"make_toy_policy": ["--reference_k", "1", "--p_correct", "0.95"], "finetune_clip": ["--epochs", "5"],
+               "retrieve": ["--match", "image", "--k.k", "1"]}
+    world = ["--alignment_studies", "1000", "--prior_share", "0.9", "--report_miss", "0.4"]
     assert stub.chains == [(out / "chains" / label, 2, world, "build_pairs", options)]
     (module, train), = [c for c in stub.commands if c[0] == "dpo.train_dpo"]
     assert train[-2:] == ["--beta", "0.5"] and str(out / "seed2" / "dpo") in train
@@ -395,9 +405,9 @@ def test_jobs_run_in_workers_with_a_log_each_and_give_the_same_study(tmp_path, m
     monkeypatch.setenv("OMP_NUM_THREADS", "")  # as an empty `OMP_NUM_THREADS= cmd` leaves it: not a number of threads
     argv = ["--seeds", "0", "1", "--limit", "7", "--controls", "sft_chosen", "--control_seeds", "0", "1",
             "--map_knob", "subtle_share", "--map_values", "0.1"]
-    driver.main([*argv, "--out", str(tmp_path / "one")])
+    run_study([*argv, "--out", str(tmp_path / "one")])
     capsys.readouterr()
-    driver.main([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"])
+    run_study([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"])
     printed = capsys.readouterr().out
     assert "seed 1: queued (2 at a time" in printed and "[effect] seed 1 sft_chosen: done in" in printed
     assert "[effect] seed 1: chain" not in printed  # a worker's own lines go to its log
@@ -409,10 +419,34 @@ def test_jobs_run_in_workers_with_a_log_each_and_give_the_same_study(tmp_path, m
     assert (tmp_path / "two" / "seed1" / "eval" / "threads.txt").read_text() == share  # each worker its share
 
 
+def _timed(path: Path, seconds: float) -> None:
+    """A job that takes ``seconds`` and records when it started and ended."""
+    start = time.time()
+    time.sleep(seconds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{start} {time.time()}")
+
+
+def test_a_control_starts_once_its_chain_is_built_and_not_before(tmp_path, monkeypatch):
+    """Two workers: the fast chain's worker takes the next chain at once; the control waits for its
+    slow chain, then runs beside whatever runs."""
+    stubbed(monkeypatch)
+
+    def job(label: str, seconds: float, after: str | None = None) -> driver.Job:
+        run = driver.Run(label, 0, tmp_path / "chain", [], tmp_path / label)
+        return driver.Job(label, _timed, (tmp_path / "times" / label, seconds), run.eval_dir, run.folder / "effect.log",
+                          {}, run, "train_dpo", after)
+
+    driver.run_jobs([job("slow", 1.5), job("fast", 0.1), job("next", 0.1), job("control", 0.1, after="slow")], 2)
+    times = {p.name: [float(t) for t in p.read_text().split()] for p in (tmp_path / "times").iterdir()}
+    assert times["control"][0] >= times["slow"][1]  # after its chain
+    assert times["next"][0] < times["slow"][1]  # the other worker did not wait
+
+
 def test_controls_run_on_the_first_seed_by_default_and_compare_on_it_alone(tmp_path, monkeypatch):
     stub = stubbed(monkeypatch)
     out = tmp_path / "effect"
-    driver.main(["--seeds", "3", "1", "--out", str(out), "--controls", "sft_chosen", "--map_values"])
+    run_study(["--seeds", "3", "1", "--out", str(out), "--controls", "sft_chosen", "--map_values"])
     trains = [args for module, args in stub.commands if module == "dpo.train_dpo"]
     assert len(trains) == 1 and str(out / "seed3" / "controls" / "sft_chosen" / "dpo") in trains[0]
     effect = json.loads((out / "effect.json").read_text())
@@ -420,7 +454,7 @@ def test_controls_run_on_the_first_seed_by_default_and_compare_on_it_alone(tmp_p
     controls = (out / "effect.md").read_text().split("## Controls")[1]
     assert "over seeds 3." in controls and "| dpo | 1 |" not in controls and "| dpo | 3 |" in controls
     with pytest.raises(SystemExit):
-        driver.main(["--seeds", "0", "--control_seeds", "1", "--out", str(out)])
+        run_study(["--seeds", "0", "--control_seeds", "1", "--out", str(out)])
 
 
 def test_a_failed_run_in_a_worker_stops_the_study_naming_its_log(tmp_path, monkeypatch):
@@ -435,7 +469,7 @@ def test_a_failed_run_in_a_worker_stops_the_study_naming_its_log(tmp_path, monke
     monkeypatch.setattr(driver, "_python", python)
     out = tmp_path / "effect"
     with pytest.raises(SystemExit, match=r"seed 1 sft_chosen failed \(SystemExit: 1\); its output: .*effect\.log"):
-        driver.main(["--seeds", "0", "1", "--out", str(out), "--controls", "sft_chosen", "--control_seeds", "0", "1",
+        run_study(["--seeds", "0", "1", "--out", str(out), "--controls", "sft_chosen", "--control_seeds", "0", "1",
                      "--map_values", "--jobs", "2"])
     assert not (out / "effect.json").exists()
 
@@ -444,7 +478,7 @@ def test_an_unknown_map_knob_stops_before_any_run(monkeypatch, capsys):
     stub = Stub()
     monkeypatch.setattr(demo, "run_chain", stub.run_chain)
     with pytest.raises(SystemExit):
-        driver.main(["--map_knob", "no_such_knob"])
+        run_study(["--map_knob", "no_such_knob"])
     assert "not a make_toy option" in capsys.readouterr().err and stub.chains == []
 
 
@@ -466,9 +500,9 @@ def test_effect_study_on_a_tiny_world(tmp_path, monkeypatch):
     stage_args = demo.stage_args
     monkeypatch.setattr(demo, "stage_args", lambda name, out, seed: stage_args(name, out, seed) + TINY.get(name, []))
     out = tmp_path / "effect"
-    driver.main(["--seeds", "1", "--out", str(out), "--world_args", "--size tiny", "--limit", "4",
+    run_study(["--seeds", "1", "--out", str(out), "--world_args", "--size tiny", "--limit", "4",
                  "--controls", "sft_chosen", "--map_values"])
-    chain = out / "chains" / "seed1_size=tiny_reference_k=1_p_correct=0.95_match=image_k.k=1"  # the default stage options
+    chain = out / "chains" / "seed1_size=tiny_reference_k=1_p_correct=0.95_epochs=5_match=image_k.k=1"  # the default stage options
     assert (chain / "dpo" / "adapter" / "adapter_config.json").is_file() and not (chain / "eval").exists()
     effect = json.loads((out / "effect.json").read_text())
     assert set(effect["seeds"]["1"]) == {"base", "dpo"}
@@ -499,8 +533,8 @@ def test_chain_state_is_the_stages_fingerprints_once_they_all_ran(tmp_path):
 def test_driver_passes_stage_options_to_every_chain(tmp_path, monkeypatch):
     stub = stubbed(monkeypatch)
     out = tmp_path / "effect"
-    driver.main(["--seeds", "0", "--out", str(out), "--controls", "--map_knob", "subtle_share", "--map_values", "0.6",
-                 "--world_args", "", "--retrieve_args", "--match image", "--policy_args", "--reference_k 1"])
+    run_study(["--seeds", "0", "--out", str(out), "--controls", "--map_knob", "subtle_share", "--map_values", "0.6",
+                 "--world_args", "", "--clip_args", "", "--retrieve_args", "--match image", "--policy_args", "--reference_k 1"])
     options = {"make_toy_policy": ["--reference_k", "1"], "retrieve": ["--match", "image"]}
     assert stub.chains == [(out / "chains" / "seed0_reference_k=1_match=image", 0, [], "train_dpo", options),
                            (out / "map" / "subtle_share=0.6" / "chain", 0, ["--subtle_share", "0.6"], "train_dpo", options)]
