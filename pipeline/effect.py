@@ -296,7 +296,6 @@ class Job:
     settings: dict[str, Any]
     run: Run
     until: str
-    after: str | None = None  # label of the job that builds this one's chain: it starts once that one is done
 
 
 def settings(run: Run, study: Study, control: str | None = None) -> dict[str, Any]:
@@ -357,9 +356,9 @@ def _in_worker(job: Job, threads: int) -> tuple[str, float]:
 
 def run_jobs(jobs: list[Job], n: int) -> None:
     """The jobs whose results are not there yet: in turn (n = 1, output to the terminal), or n at a
-    time in forked workers with one log each, a job starting once the one it comes ``after`` is done
-    (a control waits for its chain, but not for the other chains); the first failure stops the
-    study, naming the run and its log."""
+    time in forked workers with one log each; the first job of a chain builds it, and the chain's
+    other jobs (its controls) start once it is done, beside the other chains. The first failure
+    stops the study, naming the run and its log."""
     todo, plans = [], {}
     for job in jobs:
         if job.run.chain not in plans:  # a chain's listing once, however many of its jobs are checked
@@ -376,11 +375,15 @@ def run_jobs(jobs: list[Job], n: int) -> None:
     for job in todo:
         print(f"[effect] {job.label}: queued ({n} at a time, {threads} thread(s) each), output in {job.log}", flush=True)
     # multiprocessing's Pool has no dependencies between tasks: the jobs are handed out here as they become ready
+    builder: dict[Path, str] = {}  # chain -> label of its first job, which builds it
+    for job in todo:
+        builder.setdefault(job.run.chain, job.label)
     waiting, running = list(todo), {}
-    pending = {job.label for job in todo}
     with multiprocessing.get_context("fork").Pool(min(n, len(todo)), maxtasksperchild=1) as pool:
         while waiting or running:
-            for job in [j for j in waiting if j.after not in pending][: n - len(running)]:
+            busy = {j.label for j in waiting} | running.keys()
+            ready = [j for j in waiting if builder[j.run.chain] == j.label or builder[j.run.chain] not in busy]
+            for job in ready[: n - len(running)]:
                 waiting.remove(job)
                 running[job.label] = pool.apply_async(_in_worker, (job, threads))
             done = [label for label, result in running.items() if result.ready()]
@@ -391,7 +394,6 @@ def run_jobs(jobs: list[Job], n: int) -> None:
                     _, seconds = running.pop(label).get()
                 except RuntimeError as e:
                     raise SystemExit(f"[effect] {e}") from None
-                pending.discard(label)
                 print(f"[effect] {label}: done in {seconds:.0f} s", flush=True)
 
 
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log", settings(r, study),
                   r, chain_until(study)) for r in mains]
              + [Job(f"{r.label} {name}", run_control, (r, name, study), control_dir(r, name) / "eval",
-                    control_dir(r, name) / "effect.log", settings(r, study, name), r, chain_until(study, name), r.label)
+                    control_dir(r, name) / "effect.log", settings(r, study, name), r, chain_until(study, name))
                 for name in args.controls for r in controlled], args.jobs)
     rooms = {r.label: {**run_room(r, study), "by_reference": reference_split(r, study)} for r in mains}
     figures = {r.seed: {**run_figures(r.eval_dir), "room": rooms[r.label]} for r in seeds}

@@ -429,15 +429,15 @@ def _timed(path: Path, seconds: float) -> None:
 
 def test_a_control_starts_once_its_chain_is_built_and_not_before(tmp_path, monkeypatch):
     """Two workers: the fast chain's worker takes the next chain at once; the control waits for its
-    slow chain, then runs beside whatever runs."""
+    slow chain (the first job on that chain builds it), then runs beside whatever runs."""
     stubbed(monkeypatch)
 
-    def job(label: str, seconds: float, after: str | None = None) -> driver.Job:
-        run = driver.Run(label, 0, tmp_path / "chain", [], tmp_path / label)
+    def job(label: str, seconds: float, chain: str) -> driver.Job:
+        run = driver.Run(label, 0, tmp_path / chain, [], tmp_path / label)
         return driver.Job(label, _timed, (tmp_path / "times" / label, seconds), run.eval_dir, run.folder / "effect.log",
-                          {}, run, "train_dpo", after)
+                          {}, run, "train_dpo")
 
-    driver.run_jobs([job("slow", 1.5), job("fast", 0.1), job("next", 0.1), job("control", 0.1, after="slow")], 2)
+    driver.run_jobs([job("slow", 1.5, "a"), job("fast", 0.1, "b"), job("next", 0.1, "c"), job("control", 0.1, "a")], 2)
     times = {p.name: [float(t) for t in p.read_text().split()] for p in (tmp_path / "times").iterdir()}
     assert times["control"][0] >= times["slow"][1]  # after its chain
     assert times["next"][0] < times["slow"][1]  # the other worker did not wait
