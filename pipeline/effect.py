@@ -36,15 +36,16 @@ evaluated alone, paired with its seed's base on the same questions. One seed by 
 costs as much as the chain's own DPO (in the study's world about 5 minutes of a core), and four
 on every seed would double the study.
 
-The effect map: one whole chain (seed 0) per value of a world knob (a toy.make_toy option), in
-``<out>/map/<knob>=<value>/`` (``chain/``, ``eval/``), evaluated like a seed; a value that gives
+The effect map: one whole chain (seed 0) per value of a world knob (a toy.make_toy option), beside
+the seeds' chains, evaluated like a seed into ``<out>/map/<knob>=<value>/eval``; a value that gives
 seed 0's own world (the knob's default) is that seed's run, not a second copy of it.
 
 ``--dpo_args`` (and a ``--dpo_config`` other than the default) retrain the main method into
 ``<out>/seed<N>/dpo`` with those options, on the chain's pairs; the controls get them too. That
-compares DPO settings on ``--roles val_vqa`` without touching test; ``--chains`` points such a
-study at an earlier study's chains (``<its out>/chains``), which it reads and does not rebuild
-while their stages are as they were (a stage's fingerprint holds its paths, so a copy or a link
+compares DPO settings on ``--roles val_vqa`` without touching test. ``--chains`` points a study
+at an earlier study's chains (``<its out>/chains``: seeds and map points), which it reads and does
+not rebuild while their stages are as they were: settings chosen on ``--roles val_vqa`` are then
+tested on the very chains they were chosen with, at the cost of evaluation alone (a stage's fingerprint holds its paths, so a copy or a link
 under another name would rebuild them; the Python counts by its version, not its path).
 
 ``--jobs N`` (default: one per core) runs N independent runs at once (the chains of seeds and map
@@ -166,19 +167,30 @@ def is_demos(world_args: list[str], options: dict[str, list[str]]) -> bool:
     return same_world(world_args, []) and not options
 
 
+def chain_folder(seed: int, world_args: list[str], options: dict[str, list[str]], chains: Path) -> Path:
+    """A chain's folder: the demo's for seed 0 in its world with the configs' stages, else
+    ``<chains>/seed<N>_<options>``, named by everything that builds it (world and stage options)."""
+    if seed == 0 and is_demos(world_args, options):
+        return demo.OUT
+    label = world_label([*world_args, *(o for opts in options.values() for o in opts)])
+    return chains / (f"seed{seed}_{label}" if label else f"seed{seed}")
+
+
 def seed_runs(seeds: list[int], out: Path, world_args: list[str], options: dict[str, list[str]] | None = None,
               chains: Path | None = None) -> list[Run]:
-    """Seed 0 in the demo's world with the configs' stages is the demo's chain; every other run gets its own
-    under ``chains`` (default ``<out>/chains``)."""
-    runs, options, chains = [], dict(options or {}), chains or out / "chains"
-    label = world_label([*world_args, *(o for opts in options.values() for o in opts)])
-    for s in seeds:
-        if s == 0 and is_demos(world_args, options):
-            chain = demo.OUT
-        else:
-            chain = chains / (f"seed{s}_{label}" if label else f"seed{s}")
-        runs.append(Run(f"seed {s}", s, chain, list(world_args), out / f"seed{s}", options))
-    return runs
+    """One run per seed, its chain under ``chains`` (default ``<out>/chains``), its results in ``<out>/seed<N>``."""
+    options, chains = dict(options or {}), chains or out / "chains"
+    return [Run(f"seed {s}", s, chain_folder(s, world_args, options, chains), list(world_args), out / f"seed{s}", options)
+            for s in seeds]
+
+
+def with_knob(world_args: list[str], knob: str, value: str) -> list[str]:
+    """The world options with ``--<knob> <value>``: in place of the knob's own value when it is there."""
+    flag, args = f"--{knob}", list(world_args)
+    if flag in args[:-1]:
+        args[args.index(flag) + 1] = value
+        return args
+    return [*args, flag, value]
 
 
 def same_world(a: list[str], b: list[str]) -> bool:
@@ -193,18 +205,17 @@ def same_world(a: list[str], b: list[str]) -> bool:
 
 
 def map_runs(knob: str, values: list[str], out: Path, world_args: list[str], seeds: list[Run] = (),
-             options: dict[str, list[str]] | None = None) -> list[Run]:
-    """One seed-0 chain per knob value, the study's world options plus ``--<knob> <value>``; a value
-    whose world is a seed-0 run's takes that run rather than repeating its whole chain, and one
-    whose world and stage options are the demo's takes the demo's chain."""
-    runs, options = [], dict(options or {})
+             options: dict[str, list[str]] | None = None, chains: Path | None = None) -> list[Run]:
+    """One seed-0 chain per knob value, the study's world with ``--<knob> <value>``, beside the seeds'
+    chains (so ``--chains`` serves a later study the whole map too); its results in ``<out>/map/<knob>=<value>``.
+    A value whose world is a seed-0 run's takes that run rather than repeating its whole chain."""
+    runs, options, chains = [], dict(options or {}), chains or out / "chains"
     for v in values:
-        args = [*world_args, f"--{knob}", v]
+        args = with_knob(world_args, knob, v)
         same = next((r for r in seeds if r.seed == 0 and same_world(r.world_args, args)
                      and r.options == options), None)
-        folder = out / "map" / f"{knob}={v}"
-        chain = demo.OUT if is_demos(args, options) else folder / "chain"
-        runs.append(same or Run(f"{knob}={v}", 0, chain, args, folder, options))
+        runs.append(same or Run(f"{knob}={v}", 0, chain_folder(0, args, options, chains), args,
+                                out / "map" / f"{knob}={v}", options))
     return runs
 
 
@@ -424,8 +435,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="whole-chain seeds (default 0 1 2)")
     ap.add_argument("--out", type=Path, default=Path("outputs/toy/effect"), help="output folder")
     ap.add_argument("--chains", type=Path, default=None,
-                    help="folder of the seeds' chains (default <out>/chains); an earlier study's, to compare "
-                         "DPO settings (--dpo_args, --roles val_vqa) on its chains without rebuilding them")
+                    help="folder of the chains, seeds' and map points' (default <out>/chains); an earlier study's, "
+                         "to test on the chains of a validation study, or compare DPO settings (--dpo_args, "
+                         "--roles val_vqa) on them, without rebuilding them")
     ap.add_argument("--world_args", default=EFFECT_WORLD,
                     help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": five times the '
                          'demo\'s alignment split, a prior of the same patient for most studies, reports that '
@@ -481,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
                   shlex.split(args.eval_args))
     options = demo.stage_options(args.policy_args, args.retrieve_args, args.clip_args)
     seeds = seed_runs(args.seeds, args.out, world_args, options, args.chains)
-    on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds, options)
+    on_map = map_runs(args.map_knob, args.map_values, args.out, world_args, seeds, options, args.chains)
     mains = seeds + [r for r in on_map if r not in seeds]
     controlled = [r for r in seeds if r.seed in args.control_seeds]
     run_jobs([Job(r.label, run_main, (r, study), r.eval_dir, r.folder / "effect.log", settings(r, study),

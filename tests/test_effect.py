@@ -235,9 +235,10 @@ def test_world_label_and_chain_folders(tmp_path):
     assert tiny.chain == tmp_path / "chains" / "seed0_size=tiny" and tiny.eval_dir == tmp_path / "seed0" / "eval"
     point = driver.map_runs("subtle_share", ["0.5"], tmp_path, ["--size", "tiny"])[0]
     assert point.seed == 0 and point.world_args == ["--size", "tiny", "--subtle_share", "0.5"]
-    assert point.chain == tmp_path / "map" / "subtle_share=0.5" / "chain"
+    assert point.chain == tmp_path / "chains" / "seed0_size=tiny_subtle_share=0.5"
+    assert point.folder == tmp_path / "map" / "subtle_share=0.5"
     default, other = driver.map_runs("prior_share", ["0.0", "0.5"], tmp_path, [], runs)
-    assert default is runs[0] and other.chain == tmp_path / "map" / "prior_share=0.5" / "chain"  # 0.0: the demo's world
+    assert default is runs[0] and other.chain == tmp_path / "chains" / "seed0_prior_share=0.5"  # 0.0: the demo's world
     big = driver.seed_runs([0], tmp_path, ["--alignment_studies", "2000"])[0]
     assert big.chain == tmp_path / "chains" / "seed0_alignment_studies=2000"
     small, same = driver.map_runs("alignment_studies", ["200", "2000"], tmp_path, ["--alignment_studies", "2000"], [big])
@@ -245,6 +246,11 @@ def test_world_label_and_chain_folders(tmp_path):
     earlier = tmp_path / "earlier" / "chains"  # --chains: a sweep on an earlier study's chains, its results its own
     swept = driver.seed_runs([0], tmp_path, ["--alignment_studies", "2000"], chains=earlier)[0]
     assert swept.chain == earlier / "seed0_alignment_studies=2000" and swept.eval_dir == tmp_path / "seed0" / "eval"
+    mapped = driver.map_runs("prior_share", ["0.5"], tmp_path, [], chains=earlier)[0]  # the map's chains there too
+    assert mapped.chain == earlier / "seed0_prior_share=0.5" and mapped.folder == tmp_path / "map" / "prior_share=0.5"
+    assert driver.with_knob(["--report_miss", "0.4", "--size", "tiny"], "report_miss", "0.0") == [
+        "--report_miss", "0.0", "--size", "tiny"]  # in place: the chain is named like a seed's in that world
+    assert driver.with_knob(["--size", "tiny"], "report_miss", "0.0") == ["--size", "tiny", "--report_miss", "0.0"]
     assert driver.parse_args(["--chains", str(earlier)]).chains == earlier and driver.parse_args([]).chains is None
 
 
@@ -257,7 +263,7 @@ def test_stage_options_make_the_studys_own_chains(tmp_path):
     seed0, = driver.seed_runs([0], tmp_path, [], options)
     assert seed0.chain == tmp_path / "chains" / "seed0_reference_k=1_match=image_k.k=1" and seed0.options == options
     default, point = driver.map_runs("prior_share", ["0.0", "0.5"], tmp_path, [], [seed0], options)
-    assert default is seed0 and point.options == options and point.chain == tmp_path / "map" / "prior_share=0.5" / "chain"
+    assert default is seed0 and point.options == options and point.chain == tmp_path / "chains" / "seed0_prior_share=0.5_reference_k=1_match=image_k.k=1"
     assert driver.map_runs("prior_share", ["0.0"], tmp_path, [], [seed0])[0].chain == demo.OUT
     chain = {s.name: s for s in demo.stages(seed0.chain, 0, [], "retrieve", options)}
     assert chain["retrieve"].cmd[-4:] == by_image and chain["make_toy_policy"].cmd[-2:] == ["--reference_k", "1"]
@@ -278,7 +284,7 @@ def test_the_default_study_is_the_regime_chosen_on_validation(tmp_path):
     chain = {s.name: s for s in demo.stages(seed0.chain, 0, seed0.world_args, "retrieve", options)}
     assert chain["finetune_clip"].cmd[-2:] == ["--epochs", "5"]
     low, middle, here = driver.map_runs(args.map_knob, args.map_values, tmp_path, seed0.world_args, [seed0], options)
-    assert here is seed0 and low.chain == tmp_path / "map" / "report_miss=0.0" / "chain"  # 0.4: seed 0's own world
+    assert here is seed0 and low.chain.name == seed0.chain.name.replace("report_miss=0.4", "report_miss=0.0")  # 0.4: seed 0's own world
     assert middle.world_args[-2:] == ["--report_miss", "0.2"]
     again = driver.parse_args(["--world_args", "", "--policy_args", "", "--clip_args", "", "--retrieve_args", ""])
     options = demo.stage_options(again.policy_args, again.retrieve_args, again.clip_args)
@@ -346,8 +352,8 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
             "--world_args", "", "--policy_args", "", "--clip_args", "", "--retrieve_args", ""]
     run_study(argv)
     assert stub.chains == [(demo.OUT, 0, [], "train_dpo"), (out / "chains" / "seed1", 1, [], "train_dpo"),
-                           (out / "map" / "subtle_share=0.1" / "chain", 0, ["--subtle_share", "0.1"], "train_dpo"),
-                           (out / "map" / "subtle_share=0.6" / "chain", 0, ["--subtle_share", "0.6"], "train_dpo")]
+                           (out / "chains" / "seed0_subtle_share=0.1", 0, ["--subtle_share", "0.1"], "train_dpo"),
+                           (out / "chains" / "seed0_subtle_share=0.6", 0, ["--subtle_share", "0.6"], "train_dpo")]
     trains = [args for module, args in stub.commands if module == "dpo.train_dpo"]
     assert len(trains) == 4  # 2 controls x 2 seeds; the main method is the chain's own DPO
     sft = next(a for a in trains if str(out / "seed1" / "controls" / "sft_chosen" / "dpo") in a)
@@ -359,8 +365,8 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     assert main_eval[main_eval.index("--noise.seed") + 1] == "1"
 
     assert stub.rooms == [(demo.OUT, ["test_vqa"], 7), (out / "chains" / "seed1", ["test_vqa"], 7),
-                          (out / "map" / "subtle_share=0.1" / "chain", ["test_vqa"], 7),
-                          (out / "map" / "subtle_share=0.6" / "chain", ["test_vqa"], 7)]
+                          (out / "chains" / "seed0_subtle_share=0.1", ["test_vqa"], 7),
+                          (out / "chains" / "seed0_subtle_share=0.6", ["test_vqa"], 7)]
     effect = json.loads((out / "effect.json").read_text())
     assert set(effect["controls"]) == {"dpo_cm", "sft_chosen"} and set(effect["controls"]["dpo_cm"]) == {"0", "1"}
     assert [p["value"] for p in effect["map"]["points"]] == [0.1, 0.6]
@@ -537,5 +543,6 @@ def test_driver_passes_stage_options_to_every_chain(tmp_path, monkeypatch):
                  "--world_args", "", "--clip_args", "", "--retrieve_args", "--match image", "--policy_args", "--reference_k 1"])
     options = {"make_toy_policy": ["--reference_k", "1"], "retrieve": ["--match", "image"]}
     assert stub.chains == [(out / "chains" / "seed0_reference_k=1_match=image", 0, [], "train_dpo", options),
-                           (out / "map" / "subtle_share=0.6" / "chain", 0, ["--subtle_share", "0.6"], "train_dpo", options)]
+                           (out / "chains" / "seed0_subtle_share=0.6_reference_k=1_match=image", 0, ["--subtle_share", "0.6"], "train_dpo",
+                            options)]
     assert json.loads((out / "seed0" / "eval" / "study.json").read_text())["stage_options"] == options
