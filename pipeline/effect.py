@@ -67,7 +67,9 @@ Writes ``<out>/effect.json``, ``effect.md`` (docs/DESIGN.md: the effect study) a
 were when they were made (their fingerprints, common.stages, kept in ``<eval>/study.json`` and
 ``room.json``): changed code, config or input of a stage redoes the stage and the results made
 from it. Results made with other settings (world, limit, roles, options) stop the study: a changed
-setting needs its own ``--out``.
+setting needs its own ``--out``. One study at a time writes an ``--out``: a second one stops at
+once, naming the first (common.io.run_lock); studies with their own ``--out`` may read the same
+``--chains`` side by side.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from common.config import cli_main, load_config, to_dict
-from common.io import atomic_write_json, atomic_write_text
+from common.io import atomic_write_json, atomic_write_text, run_lock
 from common.stages import plan
 from evaluation.effect import CONDITIONS, CONTROLS as MEANING, assemble, control_figures, markdown, run_figures
 from evaluation.plots import plot_effect_map
@@ -488,6 +490,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    with run_lock(args.out):  # one study per folder: a second one would redo and overwrite the first's runs
+        run_study(args)
+
+
+def run_study(args: argparse.Namespace) -> None:
+    """Every run of the study (those whose results are not there yet), then its tables and map."""
     world_args = shlex.split(args.world_args)
     study = Study(args.dpo_config, args.eval_config, args.limit, args.roles, shlex.split(args.dpo_args),
                   shlex.split(args.eval_args))

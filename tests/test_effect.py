@@ -14,13 +14,14 @@ import pytest
 
 import pipeline.demo as demo
 import pipeline.effect as driver
-from common.io import atomic_write_json
+from common.io import LOCK_FILE, InputError, atomic_write_json
 from common.stages import plan, stamp_path
 from evaluation.effect import (
     CONDITIONS, CONTROLS, assemble, control_figures, markdown, paired_differences, question_outcomes, reference_vote,
     regime, run_figures, summarise, table,
 )
 from evaluation.evaluate import diagnostics
+from tests.test_run_lock import holder
 
 METRICS = ("accuracy_no_rag", "accuracy_rag_fixed", "copy_rate", "over_reliance_rate")
 
@@ -534,6 +535,22 @@ def test_chain_state_is_the_stages_fingerprints_once_they_all_ran(tmp_path):
     assert list(state) == [s.name for s in chain] and state == {s.name: fp for s, fp, _ in plan(chain)}
     (run.chain / "world" / "more.txt").write_text("a file the world did not have")
     assert driver.chain_state(driver.chain_plan(run), "retrieve") is None  # the world changed: stages would run
+
+
+def test_a_second_study_into_the_same_folder_stops_at_once(tmp_path, monkeypatch):
+    """Two studies in one --out would run the same chains' controls and evaluations twice, over each other."""
+    stub = stubbed(monkeypatch)
+    out = tmp_path / "effect"
+    proc = holder(out)  # another study, alive, holding the folder
+    try:
+        with pytest.raises(InputError, match=rf"{out}: another run is writing here \(pid {proc.pid} "):
+            run_study(["--seeds", "1", "--out", str(out), "--controls", "--map_values"])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert stub.chains == [] and stub.commands == []
+    run_study(["--seeds", "1", "--out", str(out), "--controls", "--map_values"])  # once it has ended
+    assert len(stub.chains) == 1 and not (out / LOCK_FILE).exists()
 
 
 def test_driver_passes_stage_options_to_every_chain(tmp_path, monkeypatch):
