@@ -45,8 +45,9 @@ seed 0's own world (the knob's default) is that seed's run, not a second copy of
 compares DPO settings on ``--roles val_vqa`` without touching test. ``--chains`` points a study
 at an earlier study's chains (``<its out>/chains``: seeds and map points), which it reads and does
 not rebuild while their stages are as they were: settings chosen on ``--roles val_vqa`` are then
-tested on the very chains they were chosen with, at the cost of evaluation alone (a stage's fingerprint holds its paths, so a copy or a link
-under another name would rebuild them; the Python counts by its version, not its path).
+tested on the very chains they were chosen with, at the cost of evaluation alone (a stage's
+fingerprint holds its paths, so a copy or a link under another name would rebuild them; the
+Python counts by its version, not its path).
 
 ``--jobs N`` (default: one per core) runs N independent runs at once (the chains of seeds and map
 points, and a seed's controls once its chain is built), each a forked process with its share of
@@ -182,8 +183,8 @@ def seed_runs(seeds: list[int], out: Path, world_args: list[str], options: dict[
               chains: Path | None = None) -> list[Run]:
     """One run per seed, its chain under ``chains`` (default ``<out>/chains``), its results in ``<out>/seed<N>``."""
     options, chains = dict(options or {}), chains or out / "chains"
-    return [Run(f"seed {s}", s, chain_folder(s, world_args, options, chains), list(world_args), out / f"seed{s}", options)
-            for s in seeds]
+    return [Run(f"seed {s}", s, chain_folder(s, world_args, options, chains), list(world_args),
+                out / f"seed{s}", options) for s in seeds]
 
 
 def with_knob(world_args: list[str], knob: str, value: str) -> list[str]:
