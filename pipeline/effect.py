@@ -20,9 +20,9 @@ configs' 0.76 reads as well as the references know, and retrieval no longer help
 29) (``--policy_args "--reference_k 1 --p_correct 0.95 --train.stop_at 0.72"``); retrievers trained
 for 5 epochs on that corpus, four times the demo's (``--clip_args "--epochs 5"``); and retrieval of
 one report by image (``--retrieve_args "--match image --k.k 1"``). It is long: a chain there takes
-about 25 minutes of one core with two chains sharing 2 cores (base policy 8-9, DPO 5, retrievers
-3.5, pairs 3.5, tower 3), so the default study (3 seeds, 2 more map chains, 4 controls) takes
-about 85 minutes on 2 cores (a GPU machine, or ``--seeds 0 --controls --map_values`` for a first
+about 20 minutes of one core (base policy 6, DPO 4.5, retrievers 3, pairs 3, tower 2, world 1),
+a control 2-5, so the default study (3 seeds, 2 more map chains, 4 controls) is about 7,000 s of
+a core, an hour on 2 cores (a GPU machine, or ``--seeds 0 --controls --map_values`` for a first
 look). Runs with other options go to their own chains, ``<out>/chains/seed<N>_<options>``; seed 0
 with every option empty (``--world_args "" --policy_args "" --clip_args "" --retrieve_args ""``)
 is the demo's own chain, ``outputs/toy``.
