@@ -264,7 +264,8 @@ def test_stage_options_make_the_studys_own_chains(tmp_path):
     seed0, = driver.seed_runs([0], tmp_path, [], options)
     assert seed0.chain == tmp_path / "chains" / "seed0_reference_k=1_match=image_k.k=1" and seed0.options == options
     default, point = driver.map_runs("prior_share", ["0.0", "0.5"], tmp_path, [], [seed0], options)
-    assert default is seed0 and point.options == options and point.chain == tmp_path / "chains" / "seed0_prior_share=0.5_reference_k=1_match=image_k.k=1"
+    assert default is seed0 and point.options == options
+    assert point.chain == tmp_path / "chains" / "seed0_prior_share=0.5_reference_k=1_match=image_k.k=1"
     assert driver.map_runs("prior_share", ["0.0"], tmp_path, [], [seed0])[0].chain == demo.OUT
     chain = {s.name: s for s in demo.stages(seed0.chain, 0, [], "retrieve", options)}
     assert chain["retrieve"].cmd[-4:] == by_image and chain["make_toy_policy"].cmd[-2:] == ["--reference_k", "1"]
@@ -285,7 +286,8 @@ def test_the_default_study_is_the_regime_chosen_on_validation(tmp_path):
     chain = {s.name: s for s in demo.stages(seed0.chain, 0, seed0.world_args, "retrieve", options)}
     assert chain["finetune_clip"].cmd[-2:] == ["--epochs", "5"]
     low, middle, here = driver.map_runs(args.map_knob, args.map_values, tmp_path, seed0.world_args, [seed0], options)
-    assert here is seed0 and low.chain.name == seed0.chain.name.replace("report_miss=0.4", "report_miss=0.0")  # 0.4: seed 0's own world
+    assert here is seed0  # 0.4: seed 0's own world
+    assert low.chain.name == seed0.chain.name.replace("report_miss=0.4", "report_miss=0.0")
     assert middle.world_args[-2:] == ["--report_miss", "0.2"]
     again = driver.parse_args(["--world_args", "", "--policy_args", "", "--clip_args", "", "--retrieve_args", ""])
     options = demo.stage_options(again.policy_args, again.retrieve_args, again.clip_args)
@@ -340,7 +342,7 @@ def stubbed(monkeypatch) -> Stub:
     return stub
 
 
-def run_study(argv: list[str]) -> None:
+def run_driver(argv: list[str]) -> None:
     """The driver in this process (``--jobs 1`` unless the test gives more), so the stubs record what it runs."""
     driver.main(["--jobs", "1", *argv])
 
@@ -351,7 +353,7 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     argv = ["--seeds", "0", "1", "--out", str(out), "--limit", "7", "--controls", "dpo_cm", "sft_chosen",
             "--control_seeds", "0", "1", "--map_knob", "subtle_share", "--map_values", "0.1", "0.6",
             "--world_args", "", "--policy_args", "", "--clip_args", "", "--retrieve_args", ""]
-    run_study(argv)
+    run_driver(argv)
     assert stub.chains == [(demo.OUT, 0, [], "train_dpo"), (out / "chains" / "seed1", 1, [], "train_dpo"),
                            (out / "chains" / "seed0_subtle_share=0.1", 0, ["--subtle_share", "0.1"], "train_dpo"),
                            (out / "chains" / "seed0_subtle_share=0.6", 0, ["--subtle_share", "0.6"], "train_dpo")]
@@ -381,20 +383,20 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     assert "[effect] seed 1 sft_chosen: training and evaluation" in printed and "done in" in printed
 
     stub.chains.clear(), stub.commands.clear(), stub.rooms.clear()
-    run_study(argv)  # everything there: nothing redone
+    run_driver(argv)  # everything there: nothing redone
     assert stub.chains == [] and stub.commands == [] and stub.rooms == []
     assert "results exist, not redone" in capsys.readouterr().out
     stub.stages = {"build_pairs": "fingerprint 2", "train_dpo": "fingerprint 3"}  # the pairs changed (code, config or input)
-    run_study(argv)
+    run_driver(argv)
     assert len(stub.chains) == 4 and len(stub.rooms) == 4
     assert len([c for c in stub.commands if c[0] == "evaluation.evaluate"]) == 4 + 4  # the runs and the controls
     assert "is not as it was when its results were made, redone" in capsys.readouterr().out
     stub.chains.clear(), stub.commands.clear(), stub.rooms.clear()
     with pytest.raises(SystemExit, match=r"seed0/eval: its results were made with other settings \(limit\)"):
-        run_study([*argv[:argv.index("--limit")], "--limit", "8", *argv[argv.index("--limit") + 2:]])
+        run_driver([*argv[:argv.index("--limit")], "--limit", "8", *argv[argv.index("--limit") + 2:]])
     assert stub.commands == []
 
-    run_study(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
+    run_driver(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
     # the study's own world and stage options by default; its own DPO: the chain stops before
     label = ("seed2_alignment_studies=1000_prior_share=0.9_report_miss=0.4_reference_k=1_p_correct=0.95_train.stop_at=0.72"
              "_epochs=5_match=image_k.k=1")
@@ -413,9 +415,9 @@ def test_jobs_run_in_workers_with_a_log_each_and_give_the_same_study(tmp_path, m
     monkeypatch.setenv("OMP_NUM_THREADS", "")  # as an empty `OMP_NUM_THREADS= cmd` leaves it: not a number of threads
     argv = ["--seeds", "0", "1", "--limit", "7", "--controls", "sft_chosen", "--control_seeds", "0", "1",
             "--map_knob", "subtle_share", "--map_values", "0.1"]
-    run_study([*argv, "--out", str(tmp_path / "one")])
+    run_driver([*argv, "--out", str(tmp_path / "one")])
     capsys.readouterr()
-    run_study([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"])
+    run_driver([*argv, "--out", str(tmp_path / "two"), "--jobs", "2"])
     printed = capsys.readouterr().out
     assert "seed 1: queued (2 at a time" in printed and "[effect] seed 1 sft_chosen: done in" in printed
     assert "[effect] seed 1: chain" not in printed  # a worker's own lines go to its log
@@ -454,7 +456,7 @@ def test_a_control_starts_once_its_chain_is_built_and_not_before(tmp_path, monke
 def test_controls_run_on_the_first_seed_by_default_and_compare_on_it_alone(tmp_path, monkeypatch):
     stub = stubbed(monkeypatch)
     out = tmp_path / "effect"
-    run_study(["--seeds", "3", "1", "--out", str(out), "--controls", "sft_chosen", "--map_values"])
+    run_driver(["--seeds", "3", "1", "--out", str(out), "--controls", "sft_chosen", "--map_values"])
     trains = [args for module, args in stub.commands if module == "dpo.train_dpo"]
     assert len(trains) == 1 and str(out / "seed3" / "controls" / "sft_chosen" / "dpo") in trains[0]
     effect = json.loads((out / "effect.json").read_text())
@@ -462,7 +464,7 @@ def test_controls_run_on_the_first_seed_by_default_and_compare_on_it_alone(tmp_p
     controls = (out / "effect.md").read_text().split("## Controls")[1]
     assert "over seeds 3." in controls and "| dpo | 1 |" not in controls and "| dpo | 3 |" in controls
     with pytest.raises(SystemExit):
-        run_study(["--seeds", "0", "--control_seeds", "1", "--out", str(out)])
+        run_driver(["--seeds", "0", "--control_seeds", "1", "--out", str(out)])
 
 
 def test_a_failed_run_in_a_worker_stops_the_study_naming_its_log(tmp_path, monkeypatch):
@@ -477,7 +479,7 @@ def test_a_failed_run_in_a_worker_stops_the_study_naming_its_log(tmp_path, monke
     monkeypatch.setattr(driver, "_python", python)
     out = tmp_path / "effect"
     with pytest.raises(SystemExit, match=r"seed 1 sft_chosen failed \(SystemExit: 1\); its output: .*effect\.log"):
-        run_study(["--seeds", "0", "1", "--out", str(out), "--controls", "sft_chosen", "--control_seeds", "0", "1",
+        run_driver(["--seeds", "0", "1", "--out", str(out), "--controls", "sft_chosen", "--control_seeds", "0", "1",
                      "--map_values", "--jobs", "2"])
     assert not (out / "effect.json").exists()
 
@@ -486,7 +488,7 @@ def test_an_unknown_map_knob_stops_before_any_run(monkeypatch, capsys):
     stub = Stub()
     monkeypatch.setattr(demo, "run_chain", stub.run_chain)
     with pytest.raises(SystemExit):
-        run_study(["--map_knob", "no_such_knob"])
+        run_driver(["--map_knob", "no_such_knob"])
     assert "not a make_toy option" in capsys.readouterr().err and stub.chains == []
 
 
@@ -508,9 +510,10 @@ def test_effect_study_on_a_tiny_world(tmp_path, monkeypatch):
     stage_args = demo.stage_args
     monkeypatch.setattr(demo, "stage_args", lambda name, out, seed: stage_args(name, out, seed) + TINY.get(name, []))
     out = tmp_path / "effect"
-    run_study(["--seeds", "1", "--out", str(out), "--world_args", "--size tiny", "--limit", "4",
+    run_driver(["--seeds", "1", "--out", str(out), "--world_args", "--size tiny", "--limit", "4",
                  "--controls", "sft_chosen", "--map_values"])
-    chain = out / "chains" / "seed1_size=tiny_reference_k=1_p_correct=0.95_train.stop_at=0.72_epochs=5_match=image_k.k=1"  # defaults
+    # the default stage options
+    chain = out / "chains" / "seed1_size=tiny_reference_k=1_p_correct=0.95_train.stop_at=0.72_epochs=5_match=image_k.k=1"
     assert (chain / "dpo" / "adapter" / "adapter_config.json").is_file() and not (chain / "eval").exists()
     effect = json.loads((out / "effect.json").read_text())
     assert set(effect["seeds"]["1"]) == {"base", "dpo"}
@@ -545,19 +548,19 @@ def test_a_second_study_into_the_same_folder_stops_at_once(tmp_path, monkeypatch
     proc = holder(out)  # another study, alive, holding the folder
     try:
         with pytest.raises(InputError, match=rf"{out}: another run is writing here \(pid {proc.pid} "):
-            run_study(["--seeds", "1", "--out", str(out), "--controls", "--map_values"])
+            run_driver(["--seeds", "1", "--out", str(out), "--controls", "--map_values"])
     finally:
         proc.kill()
         proc.wait()
     assert stub.chains == [] and stub.commands == []
-    run_study(["--seeds", "1", "--out", str(out), "--controls", "--map_values"])  # once it has ended
+    run_driver(["--seeds", "1", "--out", str(out), "--controls", "--map_values"])  # once it has ended
     assert len(stub.chains) == 1 and not (out / LOCK_FILE).exists()
 
 
 def test_driver_passes_stage_options_to_every_chain(tmp_path, monkeypatch):
     stub = stubbed(monkeypatch)
     out = tmp_path / "effect"
-    run_study(["--seeds", "0", "--out", str(out), "--controls", "--map_knob", "subtle_share", "--map_values", "0.6",
+    run_driver(["--seeds", "0", "--out", str(out), "--controls", "--map_knob", "subtle_share", "--map_values", "0.6",
                  "--world_args", "", "--clip_args", "", "--retrieve_args", "--match image", "--policy_args", "--reference_k 1"])
     options = {"make_toy_policy": ["--reference_k", "1"], "retrieve": ["--match", "image"]}
     assert stub.chains == [(out / "chains" / "seed0_reference_k=1_match=image", 0, [], "train_dpo", options),
