@@ -18,8 +18,8 @@ shows what they miss; a base policy tuned with one reference per prompt, right 9
 so that it trusts them, and only until it reads 0.72 of held-out questions without them (with
 the configs' 0.76 it reads about as well as the references know, and on val_vqa retrieval no
 longer helped it) (``--policy_args "--reference_k 1 --p_correct 0.95 --train.stop_at 0.72"``);
-retrievers trained for 5 epochs on that corpus, four times the demo's (``--clip_args "--epochs
-5"``); and retrieval of one report by image (``--retrieve_args "--match image --k.k 1"``). It is
+retrievers trained for 3 epochs on that corpus, four times the demo's (``--clip_args "--epochs
+3"``: their reference vote on retriever_val as good as with 5, at 40% less time); and retrieval of one report by image (``--retrieve_args "--match image --k.k 1"``). It is
 long: a chain there takes about 20 minutes of one core (base policy 6, DPO 4.5, retrievers 3,
 pairs 3, tower 2, world 1), a control 2-5, so the default study (3 seeds, 2 more map chains, 4
 controls) is about 7,000 s of a core: 65 minutes on 2 cores, measured whole (a GPU machine, or
@@ -44,18 +44,22 @@ seed 0's own world (the knob's default) is that seed's run, not a second copy of
 
 ``--dpo_args`` (and a ``--dpo_config`` other than the default) retrain the main method into
 ``<out>/seed<N>/dpo`` with those options, on the chain's pairs; the controls get them too. That
-compares DPO settings on ``--roles val_vqa`` without touching test. ``--chains`` points a study
-at an earlier study's chains (``<its out>/chains``: seeds and map points), which it reads and does
-not rebuild while their stages are as they were: settings chosen on ``--roles val_vqa`` are then
-tested on the very chains they were chosen with, at the cost of evaluation alone (a stage's
-fingerprint holds its paths, so a copy or a link under another name would rebuild them; the
-Python counts by its version, not its path).
+compares DPO settings on ``--roles dev_vqa`` without touching test (dev_vqa, not val_vqa: the
+retrievers keep the checkpoint that retrieves best for val_vqa's studies, which flatters every
+chain's references there). ``--chains`` points a study at an earlier study's chains
+(``<its out>/chains``: seeds and map points), which it reads and does not rebuild while their
+stages are as they were: settings chosen on ``--roles dev_vqa`` are then tested on the very
+chains they were chosen with, at the cost of evaluation alone (a stage's fingerprint holds its
+paths, so a copy or a link under another name would rebuild them; the Python counts by its
+version, not its path).
 
-``--jobs N`` (default: one per core) runs N independent runs at once (the chains of seeds and map
-points, and a seed's controls once its chain is built), each a forked process with its share of
-the cores (``OMP_NUM_THREADS`` = cores / N unless set) and its output in ``<folder>/effect.log``.
-The toy's runs are small and single-threaded ones use cores best; ``--jobs 1`` runs them in turn
-with their output on the terminal.
+``--jobs N`` (default: one more than the cores) runs N independent runs at once (the chains of
+seeds and map points, and a seed's controls once its chain is built), each a forked process with
+its share of the cores (``OMP_NUM_THREADS`` = cores / N, at least 1, unless set) and its output in
+``<folder>/effect.log``. The toy's runs are small and single-threaded ones use cores best; one
+more run than cores keeps both cores busy to the end, where with one per core the fifth of five
+equal chains runs alone beside an idle core. ``--jobs 1`` runs them in turn with their output on
+the terminal.
 
 The room for the effect (toy.room), on every seed and map point: how much the base would gain by
 trusting its references exactly as much as they deserve, a per-domain logistic combiner of its
@@ -104,7 +108,7 @@ DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage ru
 # the study's default stage options: the paper's regime, chosen on val_vqa (module docstring: why)
 EFFECT_WORLD = "--alignment_studies 1000 --prior_share 0.9 --report_miss 0.4"  # make_toy
 EFFECT_POLICY = "--reference_k 1 --p_correct 0.95 --train.stop_at 0.72"  # make_toy_policy.sh
-EFFECT_CLIP = "--epochs 5"  # finetune_clip.sh, on top of configs/toy/clip.yaml
+EFFECT_CLIP = "--epochs 3"  # finetune_clip.sh, on top of configs/toy/clip.yaml
 EFFECT_RETRIEVAL = "--match image --k.k 1"  # retrieve.sh, on top of configs/toy/retrieve.yaml
 CONTROLS = {  # train_dpo options on top of the main method's (their meaning: evaluation.effect.CONTROLS)
     "dpo_cm": ["--pair_types", "[cm]", "--stages", "[[cm]]"],
@@ -442,7 +446,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chains", type=Path, default=None,
                     help="folder of the chains, seeds' and map points' (default <out>/chains); an earlier study's, "
                          "to test on the chains of a validation study, or compare DPO settings (--dpo_args, "
-                         "--roles val_vqa) on them, without rebuilding them")
+                         "--roles dev_vqa) on them, without rebuilding them")
     ap.add_argument("--world_args", default=EFFECT_WORLD,
                     help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": five times the '
                          'demo\'s alignment split, a prior of the same patient for most studies, reports that '
@@ -462,7 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval_config", default="configs/toy/evaluate.yaml", help="evaluation config")
     ap.add_argument("--limit", type=int, default=50, help="records per evaluated file (0 = all)")
     ap.add_argument("--roles", nargs="+", default=["test_vqa"],
-                    help="index roles to evaluate (default test_vqa; val_vqa to compare settings)")
+                    help="index roles to evaluate (default test_vqa; dev_vqa to compare settings)")
     ap.add_argument("--dpo_args", default="", help='extra train_dpo options, one string: "--beta 0.5"; '
                                                    "retrains the main method under <out>/seed<N>/dpo")
     ap.add_argument("--eval_args", default="", help='extra evaluate options, one string: "--batch_size 8"')
@@ -476,9 +480,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--map_values", nargs="*", default=["0.0", "0.2", "0.4"],
                     help="its values, one seed-0 chain each (default 0.0 0.2 0.4: how much the references "
                          "miss; none when given empty)")
-    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) + 1,
                     help="independent runs at once, each in its own process with its share of the cores "
-                         "(default: one per core; 1 runs them in turn with their output here)")
+                         "(default: one more than the cores; 1 runs them in turn with their output here)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs {args.jobs}: at least 1")

@@ -65,7 +65,7 @@ from retriever.model import Clip, embed_images, embed_texts, load_clip, truncate
 from retriever.recall import KS, findings_label, label_ids, recall_at_k, reference_vote_accuracy
 from retriever.select_k import KRule, log_gap_quantiles, select_k
 
-QUERY_ROLES = ["test_vqa", "test_report", "val_vqa", "alignment_vqa", "alignment_report"]
+QUERY_ROLES = ["test_vqa", "test_report", "val_vqa", "dev_vqa", "alignment_vqa", "alignment_report"]
 Match = Literal["text", "image"]
 
 

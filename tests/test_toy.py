@@ -81,7 +81,7 @@ def test_yes_no_balanced_and_answers_match_truth(world):
             }
             assert r["question"].endswith("\n<image>") == (e["domain"] != "pathology")
             if r["finding"] is None:
-                assert e["role"] == "test_vqa" and r["answer"].rstrip(".").lower() in r["findings"]
+                assert e["role"] in ("test_vqa", "dev_vqa") and r["answer"].rstrip(".").lower() in r["findings"]
                 continue
             said_yes = r["answer"].lower().startswith("yes")
             assert said_yes or r["answer"].lower().startswith("no")
@@ -185,9 +185,11 @@ def test_prior_studies_share_patient_anatomy_and_findings(world, tmp_path):
     with_priors = make_world(tmp_path / "priors", seed=0, size="tiny", prior_share=1.0, progress=False)
     assert load_manifest(with_priors)["config"]["prior_share"] == 1.0
     queried = {}
-    for e in manifest_files(with_priors, kind="report"):
-        if ROLES[e["role"]][0] in make_toy.PRIOR_SPLITS:
-            queried.update({r["study"]: (r, e) for r in _records(e)})
+    for kind in ("report", "vqa"):  # a study by its report record, or by its questions where its split has no reports
+        for e in manifest_files(with_priors, kind=kind):
+            if ROLES[e["role"]][0] in make_toy.PRIOR_SPLITS:
+                for r in _records(e):
+                    queried.setdefault(r["study"], (r, e))
     priors = [(r, e) for e in manifest_files(with_priors, role="retriever_train") for r in _records(e) if "prior_of" in r]
     assert {r["prior_of"] for r, _ in priors} == set(queried), "share 1.0: every queried study has its prior"
 

@@ -34,7 +34,8 @@ from data.records import DOMAINS
 from toy.render import render_study
 
 VERSION = 1
-SPLITS = ("policy_train", "retriever_train", "retriever_val", "alignment", "test")
+# appended, never reordered: a split's place seeds its studies' draws
+SPLITS = ("policy_train", "retriever_train", "retriever_val", "alignment", "test", "dev")
 BASE_SIZES = {
     # the toy policy learns from scratch: on 500 studies per domain its SFT ran ~27 passes and
     # overfit (train loss 0.17 while test accuracy stayed flat), so its split is the largest
@@ -43,6 +44,7 @@ BASE_SIZES = {
     "retriever_val": 100,
     "alignment": 200,
     "test": 150,
+    "dev": 100,
 }
 SIZES = {
     "tiny": {
@@ -51,6 +53,7 @@ SIZES = {
         "retriever_val": 6,
         "alignment": 8,
         "test": 40,
+        "dev": 6,
     },
     **{
         name: {k: v * f for k, v in BASE_SIZES.items()}
@@ -62,11 +65,12 @@ ROLES = {
     "policy_train": ("policy_train", ("vqa", "report")),
     "retriever_train": ("retriever_train", ("report",)),
     "retriever_val": ("retriever_val", ("report",)),
-    "val_vqa": ("retriever_val", ("vqa",)),  # held-out questions for choosing settings, never test
+    "val_vqa": ("retriever_val", ("vqa",)),  # the stages select on these (checkpoints, stopping, k)
     "alignment_vqa": ("alignment", ("vqa",)),
     "alignment_report": ("alignment", ("report",)),
     "test_vqa": ("test", ("vqa",)),
     "test_report": ("test", ("report",)),
+    "dev_vqa": ("dev", ("vqa",)),  # held-out questions for choosing the study's settings: no stage selects on them
 }
 SPLIT_LABEL = {
     "policy_train": "train",
@@ -74,6 +78,7 @@ SPLIT_LABEL = {
     "retriever_val": "val",
     "alignment": "train",
     "test": "test",
+    "dev": "val",
 }
 FAKE_ROOTS = {
     "mimic": "/data/authors/mimic-cxr-jpg/2.0.0",  # authors' paths: absent here
@@ -82,7 +87,7 @@ FAKE_ROOTS = {
 FINDING_COUNTS = (1, 2, 3)
 FINDING_COUNT_WEIGHTS = (0.4, 0.22, 0.13)  # of abnormal studies
 SECOND_YES = 0.7  # chance to ask about a second present finding: balances yes against no
-OPEN_QUESTION = 0.08  # chance of a "main finding" question per abnormal test study (~3% of rows)
+OPEN_QUESTION = 0.08  # chance of a "main finding" question per abnormal test or dev study (~3% of rows)
 SUBTLE_BELOW = 0.45  # severities under this are subtle (drawn from U(0.15, 0.35))
 
 
@@ -258,7 +263,7 @@ def sample_study(
     )
 
 
-PRIOR_SPLITS = ("retriever_val", "alignment", "test")  # the studies queried against the corpus
+PRIOR_SPLITS = ("retriever_val", "alignment", "test", "dev")  # the studies queried against the corpus
 
 
 def prior_studies(seed: int, domain: str, sizes: dict[str, int], share: float, change: float = 0.0,
@@ -342,7 +347,7 @@ def write_questions(study: Study, rng: np.random.Generator) -> list[tuple[str, s
         else:
             answer = str(rng.choice(YES if yes else NO))
         rows.append((question, answer, f.name))
-    if study.split == "test" and present and rng.random() < OPEN_QUESTION:
+    if study.split in ("test", "dev") and present and rng.random() < OPEN_QUESTION:
         main = present[int(np.argmax(study.severities))]
         rows.append((str(rng.choice(ASK_OPEN)), f"{main.capitalize()}.", None))
     order = rng.permutation(len(rows))
@@ -637,11 +642,11 @@ class ToyConfig:
     out: Path = doc(Path("outputs/toy/world"), "folder to write the world to (replaced atomically)")
     seed: int = doc(0, "random seed; the same seed gives byte-identical files")
     size: Literal["tiny", "small", "medium", "large"] = doc(
-        "small", "studies per domain: small 2850 (2000 of them policy_train), medium 4x, large 20x; tiny is for tests"
+        "small", "studies per domain: small 2950 (2000 of them policy_train), medium 4x, large 20x; tiny is for tests"
     )
     subtle_share: float = doc(0.3, "share of finding instances drawn subtle (small, low contrast)")
     normal_share: float = doc(0.25, "share of studies without any finding")
-    prior_share: float = doc(0.0, "share of queried studies (val, alignment, test) with a prior study of the same patient in the retriever corpus: how much the references can know")
+    prior_share: float = doc(0.0, "share of queried studies (val, alignment, test, dev) with a prior study of the same patient in the retriever corpus: how much the references can know")
     prior_change: float = doc(0.0, "share of those priors with one finding changed since (appeared or resolved): "
                                    "references that look right by image and are wrong on that finding")
     report_miss: float = doc(0.0, "share of present findings a retriever-corpus report leaves unsaid (a reader's miss): "
