@@ -19,12 +19,13 @@ so that it trusts them, and only until it reads 0.72 of held-out questions witho
 the configs' 0.76 it reads about as well as the references know, and on val_vqa retrieval no
 longer helped it) (``--policy_args "--reference_k 1 --p_correct 0.95 --train.stop_at 0.72"``);
 retrievers trained for 3 epochs on that corpus, four times the demo's (``--clip_args "--epochs
-3"``: their reference vote on retriever_val as good as with 5, at 40% less time); and retrieval of one report by image (``--retrieve_args "--match image --k.k 1"``). It is
-long: a chain there takes about 20 minutes of one core (base policy 6, DPO 4.5, retrievers 3,
-pairs 3, tower 2, world 1), a control 2-5, so the default study (3 seeds, 2 more map chains, 4
-controls) is about 7,000 s of a core: 65 minutes on 2 cores, measured whole (a GPU machine, or
-``--seeds 0 --controls --map_values`` for a first look). Runs with other options go to their own
-chains, ``<out>/chains/seed<N>_<options>``; seed 0 with every option empty (``--world_args ""
+3"``: their reference vote on retriever_val as good as with 5, at 40% less time); and retrieval
+of one report by image (``--retrieve_args "--match image --k.k 1"``). It is long: a chain there
+takes about 19 minutes of one core (base policy 6, DPO 4.5, pairs 3, retrievers 2, tower 2, world
+1), a control 2-5, so the default study (3 seeds, 2 more map chains, 4 controls) is about 7,000 s
+of a core: 59 minutes on 2 cores, measured whole (a GPU machine, or ``--seeds 0 --controls
+--map_values`` for a first look). Runs with other options go to their own chains,
+``<out>/chains/seed<N>_<options>``; seed 0 with every option empty (``--world_args ""
 --policy_args "" --clip_args "" --retrieve_args ""``) is the demo's own chain, ``outputs/toy``.
 Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fixed, noised_rag,
 noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
