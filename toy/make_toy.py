@@ -65,7 +65,7 @@ ROLES = {
     "policy_train": ("policy_train", ("vqa", "report")),
     "retriever_train": ("retriever_train", ("report",)),
     "retriever_val": ("retriever_val", ("report",)),
-    "val_vqa": ("retriever_val", ("vqa",)),  # the stages select on these (checkpoints, stopping, k)
+    "val_vqa": ("retriever_val", ("vqa",)),  # the stages select on these studies (retrievers' checkpoint, k)
     "alignment_vqa": ("alignment", ("vqa",)),
     "alignment_report": ("alignment", ("report",)),
     "test_vqa": ("test", ("vqa",)),
