@@ -106,7 +106,7 @@ from toy.make_toy import SIZES, ToyConfig
 from toy.room import by_reference, read_questions, room
 
 DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
-# the study's default stage options: the paper's regime, chosen on val_vqa (module docstring: why)
+# the study's default stage options: the paper's regime, chosen on validation questions (module docstring: why)
 EFFECT_WORLD = "--alignment_studies 1000 --prior_share 0.9 --report_miss 0.4"  # make_toy
 EFFECT_POLICY = "--reference_k 1 --p_correct 0.95 --train.stop_at 0.72"  # make_toy_policy.sh
 EFFECT_CLIP = "--epochs 3"  # finetune_clip.sh, on top of configs/toy/clip.yaml

@@ -87,7 +87,8 @@ FAKE_ROOTS = {
 FINDING_COUNTS = (1, 2, 3)
 FINDING_COUNT_WEIGHTS = (0.4, 0.22, 0.13)  # of abnormal studies
 SECOND_YES = 0.7  # chance to ask about a second present finding: balances yes against no
-OPEN_QUESTION = 0.08  # chance of a "main finding" question per abnormal test or dev study (~3% of rows)
+EVALUATION_SPLITS = ("test", "dev")  # asked as the benchmark asks, open questions included
+OPEN_QUESTION = 0.08  # chance of a "main finding" question per abnormal study of those (~3% of rows)
 SUBTLE_BELOW = 0.45  # severities under this are subtle (drawn from U(0.15, 0.35))
 
 
@@ -347,7 +348,7 @@ def write_questions(study: Study, rng: np.random.Generator) -> list[tuple[str, s
         else:
             answer = str(rng.choice(YES if yes else NO))
         rows.append((question, answer, f.name))
-    if study.split in ("test", "dev") and present and rng.random() < OPEN_QUESTION:
+    if study.split in EVALUATION_SPLITS and present and rng.random() < OPEN_QUESTION:
         main = present[int(np.argmax(study.severities))]
         rows.append((str(rng.choice(ASK_OPEN)), f"{main.capitalize()}.", None))
     order = rng.permutation(len(rows))
