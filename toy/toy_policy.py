@@ -44,6 +44,7 @@ from data.readers import read_records
 from data.records import Record, ReportRecord, VqaRecord
 from policy.prompts import DEFAULT_PROMPTS, keep_prompts, load_prompt_templates
 from retriever.model import visual_weights
+from toy.make_toy import EVALUATION_SPLITS
 from toy.pretrain_vision import pretrain_on_world
 from toy.reading_probe import accuracy, answer_rows, read_prompts, train_reading
 
@@ -75,7 +76,7 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class ToyPolicyConfig:
-    world: str = doc("", "toy world folder (with manifest.json); its non-test texts train the BPE")
+    world: str = doc("", "toy world folder (with manifest.json); its texts but the test and dev splits' train the BPE")
     texts: str = doc("", "text file, one training text per line (with or instead of --world)")
     out: str = doc("outputs/toy/policy_init", "output checkpoint folder")
     prompts: str = doc(str(TOY_PROMPTS), "prompt templates the policy is tuned and prompted with: their words join the "
@@ -109,14 +110,15 @@ def record_texts(record: Record) -> list[str]:
 
 
 def world_texts(world: str | Path) -> list[str]:
-    """Report/question/answer texts of the world's annotation files, test files left out.
+    """Report/question/answer texts of the world's annotation files, the evaluation splits' left out.
 
-    The tokenizer is part of the model, so it learns from what the model may learn from; test
-    words it never saw still encode (byte-level BPE), only in more pieces.
+    The tokenizer is part of the model, so it learns from what the model may learn from (not the
+    test or dev questions); words it never saw still encode (byte-level BPE), only in more pieces.
     """
+    held_out = tuple(f"{split}_" for split in EVALUATION_SPLITS)
     texts: list[str] = []
     for entry in manifest_files(world):
-        if not entry["role"].startswith("test"):
+        if not entry["role"].startswith(held_out):
             for record in read_records(entry["path"], kind=entry["kind"]):
                 texts += [t for t in record_texts(record) if t]
     return texts
