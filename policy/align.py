@@ -70,16 +70,20 @@ class FindingAligner:
         self._features = output
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
-        """Alignment loss of the images of the forward pass just run."""
+        """Alignment loss of the images of the forward pass just run; rows of NaN labels (an image
+        whose findings are unknown) are left out."""
         if self._features is None or self._embed is None:
             raise RuntimeError("FindingAligner.loss before a forward pass of the attached model")
         z = self._features.reshape(labels.shape[0], -1, self._features.shape[-1]).mean(1)
+        self._features = None
+        known = ~labels.isnan().any(1)
+        if not known.any():
+            return z.sum() * 0.0  # keeps the graph (and DDP's gradient sync) whole
         weight = self._embed.weight.detach()
         words = torch.stack([weight[ids].mean(0) for ids in self.token_ids]).to(z.dtype)
-        cos = F.normalize(z, dim=-1) @ F.normalize(words, dim=-1).T
+        cos = F.normalize(z[known.to(z.device)], dim=-1) @ F.normalize(words, dim=-1).T
         logits = self.scale * cos.float() + self.prior.to(cos.device)
-        self._features = None
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.device))
+        return F.binary_cross_entropy_with_logits(logits, labels[known].to(logits.device))
 
 
 def _findings(record: Any) -> list[str]:

@@ -60,6 +60,10 @@ class SftDataConfig:
     image_root: str = doc("", "image folder for records without a usable own root ({domain} is filled in)")
     domain: str = doc("", "domain of records that name none (retrieval rows and index entries do)")
     no_reference_rate: float = doc(0.3, "share of retrieval records trained without their references")
+    noised_reference_rate: float = doc(0.0, "share of the records trained with references whose image is x_v* "
+                                            "(another image of the domain + noise, as the copy check's) under the "
+                                            "same answer: a policy that learns to answer from its references when "
+                                            "its image says otherwise, as Med-LVLMs over-trust retrieval")
     max_references: int = doc(0, "use at most this many references per record (0 = all)")
     val_fraction: float = doc(0.0, "share of images held out with all their records, for eval_loss and eval_reading")
     val_reading: int = doc(0, "held-out VQA questions (at most) asked without references at each evaluation: their "
@@ -105,6 +109,7 @@ class Example:
     question: str | None  # None: the template's report instruction
     answer: str
     references: list[str] | None  # None: prompt without retrieval
+    noised: bool = False  # trained on x_v* instead of its own image (data.noised_reference_rate)
 
     def parts(self) -> PromptParts:
         if self.task == "conversation":
@@ -184,7 +189,7 @@ def read_examples(
     sources: list[Source], cfg: SftDataConfig, seed: int, vqa_only: bool = False, skipped: list[str] | None = None
 ) -> list[Example]:
     """Every usable record of every source as an Example (references dropped per
-    ``no_reference_rate``; bad records go to ``skipped``)."""
+    ``no_reference_rate``, images to be noised per ``noised_reference_rate``; bad records go to ``skipped``)."""
     examples: list[Example] = []
     for src in sources:
         kind = detect_kind(src.path)
@@ -206,10 +211,11 @@ def read_examples(
                 refs = refs[: cfg.max_references]
             if refs and not keep(f"{domain}/{rec.id}", cfg.no_reference_rate, seed, "no-reference"):
                 refs = None
+            noised = bool(refs) and not keep(f"{domain}/{rec.id}", cfg.noised_reference_rate, seed, "noised-reference")
             if isinstance(rec, VqaRecord):
-                examples.append(Example(rec, domain, "vqa", rec.question, rec.answer, refs or None))
+                examples.append(Example(rec, domain, "vqa", rec.question, rec.answer, refs or None, noised))
             else:
-                examples.append(Example(rec, domain, "report", None, rec.text, refs or None))
+                examples.append(Example(rec, domain, "report", None, rec.text, refs or None, noised))
     if not examples:
         raise InputError(f"{sources[0].path}: no training records found" if sources else "no training files")
     return examples
@@ -238,30 +244,53 @@ class SftCollate:
 
     Each prompt is fitted to ``max_length`` with its answer (policy.budget); the notes ride in the
     batch under ``budget`` (named by the record's source) and a refused record is left out.
-    With an ``aligner`` the batch also carries each image's finding labels (policy.align).
+    With an ``aligner`` the batch also carries each image's finding labels (policy.align), none
+    (NaN) for an x_v*, whose findings are not the record's. An x_v* is built as the copy check
+    builds it (data.noise.make_x_v_star, seeded by the record); one that cannot be built (no
+    readable other image) drops its sample, named in ``bad_log``.
     """
 
     def __init__(self, policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int | None,
-                 aligner: FindingAligner | None = None):
+                 aligner: FindingAligner | None = None, noise: NoiseConfig | None = None,
+                 bad_log: BadImageLog | None = None):
         self.policy, self.examples, self.templates, self.max_length = policy, examples, templates, max_length
-        self.aligner = aligner
+        self.aligner, self.noise, self.bad_log = aligner, noise, bad_log
+        self.pool: dict[str, dict[str, str]] = {}  # domain -> image path -> itself: x_v*'s other images
+        if any(e.noised for e in examples):
+            for e in examples:
+                self.pool.setdefault(e.domain, {})[str(_image_path(e))] = str(_image_path(e))
+
+    def _x_v_star(self, e: Example, image: Image.Image) -> Image.Image | None:
+        path = str(_image_path(e))
+        try:
+            return make_x_v_star(path, image, self.noise or NoiseConfig(), self.pool[e.domain], load_image,
+                                 domain=e.domain, salt="sft")
+        except BadImageError as err:
+            if self.bad_log is not None:
+                self.bad_log.record(err.path, err.reason, err.detail)
+            return None
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         notes, exs, prompts, images = [], [], [], []
         for it in items:
             e = self.examples[it["index"]]
+            image = self._x_v_star(e, it["image"]) if e.noised else it["image"]
+            if image is None:
+                continue
             reserve = answer_tokens(self.policy, [e.answer])
-            fit = fit_prompt(self.policy, e.parts(), self.templates, [it["image"]], self.max_length, reserve)
+            fit = fit_prompt(self.policy, e.parts(), self.templates, [image], self.max_length, reserve)
             notes.append((e.record.source, fit.note))
             if not fit.refused:
                 exs.append(e)
                 prompts.append(fit.prompt)
-                images.append(it["image"])
+                images.append(image)
         if not exs:
             return {BUDGET_KEY: notes}
         batch: dict[str, Any] = self.policy.encode_for_training(prompts, [e.answer for e in exs], images)
         if self.aligner is not None:
-            batch[FINDING_LABELS] = self.aligner.labels([e.record for e in exs], [e.domain for e in exs])
+            labels = self.aligner.labels([e.record for e in exs], [e.domain for e in exs])
+            labels[[e.noised for e in exs]] = float("nan")
+            batch[FINDING_LABELS] = labels
         batch[BUDGET_KEY] = notes
         return batch
 
@@ -277,7 +306,8 @@ def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shu
     """Shuffled (``shuffle``) batches, length-grouped with ``train.group_by_length``, else in order."""
     templates = cfg.policy.templates()
     dataset = QueryDataset([e.record for e in examples], None, _rgb, bad_image=cfg.data.bad_image, bad_log=bad_log)
-    collate = SftCollate(policy, examples, templates, budget_for(cfg.data.max_length, policy_limit(policy)), aligner)
+    collate = SftCollate(policy, examples, templates, budget_for(cfg.data.max_length, policy_limit(policy)), aligner,
+                         NoiseConfig(seed=cfg.train.seed), bad_log)
     sampler = None
     if shuffle and cfg.train.group_by_length:
         sampler = StagedSampler([range(len(examples))], cfg.train.seed, lengths=[example_length(e) for e in examples],
@@ -456,7 +486,9 @@ def run_sft(cfg: SftConfig) -> Path:
     train_ex = [e for e, h in zip(examples, held) if not h]
     val_ex = [e for e, h in zip(examples, held) if h]
     with_refs = sum(e.references is not None for e in train_ex)
-    accelerator.print(f"SFT on {len(train_ex)} records ({with_refs} with references), {len(val_ex)} held out")
+    noised = sum(e.noised for e in train_ex)
+    accelerator.print(f"SFT on {len(train_ex)} records ({with_refs} with references, {noised} of them on x_v*), "
+                      f"{len(val_ex)} held out")
     bad_log = BadImageLog()
 
     def take(batch: Any) -> Any:
@@ -504,8 +536,10 @@ def run_sft(cfg: SftConfig) -> Path:
 
 def main() -> None:
     cfg = load_config(SftConfig, description=__doc__)
-    if not 0.0 <= cfg.data.no_reference_rate <= 1.0 or not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError("data.no_reference_rate must be in [0, 1] and data.val_fraction in [0, 1)")
+    rates = (cfg.data.no_reference_rate, cfg.data.noised_reference_rate)
+    if not all(0.0 <= r <= 1.0 for r in rates) or not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError("data.no_reference_rate and data.noised_reference_rate must be in [0, 1], "
+                          "data.val_fraction in [0, 1)")
     if cfg.eval_only and not cfg.measure.roles:
         raise ConfigError("--eval_only needs --measure.roles, e.g. [val_vqa]")
     with run_lock(cfg.train.output_dir):

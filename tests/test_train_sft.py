@@ -30,6 +30,7 @@ from policy.budget import BUDGET_KEY, BudgetLog, answer_tokens
 from policy.policy import IGNORE, Policy, load_policy
 from policy.prompts import load_prompt_templates
 from policy.train_sft import (
+    FINDING_LABELS,
     MeasureConfig,
     _image_path,
     held_out,
@@ -391,9 +392,43 @@ def test_finding_aligner_labels_prior_and_a_loss_the_projector_can_lower(world, 
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+    unknown = y.clone()
+    unknown[:3] = float("nan")  # images whose findings are not known (x_v*) are left out of the loss
+    with torch.no_grad():
+        policy.model(**batch, use_cache=False)
+        features = aligner._features
+        left_out = aligner.loss(unknown)
+        aligner._features = features[3:]
+        assert left_out.item() == pytest.approx(aligner.loss(y[3:]).item(), rel=1e-5)
+        policy.model(**batch, use_cache=False)
+        assert aligner.loss(torch.full_like(y, float("nan"))).item() == 0.0
     hook.remove()
     with pytest.raises(RuntimeError, match="before a forward pass"):
         aligner.loss(y)
+
+
+def test_noised_reference_records_train_on_x_v_star_without_finding_labels(world, oracle, policy_dir):
+    """A share of the records with references is trained on another image + noise, the answer kept."""
+    cfg = sft_config(policy_dir, oracle, Path("unused"), "--data.no_reference_rate", "0.3",
+                     "--data.noised_reference_rate", "0.5", "--data.limit", "40")
+    examples = read_examples(training_sources(cfg.data), cfg.data, seed=0)
+    noised = [e.noised for e in examples]
+    assert not any(e.noised for e in examples if e.references is None)
+    assert 0.3 < sum(noised) / sum(e.references is not None for e in examples) < 0.7
+    assert noised == [e.noised for e in read_examples(training_sources(cfg.data), cfg.data, seed=0)]
+    assert noised != [e.noised for e in read_examples(training_sources(cfg.data), cfg.data, seed=1)]
+
+    policy = load_policy(str(policy_dir))
+    aligner = FindingAligner([e.record for e in examples], [e.domain for e in examples], policy.tokenizer)
+    collate = SftCollate(policy, examples, cfg.policy.templates(), None, aligner, NoiseConfig(seed=0))
+    picked = [i for i, e in enumerate(examples) if e.noised][:2] + [i for i, e in enumerate(examples) if not e.noised][:2]
+    items = [{"index": i, "image": load_image(_path(examples[i])).convert("RGB")} for i in picked]
+    labels = collate(items)[FINDING_LABELS]
+    assert labels[:2].isnan().all() and not labels[2:].isnan().any()
+    e, real = examples[picked[0]], items[0]["image"]
+    x_v_star = collate._x_v_star(e, real)
+    assert x_v_star.size == real.size and x_v_star.tobytes() != real.tobytes()
+    assert x_v_star.tobytes() == collate._x_v_star(e, real).tobytes()  # a function of the record
 
 
 def test_sft_with_finding_alignment_logs_both_losses(world, oracle, policy_dir, tmp_path):
