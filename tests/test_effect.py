@@ -278,11 +278,12 @@ def test_the_default_study_is_the_regime_chosen_on_validation(tmp_path):
     """The defaults: the study's world with priors, a base tuned with one reference, one report by image."""
     args = driver.parse_args([])
     options = demo.stage_options(args.policy_args, args.retrieve_args, args.clip_args)
-    assert options == {"make_toy_policy": ["--reference_k", "1", "--p_correct", "1.0", "--train.stop_at", "0.72"],
+    assert options == {"make_toy_policy": ["--reference_k", "1", "--p_correct", "1.0", "--train.stop_at", "0.72",
+                                           "--data.noised_reference_rate", "0.3"],
                        "finetune_clip": ["--epochs", "3"], "retrieve": ["--match", "image", "--k.k", "1"]}
     seed0, = driver.seed_runs([0], tmp_path, shlex.split(args.world_args), options)
     assert seed0.chain.name == ("seed0_alignment_studies=1000_prior_share=0.9_report_miss=0.3"
-                                "_reference_k=1_p_correct=1.0_train.stop_at=0.72_epochs=3_match=image_k.k=1")
+                                "_reference_k=1_p_correct=1.0_train.stop_at=0.72_data.noised_reference_rate=0.3_epochs=3_match=image_k.k=1")
     chain = {s.name: s for s in demo.stages(seed0.chain, 0, seed0.world_args, "retrieve", options)}
     assert chain["finetune_clip"].cmd[-2:] == ["--epochs", "3"]
     low, middle, high = driver.map_runs(args.map_knob, args.map_values, tmp_path, seed0.world_args, [seed0], options)
@@ -399,8 +400,9 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
     run_driver(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
     # the study's own world and stage options by default; its own DPO: the chain stops before
     label = ("seed2_alignment_studies=1000_prior_share=0.9_report_miss=0.3_reference_k=1_p_correct=1.0_train.stop_at=0.72"
-             "_epochs=3_match=image_k.k=1")
-    options = {"make_toy_policy": ["--reference_k", "1", "--p_correct", "1.0", "--train.stop_at", "0.72"],
+             "_data.noised_reference_rate=0.3_epochs=3_match=image_k.k=1")
+    options = {"make_toy_policy": ["--reference_k", "1", "--p_correct", "1.0", "--train.stop_at", "0.72",
+                                   "--data.noised_reference_rate", "0.3"],
                "finetune_clip": ["--epochs", "3"], "retrieve": ["--match", "image", "--k.k", "1"]}
     world = ["--alignment_studies", "1000", "--prior_share", "0.9", "--report_miss", "0.3"]
     assert stub.chains == [(out / "chains" / label, 2, world, "build_pairs", options)]
@@ -513,7 +515,8 @@ def test_effect_study_on_a_tiny_world(tmp_path, monkeypatch):
     run_driver(["--seeds", "1", "--out", str(out), "--world_args", "--size tiny", "--limit", "4",
                  "--controls", "sft_chosen", "--map_values"])
     # the default stage options
-    chain = out / "chains" / "seed1_size=tiny_reference_k=1_p_correct=1.0_train.stop_at=0.72_epochs=3_match=image_k.k=1"
+    chain = out / "chains" / ("seed1_size=tiny_reference_k=1_p_correct=1.0_train.stop_at=0.72"
+                              "_data.noised_reference_rate=0.3_epochs=3_match=image_k.k=1")
     assert (chain / "dpo" / "adapter" / "adapter_config.json").is_file() and not (chain / "eval").exists()
     effect = json.loads((out / "effect.json").read_text())
     assert set(effect["seeds"]["1"]) == {"base", "dpo"}
