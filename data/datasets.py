@@ -246,5 +246,5 @@ class CollateSkip:
         if not isinstance(batch, MutableMapping):
             got = type(batch).__name__
             raise TypeError(f"CollateSkip needs a collate function returning a dict, got {got}")
-        batch[SKIPPED_KEY] = skipped
+        batch[SKIPPED_KEY] = [*batch.get(SKIPPED_KEY, ()), *skipped]  # fn may skip samples of its own
         return batch

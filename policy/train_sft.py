@@ -37,7 +37,7 @@ from common.engine import EngineConfig, LoraConfig, apply_lora, build_accelerato
 from common.io import InputError, atomic_write_json, run_lock
 from data.answers import yes_no
 from data.datasets import QueryDataset
-from data.images import BadImageError, BadImageLog, load_image, pick_root, resolve_image
+from data.images import SKIPPED_KEY, BadImageError, BadImageLog, SkippedSample, load_image, pick_root, resolve_image
 from data.loader import StagedSampler, make_loader
 from data.noise import NoiseConfig, make_x_v_star, stable_seed
 from data.readers import bad_records_summary, detect_kind, read_index, read_records, skip_record, strip_image_mark
@@ -247,35 +247,30 @@ class SftCollate:
     With an ``aligner`` the batch also carries each image's finding labels (policy.align), none
     (NaN) for an x_v*, whose findings are not the record's. An x_v* is built as the copy check
     builds it (data.noise.make_x_v_star, seeded by the record); one that cannot be built (no
-    readable other image) drops its sample, named in ``bad_log``.
+    readable other image) drops its sample, carried under ``skipped`` for ``BadImageLog.take``.
     """
 
     def __init__(self, policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int | None,
-                 aligner: FindingAligner | None = None, noise: NoiseConfig | None = None,
-                 bad_log: BadImageLog | None = None):
+                 aligner: FindingAligner | None = None, noise: NoiseConfig | None = None):
         self.policy, self.examples, self.templates, self.max_length = policy, examples, templates, max_length
-        self.aligner, self.noise, self.bad_log = aligner, noise, bad_log
+        self.aligner, self.noise = aligner, noise
         self.pool: dict[str, dict[str, str]] = {}  # domain -> image path -> itself: x_v*'s other images
         if any(e.noised for e in examples):
             for e in examples:
                 self.pool.setdefault(e.domain, {})[str(_image_path(e))] = str(_image_path(e))
 
-    def _x_v_star(self, e: Example, image: Image.Image) -> Image.Image | None:
-        path = str(_image_path(e))
-        try:
-            return make_x_v_star(path, image, self.noise or NoiseConfig(), self.pool[e.domain], load_image,
-                                 domain=e.domain, salt="sft")
-        except BadImageError as err:
-            if self.bad_log is not None:
-                self.bad_log.record(err.path, err.reason, err.detail)
-            return None
+    def _x_v_star(self, e: Example, image: Image.Image) -> Image.Image:
+        return make_x_v_star(str(_image_path(e)), image, self.noise or NoiseConfig(), self.pool[e.domain], load_image,
+                             domain=e.domain, salt="sft")
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        notes, exs, prompts, images = [], [], [], []
+        notes, exs, prompts, images, skipped = [], [], [], [], []
         for it in items:
             e = self.examples[it["index"]]
-            image = self._x_v_star(e, it["image"]) if e.noised else it["image"]
-            if image is None:
+            try:
+                image = self._x_v_star(e, it["image"]) if e.noised else it["image"]
+            except BadImageError as err:
+                skipped.append(SkippedSample(err.path, err.reason, err.detail))
                 continue
             reserve = answer_tokens(self.policy, [e.answer])
             fit = fit_prompt(self.policy, e.parts(), self.templates, [image], self.max_length, reserve)
@@ -285,13 +280,14 @@ class SftCollate:
                 prompts.append(fit.prompt)
                 images.append(image)
         if not exs:
-            return {BUDGET_KEY: notes}
+            return {BUDGET_KEY: notes, SKIPPED_KEY: skipped}
         batch: dict[str, Any] = self.policy.encode_for_training(prompts, [e.answer for e in exs], images)
         if self.aligner is not None:
             labels = self.aligner.labels([e.record for e in exs], [e.domain for e in exs])
             labels[[e.noised for e in exs]] = float("nan")
             batch[FINDING_LABELS] = labels
         batch[BUDGET_KEY] = notes
+        batch[SKIPPED_KEY] = skipped
         return batch
 
 
@@ -307,7 +303,7 @@ def make_sft_loader(policy: Policy, examples: list[Example], cfg: SftConfig, shu
     templates = cfg.policy.templates()
     dataset = QueryDataset([e.record for e in examples], None, _rgb, bad_image=cfg.data.bad_image, bad_log=bad_log)
     collate = SftCollate(policy, examples, templates, budget_for(cfg.data.max_length, policy_limit(policy)), aligner,
-                         NoiseConfig(seed=cfg.train.seed), bad_log)
+                         NoiseConfig(seed=cfg.train.seed))
     sampler = None
     if shuffle and cfg.train.group_by_length:
         sampler = StagedSampler([range(len(examples))], cfg.train.seed, lengths=[example_length(e) for e in examples],

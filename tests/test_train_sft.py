@@ -20,7 +20,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from common.config import load_config
 from common.io import InputError
-from data.images import load_image, resolve_image
+from data.images import SKIPPED_KEY, load_image, resolve_image
 from data.manifest import manifest_files
 from data.noise import NoiseConfig, make_x_v_star
 from data.readers import read_records
@@ -168,7 +168,7 @@ def test_sft_batches_fit_the_budget_with_whole_answers(world, oracle, policy_dir
     tok = policy.tokenizer
     for row, e in zip(batch["labels"], examples):
         assert tok.decode(row[row != IGNORE], skip_special_tokens=True) == e.answer
-    assert set(SftCollate(policy, examples, templates, 10)(items)) == {BUDGET_KEY}  # all refused: no batch
+    assert set(SftCollate(policy, examples, templates, 10)(items)) == {BUDGET_KEY, SKIPPED_KEY}  # all refused
 
 
 def _path(example):
@@ -429,6 +429,9 @@ def test_noised_reference_records_train_on_x_v_star_without_finding_labels(world
     x_v_star = collate._x_v_star(e, real)
     assert x_v_star.size == real.size and x_v_star.tobytes() != real.tobytes()
     assert x_v_star.tobytes() == collate._x_v_star(e, real).tobytes()  # a function of the record
+    alone = SftCollate(policy, [e], cfg.policy.templates(), None, aligner, NoiseConfig(seed=0))
+    batch = alone([{"index": 0, "image": real}])  # no other image of its domain: the sample is skipped, named
+    assert [bad.reason for bad in batch[SKIPPED_KEY]] == ["no_other_image"] and "input_ids" not in batch
 
 
 def test_sft_with_finding_alignment_logs_both_losses(world, oracle, policy_dir, tmp_path):
