@@ -9,7 +9,7 @@ Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, bas
 retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
 that of the whole method. The study's defaults put the toy nearest the paper's regime, as chosen
 on val_vqa and then on dev_vqa over three seeds (docs/RESULTS.md, "Reports that miss findings, a
-base that trusted its references", and sessions 28-30): the demo's world with five times its alignment split
+base that trusted its references", and sessions 28-31): the demo's world with five times its alignment split
 (with the demo's 200 studies per domain there are too few pairs for DPO to learn when to trust its
 references), a prior study of the same patient in the corpus for nine studies in ten, and corpus
 reports that leave three present findings in ten unsaid (``--world_args "--alignment_studies 1000
