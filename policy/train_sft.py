@@ -253,14 +253,11 @@ class SftCollate:
     def __init__(self, policy: Policy, examples: list[Example], templates: PromptTemplates, max_length: int | None,
                  aligner: FindingAligner | None = None, noise: NoiseConfig | None = None):
         self.policy, self.examples, self.templates, self.max_length = policy, examples, templates, max_length
-        self.aligner, self.noise = aligner, noise
-        self.pool: dict[str, dict[str, str]] = {}  # domain -> image path -> itself: x_v*'s other images
-        if any(e.noised for e in examples):
-            for e in examples:
-                self.pool.setdefault(e.domain, {})[str(_image_path(e))] = str(_image_path(e))
+        self.aligner, self.noise = aligner, noise or NoiseConfig()
+        self.pool = x_v_star_pool(examples) if any(e.noised for e in examples) else {}
 
     def _x_v_star(self, e: Example, image: Image.Image) -> Image.Image:
-        return make_x_v_star(str(_image_path(e)), image, self.noise or NoiseConfig(), self.pool[e.domain], load_image,
+        return make_x_v_star(str(_image_path(e)), image, self.noise, self.pool[e.domain], load_image,
                              domain=e.domain, salt="sft")
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -396,9 +393,7 @@ def measure_reliance(policy: Policy, examples: list[Example], cfg: MeasureConfig
     model that answers the same whatever it sees.
     """
     examples = [e for e in examples if e.task == "vqa" and e.references]
-    pool: dict[str, dict[str, str]] = {}  # domain -> image path -> itself: x_v*'s other images
-    for e in examples:
-        pool.setdefault(e.domain, {})[str(_image_path(e))] = str(_image_path(e))
+    pool = x_v_star_pool(examples)
     images, prompts, keys = [], [], []
     noise = NoiseConfig("other_image+gaussian", sigma=cfg.sigma, seed=cfg.seed)
     for e in tqdm(examples, desc="measure: images", disable=len(examples) < 200):
@@ -447,6 +442,15 @@ def _mean(flags: list[bool]) -> float:
 def _image_path(e: Example) -> Path:
     rec = e.record
     return resolve_image(rec.images[0] if rec.images else rec.npz, rec.image_root, None)
+
+
+def x_v_star_pool(examples: list[Example]) -> dict[str, dict[str, str]]:
+    """domain -> image path -> itself: the other images x_v* is drawn from (data.noise.make_x_v_star)."""
+    pool: dict[str, dict[str, str]] = {}
+    for e in examples:
+        path = str(_image_path(e))
+        pool.setdefault(e.domain, {})[path] = path
+    return pool
 
 
 def run_measure(cfg: SftConfig, spec: PolicySpec, adapter: str | None) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from data.readers import read_records
 from data.records import Record, ReportRecord, VqaRecord
 from policy.prompts import DEFAULT_PROMPTS, keep_prompts, load_prompt_templates
 from retriever.model import visual_weights
-from toy.make_toy import EVALUATION_SPLITS
+from toy.make_toy import EVALUATION_SPLITS, ROLES
 from toy.pretrain_vision import pretrain_on_world
 from toy.reading_probe import accuracy, answer_rows, read_prompts, train_reading
 
@@ -115,10 +115,9 @@ def world_texts(world: str | Path) -> list[str]:
     The tokenizer is part of the model, so it learns from what the model may learn from (not the
     test or dev questions); words it never saw still encode (byte-level BPE), only in more pieces.
     """
-    held_out = tuple(f"{split}_" for split in EVALUATION_SPLITS)
     texts: list[str] = []
     for entry in manifest_files(world):
-        if not entry["role"].startswith(held_out):
+        if ROLES.get(entry["role"], ("",))[0] not in EVALUATION_SPLITS:
             for record in read_records(entry["path"], kind=entry["kind"]):
                 texts += [t for t in record_texts(record) if t]
     return texts
