@@ -257,7 +257,7 @@ class SftCollate:
         self.pool = x_v_star_pool(examples) if any(e.noised for e in examples) else {}
 
     def _x_v_star(self, e: Example, image: Image.Image) -> Image.Image:
-        return make_x_v_star(str(_image_path(e)), image, self.noise, self.pool[e.domain], load_image,
+        return make_x_v_star(_image_name(e), image, self.noise, self.pool[e.domain], load_image,
                              domain=e.domain, salt="sft")
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -397,10 +397,10 @@ def measure_reliance(policy: Policy, examples: list[Example], cfg: MeasureConfig
     images, prompts, keys = [], [], []
     noise = NoiseConfig("other_image+gaussian", sigma=cfg.sigma, seed=cfg.seed)
     for e in tqdm(examples, desc="measure: images", disable=len(examples) < 200):
-        path = str(_image_path(e))
         try:
-            real = load_image(path)
-            noised = make_x_v_star(path, real, noise, pool[e.domain], load_image, domain=e.domain, salt="measure")
+            real = load_image(str(_image_path(e)))
+            noised = make_x_v_star(_image_name(e), real, noise, pool[e.domain], load_image, domain=e.domain,
+                                   salt="measure")
         except BadImageError:
             continue
         parts = e.parts()
@@ -439,17 +439,22 @@ def _mean(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
-def _image_path(e: Example) -> Path:
+def _image_name(e: Example) -> str:
+    """The record's image as written: x_v* is drawn by it (as the pair builder and the evaluation
+    draw theirs), so a chain gets the same x_v* wherever its folder is."""
     rec = e.record
-    return resolve_image(rec.images[0] if rec.images else rec.npz, rec.image_root, None)
+    return rec.images[0] if rec.images else rec.npz
+
+
+def _image_path(e: Example) -> Path:
+    return resolve_image(_image_name(e), e.record.image_root, None)
 
 
 def x_v_star_pool(examples: list[Example]) -> dict[str, dict[str, str]]:
-    """domain -> image path -> itself: the other images x_v* is drawn from (data.noise.make_x_v_star)."""
+    """domain -> image (as written) -> its path: the other images x_v* is drawn from (data.noise.make_x_v_star)."""
     pool: dict[str, dict[str, str]] = {}
     for e in examples:
-        path = str(_image_path(e))
-        pool.setdefault(e.domain, {})[path] = path
+        pool.setdefault(e.domain, {}).setdefault(_image_name(e), str(_image_path(e)))
     return pool
 
 

@@ -5,8 +5,10 @@ The full toy base policy (scripts/make_toy_policy.sh) is a slow test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -292,8 +294,8 @@ def test_measure_reliance_on_a_scripted_policy(world, oracle, policy_dir):
     # the noised image of each record is data.noise's x_v*, drawn from its domain's images
     noise = NoiseConfig(sigma=cfg.sigma, seed=cfg.seed)
     for i, e in enumerate(examples):
-        pool = {p: p for x, p in zip(examples, paths) if x.domain == e.domain}
-        want = make_x_v_star(paths[i], load_image(paths[i]), noise, pool, load_image, salt="measure")
+        pool = {x.record.images[0]: p for x, p in zip(examples, paths) if x.domain == e.domain}
+        want = make_x_v_star(e.record.images[0], load_image(paths[i]), noise, pool, load_image, salt="measure")
         assert np.asarray(policy.seen[3 * i + 2][1]).tobytes() == np.asarray(want).tobytes()
 
 
@@ -432,6 +434,24 @@ def test_noised_reference_records_train_on_x_v_star_without_finding_labels(world
     alone = SftCollate(policy, [e], cfg.policy.templates(), None, aligner, NoiseConfig(seed=0))
     batch = alone([{"index": 0, "image": real}])  # no other image of its domain: the sample is skipped, named
     assert [bad.reason for bad in batch[SKIPPED_KEY]] == ["no_other_image"] and "input_ids" not in batch
+
+
+def test_x_v_star_is_the_same_wherever_the_world_lies(world, oracle, policy_dir, tmp_path):
+    """x_v* is drawn by the image as the record writes it, not by the folder the world was copied
+    to: the same chain built in two checkouts trains on the same images."""
+    cfg = sft_config(policy_dir, oracle, Path("unused"), "--data.no_reference_rate", "0",
+                     "--data.noised_reference_rate", "1.0", "--data.limit", "8")
+    examples = [e for e in read_examples(training_sources(cfg.data), cfg.data, seed=0) if e.domain == "pathology"]
+    moved = tmp_path / "elsewhere" / "images"
+    shutil.copytree(examples[0].record.image_root, moved)
+    copies = [dataclasses.replace(e, record=dataclasses.replace(e.record, image_root=str(moved))) for e in examples]
+    assert str(_path(copies[0])) != str(_path(examples[0]))
+    policy = load_policy(str(policy_dir))
+    here, there = (SftCollate(policy, ex, cfg.policy.templates(), None, None, NoiseConfig(seed=0))
+                   for ex in (examples, copies))
+    for e, c in zip(examples, copies):
+        real = load_image(_path(e)).convert("RGB")
+        assert here._x_v_star(e, real).tobytes() == there._x_v_star(c, real).tobytes()
 
 
 def test_sft_with_finding_alignment_logs_both_losses(world, oracle, policy_dir, tmp_path):
