@@ -414,8 +414,8 @@ def answers_apart_mask(lm: Any, batch: Batch) -> Any:
     the mask function transformers has for the text config's attention, so it has the form that
     implementation takes (boolean for sdpa, additive float for eager); models call it on a 4D
     mask no further (``prompt_sharing_blocker`` names those whose layers need more). Broadcast,
-    not vmapped: ``create_causal_mask`` vmaps any custom mask function, which took 0.8 times
-    as long as the forward it served (DPO on the toy policy)."""
+    not vmapped: ``create_causal_mask`` vmaps any custom mask function (16 rows of 100 tokens:
+    25 ms a mask against 1 ms)."""
     index = batch["answer_index"]
 
     def own_answer(b: Any, _h: Any, q: Any, kv: Any) -> Any:

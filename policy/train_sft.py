@@ -225,11 +225,7 @@ def held_out(examples: list[Example], fraction: float, seed: int) -> list[bool]:
     """Which examples are held out: about ``fraction`` of the images, with every record of each.
     A question whose image was trained on with other questions or its report would measure memory,
     not reading."""
-    def image(e: Example) -> str:
-        rec = e.record
-        return f"{e.domain}/{rec.images[0] if rec.images else getattr(rec, 'npz', None) or rec.id}"
-
-    return [not keep(image(e), fraction, seed, "val") for e in examples]
+    return [not keep(f"{e.domain}/{_image_name(e) or e.record.id}", fraction, seed, "val") for e in examples]
 
 
 def _rgb(img: Image.Image) -> Image.Image:
@@ -439,11 +435,12 @@ def _mean(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
-def _image_name(e: Example) -> str:
-    """The record's image as written: x_v* is drawn by it (as the pair builder and the evaluation
-    draw theirs), so a chain gets the same x_v* wherever its folder is."""
+def _image_name(e: Example) -> str | None:
+    """The record's image as written (None: it has none): x_v* and the held-out split are drawn by
+    it (as the pair builder and the evaluation draw theirs), so a chain gets the same draws
+    wherever its folder is."""
     rec = e.record
-    return rec.images[0] if rec.images else rec.npz
+    return rec.images[0] if rec.images else getattr(rec, "npz", None)
 
 
 def _image_path(e: Example) -> Path:
