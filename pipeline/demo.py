@@ -43,21 +43,22 @@ TOWER = "open_clip_model.safetensors"  # the pretrained toy-clip the retrievers 
 BASE_CODE = ["common", "data"]  # every stage runs these
 
 
-def stage_args(name: str, out: Path, seed: int) -> list[str]:
-    """The options that put a stage's inputs and outputs under ``out`` and seed it with ``seed``.
+def stage_args(name: str, out: Path, seed: int, tower: Path | None = None) -> list[str]:
+    """The options that put a stage's inputs and outputs under ``out`` and seed it with ``seed``;
+    the policy and the retrievers start from ``tower`` (default: the chain's own, ``clip_init``).
 
     With the defaults (outputs/toy, seed 0) they repeat what the toy configs say, so one chain
     serves the demo and every whole-chain seed of the effect study; except that DPO (and GRPO, which
     the comparison trains on a chain) starts fresh: the chain reruns a stage when its inputs
     changed, and resuming would continue a run made on the earlier pairs."""
-    w = out / "world"
+    w, tower = out / "world", tower or out / "clip_init" / TOWER
     return {
         "make_toy": ["--out", str(w), "--seed", str(seed)],
         "make_toy_policy": ["--world", str(w), "--out", str(out / "policy"), "--seed", str(seed),
-                            "--vision_tower_from", str(out / "clip_init" / TOWER)],  # one tower starts policy and retrievers
-        "pretrain_clip_tower": ["--world", str(w), "--out", str(out / "clip_init" / TOWER), "--seed", str(seed)],
+                            "--vision_tower_from", str(tower)],  # one tower starts policy and retrievers
+        "pretrain_clip_tower": ["--world", str(w), "--out", str(tower), "--seed", str(seed)],
         "finetune_clip": ["--data.world", str(w), "--output_dir", str(out / "clip"), "--seed", str(seed),
-                          "--clip.image_tower_from", str(out / "clip_init" / TOWER)],
+                          "--clip.image_tower_from", str(tower)],
         "retrieve": ["--data.world", str(w), "--clip_dir", str(out / "clip"), "--output_dir", str(out / "retrieval")],
         "build_pairs": ["--policy.path", str(out / "policy"), "--retrieval_index", str(out / "retrieval" / "index.json"),
                         "--image_root", f"{w}/{{domain}}/images", "--out", str(out / "pairs"), "--noise.seed", str(seed),
@@ -74,24 +75,29 @@ def stage_args(name: str, out: Path, seed: int) -> list[str]:
 
 
 def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = (), until: str | None = None,
-           options: dict[str, list[str]] | None = None) -> list[Stage]:
+           options: dict[str, list[str]] | None = None, tower: Path | None = None) -> list[Stage]:
     """The chain's stages writing under ``out``, through ``until`` (all by default); ``world_args``
-    go to make_toy (its knobs), ``options`` (stage name -> options) to the other script stages."""
+    go to make_toy (its knobs), ``options`` (stage name -> options) to the other script stages.
+    With ``tower`` (another chain's pretrained tower, trained on the same policy_train images: an
+    effect map's point whose knob changes the retriever corpus alone) the chain pretrains none."""
     result = []
     for i, (name, script, folder, configs, packages, inputs) in enumerate(PIPELINE):
+        if tower and name == "pretrain_clip_tower":
+            continue
         # a stage follows the stages that write what it reads: the retrievers the world, not the policy
-        after = tuple(p[0] for p in PIPELINE[:i] if p[2] in inputs)
+        shared = {"clip_init"} if tower else set()  # what stands in for the chain's own folder
+        after = tuple(p[0] for p in PIPELINE[:i] if p[2] in inputs and p[2] not in shared)
+        reads = [tower if f in shared else out / f for f in inputs]
         code = [Path(p) for p in [*packages, *BASE_CODE]]
         if script is None:  # every file of the world, as a user checks data before a long run
             cmd = [sys.executable, "-m", "data.validate", "--manifest", str(out / folder / "manifest.json"), "--check-images"]
         elif "." in script:
-            cmd = [sys.executable, "-m", script, *stage_args(name, out, seed)]
+            cmd = [sys.executable, "-m", script, *stage_args(name, out, seed, tower)]
         else:
             extra = list(world_args) if name == "make_toy" else list((options or {}).get(name, []))
-            cmd = ["bash", f"scripts/{script}.sh", *stage_args(name, out, seed), *extra]
+            cmd = ["bash", f"scripts/{script}.sh", *stage_args(name, out, seed, tower), *extra]
             code.append(Path(f"scripts/{script}.sh"))
-        result.append(Stage(name, cmd, out / folder, [Path(c) for c in configs], code, [out / i for i in inputs],
-                            after))
+        result.append(Stage(name, cmd, out / folder, [Path(c) for c in configs], code, reads, after))
         if name == until:
             break
     return result
@@ -103,9 +109,10 @@ def run_module(module: str, *args: str) -> None:
 
 
 def run_chain(out: Path = OUT, seed: int = 0, world_args: list[str] = (), force: bool = False,
-              start: str | None = None, until: str | None = None, options: dict[str, list[str]] | None = None) -> None:
+              start: str | None = None, until: str | None = None, options: dict[str, list[str]] | None = None,
+              tower: Path | None = None) -> None:
     """Run (or resume) the chain under ``out`` up to and including ``until``."""
-    run(stages(out, seed, world_args, until, options), force=force, start=start, lock=out)
+    run(stages(out, seed, world_args, until, options, tower), force=force, start=start, lock=out)
 
 
 def stage_options(policy_args: str = "", retrieve_args: str = "", clip_args: str = "") -> dict[str, list[str]]:

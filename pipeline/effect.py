@@ -45,7 +45,10 @@ on every seed would double the study.
 
 The effect map: one whole chain (seed 0) per value of a world knob (a toy.make_toy option), beside
 the seeds' chains, evaluated like a seed into ``<out>/map/<knob>=<value>/eval``; a value that gives
-seed 0's own world (the knob's default) is that seed's run, not a second copy of it.
+seed 0's own world (the knob's default) is that seed's run, not a second copy of it. A knob of the
+retriever corpus alone (toy.make_toy.CORPUS_KNOBS, report_miss among them) leaves every other file
+as it is, so the map's chains start from seed 0's pretrained tower, the same bytes they would
+pretrain, and start once seed 0's chain is built.
 
 ``--dpo_args`` (and a ``--dpo_config`` other than the default) retrain the main method into
 ``<out>/seed<N>/dpo`` with those options, on the chain's pairs; the controls get them too. That
@@ -106,7 +109,7 @@ from evaluation.effect import CONDITIONS, CONTROLS as MEANING, assemble, control
 from evaluation.plots import plot_effect_map
 from pipeline import demo
 from pipeline.demo import run_module as _python
-from toy.make_toy import SIZES, ToyConfig
+from toy.make_toy import CORPUS_KNOBS, SIZES, ToyConfig
 from toy.room import by_reference, read_questions, room
 
 DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
@@ -150,6 +153,11 @@ class Run:
     world_args: list[str]
     folder: Path  # eval/, dpo/ (with --dpo_args), controls/<name>/{dpo,eval}/
     options: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # stage name -> its options (demo.stages)
+    tower_from: Path | None = None  # the chain whose pretrained tower it starts from, rather than its own
+
+    @property
+    def tower(self) -> Path | None:
+        return self.tower_from / "clip_init" / demo.TOWER if self.tower_from else None
 
     @property
     def eval_dir(self) -> Path:
@@ -222,14 +230,17 @@ def map_runs(knob: str, values: list[str], out: Path, world_args: list[str], see
              options: dict[str, list[str]] | None = None, chains: Path | None = None) -> list[Run]:
     """One seed-0 chain per knob value, the study's world with ``--<knob> <value>``, beside the seeds'
     chains (so ``--chains`` serves a later study the whole map too); its results in ``<out>/map/<knob>=<value>``.
-    A value whose world is a seed-0 run's takes that run rather than repeating its whole chain."""
+    A value whose world is a seed-0 run's takes that run rather than repeating its whole chain; a knob
+    of the retriever corpus alone (toy.make_toy.CORPUS_KNOBS) leaves the images the tower is pretrained
+    on as they are, so its points start from seed 0's tower rather than pretraining the same one again."""
     runs, options, chains = [], dict(options or {}), chains or out / "chains"
+    seed0 = next((r for r in seeds if r.seed == 0 and r.options == options), None)
+    tower_from = seed0.chain if seed0 and knob in CORPUS_KNOBS else None
     for v in values:
         args = with_knob(world_args, knob, v)
-        same = next((r for r in seeds if r.seed == 0 and same_world(r.world_args, args)
-                     and r.options == options), None)
+        same = seed0 if seed0 and same_world(seed0.world_args, args) else None
         runs.append(same or Run(f"{knob}={v}", 0, chain_folder(0, args, options, chains), args,
-                                out / "map" / f"{knob}={v}", options))
+                                out / "map" / f"{knob}={v}", options, tower_from))
     return runs
 
 
@@ -266,7 +277,8 @@ ChainPlan = list[tuple[str, str, bool]]
 def chain_plan(run: Run) -> ChainPlan:
     """(stage, fingerprint, would it run?) of the run's chain through its DPO, as things stand
     (common.stages.plan): one listing of the chain serves every ``chain_state`` taken from it."""
-    return [(s.name, fp, todo) for s, fp, todo in plan(demo.stages(run.chain, run.seed, run.world_args, "train_dpo", run.options))]
+    steps = demo.stages(run.chain, run.seed, run.world_args, "train_dpo", run.options, run.tower)
+    return [(s.name, fp, todo) for s, fp, todo in plan(steps)]
 
 
 def chain_state(steps: ChainPlan, until: str) -> dict[str, str] | None:
@@ -285,7 +297,8 @@ def chain_state(steps: ChainPlan, until: str) -> dict[str, str] | None:
 def run_main(run: Run, study: Study) -> None:
     """The run's chain (up to DPO) and its evaluation of base and DPO into ``run.eval_dir``."""
     with progress(f"{run.label}: chain {run.chain}"):
-        demo.run_chain(run.chain, run.seed, run.world_args, until=chain_until(study), options=run.options)
+        demo.run_chain(run.chain, run.seed, run.world_args, until=chain_until(study), options=run.options,
+                       tower=run.tower)
     dpo_dir = run.chain / "dpo"
     if study.retrain:
         dpo_dir = run.folder / "dpo"
@@ -382,8 +395,8 @@ def _in_worker(job: Job, threads: int) -> tuple[str, float]:
 def run_jobs(jobs: list[Job], n: int) -> None:
     """The jobs whose results are not there yet: in turn (n = 1, output to the terminal), or n at a
     time in forked workers with one log each; the first job of a chain builds it, and the chain's
-    other jobs (its controls) start once it is done, beside the other chains. The first failure
-    stops the study, naming the run and its log."""
+    other jobs (its controls) start once it is done, beside the other chains, as do the chains that
+    start from its tower (the map's). The first failure stops the study, naming the run and its log."""
     todo, plans = [], {}
     for job in jobs:
         if job.run.chain not in plans:  # a chain's listing once, however many of its jobs are checked
@@ -403,11 +416,16 @@ def run_jobs(jobs: list[Job], n: int) -> None:
     builder: dict[Path, str] = {}  # chain -> label of its first job, which builds it
     for job in todo:
         builder.setdefault(job.run.chain, job.label)
+
+    def waits_for(job: Job) -> set[str]:
+        """The jobs that build what this one reads: its chain, and the chain whose tower it starts from."""
+        return {builder[c] for c in (job.run.chain, job.run.tower_from) if c in builder} - {job.label}
+
     waiting, running = list(todo), {}
     with multiprocessing.get_context("fork").Pool(min(n, len(todo)), maxtasksperchild=1) as pool:
         while waiting or running:
             busy = {j.label for j in waiting} | running.keys()
-            ready = [j for j in waiting if builder[j.run.chain] == j.label or builder[j.run.chain] not in busy]
+            ready = [j for j in waiting if not waits_for(j) & busy]
             for job in ready[: n - len(running)]:
                 waiting.remove(job)
                 running[job.label] = pool.apply_async(_in_worker, (job, threads))

@@ -290,6 +290,16 @@ def test_the_default_study_is_the_regime_chosen_on_validation(tmp_path):
     assert middle is seed0  # 0.3: seed 0's own world
     assert low.chain.name == seed0.chain.name.replace("report_miss=0.3", "report_miss=0.0")
     assert high.world_args[-2:] == ["--report_miss", "0.6"]
+    # a corpus knob: the map's chains start from seed 0's tower, which only seed 0 pretrains
+    assert low.tower_from == high.tower_from == seed0.chain and seed0.tower_from is None
+    shared = {s.name: s for s in demo.stages(low.chain, 0, low.world_args, "retrieve", options, low.tower)}
+    assert "pretrain_clip_tower" not in shared
+    for name in ("make_toy_policy", "finetune_clip"):
+        assert str(seed0.chain / "clip_init" / demo.TOWER) in shared[name].cmd, name
+        assert shared[name].inputs == [low.chain / "world", seed0.chain / "clip_init" / demo.TOWER]
+        assert "pretrain_clip_tower" not in shared[name].after
+    other, = driver.map_runs("subtle_share", ["0.1"], tmp_path, seed0.world_args, [seed0], options)
+    assert other.tower_from is None  # it draws other images: its own tower
     again = driver.parse_args(["--world_args", "", "--policy_args", "", "--clip_args", "", "--retrieve_args", ""])
     options = demo.stage_options(again.policy_args, again.retrieve_args, again.clip_args)
     assert driver.seed_runs([0], tmp_path, [], options)[0].chain == demo.OUT
@@ -319,8 +329,9 @@ class Stub:
                              "vote_wrong": {"n": 3, "accuracy": 0.1, "by_kind": {"marked": {"n": 2, "accuracy": acc - 0.35}}}}
         return {"base": {"rag_fixed": where(0.85), "no_rag": where(0.95)}, "dpo": {"rag_fixed": where(0.87)}}
 
-    def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None, options=None):
-        self.chains.append((Path(out), seed, list(world_args), until) + ((options,) if options else ()))
+    def run_chain(self, out, seed, world_args=(), force=False, start=None, until=None, options=None, tower=None):
+        self.chains.append((Path(out), seed, list(world_args), until) + ((options,) if options else ())
+                           + ((tower,) if tower else ()))
 
     def python(self, module: str, *args: str) -> None:
         self.commands.append((module, list(args)))
@@ -441,7 +452,8 @@ def _timed(path: Path, seconds: float) -> None:
 
 def test_a_control_starts_once_its_chain_is_built_and_not_before(tmp_path, monkeypatch):
     """Two workers: the fast chain's worker takes the next chain at once; the control waits for its
-    slow chain (the first job on that chain builds it), then runs beside whatever runs."""
+    slow chain (the first job on that chain builds it), as does a map point starting from its tower,
+    then runs beside whatever runs."""
     stubbed(monkeypatch)
 
     def job(label: str, seconds: float, chain: str) -> driver.Job:
@@ -449,9 +461,12 @@ def test_a_control_starts_once_its_chain_is_built_and_not_before(tmp_path, monke
         return driver.Job(label, _timed, (tmp_path / "times" / label, seconds), run.eval_dir, run.folder / "effect.log",
                           {}, run, "train_dpo")
 
-    driver.run_jobs([job("slow", 1.5, "a"), job("fast", 0.1, "b"), job("next", 0.1, "c"), job("control", 0.1, "a")], 2)
+    point = job("point", 0.1, "d")
+    point.run.tower_from = tmp_path / "a"  # a map point starting from the slow chain's tower
+    driver.run_jobs([job("slow", 1.5, "a"), job("fast", 0.1, "b"), point, job("next", 0.1, "c"),
+                     job("control", 0.1, "a")], 2)
     times = {p.name: [float(t) for t in p.read_text().split()] for p in (tmp_path / "times").iterdir()}
-    assert times["control"][0] >= times["slow"][1]  # after its chain
+    assert times["control"][0] >= times["slow"][1] and times["point"][0] >= times["slow"][1]  # after that chain
     assert times["next"][0] < times["slow"][1]  # the other worker did not wait
 
 

@@ -316,3 +316,14 @@ def test_a_larger_alignment_split_adds_studies_and_changes_nothing_else(world, t
             assert Path(other["path"]).read_bytes() == Path(e["path"]).read_bytes(), e["path"]
     with pytest.raises(ConfigError, match="alignment_studies"):
         make_world(tmp_path / "bad", size="tiny", alignment_studies=-1, progress=False)
+
+
+@pytest.mark.parametrize("knob", make_toy.CORPUS_KNOBS)
+def test_a_corpus_knob_leaves_every_file_but_the_corpus_as_it_was(world, tmp_path, knob):
+    """The effect map's points on such a knob start from one pretrained tower (pipeline.effect.map_runs):
+    policy_train's images, and every other file outside the corpus, must not move with it."""
+    turned = make_world(tmp_path / knob, seed=0, size="tiny", progress=False,
+                        **{"prior_share": 1.0, knob: 0.5})  # prior_change acts on priors alone
+    before, after = _hashes(world), _hashes(turned)
+    corpus = {"manifest.json", *(str(Path(e["path"]).relative_to(world)) for e in manifest_files(world, role="retriever_train"))}
+    assert {k for k in before if k not in corpus and before[k] != after.get(k)} == set()
