@@ -29,7 +29,7 @@ CONTROL_METRICS = ("accuracy_rag_fixed", "copy_rate")  # the paper's two claims
 CONTROLS = {  # what each control changes against the main method (pipeline.effect trains them)
     "dpo_cm": "DPO on D_cm alone",
     "dpo_oa": "DPO on D_oa1 + D_oa2 alone",
-    "dpo_mixed": "DPO on all pairs in one mixed pass",
+    "dpo_ordered": "DPO in the paper's order: each epoch D_cm first, then D_oa",
     "sft_chosen": "supervised tuning on the chosen answers (loss_type sft)",
 }
 LABELS = {"accuracy_no_rag": "acc no RAG", "accuracy_rag_fixed": "acc RAG", "copy_rate": "copy rate",

@@ -35,10 +35,10 @@ Base and DPO are then evaluated (evaluation.evaluate: conditions no_rag, rag_fix
 noise seed = the seed, ``--limit`` records per file of ``--roles``) into ``<out>/seed<N>/eval``.
 
 Controls, on the first seed (``--control_seeds`` for others), differ from the main method
-(configs/toy/dpo.yaml: the paper's order, stages [[cm], [oa1, oa2]]) in one thing each, on the same
-pairs, base policy, engine, LoRA, prompts and images: ``dpo_cm`` D_cm alone, ``dpo_oa`` D_oa1 +
-D_oa2 alone, ``dpo_mixed`` all pairs in one mixed pass, ``sft_chosen`` supervised tuning on the
-chosen answers (loss_type sft). Each trains into ``<out>/seed<N>/controls/<name>/dpo`` and is
+(configs/toy/dpo.yaml: all pairs in one mixed pass, chosen on dev over the paper's order) in one
+thing each, on the same pairs, base policy, engine, LoRA, prompts and images: ``dpo_cm`` D_cm
+alone, ``dpo_oa`` D_oa1 + D_oa2 alone, ``dpo_ordered`` the paper's order (each epoch D_cm first,
+then D_oa), ``sft_chosen`` supervised tuning on the chosen answers (loss_type sft). Each trains into ``<out>/seed<N>/controls/<name>/dpo`` and is
 evaluated alone, paired with its seed's base on the same questions. One seed by default: a control
 costs as much as the chain's own DPO (in the study's world about 5 minutes of a core), and four
 on every seed would double the study.
@@ -121,7 +121,7 @@ EFFECT_RETRIEVAL = "--match image --k.k 1"  # retrieve.sh, on top of configs/toy
 CONTROLS = {  # train_dpo options on top of the main method's (their meaning: evaluation.effect.CONTROLS)
     "dpo_cm": ["--pair_types", "[cm]", "--stages", "[[cm]]"],
     "dpo_oa": ["--pair_types", "[oa1,oa2]", "--stages", "[[oa1,oa2]]"],
-    "dpo_mixed": ["--stages", "[]"],
+    "dpo_ordered": ["--stages", "[[cm],[oa1,oa2]]"],
     "sft_chosen": ["--loss_type", "sft", "--sft_weight", "0"],
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The effect study (after demo.sh): base vs DPO over whole-chain seeds, with controls
-# (dpo_cm, dpo_oa, dpo_mixed, sft_chosen), an effect map over a world knob and a regime check.
+# (dpo_cm, dpo_oa, dpo_ordered, sft_chosen), an effect map over a world knob and a regime check.
 # Usage: bash scripts/effect.sh [--seeds 0 1 2] [--out outputs/toy/effect] [--limit 50] [--roles dev_vqa]
 #        [--controls NAME ...] [--map_knob report_miss] [--map_values 0.0 0.3 0.6] [--world_args "..."]
 #        [--policy_args "..."] [--clip_args "..."] [--retrieve_args "..."]
