@@ -525,7 +525,8 @@ def test_effect_study_on_a_tiny_world(tmp_path, monkeypatch):
     """One whole-chain seed on a tiny world, its evaluation and the sft_chosen control, as
     `bash scripts/effect.sh` runs them (stage sizes cut through the chain's stage options)."""
     stage_args = demo.stage_args
-    monkeypatch.setattr(demo, "stage_args", lambda name, out, seed: stage_args(name, out, seed) + TINY.get(name, []))
+    monkeypatch.setattr(demo, "stage_args",
+                        lambda name, out, seed, tower=None: stage_args(name, out, seed, tower) + TINY.get(name, []))
     out = tmp_path / "effect"
     run_driver(["--seeds", "1", "--out", str(out), "--world_args", "--size tiny", "--limit", "4",
                  "--controls", "sft_chosen", "--map_values"])
