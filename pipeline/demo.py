@@ -43,6 +43,11 @@ TOWER = "open_clip_model.safetensors"  # the pretrained toy-clip the retrievers 
 BASE_CODE = ["common", "data"]  # every stage runs these
 
 
+def tower_file(chain: Path) -> Path:
+    """The pretrained tower a chain writes (its pretrain_clip_tower stage) and starts from."""
+    return chain / "clip_init" / TOWER
+
+
 def stage_args(name: str, out: Path, seed: int, tower: Path | None = None) -> list[str]:
     """The options that put a stage's inputs and outputs under ``out`` and seed it with ``seed``;
     the policy and the retrievers start from ``tower`` (default: the chain's own, ``clip_init``).
@@ -51,7 +56,7 @@ def stage_args(name: str, out: Path, seed: int, tower: Path | None = None) -> li
     serves the demo and every whole-chain seed of the effect study; except that DPO (and GRPO, which
     the comparison trains on a chain) starts fresh: the chain reruns a stage when its inputs
     changed, and resuming would continue a run made on the earlier pairs."""
-    w, tower = out / "world", tower or out / "clip_init" / TOWER
+    w, tower = out / "world", tower or tower_file(out)
     return {
         "make_toy": ["--out", str(w), "--seed", str(seed)],
         "make_toy_policy": ["--world", str(w), "--out", str(out / "policy"), "--seed", str(seed),
@@ -80,12 +85,11 @@ def stages(out: Path = OUT, seed: int = 0, world_args: list[str] = (), until: st
     go to make_toy (its knobs), ``options`` (stage name -> options) to the other script stages.
     With ``tower`` (another chain's pretrained tower, trained on the same policy_train images: an
     effect map's point whose knob changes the retriever corpus alone) the chain pretrains none."""
-    result = []
+    result, shared = [], {"clip_init"} if tower else set()  # the folder ``tower`` stands in for
     for i, (name, script, folder, configs, packages, inputs) in enumerate(PIPELINE):
-        if tower and name == "pretrain_clip_tower":
+        if folder in shared:
             continue
         # a stage follows the stages that write what it reads: the retrievers the world, not the policy
-        shared = {"clip_init"} if tower else set()  # what stands in for the chain's own folder
         after = tuple(p[0] for p in PIPELINE[:i] if p[2] in inputs and p[2] not in shared)
         reads = [tower if f in shared else out / f for f in inputs]
         code = [Path(p) for p in [*packages, *BASE_CODE]]

@@ -38,10 +38,10 @@ Controls, on the first seed (``--control_seeds`` for others), differ from the ma
 (configs/toy/dpo.yaml: all pairs in one mixed pass, chosen on dev over the paper's order) in one
 thing each, on the same pairs, base policy, engine, LoRA, prompts and images: ``dpo_cm`` D_cm
 alone, ``dpo_oa`` D_oa1 + D_oa2 alone, ``dpo_ordered`` the paper's order (each epoch D_cm first,
-then D_oa), ``sft_chosen`` supervised tuning on the chosen answers (loss_type sft). Each trains into ``<out>/seed<N>/controls/<name>/dpo`` and is
-evaluated alone, paired with its seed's base on the same questions. One seed by default: a control
-costs as much as the chain's own DPO (in the study's world about 5 minutes of a core), and four
-on every seed would double the study.
+then D_oa), ``sft_chosen`` supervised tuning on the chosen answers (loss_type sft). Each trains
+into ``<out>/seed<N>/controls/<name>/dpo`` and is evaluated alone, paired with its seed's base
+on the same questions. One seed by default: a control costs as much as the chain's own DPO (in
+the study's world about 5 minutes of a core), and four on every seed would double the study.
 
 The effect map: one whole chain (seed 0) per value of a world knob (a toy.make_toy option), beside
 the seeds' chains, evaluated like a seed into ``<out>/map/<knob>=<value>/eval``; a value that gives
@@ -157,7 +157,7 @@ class Run:
 
     @property
     def tower(self) -> Path | None:
-        return self.tower_from / "clip_init" / demo.TOWER if self.tower_from else None
+        return demo.tower_file(self.tower_from) if self.tower_from else None
 
     @property
     def eval_dir(self) -> Path:

@@ -637,8 +637,9 @@ def _write_split(
                 )
     return entries
 
+
 # knobs that change the retriever corpus (retriever_train) alone: every other split, policy_train's
-# images with them, is the same file for file whatever they are set to (test_make_toy checks it)
+# images with them, is the same file for file whatever they are set to (tests/test_toy.py checks it)
 CORPUS_KNOBS = ("prior_share", "prior_change", "report_miss")
 
 
