@@ -9,10 +9,11 @@ Seeds. Each seed runs the whole chain (pipeline.demo up to train_dpo: world, bas
 retrievers, pairs, DPO, every stage seeded with it) in its own folder, so the spread over seeds is
 that of the whole method. The study's defaults put the toy nearest the paper's regime, as chosen
 on val_vqa and then on dev_vqa over three seeds (docs/RESULTS.md, "Reports that miss findings, a
-base that trusted its references", and sessions 28-31): the demo's world with five times its alignment split
-(with the demo's 200 studies per domain there are too few pairs for DPO to learn when to trust its
-references), a prior study of the same patient in the corpus for nine studies in ten, and corpus
-reports that leave three present findings in ten unsaid (``--world_args "--alignment_studies 1000
+base that trusted its references", and sessions 28-31): the demo's world with 3.75 times its
+alignment split (with the demo's 200 studies per domain there are too few pairs for DPO to learn
+when to trust its references; 750, not 1,000, to keep the study within the hour), a prior study
+of the same patient in the corpus for nine studies in ten, and corpus
+reports that leave three present findings in ten unsaid (``--world_args "--alignment_studies 750
 --prior_share 0.9 --report_miss 0.3"``): the references are informative but wrong where the image
 shows what they miss; a base policy tuned with one reference per prompt, always right, so that it
 trusts them (right 95 times in 100, DPO's gain on dev was smaller by 0.02-0.03), three in ten of
@@ -114,7 +115,7 @@ from toy.room import by_reference, read_questions, room
 
 DPO_CONFIG = Path("configs/toy/dpo.yaml")  # what the chain's train_dpo stage runs
 # the study's default stage options: the paper's regime, chosen on validation questions (module docstring: why)
-EFFECT_WORLD = "--alignment_studies 1000 --prior_share 0.9 --report_miss 0.3"  # make_toy
+EFFECT_WORLD = "--alignment_studies 750 --prior_share 0.9 --report_miss 0.3"  # make_toy
 EFFECT_POLICY = "--reference_k 1 --p_correct 1.0 --train.stop_at 0.72 --data.noised_reference_rate 0.3"  # make_toy_policy.sh
 EFFECT_CLIP = "--epochs 3"  # finetune_clip.sh, on top of configs/toy/clip.yaml
 EFFECT_RETRIEVAL = "--match image --k.k 1"  # retrieve.sh, on top of configs/toy/retrieve.yaml
@@ -471,7 +472,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "to test on the chains of a validation study, or compare DPO settings (--dpo_args, "
                          "--roles dev_vqa) on them, without rebuilding them")
     ap.add_argument("--world_args", default=EFFECT_WORLD,
-                    help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": five times the '
+                    help=f'make_toy options of every chain, one string (default "{EFFECT_WORLD}": 3.75 times the '
                          'demo\'s alignment split, a prior of the same patient for most studies, reports that '
                          'miss findings; "" = the demo\'s world)')
     ap.add_argument("--policy_args", default=EFFECT_POLICY,

@@ -282,7 +282,7 @@ def test_the_default_study_is_the_regime_chosen_on_validation(tmp_path):
                                            "--data.noised_reference_rate", "0.3"],
                        "finetune_clip": ["--epochs", "3"], "retrieve": ["--match", "image", "--k.k", "1"]}
     seed0, = driver.seed_runs([0], tmp_path, shlex.split(args.world_args), options)
-    assert seed0.chain.name == ("seed0_alignment_studies=1000_prior_share=0.9_report_miss=0.3"
+    assert seed0.chain.name == ("seed0_alignment_studies=750_prior_share=0.9_report_miss=0.3"
                                 "_reference_k=1_p_correct=1.0_train.stop_at=0.72_data.noised_reference_rate=0.3_epochs=3_match=image_k.k=1")
     chain = {s.name: s for s in demo.stages(seed0.chain, 0, seed0.world_args, "retrieve", options)}
     assert chain["finetune_clip"].cmd[-2:] == ["--epochs", "3"]
@@ -410,12 +410,12 @@ def test_driver_runs_chains_controls_and_map_once(tmp_path, monkeypatch, capsys)
 
     run_driver(["--seeds", "2", "--out", str(out), "--controls", "--map_values", "--dpo_args", "--beta 0.5"])
     # the study's own world and stage options by default; its own DPO: the chain stops before
-    label = ("seed2_alignment_studies=1000_prior_share=0.9_report_miss=0.3_reference_k=1_p_correct=1.0_train.stop_at=0.72"
+    label = ("seed2_alignment_studies=750_prior_share=0.9_report_miss=0.3_reference_k=1_p_correct=1.0_train.stop_at=0.72"
              "_data.noised_reference_rate=0.3_epochs=3_match=image_k.k=1")
     options = {"make_toy_policy": ["--reference_k", "1", "--p_correct", "1.0", "--train.stop_at", "0.72",
                                    "--data.noised_reference_rate", "0.3"],
                "finetune_clip": ["--epochs", "3"], "retrieve": ["--match", "image", "--k.k", "1"]}
-    world = ["--alignment_studies", "1000", "--prior_share", "0.9", "--report_miss", "0.3"]
+    world = ["--alignment_studies", "750", "--prior_share", "0.9", "--report_miss", "0.3"]
     assert stub.chains == [(out / "chains" / label, 2, world, "build_pairs", options)]
     (module, train), = [c for c in stub.commands if c[0] == "dpo.train_dpo"]
     assert train[-2:] == ["--beta", "0.5"] and str(out / "seed2" / "dpo") in train
