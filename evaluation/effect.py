@@ -44,18 +44,24 @@ Outcomes = dict[str, dict[str, np.ndarray]]
 Differences = dict[str, dict[str, float]]
 
 
-def question_outcomes(predictions: Path | Mapping[str, Path]) -> Outcomes:
+def question_outcomes(predictions: Path | Mapping[str, Path | tuple[Path, str]]) -> Outcomes:
     """{policy: {metric: 0/1 per question}} over the yes/no questions every policy answered in
     no_rag, rag_fixed and noised_rag, in one question order (``evaluation.evaluate`` predictions).
 
     ``predictions`` is one evaluation's file, or {policy: file} taking each policy from its own
-    evaluation: a control's ``dpo`` paired with the main run's ``base``."""
-    sources = {None: Path(predictions)} if isinstance(predictions, (str, Path)) else dict(predictions)
+    evaluation (a control's ``dpo`` paired with the main run's ``base``), or {name: (file,
+    policy)} taking that policy under another name (the main ``dpo`` against a control's)."""
+    if isinstance(predictions, (str, Path)):
+        sources: dict[str | None, tuple[Path, str | None]] = {None: (Path(predictions), None)}
+    else:
+        sources = {name: (Path(src[0]), src[1]) if isinstance(src, tuple) else (Path(src), name)
+                   for name, src in predictions.items()}
     correct: dict[tuple, bool] = {}
-    for policy, path in sources.items():
+    for name, (path, policy) in sources.items():
         for row in read_jsonl(path):
             if row["task"] == "vqa" and row.get("correct") is not None and policy in (None, row["policy"]):
-                correct[(row["policy"], row["condition"], row["file"], row["index"])] = bool(row["correct"])
+                key = row["policy"] if name is None else name
+                correct[(key, row["condition"], row["file"], row["index"])] = bool(row["correct"])
     policies = sorted({k[0] for k in correct})
     questions = sorted({k[2:] for k in correct
                         if all((p, c, *k[2:]) in correct for p in policies for c in CONDITIONS)})
@@ -126,11 +132,13 @@ def run_figures(eval_dir: Path) -> dict[str, Any]:
 
 
 def control_figures(base_eval: Path, control_eval: Path) -> dict[str, Any]:
-    """{"diagnostics", "differences"} of a control evaluated alone (as policy ``dpo``): its own
-    diagnostics, and control − base paired with the main evaluation's base on the same questions."""
-    pairs = {"base": Path(base_eval) / "predictions.jsonl", "dpo": Path(control_eval) / "predictions.jsonl"}
+    """{"diagnostics", "differences", "method_minus_control"} of a control evaluated alone (as
+    policy ``dpo``): its own diagnostics, control − base paired with the main evaluation's base on
+    the same questions, and the main method − control, paired the same way (does DPO beat it?)."""
+    main, control = Path(base_eval) / "predictions.jsonl", Path(control_eval) / "predictions.jsonl"
     return {"diagnostics": _results(control_eval)["diagnostics"].get("dpo", {}),
-            "differences": paired_differences(question_outcomes(pairs))}
+            "differences": paired_differences(question_outcomes({"base": main, "dpo": control})),
+            "method_minus_control": paired_differences(question_outcomes({"base": (control, "dpo"), "dpo": main}))}
 
 
 # ---------------------------------------------------------------- the study
@@ -275,20 +283,25 @@ def controls_table(effect: dict[str, Any]) -> str:
             for s, diag in effect["seeds"].items() if s in seeds}
     per_seed = {"dpo": {s: d for s, d in effect["differences"].items() if s in seeds}}
     per_seed.update({name: {s: f["differences"] for s, f in per.items()} for name, per in controls.items()})
+    versus = {name: {s: f.get("method_minus_control") or {} for s, f in per.items()} for name, per in controls.items()}
     all_diffs = [d for by_seed in per_seed.values() for d in by_seed.values()]
     meaning = "; ".join(f"`{name}` {CONTROLS.get(name, '')}".rstrip() for name in controls)
     lines = ["## Controls", "",
              f"On the main method's pairs, base policy, engine, LoRA, prompts and images: {meaning}. "
              f"Mean ± sample std over seeds {', '.join(map(str, sorted(runs)))}.", "",
              *_mean_table(summarise(runs)), "",
-             f"Method − base per seed, 95% paired bootstrap interval over {_n(all_diffs)} questions.", "",
-             "| method | seed | acc RAG (95% Wilson) | " + " | ".join(f"Δ {LABELS[m]}" for m in CONTROL_METRICS) + " |",
-             "|---|---|---|" + "---|" * len(CONTROL_METRICS)]
+             f"Method − base per seed, and the main method (dpo) − the control, 95% paired bootstrap "
+             f"interval over {_n(all_diffs)} questions.", "",
+             "| method | seed | acc RAG (95% Wilson) | " + " | ".join(f"Δ {LABELS[m]}" for m in CONTROL_METRICS)
+             + " | " + " | ".join(f"dpo − it, {LABELS[m]}" for m in CONTROL_METRICS) + " |",
+             "|---|---|---|" + "---|" * 2 * len(CONTROL_METRICS)]
     for name, by_seed in per_seed.items():
         for s, d in by_seed.items():
             own = _with_interval(runs.get(s, {}).get(name, {}), "accuracy_rag_fixed")
+            vs = versus.get(name, {}).get(s)
             lines.append(f"| {name} | {s} | {own} | "
-                         + " | ".join(_interval((d or {}).get(m)) for m in CONTROL_METRICS) + " |")
+                         + " | ".join(_interval((d or {}).get(m)) for m in CONTROL_METRICS) + " | "
+                         + " | ".join(_interval(vs.get(m)) if vs is not None else "" for m in CONTROL_METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,9 +26,9 @@ references know, and on val_vqa retrieval no longer helped it) (``--policy_args 
 retrievers trained for 3 epochs on that corpus, four times the demo's (``--clip_args "--epochs
 3"``: their reference vote on retriever_val as good as with 5, at 40% less time); and retrieval
 of one report by image (``--retrieve_args "--match image --k.k 1"``). It is long: a chain there
-takes about 23 minutes of one core (base policy 8, DPO 5, pairs 3, retrievers 2.5, tower 2,
-world 1; the map's chains take seed 0's tower), a control 1.5-5, so the default study (3 seeds,
-2 more map chains, 4 controls) took 3,889 s on 2 cores, 65 minutes (session 33; a GPU machine, or
+takes about 20 minutes of one core (base policy 8, DPO 4, pairs 2, retrievers 2, tower 2,
+world 1; the map's chains take seed 0's tower), a control 1-4, so the default study (3 seeds,
+2 more map chains, 4 controls) took 3,356 s on 2 cores, 56 minutes (session 34; a GPU machine, or
 ``--seeds 0 --controls --map_values`` for a first look). Runs with other options go to their own chains,
 ``<out>/chains/seed<N>_<options>``; seed 0 with every option empty (``--world_args ""
 --policy_args "" --clip_args "" --retrieve_args ""``) is the demo's own chain, ``outputs/toy``.

@@ -140,6 +140,9 @@ def test_controls_pair_with_the_main_base_on_the_same_questions(tmp_path):
     assert got["diagnostics"]["copy_rate"] == pytest.approx(0.78)
     for m in METRICS:
         assert got["differences"][m]["diff"] == 0 and got["differences"][m]["n"] == 100
+    versus = got["method_minus_control"]  # the main dpo against the control, paired on the same questions
+    assert versus["accuracy_rag_fixed"]["diff"] == pytest.approx(0.15) and versus["copy_rate"]["diff"] == pytest.approx(-0.23)
+    assert versus["copy_rate"]["high"] < 0 < versus["accuracy_rag_fixed"]["low"]
     main_figures = run_figures(main)
     assert main_figures["differences"]["accuracy_rag_fixed"]["diff"] == pytest.approx(0.15)
     assert main_figures["reference_vote_accuracy"] == pytest.approx(0.8)
@@ -197,6 +200,8 @@ def test_study_assembles_seeds_controls_map_and_regime(tmp_path):
     md = markdown(json.loads(json.dumps(effect)))  # as read back from effect.json
     assert "`sft_chosen` supervised tuning on the chosen answers" in md and "`dpo_cm`" not in md
     assert "## Controls" in md and "| sft_chosen | 1 | 0.850 [0.794, 0.893] | +0.050 [" in md
+    sft_row = next(line for line in md.splitlines() if line.startswith("| sft_chosen | 1 |"))
+    assert sft_row.split(" | ")[5].startswith("+0.100 [")  # dpo − sft_chosen in RAG accuracy: 0.95 − 0.85
     assert "| dpo | 0 | 0.950 [0.910, 0.973] | +0.150 [" in md
     assert "| 0 | base | 200 | 0.750 [0.686, 0.805] | 0.800 [" in md  # every rate with its n and interval
     assert "| sft_chosen | 0.750 ± 0.000 | 0.850 ± 0.000 |" in md
