@@ -301,7 +301,7 @@ def controls_table(effect: dict[str, Any]) -> str:
             vs = versus.get(name, {}).get(s)
             lines.append(f"| {name} | {s} | {own} | "
                          + " | ".join(_interval((d or {}).get(m)) for m in CONTROL_METRICS) + " | "
-                         + " | ".join(_interval(vs.get(m)) if vs is not None else "" for m in CONTROL_METRICS) + " |")
+                         + " | ".join(_interval(vs.get(m)) if vs is not None else "—" for m in CONTROL_METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
