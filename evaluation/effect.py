@@ -56,9 +56,10 @@ def question_outcomes(predictions: Path | Mapping[str, Path | tuple[Path, str]])
     else:
         sources = {name: (Path(src[0]), src[1]) if isinstance(src, tuple) else (Path(src), name)
                    for name, src in predictions.items()}
+    rows = {path: read_jsonl(path) for path, _ in sources.values()}  # each file read once
     correct: dict[tuple, bool] = {}
     for name, (path, policy) in sources.items():
-        for row in read_jsonl(path):
+        for row in rows[path]:
             if row["task"] == "vqa" and row.get("correct") is not None and policy in (None, row["policy"]):
                 key = row["policy"] if name is None else name
                 correct[(key, row["condition"], row["file"], row["index"])] = bool(row["correct"])
@@ -73,18 +74,20 @@ def question_outcomes(predictions: Path | Mapping[str, Path | tuple[Path, str]])
     return out
 
 
-def paired_differences(outcomes: Outcomes, n_boot: int = 2000, seed: int = 0) -> Differences:
-    """DPO − base per metric with a 95% percentile bootstrap interval: questions are resampled,
-    and each resample scores both policies on the same questions (a paired comparison)."""
-    if not {"base", "dpo"} <= outcomes.keys():
+def paired_differences(outcomes: Outcomes, n_boot: int = 2000, seed: int = 0,
+                       policy: str = "dpo", minus: str = "base") -> Differences:
+    """``policy`` − ``minus`` (DPO − base by default) per metric with a 95% percentile bootstrap
+    interval: questions are resampled, and each resample scores both policies on the same
+    questions (a paired comparison)."""
+    if not {policy, minus} <= outcomes.keys():
         return {}
-    n = len(outcomes["base"]["copy_rate"])
+    n = len(outcomes[minus]["copy_rate"])
     if n == 0:
         return {}
     draws = resamples(n, n_boot, seed)
     out = {}
     for m in METRICS:
-        diff = outcomes["dpo"][m] - outcomes["base"][m]
+        diff = outcomes[policy][m] - outcomes[minus][m]
         low, high = paired_interval(diff, draws)
         out[m] = {"diff": float(diff.mean()), "low": low, "high": high, "n": n}
     return out
@@ -135,10 +138,12 @@ def control_figures(base_eval: Path, control_eval: Path) -> dict[str, Any]:
     """{"diagnostics", "differences", "method_minus_control"} of a control evaluated alone (as
     policy ``dpo``): its own diagnostics, control − base paired with the main evaluation's base on
     the same questions, and the main method − control, paired the same way (does DPO beat it?)."""
-    main, control = Path(base_eval) / "predictions.jsonl", Path(control_eval) / "predictions.jsonl"
+    main = Path(base_eval) / "predictions.jsonl"
+    outcomes = question_outcomes({"base": main, "method": (main, "dpo"),
+                                  "dpo": Path(control_eval) / "predictions.jsonl"})
     return {"diagnostics": _results(control_eval)["diagnostics"].get("dpo", {}),
-            "differences": paired_differences(question_outcomes({"base": main, "dpo": control})),
-            "method_minus_control": paired_differences(question_outcomes({"base": (control, "dpo"), "dpo": main}))}
+            "differences": paired_differences(outcomes),
+            "method_minus_control": paired_differences(outcomes, policy="method", minus="dpo")}
 
 
 # ---------------------------------------------------------------- the study
@@ -283,7 +288,6 @@ def controls_table(effect: dict[str, Any]) -> str:
             for s, diag in effect["seeds"].items() if s in seeds}
     per_seed = {"dpo": {s: d for s, d in effect["differences"].items() if s in seeds}}
     per_seed.update({name: {s: f["differences"] for s, f in per.items()} for name, per in controls.items()})
-    versus = {name: {s: f.get("method_minus_control") or {} for s, f in per.items()} for name, per in controls.items()}
     all_diffs = [d for by_seed in per_seed.values() for d in by_seed.values()]
     meaning = "; ".join(f"`{name}` {CONTROLS.get(name, '')}".rstrip() for name in controls)
     lines = ["## Controls", "",
@@ -298,7 +302,7 @@ def controls_table(effect: dict[str, Any]) -> str:
     for name, by_seed in per_seed.items():
         for s, d in by_seed.items():
             own = _with_interval(runs.get(s, {}).get(name, {}), "accuracy_rag_fixed")
-            vs = versus.get(name, {}).get(s)
+            vs = controls[name][s].get("method_minus_control") or {} if name in controls else None
             lines.append(f"| {name} | {s} | {own} | "
                          + " | ".join(_interval((d or {}).get(m)) for m in CONTROL_METRICS) + " | "
                          + " | ".join(_interval(vs.get(m)) if vs is not None else "—" for m in CONTROL_METRICS) + " |")

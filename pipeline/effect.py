@@ -12,9 +12,9 @@ on val_vqa and then on dev_vqa over three seeds (docs/RESULTS.md, "Reports that 
 base that trusted its references", and sessions 28-31): the demo's world with 3.75 times its
 alignment split (with the demo's 200 studies per domain there are too few pairs for DPO to learn
 when to trust its references; 750, not 1,000, to keep the study within the hour), a prior study
-of the same patient in the corpus for nine studies in ten, and corpus
-reports that leave three present findings in ten unsaid (``--world_args "--alignment_studies 750
---prior_share 0.9 --report_miss 0.3"``): the references are informative but wrong where the image
+of the same patient in the corpus for nine studies in ten, and corpus reports that leave three
+present findings in ten unsaid (``--world_args "--alignment_studies 750 --prior_share 0.9
+--report_miss 0.3"``): the references are informative but wrong where the image
 shows what they miss; a base policy tuned with one reference per prompt, always right, so that it
 trusts them (right 95 times in 100, DPO's gain on dev was smaller by 0.02-0.03), three in ten of
 those prompts on a noised image (x_v*) under the same answer, so that it answers from them
